@@ -1,0 +1,1 @@
+"""tuneline: declarative fine-tuning pipelines on Dagster."""

@@ -1,0 +1,1 @@
+"""The pure library: no Dagster, no MLflow, no environment reads."""

@@ -1,0 +1,150 @@
+"""Turn raw rows into a clean dataset of (text, label), counting every dropped row by its reason."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from pipelines.core.errors import SourceError
+from pipelines.core.spec import CleaningConfig, TaskConfig
+
+# The order in which rows are dropped; a row is counted under the first reason that applies.
+DROP_REASONS = ("empty_text", "missing_label", "too_long", "conflicting_labels", "exact_duplicate",
+                "normalised_duplicate")
+CLEAN_COLUMNS = ("text", "label", "norm_text", "source_file", "source_row")
+_WHITESPACE = re.compile(r"\s+")
+_NOT_WORD = re.compile(r"[\W_]+")
+
+
+def normalise_text(text: str, cfg: CleaningConfig) -> str:
+    """The text as it is kept: unicode normal form and collapsed white space."""
+    if cfg.unicode_normalization != "none":
+        text = unicodedata.normalize(cfg.unicode_normalization, text)
+    if cfg.collapse_whitespace:
+        text = _WHITESPACE.sub(" ", text).strip()
+    return text
+
+
+def dedup_key(text: str) -> str:
+    """The key under which two texts count as the same question: case, punctuation and spacing ignored."""
+    folded = unicodedata.normalize("NFKC", text).casefold()
+    return _NOT_WORD.sub(" ", folded).strip()
+
+
+@dataclass(frozen=True)
+class CleaningResult:
+    """The clean rows, and what was dropped and why."""
+
+    frame: pd.DataFrame
+    rows_in: int
+    dropped: dict[str, int]
+    dropped_examples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+    @property
+    def rows_kept(self) -> int:
+        return len(self.frame)
+
+    def class_counts(self) -> dict[str, int]:
+        return {str(k): int(v) for k, v in self.frame["label"].value_counts().sort_index().items()}
+
+
+def _require_column(raw: pd.DataFrame, column: str, field_name: str) -> None:
+    if column not in raw.columns:
+        files = sorted(set(raw["source_file"].astype(str))) if "source_file" in raw.columns else []
+        available = [c for c in raw.columns if c not in ("source_file", "source_row", "source_split")]
+        raise SourceError(f"has no column {column!r} (named by {field_name}); its columns are {available}",
+                          file=", ".join(files) or None, column=column)
+
+
+def select_examples(raw: pd.DataFrame, task: TaskConfig) -> pd.DataFrame:
+    """Pick the spec's text and label columns and derive the label; keep provenance and source splits."""
+    _require_column(raw, task.text_column, "task.text_column")
+    _require_column(raw, task.label_column, "task.label_column")
+    frame = pd.DataFrame({
+        "text": raw[task.text_column].astype(object),
+        "label": raw[task.label_column].astype(object),
+        "source_file": raw["source_file"].astype(str),
+        "source_row": raw["source_row"].astype("int64"),
+    })
+    if "source_split" in raw.columns:
+        frame["source_split"] = raw["source_split"].astype(str)
+    frame["text"] = [None if _is_missing(v) else str(v) for v in frame["text"]]
+    frame["label"] = [None if _is_missing(v) else str(v).strip() or None for v in frame["label"]]
+    if task.label_pattern is not None:
+        pattern = re.compile(task.label_pattern)
+        derived = []
+        for label, file, row in zip(frame["label"], frame["source_file"], frame["source_row"], strict=True):
+            if label is None:
+                derived.append(None)
+                continue
+            match = pattern.search(label)
+            if match is None or match.group(1) is None:
+                raise SourceError(f"label {label!r} does not match task.label_pattern {task.label_pattern!r}",
+                                  file=file, row=int(row), column=task.label_column)
+            derived.append(match.group(1))
+        frame["label"] = derived
+    return frame
+
+
+def _is_missing(value: object) -> bool:
+    if value is None:
+        return True
+    try:
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def clean(examples: pd.DataFrame, cfg: CleaningConfig) -> CleaningResult:
+    """Normalise texts and drop empty, unlabelled, over-long, conflicting and duplicate rows.
+
+    When the source brings its own splits, duplicates are only dropped within a split: a text in two
+    splits is leakage, which the quality checks report instead of hiding it.
+    """
+    rows_in = len(examples)
+    frame = examples.copy()
+    # pandas 3 stores a missing string as NaN: test with _is_missing, never `is None`.
+    frame["text"] = pd.Series([None if _is_missing(t) else normalise_text(str(t), cfg) for t in frame["text"]],
+                              index=frame.index, dtype=object)
+    frame["label"] = pd.Series([None if _is_missing(v) else str(v) for v in frame["label"]],
+                               index=frame.index, dtype=object)
+    frame["norm_text"] = [None if t is None else dedup_key(t) for t in frame["text"]]
+    reason = pd.Series([None] * len(frame), index=frame.index, dtype=object)
+
+    def mark(mask: pd.Series, why: str) -> None:
+        reason[mask & reason.isna()] = why
+
+    lengths = frame["text"].map(lambda t: 0 if t is None else len(t))
+    mark(lengths < cfg.min_chars, "empty_text")
+    mark(frame["label"].map(lambda v: v is None).astype(bool), "missing_label")
+    mark(lengths > cfg.max_chars, "too_long")
+
+    alive = reason.isna()
+    group = ["norm_text", "source_split"] if "source_split" in frame.columns else ["norm_text"]
+    if cfg.drop_conflicting:
+        labels_per_text = frame[alive].groupby("norm_text")["label"].nunique()
+        conflicting = set(labels_per_text[labels_per_text > 1].index)
+        mark(frame["norm_text"].isin(conflicting), "conflicting_labels")
+    if cfg.drop_duplicates:
+        exact = ["text", "label"] + group[1:]
+        alive = reason.isna()
+        mark(alive & frame[alive].duplicated(subset=exact, keep="first").reindex(frame.index, fill_value=False),
+             "exact_duplicate")
+        alive = reason.isna()
+        mark(alive & frame[alive].duplicated(subset=group, keep="first").reindex(frame.index, fill_value=False),
+             "normalised_duplicate")
+
+    dropped = {why: int((reason == why).sum()) for why in DROP_REASONS}
+    examples_by_reason = {
+        why: frame.loc[reason == why, ["text", "label", "source_file", "source_row"]]
+        .head(5).astype(object).where(lambda f: f.notna(), None).to_dict("records")
+        for why in DROP_REASONS if dropped[why]
+    }
+    kept = frame[reason.isna()].reset_index(drop=True)
+    columns = list(CLEAN_COLUMNS) + (["source_split"] if "source_split" in kept.columns else [])
+    kept = kept[columns].astype({"text": str, "label": str, "norm_text": str})
+    return CleaningResult(kept, rows_in, dropped, examples_by_reason)

