@@ -1,0 +1,1 @@
+"""Thin Dagster assets and checks built for a pipeline spec."""

@@ -1,0 +1,180 @@
+"""The asset graph of one pipeline spec. Each asset calls one function in pipelines.core and adds metadata."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pandas as pd
+
+from pipelines.core.cleaning import DROP_REASONS, clean, select_examples
+from pipelines.core.evaluation import evaluate_checkpoint, report_markdown
+from pipelines.core.records import BaseModelRecord, CheckpointRecord, EvaluationReport
+from pipelines.core.selection import resolve_base_model
+from pipelines.core.sources import read_source
+from pipelines.core.spec import PipelineSpec
+from pipelines.core.splitting import SPLITS, assign_splits
+from pipelines.core.training import train_classifier
+from resources.compute import ComputeResource
+from resources.storage import StorageResource
+
+ASSET_NAMES = ("raw_data", "cleaned_dataset", "splits", "base_model", "finetuned_checkpoint", "evaluation_report")
+
+
+def _md_table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _class_md(counts: dict[str, int]) -> str:
+    total = sum(counts.values()) or 1
+    return _md_table(["class", "rows", "share"], [[k, v, f"{v / total:.1%}"] for k, v in counts.items()])
+
+
+def build_pipeline_assets(spec: PipelineSpec, project_root: Path) -> list[dg.AssetsDefinition]:
+    """The six assets of `spec`, keyed `<spec name>/<asset>` and grouped under the spec's name."""
+    prefix = [spec.name]
+
+    def key(name: str) -> dg.AssetKey:
+        return dg.AssetKey([spec.name, name])
+
+    common: dict[str, Any] = {"key_prefix": prefix, "group_name": spec.name}
+
+    @dg.asset(**common, code_version=spec.section_hash("source"), kinds={"pandas"})
+    def raw_data(context: dg.AssetExecutionContext) -> dg.Output[pd.DataFrame]:
+        """Rows read from the spec's data source, with the file and row each came from."""
+        frame, record = read_source(spec.source, project_root)
+        columns = [c for c in frame.columns if c not in ("source_file", "source_row")]
+        metadata: dict[str, Any] = {
+            "dagster/row_count": len(frame),
+            "columns": dg.MetadataValue.json(columns),
+            "source": record.location,
+            "source_kind": record.kind,
+            "sha256": record.sha256,
+            "files": dg.MetadataValue.md(_md_table(["file", "sha256"], [[f, s] for f, s in record.files])),
+            "preview": dg.MetadataValue.md(_md_table(
+                columns, [[str(v)[:80].replace("|", "\\|") for v in row] for row in frame[columns].head(5).itertuples(index=False)])),
+        }
+        if "source_split" in frame.columns:
+            metadata["source_splits"] = dg.MetadataValue.json(
+                {k: int(v) for k, v in frame["source_split"].value_counts().items()})
+        # The data version is the content digest: re-reading an unchanged source is recognisably the same data.
+        return dg.Output(frame, metadata=metadata, data_version=dg.DataVersion(record.sha256[:32]))
+
+    @dg.asset(**common, ins={"raw_data": dg.AssetIn(key("raw_data"))},
+              code_version=spec.section_hash("task", "cleaning"), kinds={"pandas"})
+    def cleaned_dataset(context: dg.AssetExecutionContext, raw_data: pd.DataFrame) -> dg.Output[pd.DataFrame]:
+        """Normalised (text, label) rows without empty, over-long, conflicting or duplicate rows."""
+        result = clean(select_examples(raw_data, spec.task), spec.cleaning)
+        dropped_rows = [[why, result.dropped[why]] for why in DROP_REASONS]
+        examples = "\n\n".join(
+            f"**{why}** (first {len(rows)}):\n\n" + _md_table(
+                ["text", "label", "file", "row"],
+                [[str(r["text"])[:80].replace("|", "\\|"), r["label"], r["source_file"], r["source_row"]]
+                 for r in rows])
+            for why, rows in result.dropped_examples.items())
+        context.log.info(f"kept {result.rows_kept} of {result.rows_in} rows; dropped "
+                         + ", ".join(f"{n} {why}" for why, n in result.dropped.items() if n))
+        return dg.Output(result.frame, metadata={
+            "dagster/row_count": result.rows_kept,
+            "rows_in": result.rows_in,
+            "rows_kept": result.rows_kept,
+            "rows_dropped": result.rows_in - result.rows_kept,
+            **{f"dropped_{why}": n for why, n in result.dropped.items()},
+            "dropped_by_reason": dg.MetadataValue.md(_md_table(["reason", "rows"], dropped_rows)),
+            "dropped_examples": dg.MetadataValue.md(examples or "nothing dropped"),
+            "num_classes": len(result.class_counts()),
+            "class_distribution": dg.MetadataValue.md(_class_md(result.class_counts())),
+        })
+
+    @dg.asset(**common, ins={"cleaned_dataset": dg.AssetIn(key("cleaned_dataset"))},
+              code_version=spec.section_hash("splits"), kinds={"pandas"})
+    def splits(context: dg.AssetExecutionContext, cleaned_dataset: pd.DataFrame) -> dg.Output[pd.DataFrame]:
+        """Every clean row assigned to train, validation or test by a hash of its normalised text."""
+        result = assign_splits(cleaned_dataset, spec.splits)
+        counts = result.counts()
+        table = result.class_table()
+        md = _md_table(["class", *SPLITS], [[label, *(int(table.loc[label, s]) for s in SPLITS)]
+                                            for label in table.index])
+        total = max(sum(counts.values()), 1)
+        return dg.Output(result.frame, metadata={
+            "dagster/row_count": len(result.frame),
+            **{f"{s}_rows": n for s, n in counts.items()},
+            "proportions": dg.MetadataValue.json({s: round(n / total, 4) for s, n in counts.items()}),
+            "origin": "the source's own splits" if result.origin == "source" else f"hash (seed {spec.splits.seed})",
+            "moved_for_stratification": result.moved_for_stratification,
+            "texts_in_several_splits": result.overlapping_texts,
+            "rows_per_class_and_split": dg.MetadataValue.md(md),
+        })
+
+    @dg.asset(**common, code_version=spec.section_hash("base_model"), kinds={"huggingface"})
+    def base_model(context: dg.AssetExecutionContext) -> dg.Output[BaseModelRecord]:
+        """The spec's pre-trained model, pinned: local path, weights sha256, licence, size and pooling."""
+        record = resolve_base_model(spec.base_model, project_root)
+        return dg.Output(record, metadata={
+            "model": record.name,
+            "source": record.source,
+            "local_path": dg.MetadataValue.path(record.local_path),
+            "revision": record.revision or "",
+            "weights_sha256": record.weights_sha256,
+            "license": record.license or "",
+            "parameter_count": record.parameter_count,
+            "architecture": record.architecture,
+            "pooling": f"{record.pooling} (from {record.pooling_declared_by})",
+        }, data_version=dg.DataVersion(record.weights_sha256[:32]))
+
+    @dg.asset(**common, ins={"splits": dg.AssetIn(key("splits")), "base_model": dg.AssetIn(key("base_model"))},
+              code_version=spec.section_hash("training"), kinds={"pytorch"})
+    def finetuned_checkpoint(context: dg.AssetExecutionContext, storage: StorageResource,
+                             compute: ComputeResource, splits: pd.DataFrame,
+                             base_model: BaseModelRecord) -> dg.Output[CheckpointRecord]:
+        """LoRA adapter and classifier head trained on the train split, best epoch chosen on validation."""
+        settings = compute.settings(spec.training.precision)
+        out_dir = storage.run_folder("checkpoints", spec.name, context.run_id)
+        record = train_classifier(splits, base_model, spec, out_dir, settings, progress=context.log.info)
+        epochs = [h for h in record.history if "eval_accuracy" in h]
+        history_md = _md_table(["epoch", "validation accuracy", "validation macro-F1", "validation loss"],
+                               [[f"{h['epoch']:g}", f"{h['eval_accuracy']:.4f}", f"{h['eval_macro_f1']:.4f}",
+                                 f"{h['eval_loss']:.4f}"] for h in epochs]) if epochs else "no validation split"
+        return dg.Output(record, metadata={
+            "path": dg.MetadataValue.path(record.path),
+            "sha256": record.sha256,
+            "base_model": record.base_model.name,
+            "base_model_sha256": record.base_model.weights_sha256,
+            "spec_hash": record.spec_hash,
+            "labels": dg.MetadataValue.json(list(record.labels)),
+            "train_rows": record.train_rows,
+            "validation_rows": record.validation_rows,
+            "best_epoch": record.best_epoch if record.best_epoch is not None else -1,
+            "trainable_parameters": record.trainable_parameters,
+            "train_seconds": round(record.train_seconds, 1),
+            "tokens_per_second": round(record.tokens_per_second, 1),
+            "precision": record.precision,
+            "validation_by_epoch": dg.MetadataValue.md(history_md),
+        }, data_version=dg.DataVersion(record.sha256[:32]))
+
+    @dg.asset(**common, ins={"splits": dg.AssetIn(key("splits")),
+                             "finetuned_checkpoint": dg.AssetIn(key("finetuned_checkpoint"))},
+              code_version=spec.section_hash("evaluation"), kinds={"sklearn"})
+    def evaluation_report(context: dg.AssetExecutionContext, storage: StorageResource, compute: ComputeResource,
+                          splits: pd.DataFrame, finetuned_checkpoint: CheckpointRecord) -> dg.Output[EvaluationReport]:
+        """Test-split accuracy, precision, recall and F1 of the checkpoint against two baselines."""
+        settings = compute.settings(spec.training.precision)
+        out_dir = storage.run_folder("reports", spec.name, context.run_id)
+        report = evaluate_checkpoint(splits, finetuned_checkpoint, spec, out_dir, settings)
+        context.log.info(f"test accuracy {report.metrics['accuracy']:.4f}, macro-F1 {report.metrics['macro_f1']:.4f}")
+        return dg.Output(report, metadata={
+            **{name: dg.MetadataValue.float(value) for name, value in report.metrics.items()},
+            **{f"{b}_{k}": dg.MetadataValue.float(m[k]) for b, m in report.baselines.items()
+               for k in ("accuracy", "macro_f1")},
+            **{f"beats_{b}": won for b, won in report.beats_baselines.items()},
+            "test_rows": report.test_rows,
+            "report": dg.MetadataValue.md(report_markdown(report)),
+            "report_html": dg.MetadataValue.path(report.html_path),
+            "report_json": dg.MetadataValue.path(report.json_path),
+            "confusion_matrix": dg.MetadataValue.path(report.confusion_matrix_png),
+        })
+
+    return [raw_data, cleaned_dataset, splits, base_model, finetuned_checkpoint, evaluation_report]

@@ -1,0 +1,143 @@
+"""The `tuneline` command: run a pipeline in the Dagster instance the UI uses, validate specs, open the UI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from contextlib import nullcontext, redirect_stdout
+from pathlib import Path
+from typing import Any
+
+DAGSTER_YAML = """# Written by tuneline: the Dagster instance shared by `tuneline run` and `make ui`.
+telemetry:
+  enabled: false
+"""
+
+
+def project_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def ensure_dagster_home() -> Path:
+    """Use $DAGSTER_HOME, or <project>/.dagster_home, creating it with telemetry switched off."""
+    home = Path(os.environ.get("DAGSTER_HOME") or project_root() / ".dagster_home").resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "dagster.yaml"
+    if not config.exists():
+        config.write_text(DAGSTER_YAML, encoding="utf-8")
+    os.environ["DAGSTER_HOME"] = str(home)
+    return home
+
+
+def _print_summary(summary: dict[str, Any], run_id: str) -> None:
+    baselines = summary["baselines"]
+    names = ["fine-tuned", *baselines]
+    metrics = ["accuracy", "macro_precision", "macro_recall", "macro_f1", "weighted_f1"]
+    print(f"\n{summary['pipeline']}: evaluation on {summary['test_rows']} test rows (Dagster run {run_id})")
+    print("  " + "metric".ljust(18) + "".join(n.rjust(16) for n in names))
+    for metric in metrics:
+        values = [summary[metric], *(baselines[b][metric] for b in baselines)]
+        print("  " + metric.ljust(18) + "".join(f"{v:16.4f}" for v in values))
+    for name, won in summary["beats_baselines"].items():
+        verdict = "beats" if won else "does NOT beat"
+        print(f"  the fine-tuned model {verdict} {name} on {summary['primary_metric']}")
+    print(f"  report: {summary['report_html']}")
+    print("Open the Dagster UI with `make ui` (http://127.0.0.1:3000) to see every step, its metadata and lineage.")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    ensure_dagster_home()
+    import dagster as dg
+
+    from pipelines.core.errors import TunelineError
+    from pipelines.definitions import build_definitions
+
+    try:
+        defs = build_definitions()
+    except TunelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    job_name = f"{args.pipeline}_job"
+    jobs = sorted(j.name for j in defs.jobs or [])
+    if job_name not in jobs:
+        known = ", ".join(j.removesuffix("_job") for j in jobs)
+        print(f"error: no pipeline {args.pipeline!r}; pipelines are: {known}", file=sys.stderr)
+        return 2
+    job = defs.resolve_job_def(job_name)
+    instance = dg.DagsterInstance.get()
+    # With --json, stdout carries the JSON object alone; progress goes to stderr.
+    with redirect_stdout(sys.stderr) if args.json else nullcontext():
+        result = job.execute_in_process(instance=instance, raise_on_error=False)
+    if not result.success:
+        for event in result.all_events:
+            if event.event_type_value == "STEP_FAILURE":
+                error = event.event_specific_data.error  # type: ignore[union-attr]
+                print(f"error: step {event.step_key} failed: {error.message.strip() if error else ''}",
+                      file=sys.stderr)
+        print(f"run {result.run_id} failed; see it in the Dagster UI (make ui)", file=sys.stderr)
+        return 1
+    report = result.asset_value(dg.AssetKey([args.pipeline, "evaluation_report"]))
+    summary = report.summary()
+    if args.json:
+        print(json.dumps({**summary, "run_id": result.run_id}))
+    else:
+        _print_summary(summary, result.run_id)
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from pipelines.core.errors import SpecError
+    from pipelines.core.spec import load_spec, load_specs
+    from pipelines.definitions import SPECS_DIR
+
+    try:
+        specs = [load_spec(Path(p)) for p in args.files] if args.files else load_specs(SPECS_DIR)
+    except SpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for spec in specs:
+        print(f"ok: {spec.name} (spec hash {spec.spec_hash})")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from pipelines.core.spec import load_specs
+    from pipelines.definitions import SPECS_DIR
+
+    for spec in load_specs(SPECS_DIR):
+        print(f"{spec.name}\t{spec.task.type}\t{spec.base_model.model.name if hasattr(spec.base_model.model, 'name') else ''}")
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    ensure_dagster_home()
+    dagster = Path(sys.executable).with_name("dagster")
+    argv = [str(dagster), "dev", "-w", str(project_root() / "workspace.yaml"), "-h", args.host, "-p", str(args.port)]
+    os.chdir(project_root())
+    os.execv(argv[0], argv)
+    return 0  # not reached
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tuneline", description="Declarative fine-tuning pipelines on Dagster.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="materialize one pipeline end to end and print its evaluation summary")
+    run.add_argument("--pipeline", required=True, help="the pipeline's name (its spec file's stem)")
+    run.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
+    run.set_defaults(func=cmd_run)
+    validate = sub.add_parser("validate", help="validate spec files (default: every spec in pipelines/specs)")
+    validate.add_argument("files", nargs="*")
+    validate.set_defaults(func=cmd_validate)
+    sub.add_parser("list", help="list the pipelines").set_defaults(func=cmd_list)
+    ui = sub.add_parser("ui", help="start the Dagster UI (dagster dev) on the shared instance")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=3000)
+    ui.set_defaults(func=cmd_ui)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Dagster definitions for every spec in pipelines/specs: assets, jobs, schedules and resources."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+
+from assets.pipeline import build_pipeline_assets
+from pipelines.core.spec import load_specs
+from pipelines.jobs import pipeline_job
+from pipelines.schedules import pipeline_schedule
+from resources.compute import ComputeResource
+from resources.storage import PipelineIOManager, StorageResource
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SPECS_DIR = PROJECT_ROOT / "pipelines" / "specs"
+DATA_DIR = PROJECT_ROOT / "data"
+
+
+def resources_for(data_dir: Path, *, device: str = "auto", num_threads: int | None = None) -> dict[str, object]:
+    """The resources of one environment: where data goes and which device computes."""
+    return {
+        "io_manager": PipelineIOManager(data_dir=str(data_dir)),
+        "storage": StorageResource(data_dir=str(data_dir)),
+        "compute": ComputeResource(device=device, num_threads=num_threads),
+    }
+
+
+def build_definitions(specs_dir: Path = SPECS_DIR, project_root: Path = PROJECT_ROOT,
+                      data_dir: Path = DATA_DIR, resources: dict[str, object] | None = None) -> dg.Definitions:
+    """One asset group, one job and (if declared) one schedule per spec file in `specs_dir`."""
+    specs = load_specs(specs_dir)
+    schedules = [s for s in (pipeline_schedule(spec) for spec in specs) if s is not None]
+    return dg.Definitions(
+        assets=[a for spec in specs for a in build_pipeline_assets(spec, project_root)],
+        jobs=[pipeline_job(spec) for spec in specs],
+        schedules=schedules,
+        resources=resources if resources is not None else resources_for(data_dir),
+    )
+
+
+defs = build_definitions()

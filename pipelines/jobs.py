@@ -1,0 +1,18 @@
+"""One job per pipeline: materialize its whole asset group."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from pipelines.core.spec import PipelineSpec
+
+
+def job_name(spec: PipelineSpec) -> str:
+    return f"{spec.name}_job"
+
+
+def pipeline_job(spec: PipelineSpec) -> dg.UnresolvedAssetJobDefinition:
+    """Materialize every asset of the pipeline, from raw data to the evaluation report."""
+    return dg.define_asset_job(job_name(spec), selection=dg.AssetSelection.groups(spec.name),
+                               description=f"Materialize the {spec.name} pipeline end to end.",
+                               tags={"tuneline/pipeline": spec.name})

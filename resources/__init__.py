@@ -1,0 +1,1 @@
+"""Side effects of tuneline: storage paths and IO, compute device and precision."""
