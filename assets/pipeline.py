@@ -1,6 +1,6 @@
 """The asset graph of one pipeline spec. Each asset calls one function in pipelines.core and adds metadata."""
+# No `from __future__ import annotations` here: Dagster inspects the real annotations of asset functions.
 
-from __future__ import annotations
 
 from pathlib import Path
 from typing import Any

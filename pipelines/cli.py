@@ -52,10 +52,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     import dagster as dg
 
     from pipelines.core.errors import TunelineError
-    from pipelines.definitions import build_definitions
+    from pipelines.definitions import DATA_DIR, SPECS_DIR, build_definitions
 
     try:
-        defs = build_definitions()
+        defs = build_definitions(specs_dir=Path(args.specs_dir) if args.specs_dir else SPECS_DIR,
+                                 data_dir=Path(args.data_dir).resolve() if args.data_dir else DATA_DIR)
     except TunelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -74,6 +75,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         for event in result.all_events:
             if event.event_type_value == "STEP_FAILURE":
                 error = event.event_specific_data.error  # type: ignore[union-attr]
+                while error is not None and error.cause is not None:  # the user's error, not Dagster's wrapper
+                    error = error.cause
                 print(f"error: step {event.step_key} failed: {error.message.strip() if error else ''}",
                       file=sys.stderr)
         print(f"run {result.run_id} failed; see it in the Dagster UI (make ui)", file=sys.stderr)
@@ -126,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="materialize one pipeline end to end and print its evaluation summary")
     run.add_argument("--pipeline", required=True, help="the pipeline's name (its spec file's stem)")
     run.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
+    run.add_argument("--specs-dir", help="folder of spec files (default: pipelines/specs)")
+    run.add_argument("--data-dir", help="folder for generated data (default: data/)")
     run.set_defaults(func=cmd_run)
     validate = sub.add_parser("validate", help="validate spec files (default: every spec in pipelines/specs)")
     validate.add_argument("files", nargs="*")

@@ -1,0 +1,70 @@
+"""The whole graph materialized in-process: tiny BERT built from a config, a slice of TREC, temporary storage."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+
+from pipelines.core.records import CheckpointRecord, EvaluationReport
+from pipelines.definitions import build_definitions, resources_for
+from tests.conftest import tiny_spec
+
+
+def test_materialize_whole_graph(tmp_path: Path, trec_slice_csv: Path, tiny_model_dir: Path,
+                                 write_spec: Callable[..., Path]) -> None:
+    specs = write_spec("tiny", tiny_spec(trec_slice_csv, tiny_model_dir))
+    data_dir = tmp_path / "data"
+    defs = build_definitions(specs_dir=specs, data_dir=data_dir, resources=resources_for(data_dir, num_threads=2))
+    instance = dg.DagsterInstance.ephemeral()
+    result = defs.resolve_job_def("tiny_job").execute_in_process(instance=instance)
+    assert result.success
+
+    materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+    assert materialized == {f"tiny/{n}" for n in ("raw_data", "cleaned_dataset", "splits", "base_model",
+                                                  "finetuned_checkpoint", "evaluation_report")}
+
+    def meta(name: str) -> dict[str, object]:
+        event = instance.get_latest_materialization_event(dg.AssetKey(["tiny", name]))
+        assert event is not None and event.asset_materialization is not None
+        return {k: v.value for k, v in event.asset_materialization.metadata.items()}
+
+    raw = meta("raw_data")
+    assert raw["dagster/row_count"] == 400 and len(str(raw["sha256"])) == 64
+    cleaned = meta("cleaned_dataset")
+    assert cleaned["rows_in"] == 400
+    assert cleaned["rows_kept"] + cleaned["rows_dropped"] == 400
+    assert "| reason | rows |" in str(cleaned["dropped_by_reason"])
+    splits = meta("splits")
+    assert splits["train_rows"] + splits["validation_rows"] + splits["test_rows"] == cleaned["rows_kept"]
+    assert splits["texts_in_several_splits"] == 0
+    base = meta("base_model")
+    assert base["license"] == "apache-2.0" and base["pooling"] == "mean (from 1_Pooling/config.json)"
+
+    checkpoint: CheckpointRecord = result.asset_value(dg.AssetKey(["tiny", "finetuned_checkpoint"]))
+    files = {p.relative_to(checkpoint.path).as_posix() for p in Path(checkpoint.path).rglob("*") if p.is_file()}
+    assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json", "head.safetensors", "spec.yaml",
+            "history.json", "classifier.json"} <= files
+    assert Path(checkpoint.path).parent == data_dir / "checkpoints" / "tiny"
+    assert checkpoint.base_model.name == "tiny-bert"
+    assert json.loads((Path(checkpoint.path) / "classifier.json").read_text())["labels"] == list(checkpoint.labels)
+
+    report: EvaluationReport = result.asset_value(dg.AssetKey(["tiny", "evaluation_report"]))
+    stored = json.loads(Path(report.json_path).read_text())
+    assert stored["metrics"] == report.metrics
+    assert set(report.metrics) == {"accuracy", "macro_precision", "macro_recall", "macro_f1",
+                                   "weighted_precision", "weighted_recall", "weighted_f1"}
+    assert set(report.baselines) == {"majority_class", "linear_probe"}
+    assert Path(report.confusion_matrix_png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "<table>" in Path(report.html_path).read_text()
+    assert sum(map(sum, report.confusion_matrix)) == report.test_rows == splits["test_rows"]
+    evaluation = meta("evaluation_report")
+    assert evaluation["accuracy"] == report.metrics["accuracy"]
+    assert "| fine-tuned |" in str(evaluation["report"])
+
+    # The IO manager stored tables as Parquet, which a person can open without tuneline.
+    stored_splits = pd.read_parquet(data_dir / "assets" / "tiny" / "splits.parquet")
+    assert set(stored_splits["split"]) == {"train", "validation", "test"}

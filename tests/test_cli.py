@@ -1,0 +1,75 @@
+"""`tuneline run`: materializes a pipeline in the Dagster instance at $DAGSTER_HOME and prints its summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import dagster as dg
+
+from tests.conftest import PROJECT_ROOT, tiny_spec
+
+
+def tuneline(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DAGSTER_HOME": str(home)}
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=PROJECT_ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_run_json_prints_the_report_summary_and_records_the_run(
+        tmp_path: Path, trec_slice_csv: Path, tiny_model_dir: Path, write_spec: Callable[..., Path]) -> None:
+    specs = write_spec("tiny", tiny_spec(trec_slice_csv, tiny_model_dir))
+    home = tmp_path / "dagster_home"
+    out = tuneline("run", "--pipeline", "tiny", "--json", "--specs-dir", str(specs),
+                   "--data-dir", str(tmp_path / "data"), home=home)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout)  # stdout holds the JSON object and nothing else
+    report = json.loads(Path(summary["report_json"]).read_text())
+    for name, value in report["metrics"].items():
+        assert summary[name] == round(value, 4)
+    assert set(summary["baselines"]) == {"majority_class", "linear_probe"}
+    assert summary["primary_metric"] == "macro_f1"
+    assert "step " in out.stderr and "loss" in out.stderr  # progress went to stderr
+
+    # The run lives in the instance the UI reads (DAGSTER_HOME), with every asset materialized.
+    assert (home / "dagster.yaml").read_text().count("enabled: false") == 1
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        run = instance.get_run_by_id(summary["run_id"])
+        assert run is not None and run.is_success
+        for name in ("raw_data", "evaluation_report"):
+            event = instance.get_latest_materialization_event(dg.AssetKey(["tiny", name]))
+            assert event is not None and event.run_id == summary["run_id"]
+
+
+def test_run_unknown_pipeline_lists_the_known_ones(tmp_path: Path) -> None:
+    out = tuneline("run", "--pipeline", "nope", home=tmp_path / "home")
+    assert out.returncode == 2
+    assert out.stderr.strip() == "error: no pipeline 'nope'; pipelines are: trec_questions"
+
+
+def test_run_reports_a_failing_step(tmp_path: Path, tiny_model_dir: Path, write_spec: Callable[..., Path]) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("question,category\nwhat?,A\n")
+    spec = tiny_spec(bad, tiny_model_dir)
+    spec["task"] = {"text_column": "text", "label_column": "category"}
+    specs = write_spec("broken", spec)
+    out = tuneline("run", "--pipeline", "broken", "--specs-dir", str(specs), "--data-dir", str(tmp_path / "d"),
+                   home=tmp_path / "home")
+    assert out.returncode == 1
+    assert (f"error: step broken__cleaned_dataset failed: pipelines.core.errors.SourceError: {bad}, column 'text': "
+            "has no column 'text' (named by task.text_column); its columns are ['question', 'category']") in out.stderr
+    assert not (tmp_path / "d" / "checkpoints").exists()
+
+
+def test_validate_reports_broken_spec(tmp_path: Path) -> None:
+    spec = tmp_path / "oops.yaml"
+    spec.write_text("source: {kind: local, path: x.csv}\nbase_model: {model: {source: hub, name: m}}\nepochs: 3\n")
+    out = tuneline("validate", str(spec), home=tmp_path / "home")
+    assert out.returncode == 2
+    assert "line 3: epochs: unknown key" in out.stderr
+    ok = tuneline("validate", home=tmp_path / "home")
+    assert ok.returncode == 0 and ok.stdout.startswith("ok: trec_questions")

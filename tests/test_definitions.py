@@ -1,0 +1,83 @@
+"""The definitions: expected asset keys, checks, jobs and schedules; one spec file = one asset group."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+
+from pipelines.definitions import SPECS_DIR, build_definitions, defs
+from tests.conftest import PROJECT_ROOT
+
+ASSETS = ["raw_data", "cleaned_dataset", "splits", "base_model", "finetuned_checkpoint", "evaluation_report"]
+
+
+def asset_keys(definitions: dg.Definitions) -> set[str]:
+    graph = definitions.resolve_asset_graph()
+    return {key.to_user_string() for key in graph.get_all_asset_keys()}
+
+
+def test_default_definitions_list_the_trec_pipeline() -> None:
+    assert asset_keys(defs) == {f"trec_questions/{name}" for name in ASSETS}
+    assert sorted(job.name for job in defs.jobs or []) == ["trec_questions_job"]
+    assert sorted(s.name for s in defs.schedules or []) == ["trec_questions_retraining"]
+    schedule = defs.resolve_schedule_def("trec_questions_retraining")
+    assert schedule.cron_schedule == "0 3 * * 1"
+    assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED
+
+
+def test_asset_graph_edges_and_group() -> None:
+    graph = defs.resolve_asset_graph()
+
+    def parents(name: str) -> set[str]:
+        node = graph.get(dg.AssetKey(["trec_questions", name]))
+        return {k.path[-1] for k in node.parent_keys}
+
+    assert parents("raw_data") == set()
+    assert parents("cleaned_dataset") == {"raw_data"}
+    assert parents("splits") == {"cleaned_dataset"}
+    assert parents("base_model") == set()
+    assert parents("finetuned_checkpoint") == {"splits", "base_model"}
+    assert parents("evaluation_report") == {"splits", "finetuned_checkpoint"}
+    groups = {graph.get(k).group_name for k in graph.get_all_asset_keys()}
+    assert groups == {"trec_questions"}
+    for key in graph.get_all_asset_keys():  # descriptions come from the docstrings and show in the UI
+        assert graph.get(key).description
+
+
+def test_job_selects_the_whole_group() -> None:
+    job = defs.resolve_job_def("trec_questions_job")
+    assert {k.to_user_string() for k in job.asset_layer.executable_asset_keys} == {
+        f"trec_questions/{name}" for name in ASSETS}
+
+
+def test_a_second_spec_file_adds_a_second_group_without_code(tmp_path: Path) -> None:
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    shutil.copy(SPECS_DIR / "trec_questions.yaml", specs / "trec_questions.yaml")
+    shutil.copy(SPECS_DIR / "trec_questions.yaml", specs / "trec_again.yaml")
+    both = build_definitions(specs_dir=specs, data_dir=tmp_path / "data")
+    assert asset_keys(both) == {f"{p}/{name}" for p in ("trec_questions", "trec_again") for name in ASSETS}
+    assert sorted(job.name for job in both.jobs or []) == ["trec_again_job", "trec_questions_job"]
+    graph = both.resolve_asset_graph()
+    assert {graph.get(dg.AssetKey(["trec_again", n])).group_name for n in ASSETS} == {"trec_again"}
+
+
+def test_workspace_loads_the_definitions_module() -> None:
+    # What `dagster dev -w workspace.yaml` loads: the module named in workspace.yaml, in a fresh interpreter.
+    out = subprocess.run([sys.executable, "-m", "dagster", "definitions", "validate", "-w", "workspace.yaml"],
+                         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "Validation successful" in out.stdout + out.stderr
+
+
+def test_core_imports_neither_dagster_nor_mlflow() -> None:
+    code = ("import sys, pkgutil, importlib, pipelines.core as core\n"
+            "for m in pkgutil.iter_modules(core.__path__): importlib.import_module('pipelines.core.' + m.name)\n"
+            "print(sorted(n for n in sys.modules if n.split('.')[0] in ('dagster', 'mlflow')))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
