@@ -75,8 +75,9 @@ class PooledClassifier(nn.Module):
     """Encoder -> pooling -> dropout -> linear head."""
 
     def __init__(self, encoder: nn.Module, pooling: str, num_labels: int, hidden_size: int,
-                 dropout: float = 0.1) -> None:
+                 dropout: float = 0.1, label_smoothing: float = 0.0) -> None:
         super().__init__()
+        self.label_smoothing = label_smoothing
         self.encoder = encoder
         self.pooling = pooling
         self.dropout = nn.Dropout(dropout)
@@ -93,7 +94,8 @@ class PooledClassifier(nn.Module):
         from transformers.modeling_outputs import SequenceClassifierOutput
 
         logits = self.head(self.dropout(self.embed(input_ids, attention_mask, token_type_ids)))
-        loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
+        loss = (F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing if self.training else 0.0)
+                if labels is not None else None)
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
@@ -224,10 +226,11 @@ def _classification_metrics(eval_pred: Any) -> dict[str, float]:
     logits, labels = eval_pred.predictions, eval_pred.label_ids
     preds = np.asarray(logits).argmax(-1)
     return {"accuracy": float(accuracy_score(labels, preds)),
-            "macro_f1": float(f1_score(labels, preds, average="macro", zero_division=0))}
+            "macro_f1": float(f1_score(labels, preds, average="macro", zero_division=0)),
+            "weighted_f1": float(f1_score(labels, preds, average="weighted", zero_division=0))}
 
 
-def _make_callback(model: nn.Module, progress: ProgressFn, sink: MetricsSink | None) -> Any:
+def _make_callback(model: nn.Module, progress: ProgressFn, sink: MetricsSink | None, select_by: str) -> Any:
     from transformers import TrainerCallback
 
     class ProgressAndBestEpoch(TrainerCallback):
@@ -260,9 +263,9 @@ def _make_callback(model: nn.Module, progress: ProgressFn, sink: MetricsSink | N
         def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None,
                         **kwargs: Any) -> None:
             metrics = metrics or {}
-            score = float(metrics.get("eval_macro_f1", -math.inf))
+            score = float(metrics.get(f"eval_{select_by}", -math.inf))
             progress(f"epoch {state.epoch:.2f}: validation accuracy {metrics.get('eval_accuracy', float('nan')):.4f} "
-                     f"macro-F1 {score:.4f}")
+                     f"macro-F1 {metrics.get('eval_macro_f1', float('nan')):.4f}")
             if score > self.best_score:
                 self.best_score, self.best_epoch = score, float(state.epoch)
                 self.best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -305,7 +308,8 @@ def train_classifier(splits: pd.DataFrame, base: BaseModelRecord, spec: Pipeline
 
     tokenizer = load_tokenizer(base.local_path)
     encoder = load_encoder(base)
-    model = PooledClassifier(encoder, base.pooling, len(labels), base.hidden_size)
+    model = PooledClassifier(encoder, base.pooling, len(labels), base.hidden_size,
+                             label_smoothing=cfg.label_smoothing)
 
     if cfg.head_init == "linear_probe":
         progress(f"linear probe: embedding {len(train) + len(validation)} rows with the frozen base model")
@@ -335,7 +339,8 @@ def train_classifier(splits: pd.DataFrame, base: BaseModelRecord, spec: Pipeline
         {"params": adapter_params, "lr": cfg.learning_rate, "weight_decay": cfg.weight_decay},
         {"params": head_params, "lr": cfg.head_learning_rate or cfg.learning_rate, "weight_decay": cfg.weight_decay},
     ])
-    callback = _make_callback(model, progress, sink)
+    # The epoch kept is the best on validation by the spec's primary metric.
+    callback = _make_callback(model, progress, sink, spec.evaluation.primary_metric)
     with tempfile.TemporaryDirectory(prefix="tuneline-trainer-") as scratch:
         args = build_training_arguments(cfg, Path(scratch), compute, val_ds is not None, spec.evaluation.batch_size)
         trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
@@ -344,8 +349,8 @@ def train_classifier(splits: pd.DataFrame, base: BaseModelRecord, spec: Pipeline
         result = trainer.train()
     callback.restore_best()
     if callback.best_epoch is not None:
-        progress(f"kept the weights of epoch {callback.best_epoch:g} (best validation macro-F1 "
-                 f"{callback.best_score:.4f})")
+        progress(f"kept the weights of epoch {callback.best_epoch:g} (best validation "
+                 f"{spec.evaluation.primary_metric} {callback.best_score:.4f})")
 
     train_seconds = float(result.metrics.get("train_runtime", 0.0))
     real_tokens = float(sum(len(ids) for ids in train_ds["input_ids"])) * cfg.epochs

@@ -91,7 +91,7 @@ def test_lora_learns_base_stays_and_checkpoint_reloads(tmp_path: Path, trec_line
     validation = splits[splits["split"] == "validation"]
     probs = predict_proba(model, tokenizer, validation["text"].tolist(), 32, compute)
     reloaded_accuracy = float(np.mean(np.array(record.labels)[probs.argmax(-1)] == validation["label"].to_numpy()))
-    best = max((h for h in record.history if "eval_macro_f1" in h), key=lambda h: h["eval_macro_f1"])
+    best = max((h for h in record.history if "eval_macro_f1" in h), key=lambda h: h["eval_macro_f1"])  # primary
     assert record.best_epoch == best["epoch"]
     assert reloaded_accuracy == pytest.approx(best["eval_accuracy"])
 
