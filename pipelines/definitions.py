@@ -1,4 +1,4 @@
-"""Dagster definitions for every spec in pipelines/specs: assets, jobs, schedules and resources."""
+"""Dagster definitions for every spec in pipelines/specs: assets, checks, jobs, schedules and resources."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from assets.checks import build_quality_checks
 from assets.pipeline import build_pipeline_assets
 from pipelines.core.spec import load_specs
 from pipelines.jobs import pipeline_job
@@ -29,11 +30,12 @@ def resources_for(data_dir: Path, *, device: str = "auto", num_threads: int | No
 
 def build_definitions(specs_dir: Path = SPECS_DIR, project_root: Path = PROJECT_ROOT,
                       data_dir: Path = DATA_DIR, resources: dict[str, object] | None = None) -> dg.Definitions:
-    """One asset group, one job and (if declared) one schedule per spec file in `specs_dir`."""
+    """One asset group with its quality checks, one job and (if declared) one schedule per spec file."""
     specs = load_specs(specs_dir)
     schedules = [s for s in (pipeline_schedule(spec) for spec in specs) if s is not None]
     return dg.Definitions(
         assets=[a for spec in specs for a in build_pipeline_assets(spec, project_root)],
+        asset_checks=[c for spec in specs for c in build_quality_checks(spec)],
         jobs=[pipeline_job(spec) for spec in specs],
         schedules=schedules,
         resources=resources if resources is not None else resources_for(data_dir),

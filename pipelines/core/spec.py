@@ -154,6 +154,33 @@ class SplitsConfig(_Frozen):
         return self
 
 
+# -------------------------------------------------------------------------------------------- quality
+class QualityConfig(_Frozen):
+    """Thresholds of the data-quality checks that block training when the data is bad."""
+
+    min_rows: int = Field(default=50, ge=1, description="Fewest rows the clean dataset may have.")
+    max_rows: int = Field(default=10_000_000, ge=1, description="Most rows the clean dataset may have.")
+    min_rows_per_class: int = Field(
+        default=5, ge=1, description="Without task.labels: a label seen fewer times is an error (often a typo).")
+    min_text_chars: int = Field(default=1, ge=0, description="Shortest text allowed, in characters.")
+    max_text_chars: int = Field(default=2000, ge=1, description="Longest text allowed, in characters.")
+    max_imbalance_ratio: float = Field(
+        default=20.0, ge=1, description="Largest class / smallest class above this is a warning.")
+    imbalance_error_factor: float = Field(
+        default=2.0, ge=1, description="... and above max_imbalance_ratio times this factor, an error.")
+    split_tolerance: float = Field(
+        default=0.05, gt=0, lt=1, description="Largest allowed gap between a split's share and the spec's fraction.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> QualityConfig:
+        if self.min_rows > self.max_rows:
+            raise ValueError(f"quality.min_rows ({self.min_rows}) must not exceed quality.max_rows ({self.max_rows})")
+        if self.min_text_chars > self.max_text_chars:
+            raise ValueError(f"quality.min_text_chars ({self.min_text_chars}) must not exceed "
+                             f"quality.max_text_chars ({self.max_text_chars})")
+        return self
+
+
 # ----------------------------------------------------------------------------------------- base model
 class PackageModelConfig(_Frozen):
     """Weights shipped inside an installed Python distribution (works offline)."""
@@ -216,6 +243,7 @@ class TrainingConfig(_Frozen):
     head_learning_rate: float | None = Field(
         default=None, gt=0, lt=1, description="Learning rate of the classifier head; defaults to learning_rate.")
     weight_decay: float = Field(default=0.01, ge=0, lt=1, description="AdamW weight decay.")
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1, description="Cross-entropy label smoothing.")
     warmup_fraction: float = Field(default=0.06, ge=0, lt=1, description="Share of steps of linear warm-up.")
     max_length: int = Field(default=64, ge=8, le=8192, description="Longer inputs are truncated (tokens).")
     precision: Literal["auto", "bf16", "fp32"] = Field(
@@ -260,7 +288,7 @@ class ScheduleConfig(_Frozen):
 
 # ------------------------------------------------------------------------------------------ the spec
 class PipelineSpec(_Frozen):
-    """One pipeline: data source, task, cleaning, splits, base model, training, evaluation, schedule."""
+    """One pipeline: source, task, cleaning, splits, quality gates, base model, training, evaluation, schedule."""
 
     name: str = Field(description="The pipeline's name: the spec file's stem, the prefix of its asset keys.")
     description: str = Field(default="", description="Shown in the Dagster UI.")
@@ -268,6 +296,7 @@ class PipelineSpec(_Frozen):
     task: TaskConfig = Field(default_factory=TaskConfig)
     cleaning: CleaningConfig = Field(default_factory=CleaningConfig)
     splits: SplitsConfig = Field(default_factory=SplitsConfig)
+    quality: QualityConfig = Field(default_factory=QualityConfig)
     base_model: BaseModelConfig
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)

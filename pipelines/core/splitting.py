@@ -70,13 +70,19 @@ def _stratify(frame: pd.DataFrame, targets: list[str]) -> int:
                 continue
             pick = train_rows["position"].idxmin()
             frame.loc[pick, "split"] = target
+            frame.loc[pick, "split_origin"] = "stratified"
             rows = frame[frame["label"] == label]
             moved += 1
     return moved
 
 
 def assign_splits(clean: pd.DataFrame, cfg: SplitsConfig) -> SplitResult:
-    """Assign splits by hash, or keep the source's own; returns rows with `split` and `position`."""
+    """Assign splits by hash, or keep the source's own.
+
+    Returns the rows with `split`, `position` (the row's hash position) and `split_origin`: 'hash', 'source'
+    (the source's own split), 'carved' (taken from the source's train split) or 'stratified' (moved so that
+    a small class is present in every split).
+    """
     frame = clean.reset_index(drop=True)  # unique labels: rows are moved by label below
     frame["position"] = [row_position(t, cfg.seed) for t in frame["norm_text"]]
     positions = frame["position"].to_numpy(dtype=float)
@@ -92,13 +98,16 @@ def assign_splits(clean: pd.DataFrame, cfg: SplitsConfig) -> SplitResult:
         for name in ("test", "validation"):
             if name not in present and getattr(cfg, name) > 0:
                 carve.append((name, getattr(cfg, name) / remaining))
+        frame["split_origin"] = "source"
         if carve:
             frame.loc[train, "split"] = _by_threshold(positions[train.to_numpy()], carve, "train")
+            frame.loc[train & (frame["split"] != "train"), "split_origin"] = "carved"
         frame = frame.drop(columns=["source_split"])
     else:
         origin = "hash"
         cuts = [("test", cfg.test), ("validation", cfg.validation)]
         frame["split"] = _by_threshold(positions, cuts, "train")
+        frame["split_origin"] = "hash"
     moved = 0
     if cfg.stratify:
         targets = ["test"] + (["validation"] if cfg.validation > 0 else [])

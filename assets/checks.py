@@ -1,0 +1,116 @@
+"""Blocking data-quality checks of one pipeline: Great Expectations suites on cleaned_dataset and splits."""
+# No `from __future__ import annotations` here: Dagster inspects the real annotations of check functions.
+
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pandas as pd
+
+from pipelines.core.quality import (CLEANED_CHECKS, SPLITS_CHECKS, CheckOutcome, QualityFn, QualityReport,
+                                    validate_cleaned_dataset, validate_splits)
+from pipelines.core.spec import PipelineSpec
+from resources.storage import StorageResource
+
+DESCRIPTIONS = {
+    "cleaned_dataset_has_required_columns": "The text and label columns exist and hold strings.",
+    "texts_are_present": "No text or label is null or blank.",
+    "labels_are_known": "Every label is declared in task.labels (or, without them, frequent enough not to be a typo).",
+    "text_lengths_within_bounds": "Every text length is within quality.min_text_chars and quality.max_text_chars.",
+    "texts_are_unique": "No normalised text occurs twice (within a split, when the source brings splits).",
+    "row_count_within_bounds": "The row count is within quality.min_rows and quality.max_rows.",
+    "classes_are_balanced": "No class is much smaller than the largest (warning, or error when far off).",
+    "splits_do_not_overlap": "No normalised text is in two splits.",
+    "split_proportions_match_spec": "Split shares are within quality.split_tolerance of the spec.",
+    "every_class_in_train_and_test": "Every class has rows in train and in test.",
+    "validation_and_test_are_not_empty": "Validation and test have rows.",
+}
+
+
+def _cell(value: Any) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, str) else value
+    text = text.replace("|", "\\|").replace("\n", " ")
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _expectations_md(outcome: CheckOutcome) -> str:
+    lines = ["| expectation | threshold / arguments | observed | passed | severity |", "|---|---|---|---|---|"]
+    for e in outcome.expectations:
+        observed = f"{e.unexpected_count} unexpected rows" if e.unexpected_count is not None else e.observed
+        lines.append(f"| {e.expectation} | {_cell(e.kwargs)} | {_cell(observed)} | {'yes' if e.success else 'NO'} "
+                     f"| {e.severity} |")
+    return "\n".join(lines)
+
+
+def _examples_md(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "no offending rows"
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _write_gx_result(path: Path, report: QualityReport) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(json.dumps(report.gx_result, indent=2, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _results(report: QualityReport, names: tuple[str, ...], key: dg.AssetKey,
+             gx_path: Path) -> Iterator[dg.AssetCheckResult]:
+    found = {c.name: c for c in report.checks}
+    for name in names:
+        outcome = found.get(name)
+        if outcome is None:  # a check whose columns are missing cannot run: that is a failure, not a pass
+            yield dg.AssetCheckResult(
+                asset_key=key, check_name=name, passed=False, severity=dg.AssetCheckSeverity.ERROR,
+                description=f"{name} could not run: cleaned_dataset_has_required_columns failed",
+                metadata={"gx_validation_result": dg.MetadataValue.path(str(gx_path))})
+            continue
+        yield dg.AssetCheckResult(
+            asset_key=key, check_name=name, passed=outcome.passed,
+            severity=dg.AssetCheckSeverity.WARN if outcome.severity == "WARN" else dg.AssetCheckSeverity.ERROR,
+            description=outcome.summary(),
+            metadata={
+                "expectations": dg.MetadataValue.md(_expectations_md(outcome)),
+                "failed_expectations": dg.MetadataValue.json([e.expectation for e in outcome.failed_expectations]),
+                "offending_rows": dg.MetadataValue.md(_examples_md(outcome.examples)),
+                "offending_row_count": sum(e.unexpected_count or 0 for e in outcome.failed_expectations),
+                "to_fix": outcome.fix if not outcome.passed else "",
+                "gx_validation_result": dg.MetadataValue.path(str(gx_path)),
+            })
+
+
+def build_quality_checks(spec: PipelineSpec) -> list[dg.AssetChecksDefinition]:
+    """Blocking checks on cleaned_dataset and splits: an ERROR failure stops training in the same run."""
+
+    def suite_checks(asset: str, names: tuple[str, ...], validate: QualityFn) -> dg.AssetChecksDefinition:
+        key = dg.AssetKey([spec.name, asset])
+
+        @dg.multi_asset_check(
+            name=f"{asset}_quality",
+            specs=[dg.AssetCheckSpec(name, asset=key, blocking=True, description=DESCRIPTIONS[name])
+                   for name in names],
+            ins={"value": dg.AssetIn(key)},
+            compute_kind="great_expectations",
+        )
+        def quality(context: dg.AssetCheckExecutionContext, storage: StorageResource,
+                    value: pd.DataFrame) -> Iterator[dg.AssetCheckResult]:
+            report = validate(value, spec)
+            gx_path = storage.asset_folder(spec.name) / f"{asset}.gx_validation.json"
+            _write_gx_result(gx_path, report)
+            for outcome in report.checks:
+                log = context.log.info if outcome.passed else context.log.error
+                log(outcome.summary())
+            yield from _results(report, names, key, gx_path)
+
+        return quality
+
+    return [suite_checks("cleaned_dataset", CLEANED_CHECKS, validate_cleaned_dataset),
+            suite_checks("splits", SPLITS_CHECKS, validate_splits)]

@@ -1,0 +1,357 @@
+"""Data-quality gates: Great Expectations 1.x suites built from the spec, run on an asset's actual value.
+
+Each named check (a true statement such as `splits_do_not_overlap`) is a group of expectations in one suite.
+Per-row expectations point at offending rows through a `row_id` column, which maps back to the source file
+and row. Table-level facts (class counts, split shares) are validated as small derived tables, so every
+threshold and observed value shows up in the GX result.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from pipelines.core.spec import PipelineSpec
+
+MAX_EXAMPLES = 20
+ERROR, WARN = "ERROR", "WARN"
+_EXAMPLE_COLUMNS = ("text", "label", "split", "source_file", "source_row")
+
+
+@dataclass(frozen=True)
+class ExpectationOutcome:
+    """One expectation of a check: what was expected, what was observed, which rows broke it."""
+
+    expectation: str
+    kwargs: dict[str, Any]
+    success: bool
+    observed: Any
+    unexpected_count: int | None
+    severity: str
+    examples: tuple[dict[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class CheckOutcome:
+    """The result of one named check: passed, or failed with a severity and what to fix."""
+
+    name: str
+    description: str
+    passed: bool
+    severity: str  # ERROR blocks downstream assets; WARN does not
+    fix: str
+    expectations: tuple[ExpectationOutcome, ...]
+
+    @property
+    def failed_expectations(self) -> list[ExpectationOutcome]:
+        return [e for e in self.expectations if not e.success]
+
+    @property
+    def examples(self) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = []
+        for outcome in self.failed_expectations:
+            rows.extend(outcome.examples)
+        return rows[:MAX_EXAMPLES]
+
+    def summary(self) -> str:
+        if self.passed:
+            return f"{self.name}: passed ({len(self.expectations)} expectations)"
+        parts = [f"{e.expectation}({_kwargs_text(e.kwargs)}) observed {_observed_text(e)}"
+                 for e in self.failed_expectations]
+        return f"{self.name} failed: " + "; ".join(parts) + f". To fix: {self.fix}"
+
+
+@dataclass(frozen=True)
+class QualityReport:
+    """Every check on one asset value, and the full GX validation result."""
+
+    asset: str
+    checks: tuple[CheckOutcome, ...]
+    gx_result: dict[str, Any] = field(repr=False)
+
+    def check(self, name: str) -> CheckOutcome:
+        return next(c for c in self.checks if c.name == name)
+
+
+def _kwargs_text(kwargs: dict[str, Any]) -> str:
+    shown = {k: v for k, v in kwargs.items() if k not in ("batch_id",)}
+    text = ", ".join(f"{k}={v!r}" for k, v in shown.items())
+    return text if len(text) < 200 else text[:197] + "..."
+
+
+def _observed_text(outcome: ExpectationOutcome) -> str:
+    if outcome.unexpected_count is not None:
+        return f"{outcome.unexpected_count} unexpected row(s)"
+    return repr(outcome.observed)
+
+
+# --------------------------------------------------------------------------------------- GX plumbing
+@dataclass
+class _Planned:
+    check: str
+    expectation: Any
+    table: str
+    severity: str = ERROR
+
+
+@dataclass
+class _CheckDef:
+    name: str
+    description: str
+    fix: str
+    planned: list[_Planned] = field(default_factory=list)
+
+
+def _quiet_gx() -> None:
+    # GX prints a progress bar per validation and chatty INFO logs; the checks report results themselves.
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+    for name in ("great_expectations", "great_expectations.core", "great_expectations.data_context"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _run_suite(tables: dict[str, pd.DataFrame], planned: list[_Planned], asset: str) -> dict[str, list[dict[str, Any]]]:
+    """Validate each derived table, one suite per check; returns GX result dicts per suite.
+
+    One suite per check because GX merges identical expectations within a suite, and two checks may
+    share one (e.g. a class-count minimum) while each needs its own result.
+    """
+    _quiet_gx()
+    import great_expectations as gx
+
+    results: dict[str, list[dict[str, Any]]] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        context = gx.get_context(mode="ephemeral")
+        source = context.data_sources.add_pandas(f"{asset}_source")
+        batches = {}
+        for table_name in tables:
+            batches[table_name] = source.add_dataframe_asset(table_name).add_batch_definition_whole_dataframe(
+                f"{table_name}_whole")
+        groups = dict.fromkeys((p.check, p.table) for p in planned)
+        for check, table_name in groups:
+            frame = tables[table_name]
+            suite = context.suites.add(gx.ExpectationSuite(name=f"{asset}.{check}.{table_name}"))
+            for plan in planned:
+                if (plan.check, plan.table) == (check, table_name):
+                    suite.add_expectation(plan.expectation)
+            validation = context.validation_definitions.add(
+                gx.ValidationDefinition(name=f"{asset}.{check}.{table_name}", data=batches[table_name], suite=suite))
+            index = ["row_id"] if "row_id" in frame.columns else [frame.columns[0]]
+            result = validation.run(batch_parameters={"dataframe": frame}, result_format={
+                "result_format": "COMPLETE", "unexpected_index_column_names": index,
+                "partial_unexpected_count": MAX_EXAMPLES, "return_unexpected_index_query": False})
+            results[f"{check}.{table_name}"] = result.to_json_dict()["results"]
+    return results
+
+
+def _examples(result: dict[str, Any], frame: pd.DataFrame) -> tuple[dict[str, Any], ...]:
+    index_list = (result.get("result") or {}).get("unexpected_index_list") or []
+    rows: list[dict[str, Any]] = []
+    for item in index_list[:MAX_EXAMPLES]:
+        if "row_id" in item and "row_id" in frame.columns:
+            row = frame.loc[frame["row_id"] == item["row_id"]].iloc[0]
+            rows.append({c: _plain(row[c]) for c in _EXAMPLE_COLUMNS if c in frame.columns})
+        else:
+            rows.append({k: _plain(v) for k, v in item.items()})
+    return tuple(rows)
+
+
+def _plain(value: Any) -> Any:
+    if value is None:
+        return None
+    try:
+        if pd.isna(value):
+            return None
+    except (TypeError, ValueError):
+        pass
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, str) and len(value) > 200:
+        return value[:200] + f"... ({len(value)} characters)"
+    return value
+
+
+def _evaluate(asset: str, checks: list[_CheckDef], tables: dict[str, pd.DataFrame]) -> QualityReport:
+    planned = [p for c in checks for p in c.planned]
+    for number, plan in enumerate(planned):
+        # GX does not return results in the order expectations were added: tag each one to find it again.
+        plan.expectation.meta = {**(plan.expectation.meta or {}), "tuneline_id": number, "check": plan.check,
+                                 "severity": plan.severity}
+    raw = _run_suite(tables, planned, asset)
+    by_id = {r["expectation_config"]["meta"]["tuneline_id"]: r for results in raw.values() for r in results}
+    by_expectation = {id(plan): by_id[number] for number, plan in enumerate(planned)}
+    outcomes: list[CheckOutcome] = []
+    for check in checks:
+        expectation_outcomes = []
+        for plan in check.planned:
+            result = by_expectation[id(plan)]
+            info = result.get("result") or {}
+            exception = (result.get("exception_info") or {})
+            observed = info.get("observed_value")
+            if exception.get("raised_exception"):
+                observed = f"error: {exception.get('exception_message')}"
+            config = result["expectation_config"]
+            expectation_outcomes.append(ExpectationOutcome(
+                expectation=config["type"],
+                kwargs={k: v for k, v in config["kwargs"].items() if k != "batch_id"},
+                success=bool(result["success"]),
+                observed=observed,
+                unexpected_count=info.get("unexpected_count"),
+                severity=plan.severity,
+                examples=_examples(result, tables[plan.table]),
+            ))
+        failed = [e for e in expectation_outcomes if not e.success]
+        severity = ERROR if any(e.severity == ERROR for e in failed) or not failed else WARN
+        outcomes.append(CheckOutcome(check.name, check.description, not failed, severity, check.fix,
+                                     tuple(expectation_outcomes)))
+    return QualityReport(asset, tuple(outcomes), {"asset": asset, "results": raw})
+
+
+def _with_row_id(frame: pd.DataFrame) -> pd.DataFrame:
+    out = frame.reset_index(drop=True).copy()
+    out.insert(0, "row_id", range(len(out)))
+    return out
+
+
+# ----------------------------------------------------------------------------- cleaned_dataset suite
+CLEANED_CHECKS = ("cleaned_dataset_has_required_columns", "texts_are_present", "labels_are_known",
+                  "text_lengths_within_bounds", "texts_are_unique", "row_count_within_bounds", "classes_are_balanced")
+SPLITS_CHECKS = ("splits_do_not_overlap", "split_proportions_match_spec", "every_class_in_train_and_test",
+                 "validation_and_test_are_not_empty")
+
+
+def validate_cleaned_dataset(frame: pd.DataFrame, spec: PipelineSpec) -> QualityReport:
+    """Run the cleaned_dataset checks of `spec` on the asset's value."""
+    import great_expectations.expectations as gxe
+
+    q = spec.quality
+    rows = _with_row_id(frame)
+    present = set(rows.columns)
+    label_counts = rows["label"].value_counts() if "label" in present else pd.Series(dtype=int)
+    classes = pd.DataFrame({"label": label_counts.index.astype(str), "rows": label_counts.to_numpy()})
+    tables = {"rows": rows, "classes": classes}
+    largest = int(label_counts.max()) if len(label_counts) else 0
+
+    def check(name: str, description: str, fix: str, *planned: tuple[Any, str, str]) -> _CheckDef:
+        c = _CheckDef(name, description, fix)
+        c.planned = [_Planned(name, e, table, severity) for e, table, severity in planned]
+        return c
+
+    checks = [check(
+        "cleaned_dataset_has_required_columns", "The text and label columns exist and hold strings.",
+        "make task.text_column and task.label_column name text columns of the source",
+        *[(gxe.ExpectColumnToExist(column=c), "rows", ERROR) for c in ("text", "label")],
+        # pandas 3 stores text as its `str` dtype; GX's type-list expectation does not recognise it, this one does.
+        *[(gxe.ExpectColumnValuesToBeOfType(column=c, type_="str"), "rows", ERROR)
+          for c in ("text", "label") if c in present])]
+    if {"text", "label"} <= present:
+        checks.append(check(
+            "texts_are_present", "No text or label is null or blank.",
+            "remove or fill the rows with an empty text or label",
+            (gxe.ExpectColumnValuesToNotBeNull(column="text"), "rows", ERROR),
+            (gxe.ExpectColumnValuesToNotBeNull(column="label"), "rows", ERROR),
+            (gxe.ExpectColumnValuesToNotMatchRegex(column="text", regex=r"^\s*$"), "rows", ERROR)))
+        if spec.task.labels is not None:
+            checks.append(check(
+                "labels_are_known", f"Every label is one of task.labels {list(spec.task.labels)}.",
+                "correct the misspelt labels in the source, or add the label to task.labels",
+                (gxe.ExpectColumnValuesToBeInSet(column="label", value_set=list(spec.task.labels)), "rows", ERROR)))
+        else:
+            checks.append(check(
+                "labels_are_known", f"Every label occurs at least quality.min_rows_per_class "
+                                    f"({q.min_rows_per_class}) times.",
+                "correct the labels that occur only a few times (often typos), declare task.labels, or lower "
+                "quality.min_rows_per_class",
+                (gxe.ExpectColumnValuesToBeBetween(column="rows", min_value=q.min_rows_per_class), "classes", ERROR)))
+        checks.append(check(
+            "text_lengths_within_bounds",
+            f"Every text has between {q.min_text_chars} and {q.max_text_chars} characters.",
+            "shorten or drop over-long texts (cleaning.max_chars), or widen quality.min/max_text_chars",
+            (gxe.ExpectColumnValueLengthsToBeBetween(column="text", min_value=q.min_text_chars,
+                                                     max_value=q.max_text_chars), "rows", ERROR)))
+        unique_within = ["norm_text", "source_split"] if "source_split" in present else ["norm_text"]
+        checks.append(check(
+            "texts_are_unique", "No normalised text occurs twice" + (" within a split." if len(unique_within) > 1 else "."),
+            "enable cleaning.drop_duplicates, or remove the duplicated rows from the source",
+            (gxe.ExpectCompoundColumnsToBeUnique(column_list=unique_within) if len(unique_within) > 1
+             else gxe.ExpectColumnValuesToBeUnique(column="norm_text"), "rows", ERROR)))
+        checks.append(check(
+            "row_count_within_bounds", f"The clean dataset has between {q.min_rows} and {q.max_rows} rows.",
+            "provide more labelled rows (or fewer are being dropped by cleaning: see the asset's metadata), "
+            "or change quality.min_rows / quality.max_rows",
+            (gxe.ExpectTableRowCountToBeBetween(min_value=q.min_rows, max_value=q.max_rows), "rows", ERROR)))
+        warn_at = largest / q.max_imbalance_ratio if largest else 0
+        error_at = largest / (q.max_imbalance_ratio * q.imbalance_error_factor) if largest else 0
+        checks.append(check(
+            "classes_are_balanced",
+            f"No class is more than quality.max_imbalance_ratio ({q.max_imbalance_ratio:g}) times smaller than "
+            f"the largest (warning), or {q.max_imbalance_ratio * q.imbalance_error_factor:g} times (error).",
+            "collect more rows of the small classes, merge them, or raise quality.max_imbalance_ratio",
+            (gxe.ExpectColumnValuesToBeBetween(column="rows", min_value=error_at), "classes", ERROR),
+            (gxe.ExpectColumnValuesToBeBetween(column="rows", min_value=warn_at), "classes", WARN),
+            (gxe.ExpectColumnUniqueValueCountToBeBetween(column="label", min_value=2), "classes", ERROR)))
+    return _evaluate("cleaned_dataset", checks, tables)
+
+
+# -------------------------------------------------------------------------------------- splits suite
+def validate_splits(frame: pd.DataFrame, spec: PipelineSpec) -> QualityReport:
+    """Run the splits checks of `spec` on the asset's value."""
+    import great_expectations.expectations as gxe
+
+    q = spec.quality
+    rows = _with_row_id(frame)
+    rows["splits_with_this_text"] = rows.groupby("norm_text")["split"].transform("nunique")
+    counts = rows["split"].value_counts()
+    total = max(len(rows), 1)
+    own_splits = "split_origin" in rows.columns and (rows["split_origin"] == "source").any()
+    shares = pd.DataFrame([{"split": s, "rows": int(counts.get(s, 0)), "share": counts.get(s, 0) / total,
+                            "expected": getattr(spec.splits, s),
+                            "deviation": abs(counts.get(s, 0) / total - getattr(spec.splits, s))}
+                           for s in ("train", "validation", "test")])
+    per_class = pd.crosstab(rows["label"], rows["split"]).reindex(columns=["train", "validation", "test"],
+                                                                 fill_value=0)
+    classes = pd.DataFrame({"label": per_class.index.astype(str), "train": per_class["train"].to_numpy(),
+                            "test": per_class["test"].to_numpy()})
+    tables = {"rows": rows, "shares": shares, "classes": classes}
+
+    def check(name: str, description: str, fix: str, *planned: tuple[Any, str, str]) -> _CheckDef:
+        c = _CheckDef(name, description, fix)
+        c.planned = [_Planned(name, e, table, severity) for e, table, severity in planned]
+        return c
+
+    checks = [check(
+        "splits_do_not_overlap", "No normalised text is in more than one split (no leakage).",
+        "remove the shared rows from one of the source's split files (or let tuneline split the data)",
+        (gxe.ExpectColumnValuesToBeBetween(column="splits_with_this_text", max_value=1), "rows", ERROR))]
+    if own_splits:
+        proportions = check(
+            "split_proportions_match_spec", "The source brings its own splits; their proportions are kept.",
+            "nothing to fix", (gxe.ExpectColumnValuesToBeBetween(column="rows", min_value=0), "shares", ERROR))
+    else:
+        proportions = check(
+            "split_proportions_match_spec",
+            f"Each split's share is within quality.split_tolerance ({q.split_tolerance:g}) of the spec.",
+            "with very few rows hash splits are uneven: add data, or raise quality.split_tolerance",
+            (gxe.ExpectColumnValuesToBeBetween(column="deviation", max_value=q.split_tolerance), "shares", ERROR))
+    checks.append(proportions)
+    checks.append(check(
+        "every_class_in_train_and_test", "Every class has at least one row in train and one in test.",
+        "add rows of the missing classes (at least 3 per class), or drop the class from the data",
+        (gxe.ExpectColumnValuesToBeBetween(column="train", min_value=1), "classes", ERROR),
+        (gxe.ExpectColumnValuesToBeBetween(column="test", min_value=1), "classes", ERROR)))
+    needed = [s for s in ("validation", "test") if getattr(spec.splits, s) > 0]
+    checks.append(check(
+        "validation_and_test_are_not_empty", f"The {' and '.join(needed)} split(s) have rows.",
+        "add data: the dataset is too small to hold out rows for validation and test",
+        (gxe.ExpectColumnValuesToBeBetween(column="rows", min_value=1, row_condition=f"split in {needed!r}",
+                                           condition_parser="pandas"), "shares", ERROR)))
+    return _evaluate("splits", checks, tables)
+
+
+QualityFn = Callable[[pd.DataFrame, PipelineSpec], QualityReport]

@@ -1,0 +1,106 @@
+"""Quality suites on small frames: what each check expects, observes and reports."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from pipelines.core.cleaning import dedup_key
+from pipelines.core.quality import CLEANED_CHECKS, SPLITS_CHECKS, validate_cleaned_dataset, validate_splits
+from pipelines.core.spec import PipelineSpec, parse_spec
+
+BASE = """\
+source: {kind: local, path: x.csv}
+base_model: {model: {source: hub, name: m}}
+quality: {min_rows: 4, min_rows_per_class: 2, max_imbalance_ratio: 3, imbalance_error_factor: 2}
+"""
+
+
+def spec(extra: str = "") -> PipelineSpec:
+    return parse_spec(BASE + extra, name="q", origin="q.yaml")
+
+
+def clean_frame(pairs: list[tuple[str, str]]) -> pd.DataFrame:
+    return pd.DataFrame({"text": [t for t, _ in pairs], "label": [lab for _, lab in pairs],
+                         "norm_text": [dedup_key(t) for t, _ in pairs], "source_file": "f.csv",
+                         "source_row": range(2, len(pairs) + 2)}).astype({"text": str, "label": str})
+
+
+GOOD = [(f"question {i}", "AB"[i % 2]) for i in range(10)]
+
+
+def test_good_frame_passes_every_check() -> None:
+    report = validate_cleaned_dataset(clean_frame(GOOD), spec())
+    assert [c.name for c in report.checks] == list(CLEANED_CHECKS)
+    assert all(c.passed for c in report.checks), [c.summary() for c in report.checks if not c.passed]
+
+
+def test_rare_label_without_declared_labels_is_flagged_with_threshold_and_count() -> None:
+    report = validate_cleaned_dataset(clean_frame(GOOD + [("question x", "TYPO")]), spec())
+    check = report.check("labels_are_known")
+    assert not check.passed and check.severity == "ERROR"
+    [outcome] = check.failed_expectations
+    assert outcome.expectation == "expect_column_values_to_be_between"
+    assert outcome.kwargs["min_value"] == 2 and outcome.unexpected_count == 1
+    assert check.examples == [{"label": "TYPO", "rows": 1}]
+
+
+def test_declared_labels_name_the_row_of_the_typo() -> None:
+    report = validate_cleaned_dataset(clean_frame(GOOD[:5] + [("question x", "A0")] + GOOD[5:]),
+                                      spec("task: {labels: [A, B]}\n"))
+    check = report.check("labels_are_known")
+    assert check.examples == [{"text": "question x", "label": "A0", "source_file": "f.csv", "source_row": 7}]
+    assert "To fix: correct the misspelt labels" in check.summary()
+
+
+@pytest.mark.parametrize(("counts", "passed", "severity"), [
+    ({"A": 6, "B": 3}, True, "ERROR"),             # ratio 2: within max_imbalance_ratio 3
+    ({"A": 8, "B": 2}, False, "WARN"),             # ratio 4: over 3, under 3 x 2
+    ({"A": 12, "B": 1, "C": 12}, False, "ERROR"),  # ratio 12: over 6
+])
+def test_imbalance_is_a_warning_when_slightly_over_and_an_error_when_far_over(
+        counts: dict[str, int], passed: bool, severity: str) -> None:
+    pairs = [(f"q {label} {i}", label) for label, n in counts.items() for i in range(n)]
+    check = validate_cleaned_dataset(clean_frame(pairs), spec()).check("classes_are_balanced")
+    assert (check.passed, check.severity) == (passed, severity)
+
+
+def test_over_long_text_and_duplicates_are_named() -> None:
+    frame = clean_frame(GOOD + [("x" * 3000, "A")])
+    frame.loc[3, "norm_text"] = frame.loc[2, "norm_text"]
+    report = validate_cleaned_dataset(frame, spec())
+    assert report.check("text_lengths_within_bounds").examples[0]["text"].endswith("(3000 characters)")
+    assert report.check("texts_are_unique").failed_expectations[0].unexpected_count == 2
+
+
+def splits_frame(assign: list[str], origin: str = "hash") -> pd.DataFrame:
+    frame = clean_frame([(f"question {i}", "AB"[i % 2]) for i in range(len(assign))])
+    frame["split"], frame["split_origin"] = assign, origin
+    return frame
+
+
+def test_split_checks_pass_on_fractions_like_the_spec() -> None:
+    assign = ["train"] * 16 + ["validation", "validation", "test", "test"]
+    report = validate_splits(splits_frame(assign), spec())
+    assert [c.name for c in report.checks] == list(SPLITS_CHECKS)
+    assert all(c.passed for c in report.checks), [c.summary() for c in report.checks if not c.passed]
+
+
+def test_split_proportions_off_spec_report_observed_shares() -> None:
+    assign = ["train"] * 10 + ["validation"] * 5 + ["test"] * 5
+    check = validate_splits(splits_frame(assign), spec()).check("split_proportions_match_spec")
+    assert not check.passed
+    assert {row["split"] for row in check.examples} == {"train", "validation", "test"}
+
+
+def test_source_splits_keep_their_proportions() -> None:
+    assign = ["train"] * 10 + ["validation"] * 5 + ["test"] * 5
+    check = validate_splits(splits_frame(assign, origin="source"), spec()).check("split_proportions_match_spec")
+    assert check.passed
+
+
+def test_empty_test_split_and_missing_class_fail() -> None:
+    assign = ["train"] * 18 + ["validation", "validation"]
+    report = validate_splits(splits_frame(assign), spec())
+    assert not report.check("validation_and_test_are_not_empty").passed
+    assert not report.check("every_class_in_train_and_test").passed
