@@ -177,6 +177,12 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _signature(kind: str, kwargs: dict[str, Any]) -> str:
+    import json
+
+    return kind + json.dumps({k: v for k, v in kwargs.items() if k != "batch_id"}, sort_keys=True, default=str)
+
+
 def _evaluate(asset: str, checks: list[_CheckDef], tables: dict[str, pd.DataFrame]) -> QualityReport:
     planned = [p for c in checks for p in c.planned]
     for number, plan in enumerate(planned):
@@ -185,7 +191,14 @@ def _evaluate(asset: str, checks: list[_CheckDef], tables: dict[str, pd.DataFram
                                  "severity": plan.severity}
     raw = _run_suite(tables, planned, asset)
     by_id = {r["expectation_config"]["meta"]["tuneline_id"]: r for results in raw.values() for r in results}
-    by_expectation = {id(plan): by_id[number] for number, plan in enumerate(planned)}
+    # GX keeps one of two identical expectations in a suite (e.g. warning and error thresholds that coincide
+    # on an empty table); the same configuration has the same result, so the twin's result stands for it.
+    by_config = {_signature(r["expectation_config"]["type"], r["expectation_config"]["kwargs"]): r
+                 for results in raw.values() for r in results}
+    by_expectation = {}
+    for number, plan in enumerate(planned):
+        config = plan.expectation.configuration
+        by_expectation[id(plan)] = by_id.get(number) or by_config[_signature(config.type, config.kwargs)]
     outcomes: list[CheckOutcome] = []
     for check in checks:
         expectation_outcomes = []
