@@ -40,7 +40,8 @@ def _cell(value: Any) -> str:
 def _expectations_md(outcome: CheckOutcome) -> str:
     lines = ["| expectation | threshold / arguments | observed | passed | severity |", "|---|---|---|---|---|"]
     for e in outcome.expectations:
-        observed = f"{e.unexpected_count} unexpected rows" if e.unexpected_count is not None else e.observed
+        observed = (f"{e.unexpected_count} unexpected rows" if e.unexpected_count is not None
+                    else "—" if e.observed is None else e.observed)
         lines.append(f"| {e.expectation} | {_cell(e.kwargs)} | {_cell(observed)} | {'yes' if e.success else 'NO'} "
                      f"| {e.severity} |")
     return "\n".join(lines)

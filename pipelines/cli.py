@@ -70,8 +70,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     instance = dg.DagsterInstance.get()
     # With --json, stdout carries the JSON object alone; progress goes to stderr.
     with redirect_stdout(sys.stderr) if args.json else nullcontext():
-        result = job.execute_in_process(instance=instance, raise_on_error=False)
+        # INFO keeps the progress lines and check results and drops Dagster's per-event DEBUG lines.
+        result = job.execute_in_process(instance=instance, raise_on_error=False,
+                                        run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}})
     if not result.success:
+        for evaluation in result.get_asset_check_evaluations():
+            if not evaluation.passed:
+                print(f"error: check {evaluation.asset_key.to_user_string()}:{evaluation.check_name} failed "
+                      f"({evaluation.severity.value}): {evaluation.description}", file=sys.stderr)
         for event in result.all_events:
             if event.event_type_value == "STEP_FAILURE":
                 error = event.event_specific_data.error  # type: ignore[union-attr]

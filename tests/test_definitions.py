@@ -29,6 +29,26 @@ def test_default_definitions_list_the_trec_pipeline() -> None:
     assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED
 
 
+CHECKS = {
+    "cleaned_dataset": ["cleaned_dataset_has_required_columns", "texts_are_present", "labels_are_known",
+                        "text_lengths_within_bounds", "texts_are_unique", "row_count_within_bounds",
+                        "classes_are_balanced"],
+    "splits": ["splits_do_not_overlap", "split_proportions_match_spec", "every_class_in_train_and_test",
+               "validation_and_test_are_not_empty"],
+}
+
+
+def test_quality_checks_are_blocking_and_part_of_the_job() -> None:
+    graph = defs.resolve_asset_graph()
+    expected = {f"trec_questions/{asset}:{name}" for asset, names in CHECKS.items() for name in names}
+    assert {k.to_user_string() for k in graph.asset_check_keys} == expected
+    for key in graph.asset_check_keys:
+        spec = graph.get_check_spec(key)
+        assert spec.blocking and spec.description, key
+    job = defs.resolve_job_def("trec_questions_job")
+    assert {k.to_user_string() for k in job.asset_layer.asset_graph.asset_check_keys} == expected
+
+
 def test_asset_graph_edges_and_group() -> None:
     graph = defs.resolve_asset_graph()
 

@@ -1,0 +1,132 @@
+"""The Dagster UI of a real `dagster dev`: check results on the asset page, read through its GraphQL API."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import PROJECT_ROOT, tiny_spec
+
+BAD = PROJECT_ROOT / "tests" / "fixtures" / "bad_inputs"
+# dagster dev started from a script inherits SIGINT=ignored; reset both signals before exec so that
+# SIGTERM stops it and its children.
+LAUNCHER = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+            "signal.signal(signal.SIGTERM, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])")
+
+CHECKS_QUERY = """
+query Checks($path: [String!]!) {
+  assetNodes(assetKeys: [{path: $path}]) {
+    assetChecksOrError {
+      ... on AssetChecks { checks { name blocking
+        executionForLatestMaterialization { runId status evaluation { severity success description
+          metadataEntries { label ... on MarkdownMetadataEntry { mdStr } } } } } }
+    }
+  }
+}"""
+MATERIALIZATIONS_QUERY = """
+query Materializations($path: [String!]!) {
+  assetOrError(assetKey: {path: $path}) { ... on Asset { assetMaterializations(limit: 5) { runId } } }
+}"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def graphql(port: int, query: str, variables: dict[str, Any]) -> dict[str, Any]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/graphql",
+                                     data=json.dumps({"query": query, "variables": variables}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        body = json.load(response)
+    assert "errors" not in body, body
+    return body["data"]
+
+
+@pytest.fixture
+def blocked_run(tmp_path: Path, tiny_model_dir: Path, write_spec: Callable[..., Path]) -> dict[str, Path]:
+    """A DAGSTER_HOME holding one run of the 'gate' pipeline on a label typo, and a workspace that shows it."""
+    spec = tiny_spec(BAD / "label_typo.csv", tiny_model_dir)
+    spec["task"] = {"text_column": "text", "label_column": "label", "labels": ["DESC", "HUM", "LOC", "NUM"]}
+    specs = write_spec("gate", spec)
+    home, data = tmp_path / "home", tmp_path / "data"
+    env = {**os.environ, "DAGSTER_HOME": str(home)}
+    run = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", "--pipeline", "gate", "--specs-dir",
+                          str(specs), "--data-dir", str(data)], cwd=PROJECT_ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert ("error: check gate/cleaned_dataset:labels_are_known failed (ERROR): labels_are_known failed: "
+            "expect_column_values_to_be_in_set(") in run.stderr
+    module = tmp_path / "ui_definitions.py"
+    module.write_text("from pathlib import Path\n"
+                      "from pipelines.definitions import build_definitions\n"
+                      f"defs = build_definitions(specs_dir=Path({str(specs)!r}), data_dir=Path({str(data)!r}))\n")
+    workspace = tmp_path / "workspace.yaml"
+    workspace.write_text(f"load_from:\n  - python_file:\n      relative_path: {module}\n"
+                         f"      working_directory: {PROJECT_ROOT}\n      location_name: ui_test\n")
+    return {"home": home, "workspace": workspace}
+
+
+@pytest.fixture
+def dagster_dev(blocked_run: dict[str, Path], tmp_path: Path) -> Iterator[int]:
+    port = free_port()
+    dagster = Path(sys.executable).with_name("dagster")
+    log = (tmp_path / "dagster_dev.log").open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-c", LAUNCHER, str(dagster), "dev", "-w", str(blocked_run["workspace"]),
+         "-h", "127.0.0.1", "-p", str(port)],
+        cwd=PROJECT_ROOT, env={**os.environ, "DAGSTER_HOME": str(blocked_run["home"])},
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=2):
+                    break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError("dagster dev did not start:\n" + (tmp_path / "dagster_dev.log").read_text())
+                time.sleep(1)
+        yield port
+    finally:
+        # Stop exactly the processes this test started: its own process group.
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+        log.close()
+
+
+def test_ui_shows_failed_blocking_check_and_no_checkpoint(dagster_dev: int) -> None:
+    port = dagster_dev
+    data = graphql(port, CHECKS_QUERY, {"path": ["gate", "cleaned_dataset"]})
+    checks = {c["name"]: c for c in data["assetNodes"][0]["assetChecksOrError"]["checks"]}
+    assert len(checks) == 7 and all(c["blocking"] for c in checks.values())
+    typo = checks["labels_are_known"]["executionForLatestMaterialization"]
+    assert typo["status"] == "FAILED"
+    assert typo["evaluation"]["severity"] == "ERROR" and typo["evaluation"]["success"] is False
+    assert typo["evaluation"]["description"].startswith("labels_are_known failed: expect_column_values_to_be_in_set(")
+    entries = {e["label"]: e for e in typo["evaluation"]["metadataEntries"]}
+    assert "| Where is the town of Halden ? | L0C |" in entries["offending_rows"]["mdStr"]
+    passed = checks["texts_are_unique"]["executionForLatestMaterialization"]
+    assert passed["status"] == "SUCCEEDED" and passed["runId"] == typo["runId"]
+
+    materialized = graphql(port, MATERIALIZATIONS_QUERY, {"path": ["gate", "cleaned_dataset"]})
+    assert [m["runId"] for m in materialized["assetOrError"]["assetMaterializations"]] == [typo["runId"]]
+    checkpoint = graphql(port, MATERIALIZATIONS_QUERY, {"path": ["gate", "finetuned_checkpoint"]})
+    assert checkpoint["assetOrError"] == {} or checkpoint["assetOrError"]["assetMaterializations"] == []
