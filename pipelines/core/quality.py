@@ -109,7 +109,8 @@ class _CheckDef:
 
 
 def _quiet_gx() -> None:
-    # GX prints a progress bar per validation and chatty INFO logs; the checks report results themselves.
+    # GX logs chatty INFO lines and, with analytics on, tries to reach its usage-statistics service; the
+    # checks report their results themselves and tuneline runs offline. (Set before GX is first imported.)
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
     for name in ("great_expectations", "great_expectations.core", "great_expectations.data_context"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -127,7 +128,10 @@ def _run_suite(tables: dict[str, pd.DataFrame], planned: list[_Planned], asset: 
     results: dict[str, list[dict[str, Any]]] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        from great_expectations.data_context.types.base import ProgressBarsConfig
+
         context = gx.get_context(mode="ephemeral")
+        context.variables.progress_bars = ProgressBarsConfig(globally=False)  # one bar per suite is noise
         source = context.data_sources.add_pandas(f"{asset}_source")
         batches = {}
         for table_name in tables:
@@ -226,6 +230,13 @@ def _evaluate(asset: str, checks: list[_CheckDef], tables: dict[str, pd.DataFram
     return QualityReport(asset, tuple(outcomes), {"asset": asset, "results": raw})
 
 
+def _check_def(name: str, description: str, fix: str, *planned: tuple[Any, str, str]) -> _CheckDef:
+    """A named check made of (expectation, derived table, severity) triples."""
+    c = _CheckDef(name, description, fix)
+    c.planned = [_Planned(name, e, table, severity) for e, table, severity in planned]
+    return c
+
+
 def _with_row_id(frame: pd.DataFrame) -> pd.DataFrame:
     out = frame.reset_index(drop=True).copy()
     out.insert(0, "row_id", range(len(out)))
@@ -251,12 +262,7 @@ def validate_cleaned_dataset(frame: pd.DataFrame, spec: PipelineSpec) -> Quality
     tables = {"rows": rows, "classes": classes}
     largest = int(label_counts.max()) if len(label_counts) else 0
 
-    def check(name: str, description: str, fix: str, *planned: tuple[Any, str, str]) -> _CheckDef:
-        c = _CheckDef(name, description, fix)
-        c.planned = [_Planned(name, e, table, severity) for e, table, severity in planned]
-        return c
-
-    checks = [check(
+    checks = [_check_def(
         "cleaned_dataset_has_required_columns", "The text and label columns exist and hold strings.",
         "make task.text_column and task.label_column name text columns of the source",
         *[(gxe.ExpectColumnToExist(column=c), "rows", ERROR) for c in ("text", "label")],
@@ -264,44 +270,44 @@ def validate_cleaned_dataset(frame: pd.DataFrame, spec: PipelineSpec) -> Quality
         *[(gxe.ExpectColumnValuesToBeOfType(column=c, type_="str"), "rows", ERROR)
           for c in ("text", "label") if c in present])]
     if {"text", "label"} <= present:
-        checks.append(check(
+        checks.append(_check_def(
             "texts_are_present", "No text or label is null or blank.",
             "remove or fill the rows with an empty text or label",
             (gxe.ExpectColumnValuesToNotBeNull(column="text"), "rows", ERROR),
             (gxe.ExpectColumnValuesToNotBeNull(column="label"), "rows", ERROR),
             (gxe.ExpectColumnValuesToNotMatchRegex(column="text", regex=r"^\s*$"), "rows", ERROR)))
         if spec.task.labels is not None:
-            checks.append(check(
+            checks.append(_check_def(
                 "labels_are_known", f"Every label is one of task.labels {list(spec.task.labels)}.",
                 "correct the misspelt labels in the source, or add the label to task.labels",
                 (gxe.ExpectColumnValuesToBeInSet(column="label", value_set=list(spec.task.labels)), "rows", ERROR)))
         else:
-            checks.append(check(
+            checks.append(_check_def(
                 "labels_are_known", f"Every label occurs at least quality.min_rows_per_class "
                                     f"({q.min_rows_per_class}) times.",
                 "correct the labels that occur only a few times (often typos), declare task.labels, or lower "
                 "quality.min_rows_per_class",
                 (gxe.ExpectColumnValuesToBeBetween(column="rows", min_value=q.min_rows_per_class), "classes", ERROR)))
-        checks.append(check(
+        checks.append(_check_def(
             "text_lengths_within_bounds",
             f"Every text has between {q.min_text_chars} and {q.max_text_chars} characters.",
             "shorten or drop over-long texts (cleaning.max_chars), or widen quality.min/max_text_chars",
             (gxe.ExpectColumnValueLengthsToBeBetween(column="text", min_value=q.min_text_chars,
                                                      max_value=q.max_text_chars), "rows", ERROR)))
         unique_within = ["norm_text", "source_split"] if "source_split" in present else ["norm_text"]
-        checks.append(check(
+        checks.append(_check_def(
             "texts_are_unique", "No normalised text occurs twice" + (" within a split." if len(unique_within) > 1 else "."),
             "enable cleaning.drop_duplicates, or remove the duplicated rows from the source",
             (gxe.ExpectCompoundColumnsToBeUnique(column_list=unique_within) if len(unique_within) > 1
              else gxe.ExpectColumnValuesToBeUnique(column="norm_text"), "rows", ERROR)))
-        checks.append(check(
+        checks.append(_check_def(
             "row_count_within_bounds", f"The clean dataset has between {q.min_rows} and {q.max_rows} rows.",
             "provide more labelled rows (or fewer are being dropped by cleaning: see the asset's metadata), "
             "or change quality.min_rows / quality.max_rows",
             (gxe.ExpectTableRowCountToBeBetween(min_value=q.min_rows, max_value=q.max_rows), "rows", ERROR)))
         warn_at = largest / q.max_imbalance_ratio if largest else 0
         error_at = largest / (q.max_imbalance_ratio * q.imbalance_error_factor) if largest else 0
-        checks.append(check(
+        checks.append(_check_def(
             "classes_are_balanced",
             f"No class is more than quality.max_imbalance_ratio ({q.max_imbalance_ratio:g}) times smaller than "
             f"the largest (warning), or {q.max_imbalance_ratio * q.imbalance_error_factor:g} times (error).",
@@ -333,33 +339,28 @@ def validate_splits(frame: pd.DataFrame, spec: PipelineSpec) -> QualityReport:
                             "test": per_class["test"].to_numpy()})
     tables = {"rows": rows, "shares": shares, "classes": classes}
 
-    def check(name: str, description: str, fix: str, *planned: tuple[Any, str, str]) -> _CheckDef:
-        c = _CheckDef(name, description, fix)
-        c.planned = [_Planned(name, e, table, severity) for e, table, severity in planned]
-        return c
-
-    checks = [check(
+    checks = [_check_def(
         "splits_do_not_overlap", "No normalised text is in more than one split (no leakage).",
         "remove the shared rows from one of the source's split files (or let tuneline split the data)",
         (gxe.ExpectColumnValuesToBeBetween(column="splits_with_this_text", max_value=1), "rows", ERROR))]
     if own_splits:
-        proportions = check(
+        proportions = _check_def(
             "split_proportions_match_spec", "The source brings its own splits; their proportions are kept.",
             "nothing to fix", (gxe.ExpectColumnValuesToBeBetween(column="rows", min_value=0), "shares", ERROR))
     else:
-        proportions = check(
+        proportions = _check_def(
             "split_proportions_match_spec",
             f"Each split's share is within quality.split_tolerance ({q.split_tolerance:g}) of the spec.",
             "with very few rows hash splits are uneven: add data, or raise quality.split_tolerance",
             (gxe.ExpectColumnValuesToBeBetween(column="deviation", max_value=q.split_tolerance), "shares", ERROR))
     checks.append(proportions)
-    checks.append(check(
+    checks.append(_check_def(
         "every_class_in_train_and_test", "Every class has at least one row in train and one in test.",
         "add rows of the missing classes (at least 3 per class), or drop the class from the data",
         (gxe.ExpectColumnValuesToBeBetween(column="train", min_value=1), "classes", ERROR),
         (gxe.ExpectColumnValuesToBeBetween(column="test", min_value=1), "classes", ERROR)))
     needed = [s for s in ("validation", "test") if getattr(spec.splits, s) > 0]
-    checks.append(check(
+    checks.append(_check_def(
         "validation_and_test_are_not_empty", f"The {' and '.join(needed)} split(s) have rows.",
         "add data: the dataset is too small to hold out rows for validation and test",
         (gxe.ExpectColumnValuesToBeBetween(column="rows", min_value=1, row_condition=f"split in {needed!r}",
