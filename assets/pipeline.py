@@ -144,6 +144,7 @@ def build_pipeline_assets(spec: PipelineSpec, project_root: Path) -> list[dg.Ass
             "base_model": record.base_model.name,
             "base_model_sha256": record.base_model.weights_sha256,
             "spec_hash": record.spec_hash,
+            "data_sha256": record.data_sha256,
             "labels": dg.MetadataValue.json(list(record.labels)),
             "train_rows": record.train_rows,
             "validation_rows": record.validation_rows,

@@ -8,6 +8,7 @@ sees mlflow or Dagster: it reports through a `progress` callable and a small met
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -363,6 +364,7 @@ def train_classifier(splits: pd.DataFrame, base: BaseModelRecord, spec: Pipeline
         sha256=checkpoint_digest(path),
         base_model=base,
         spec_hash=spec.spec_hash,
+        data_sha256=splits_digest(splits),
         labels=labels,
         train_rows=len(train),
         validation_rows=len(validation),
@@ -376,6 +378,16 @@ def train_classifier(splits: pd.DataFrame, base: BaseModelRecord, spec: Pipeline
 
 
 # ---------------------------------------------------------------------------------------- save / load
+def splits_digest(splits: pd.DataFrame) -> str:
+    """Order-independent digest of the (split, text, label) rows: the data a checkpoint was trained on."""
+    rows = sorted(zip(splits["split"].astype(str), splits["text"].astype(str), splits["label"].astype(str),
+                      strict=True))
+    digest = hashlib.sha256()
+    for split, text, label in rows:
+        digest.update(f"{split}\x1f{text}\x1f{label}\n".encode())
+    return digest.hexdigest()
+
+
 def checkpoint_digest(path: Path) -> str:
     """Digest over the checkpoint's weight files (adapter and head)."""
     return combined_digest([(name, sha256_file(path / name)) for name in WEIGHT_FILES])
