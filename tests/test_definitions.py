@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -86,10 +87,11 @@ def test_a_second_spec_file_adds_a_second_group_without_code(tmp_path: Path) -> 
     assert {graph.get(dg.AssetKey(["trec_again", n])).group_name for n in ASSETS} == {"trec_again"}
 
 
-def test_workspace_loads_the_definitions_module() -> None:
+def test_workspace_loads_the_definitions_module(tmp_path: Path) -> None:
     # What `dagster dev -w workspace.yaml` loads: the module named in workspace.yaml, in a fresh interpreter.
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path)}
     out = subprocess.run([sys.executable, "-m", "dagster", "definitions", "validate", "-w", "workspace.yaml"],
-                         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+                         cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Validation successful" in out.stdout + out.stderr
 
