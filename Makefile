@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 
-.PHONY: install demo ui test constraints clean-data
+.PHONY: install demo ui mlflow-ui test constraints clean-data
 
 $(STAMP): pyproject.toml constraints.txt requirements-packaged.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ demo: install
 ui: install
 	$(BIN)/tuneline ui
 
+# The MLflow UI on the embedded store (runs, metrics, artifacts, registered models): http://127.0.0.1:5000
+mlflow-ui: install
+	mkdir -p data/mlflow
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/data/mlflow/mlflow.db --host 127.0.0.1 --port 5000
+
 test: install
 	$(BIN)/python -m pytest
 
@@ -33,4 +38,4 @@ constraints: install
 	  echo "torch==2.13.0"; } > constraints.txt
 
 clean-data:
-	rm -rf data/assets data/checkpoints data/reports
+	rm -rf data/assets data/checkpoints data/reports data/mlflow

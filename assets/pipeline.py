@@ -2,6 +2,8 @@
 # No `from __future__ import annotations` here: Dagster inspects the real annotations of asset functions.
 
 
+import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -10,14 +12,16 @@ import pandas as pd
 
 from pipelines.core.cleaning import DROP_REASONS, clean, select_examples
 from pipelines.core.evaluation import evaluate_checkpoint, report_markdown
+from pipelines.core.lineage import frame_digest, value_digest
 from pipelines.core.records import BaseModelRecord, CheckpointRecord, EvaluationReport
 from pipelines.core.selection import resolve_base_model
 from pipelines.core.sources import read_source
 from pipelines.core.spec import PipelineSpec
 from pipelines.core.splitting import SPLITS, assign_splits
-from pipelines.core.training import train_classifier
+from pipelines.core.training import record_from_folder, train_classifier
 from resources.compute import ComputeResource
 from resources.storage import StorageResource
+from resources.tracking import AssetRun, TrackingResource
 
 ASSET_NAMES = ("raw_data", "cleaned_dataset", "splits", "base_model", "finetuned_checkpoint", "evaluation_report")
 
@@ -33,6 +37,12 @@ def _class_md(counts: dict[str, int]) -> str:
     return _md_table(["class", "rows", "share"], [[k, v, f"{v / total:.1%}"] for k, v in counts.items()])
 
 
+def _tracked(run: AssetRun, data_version: str, metadata: dict[str, Any]) -> dict[str, Any]:
+    """Tag the MLflow run with the data version and point the materialization at the run."""
+    run.set_tags({"dagster.data_version": data_version})
+    return {**metadata, "mlflow_run_id": run.run_id, "mlflow_run": dg.MetadataValue.url(run.url)}
+
+
 def build_pipeline_assets(spec: PipelineSpec, project_root: Path) -> list[dg.AssetsDefinition]:
     """The six assets of `spec`, keyed `<spec name>/<asset>` and grouped under the spec's name."""
     prefix = [spec.name]
@@ -43,9 +53,13 @@ def build_pipeline_assets(spec: PipelineSpec, project_root: Path) -> list[dg.Ass
     common: dict[str, Any] = {"key_prefix": prefix, "group_name": spec.name}
 
     @dg.asset(**common, code_version=spec.section_hash("source"), kinds={"pandas"})
-    def raw_data(context: dg.AssetExecutionContext) -> dg.Output[pd.DataFrame]:
+    def raw_data(context: dg.AssetExecutionContext, tracking: TrackingResource) -> dg.Output[pd.DataFrame]:
         """Rows read from the spec's data source, with the file and row each came from."""
-        frame, record = read_source(spec.source, project_root)
+        with tracking.asset_run(context, spec.name) as run:
+            frame, record = read_source(spec.source, project_root)
+            run.log_dataset(frame, f"{spec.name}/raw_data", record.sha256, "raw", record.location)
+            run.log_metrics({"rows": len(frame)}, 0)
+            run.log_params({"source": record.location, "source_sha256": record.sha256})
         columns = [c for c in frame.columns if c not in ("source_file", "source_row")]
         metadata: dict[str, Any] = {
             "dagster/row_count": len(frame),
@@ -61,13 +75,21 @@ def build_pipeline_assets(spec: PipelineSpec, project_root: Path) -> list[dg.Ass
             metadata["source_splits"] = dg.MetadataValue.json(
                 {k: int(v) for k, v in frame["source_split"].value_counts().items()})
         # The data version is the content digest: re-reading an unchanged source is recognisably the same data.
-        return dg.Output(frame, metadata=metadata, data_version=dg.DataVersion(record.sha256[:32]))
+        version = record.sha256[:32]
+        return dg.Output(frame, metadata=_tracked(run, version, metadata), data_version=dg.DataVersion(version))
 
     @dg.asset(**common, ins={"raw_data": dg.AssetIn(key("raw_data"))},
               code_version=spec.section_hash("task", "cleaning"), kinds={"pandas"})
-    def cleaned_dataset(context: dg.AssetExecutionContext, raw_data: pd.DataFrame) -> dg.Output[pd.DataFrame]:
+    def cleaned_dataset(context: dg.AssetExecutionContext, tracking: TrackingResource,
+                        raw_data: pd.DataFrame) -> dg.Output[pd.DataFrame]:
         """Normalised (text, label) rows without empty, over-long, conflicting or duplicate rows."""
-        result = clean(select_examples(raw_data, spec.task), spec.cleaning)
+        with tracking.asset_run(context, spec.name) as run:
+            result = clean(select_examples(raw_data, spec.task), spec.cleaning)
+            digest = frame_digest(result.frame)
+            run.log_dataset(result.frame, f"{spec.name}/cleaned_dataset", digest, "cleaned", "cleaning")
+            run.log_metrics({"rows_in": result.rows_in, "rows_kept": result.rows_kept,
+                             **{f"dropped_{why}": n for why, n in result.dropped.items()}}, 0)
+            run.log_params({f"cleaning.{k}": v for k, v in spec.cleaning.model_dump().items()})
         dropped_rows = [[why, result.dropped[why]] for why in DROP_REASONS]
         examples = "\n\n".join(
             f"**{why}** (first {len(rows)}):\n\n" + _md_table(
@@ -77,7 +99,7 @@ def build_pipeline_assets(spec: PipelineSpec, project_root: Path) -> list[dg.Ass
             for why, rows in result.dropped_examples.items())
         context.log.info(f"kept {result.rows_kept} of {result.rows_in} rows; dropped "
                          + ", ".join(f"{n} {why}" for why, n in result.dropped.items() if n))
-        return dg.Output(result.frame, metadata={
+        return dg.Output(result.frame, data_version=dg.DataVersion(digest[:32]), metadata=_tracked(run, digest[:32], {
             "dagster/row_count": result.rows_kept,
             "rows_in": result.rows_in,
             "rows_kept": result.rows_kept,
@@ -87,19 +109,28 @@ def build_pipeline_assets(spec: PipelineSpec, project_root: Path) -> list[dg.Ass
             "dropped_examples": dg.MetadataValue.md(examples or "nothing dropped"),
             "num_classes": len(result.class_counts()),
             "class_distribution": dg.MetadataValue.md(_class_md(result.class_counts())),
-        })
+            "sha256": digest,
+        }))
 
     @dg.asset(**common, ins={"cleaned_dataset": dg.AssetIn(key("cleaned_dataset"))},
               code_version=spec.section_hash("splits"), kinds={"pandas"})
-    def splits(context: dg.AssetExecutionContext, cleaned_dataset: pd.DataFrame) -> dg.Output[pd.DataFrame]:
+    def splits(context: dg.AssetExecutionContext, tracking: TrackingResource,
+               cleaned_dataset: pd.DataFrame) -> dg.Output[pd.DataFrame]:
         """Every clean row assigned to train, validation or test by a hash of its normalised text."""
-        result = assign_splits(cleaned_dataset, spec.splits)
+        with tracking.asset_run(context, spec.name) as run:
+            result = assign_splits(cleaned_dataset, spec.splits)
+            digest = frame_digest(result.frame)
+            for name in SPLITS:
+                part = result.frame[result.frame["split"] == name]
+                run.log_dataset(part, f"{spec.name}/{name}", frame_digest(part), name, "splits")
+            run.log_metrics({f"{name}_rows": n for name, n in result.counts().items()}, 0)
+            run.log_params({f"splits.{k}": v for k, v in spec.splits.model_dump().items()})
         counts = result.counts()
         table = result.class_table()
         md = _md_table(["class", *SPLITS], [[label, *(int(table.loc[label, s]) for s in SPLITS)]
                                             for label in table.index])
         total = max(sum(counts.values()), 1)
-        return dg.Output(result.frame, metadata={
+        return dg.Output(result.frame, data_version=dg.DataVersion(digest[:32]), metadata=_tracked(run, digest[:32], {
             "dagster/row_count": len(result.frame),
             **{f"{s}_rows": n for s, n in counts.items()},
             "proportions": dg.MetadataValue.json({s: round(n / total, 4) for s, n in counts.items()}),
@@ -107,13 +138,17 @@ def build_pipeline_assets(spec: PipelineSpec, project_root: Path) -> list[dg.Ass
             "moved_for_stratification": result.moved_for_stratification,
             "texts_in_several_splits": result.overlapping_texts,
             "rows_per_class_and_split": dg.MetadataValue.md(md),
-        })
+            "sha256": digest,
+        }))
 
     @dg.asset(**common, code_version=spec.section_hash("base_model"), kinds={"huggingface"})
-    def base_model(context: dg.AssetExecutionContext) -> dg.Output[BaseModelRecord]:
+    def base_model(context: dg.AssetExecutionContext, tracking: TrackingResource) -> dg.Output[BaseModelRecord]:
         """The spec's pre-trained model, pinned: local path, weights sha256, licence, size and pooling."""
-        record = resolve_base_model(spec.base_model, project_root)
-        return dg.Output(record, metadata={
+        with tracking.asset_run(context, spec.name) as run:
+            record = resolve_base_model(spec.base_model, project_root)
+            run.log_params({f"base_model.{k}": v for k, v in record.to_dict().items()})
+        version = record.weights_sha256[:32]
+        return dg.Output(record, data_version=dg.DataVersion(version), metadata=_tracked(run, version, {
             "model": record.name,
             "source": record.source,
             "local_path": dg.MetadataValue.path(record.local_path),
@@ -123,22 +158,40 @@ def build_pipeline_assets(spec: PipelineSpec, project_root: Path) -> list[dg.Ass
             "parameter_count": record.parameter_count,
             "architecture": record.architecture,
             "pooling": f"{record.pooling} (from {record.pooling_declared_by})",
-        }, data_version=dg.DataVersion(record.weights_sha256[:32]))
+        }))
 
     @dg.asset(**common, ins={"splits": dg.AssetIn(key("splits")), "base_model": dg.AssetIn(key("base_model"))},
               code_version=spec.section_hash("training"), kinds={"pytorch"})
     def finetuned_checkpoint(context: dg.AssetExecutionContext, storage: StorageResource,
-                             compute: ComputeResource, splits: pd.DataFrame,
+                             compute: ComputeResource, tracking: TrackingResource, splits: pd.DataFrame,
                              base_model: BaseModelRecord) -> dg.Output[CheckpointRecord]:
         """LoRA adapter and classifier head trained on the train split, best epoch chosen on validation."""
         settings = compute.settings(spec.training.precision)
         out_dir = storage.run_folder("checkpoints", spec.name, context.run_id)
-        record = train_classifier(splits, base_model, spec, out_dir, settings, progress=context.log.info)
+        with tracking.asset_run(context, spec.name) as run:
+            run.log_params({**{f"training.{k}": v for k, v in spec.training.model_dump().items() if k != "lora"},
+                            **{f"lora.{k}": v for k, v in spec.training.lora.model_dump().items()},
+                            "precision": settings.precision, "device": settings.device,
+                            "base_model": base_model.name, "base_model_sha256": base_model.weights_sha256,
+                            "spec_hash": spec.spec_hash})
+            run.log_text(spec.to_yaml(), "spec.yaml")
+            record = train_classifier(splits, base_model, spec, out_dir, settings, progress=context.log.info,
+                                      sink=run)
+            run.log_metrics({"train_seconds": record.train_seconds, "tokens_per_second": record.tokens_per_second,
+                             "peak_memory_mb": record.peak_memory_mb,
+                             "trainable_parameters": record.trainable_parameters}, 0)
+            run.log_artifact(record.path, "checkpoint")
+            version = tracking.register(run, spec.name, "checkpoint", {
+                "tuneline.data_sha256": record.data_sha256, "tuneline.spec_hash": record.spec_hash,
+                "tuneline.checkpoint_sha256": record.sha256, "dagster.run_id": context.run_id,
+                "tuneline.base_model_sha256": base_model.weights_sha256})
+            record = dataclasses.replace(record, model_version=version)
+            context.log.info(f"registered {spec.name} version {version} in the MLflow model registry")
         epochs = [h for h in record.history if "eval_accuracy" in h]
         history_md = _md_table(["epoch", "validation accuracy", "validation macro-F1", "validation loss"],
                                [[f"{h['epoch']:g}", f"{h['eval_accuracy']:.4f}", f"{h['eval_macro_f1']:.4f}",
                                  f"{h['eval_loss']:.4f}"] for h in epochs]) if epochs else "no validation split"
-        return dg.Output(record, metadata={
+        return dg.Output(record, data_version=dg.DataVersion(record.sha256[:32]), metadata=_tracked(run, record.sha256[:32], {
             "path": dg.MetadataValue.path(record.path),
             "sha256": record.sha256,
             "base_model": record.base_model.name,
@@ -154,19 +207,38 @@ def build_pipeline_assets(spec: PipelineSpec, project_root: Path) -> list[dg.Ass
             "tokens_per_second": round(record.tokens_per_second, 1),
             "precision": record.precision,
             "validation_by_epoch": dg.MetadataValue.md(history_md),
-        }, data_version=dg.DataVersion(record.sha256[:32]))
+            "peak_memory_mb": round(record.peak_memory_mb, 1),
+            "model_version": f"{spec.name} v{record.model_version}",
+        }))
 
     @dg.asset(**common, ins={"splits": dg.AssetIn(key("splits")),
                              "finetuned_checkpoint": dg.AssetIn(key("finetuned_checkpoint"))},
               code_version=spec.section_hash("evaluation"), kinds={"sklearn"})
     def evaluation_report(context: dg.AssetExecutionContext, storage: StorageResource, compute: ComputeResource,
-                          splits: pd.DataFrame, finetuned_checkpoint: CheckpointRecord) -> dg.Output[EvaluationReport]:
-        """Test-split accuracy, precision, recall and F1 of the checkpoint against two baselines."""
+                          tracking: TrackingResource, splits: pd.DataFrame,
+                          finetuned_checkpoint: CheckpointRecord) -> dg.Output[EvaluationReport]:
+        """Test metrics of the checkpoint against two baselines and the champion; promotes it if it wins."""
         settings = compute.settings(spec.training.precision)
         out_dir = storage.run_folder("reports", spec.name, context.run_id)
-        report = evaluate_checkpoint(splits, finetuned_checkpoint, spec, out_dir, settings)
-        context.log.info(f"test accuracy {report.metrics['accuracy']:.4f}, macro-F1 {report.metrics['macro_f1']:.4f}")
-        return dg.Output(report, metadata={
+        with tracking.asset_run(context, spec.name) as run:
+            found = tracking.champion(spec.name)
+            champion = record_from_folder(found[1], model_version=found[0]) if found else None
+            report = evaluate_checkpoint(splits, finetuned_checkpoint, spec, out_dir, settings, champion=champion)
+            run.log_metrics({**report.metrics, **{f"{b}_{k}": v for b, m in report.baselines.items()
+                                                  for k, v in m.items()},
+                             **({f"champion_{k}": v for k, v in report.champion_metrics.items()}
+                                if report.champion_metrics else {})}, 0)
+            run.log_text(json.dumps(list(report.per_class), indent=2), "per_class.json")
+            for path in (report.json_path, report.html_path, report.confusion_matrix_png):
+                run.log_artifact(path, "report")
+            run.set_tags({"tuneline.promotion": report.promotion["reason"],
+                          "tuneline.model_version": finetuned_checkpoint.model_version or ""})
+            if report.promotion["promote"] and finetuned_checkpoint.model_version:
+                tracking.promote(spec.name, finetuned_checkpoint.model_version, report.promotion["reason"])
+            context.log.info(f"test accuracy {report.metrics['accuracy']:.4f}, macro-F1 "
+                             f"{report.metrics['macro_f1']:.4f}; {report.promotion['reason']}")
+        version = value_digest(report.to_dict())[:32]
+        return dg.Output(report, data_version=dg.DataVersion(version), metadata=_tracked(run, version, {
             **{name: dg.MetadataValue.float(value) for name, value in report.metrics.items()},
             **{f"{b}_{k}": dg.MetadataValue.float(m[k]) for b, m in report.baselines.items()
                for k in ("accuracy", "macro_f1")},
@@ -176,6 +248,8 @@ def build_pipeline_assets(spec: PipelineSpec, project_root: Path) -> list[dg.Ass
             "report_html": dg.MetadataValue.path(report.html_path),
             "report_json": dg.MetadataValue.path(report.json_path),
             "confusion_matrix": dg.MetadataValue.path(report.confusion_matrix_png),
-        })
+            "promoted": bool(report.promotion["promote"]),
+            "promotion": report.promotion["reason"],
+        }))
 
     return [raw_data, cleaned_dataset, splits, base_model, finetuned_checkpoint, evaluation_report]

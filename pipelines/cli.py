@@ -96,6 +96,43 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Classify texts with the registry's champion of a pipeline."""
+    from pipelines.core.errors import TunelineError
+    from pipelines.core.training import load_classifier, predict_proba, record_from_folder
+    from pipelines.definitions import DATA_DIR
+    from resources.compute import ComputeResource
+    from resources.tracking import TrackingResource
+
+    tracking = TrackingResource(data_dir=str(Path(args.data_dir).resolve() if args.data_dir else DATA_DIR))
+    try:
+        found = tracking.champion(args.pipeline)
+        if found is None:
+            print(f"error: the model registry at {tracking.tracking_uri()} has no champion for pipeline "
+                  f"{args.pipeline!r}; run `tuneline run --pipeline {args.pipeline}` first", file=sys.stderr)
+            return 2
+        version, folder = found
+        record = record_from_folder(folder, model_version=version)
+        model, tokenizer = load_classifier(record)
+    except TunelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    settings = ComputeResource().settings("fp32")
+    probs = predict_proba(model, tokenizer, args.texts, 512, settings)
+    rows = []
+    for text, row in zip(args.texts, probs, strict=True):
+        best = int(row.argmax())
+        rows.append({"text": text, "label": record.labels[best], "probability": round(float(row[best]), 4),
+                     "model": f"{args.pipeline} v{version}"})
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        for row in rows:
+            print(f"{row['label']}\t{row['probability']:.4f}\t{row['text']}")
+        print(f"(champion: {args.pipeline} v{version})", file=sys.stderr)
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from pipelines.core.errors import SpecError
     from pipelines.core.spec import load_spec, load_specs
@@ -138,6 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--specs-dir", help="folder of spec files (default: pipelines/specs)")
     run.add_argument("--data-dir", help="folder for generated data (default: data/)")
     run.set_defaults(func=cmd_run)
+    predict = sub.add_parser("predict", help="classify texts with the pipeline's champion model")
+    predict.add_argument("--pipeline", required=True)
+    predict.add_argument("--data-dir", help="folder of generated data holding the embedded MLflow store")
+    predict.add_argument("--json", action="store_true", help="print one JSON list")
+    predict.add_argument("texts", nargs="+", help="one or more texts to classify")
+    predict.set_defaults(func=cmd_predict)
     validate = sub.add_parser("validate", help="validate spec files (default: every spec in pipelines/specs)")
     validate.add_argument("files", nargs="*")
     validate.set_defaults(func=cmd_validate)

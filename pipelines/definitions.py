@@ -13,6 +13,7 @@ from pipelines.jobs import pipeline_job
 from pipelines.schedules import pipeline_schedule
 from resources.compute import ComputeResource
 from resources.storage import PipelineIOManager, StorageResource
+from resources.tracking import TrackingResource
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SPECS_DIR = PROJECT_ROOT / "pipelines" / "specs"
@@ -25,6 +26,8 @@ def resources_for(data_dir: Path, *, device: str = "auto", num_threads: int | No
         "io_manager": PipelineIOManager(data_dir=str(data_dir)),
         "storage": StorageResource(data_dir=str(data_dir)),
         "compute": ComputeResource(device=device, num_threads=num_threads),
+        # The embedded MLflow store under data_dir, unless $TUNELINE_TRACKING_URI names another.
+        "tracking": TrackingResource(data_dir=str(data_dir)),
     }
 
 

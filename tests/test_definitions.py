@@ -103,3 +103,12 @@ def test_core_imports_neither_dagster_nor_mlflow() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_only_the_tracking_resource_imports_mlflow() -> None:
+    importers = sorted(
+        str(path.relative_to(PROJECT_ROOT))
+        for folder in ("pipelines", "assets", "resources")
+        for path in (PROJECT_ROOT / folder).rglob("*.py")
+        if any(line.strip().startswith(("import mlflow", "from mlflow")) for line in path.read_text().splitlines()))
+    assert importers == ["resources/tracking.py"]

@@ -97,8 +97,11 @@ def report_markdown(report: EvaluationReport) -> str:
     rows = {"fine-tuned": report.metrics, **report.baselines}
     verdicts = ", ".join(f"{'beats' if won else 'does NOT beat'} {name}"
                          for name, won in report.beats_baselines.items())
+    if report.champion_metrics is not None:
+        rows[f"champion v{report.promotion.get('champion_version')}"] = report.champion_metrics
     return (f"**{report.pipeline}** on {report.test_rows} test rows — on {report.primary_metric} the "
-            f"fine-tuned model {verdicts}.\n\n" + _metrics_table_md(rows) + "\n" + _per_class_md(report.per_class))
+            f"fine-tuned model {verdicts}.\n\n**Promotion:** {report.promotion.get('reason', '')}\n\n"
+            + _metrics_table_md(rows) + "\n" + _per_class_md(report.per_class))
 
 
 def _report_html(report: EvaluationReport, png_name: str) -> str:
@@ -109,6 +112,8 @@ def _report_html(report: EvaluationReport, png_name: str) -> str:
         return f"<table><thead><tr>{th}</tr></thead><tbody>{tr}</tbody></table>"
 
     rows = {"fine-tuned": report.metrics, **report.baselines}
+    if report.champion_metrics is not None:
+        rows[f"champion v{report.promotion.get('champion_version')}"] = report.champion_metrics
     summary = table(["model", *METRIC_NAMES], [[name, *(m[k] for k in METRIC_NAMES)] for name, m in rows.items()])
     classes = table(["class", "precision", "recall", "f1", "support"],
                     [[r["label"], r["precision"], r["recall"], r["f1"], r["support"]] for r in report.per_class])
@@ -122,6 +127,7 @@ td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:right}}td:first-child,
 <h1>{html.escape(report.pipeline)}: evaluation on {report.test_rows} test rows</h1>
 <p>checkpoint sha256 <code>{html.escape(report.checkpoint_sha256)}</code></p>
 <ul>{verdicts}</ul>
+<p><b>Promotion:</b> {html.escape(str(report.promotion.get("reason", "")))}</p>
 <h2>Metrics</h2>{summary}
 <h2>Per class</h2>{classes}
 <h2>Confusion matrix</h2><img src="{html.escape(png_name)}" alt="confusion matrix">
@@ -129,9 +135,39 @@ td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:right}}td:first-child,
 """
 
 
+def decide_promotion(candidate: dict[str, float], champion: dict[str, float] | None,
+                     baselines: dict[str, dict[str, float]], primary: str, min_improvement: float,
+                     candidate_version: str | None, champion_version: str | None) -> dict[str, Any]:
+    """Whether the candidate becomes champion, and why, in words a person can check."""
+    value = candidate[primary]
+    if candidate_version is not None and candidate_version == champion_version:
+        return {"promote": False, "reason": f"v{candidate_version} is already the champion",
+                "candidate_version": candidate_version, "champion_version": champion_version,
+                "primary_metric": primary}
+    if champion is None:
+        beaten = [b for b, m in baselines.items() if value > m[primary]]
+        missed = [b for b in baselines if b not in beaten]
+        promote = not missed
+        reason = (f"first model: {primary} {value:.4f} beats every baseline ({', '.join(beaten) or 'none'})"
+                  if promote else f"first model but not promoted: {primary} {value:.4f} does not beat "
+                                  f"{', '.join(missed)}")
+    else:
+        gain = value - champion[primary]
+        promote = gain >= min_improvement
+        verdict = "promoted" if promote else "not promoted"
+        reason = (f"{verdict}: {primary} {value:.4f} vs champion v{champion_version} {champion[primary]:.4f} on "
+                  f"the same test split, a change of {gain:+.4f} (needs at least +{min_improvement:g}, "
+                  "promotion.min_improvement)")
+    return {"promote": promote, "reason": reason, "candidate_version": candidate_version,
+            "champion_version": champion_version, "primary_metric": primary}
+
+
 def evaluate_checkpoint(splits: pd.DataFrame, checkpoint: CheckpointRecord, spec: PipelineSpec, out_dir: Path,
-                        compute: ComputeSettings) -> EvaluationReport:
-    """Metrics of the checkpoint and the baselines on the test split; writes JSON, HTML and PNG to `out_dir`."""
+                        compute: ComputeSettings, champion: CheckpointRecord | None = None) -> EvaluationReport:
+    """Metrics of the checkpoint, the baselines and the current champion (if any) on the test split.
+
+    Decides whether the checkpoint should become champion; writes JSON, HTML and PNG to `out_dir`.
+    """
     from sklearn.metrics import confusion_matrix
 
     compute.apply()
@@ -169,8 +205,25 @@ def evaluate_checkpoint(splits: pd.DataFrame, checkpoint: CheckpointRecord, spec
                                  spec.training.seed)
         baselines["linear_probe"] = classification_metrics(y_test, probe.predict(embed(test)), len(labels))
 
+    champion_metrics = None
+    if champion is not None and champion.model_version == checkpoint.model_version:
+        champion_metrics = metrics  # re-evaluating the champion itself
+    elif champion is not None:
+        champion_model, champion_tokenizer = load_classifier(champion)
+        index_of = {label: i for i, label in enumerate(champion.labels)}
+        if set(test["label"]) - set(index_of):
+            raise ValueError(f"the champion (v{champion.model_version}) does not know the labels "
+                             f"{sorted(set(test['label']) - set(index_of))} of this test split")
+        champion_pred = predict_proba(champion_model, champion_tokenizer, test["text"].tolist(), max_length,
+                                      compute, batch).argmax(-1)
+        champion_labels = np.array(champion.labels)[champion_pred]
+        champion_metrics = classification_metrics(y_test, [index.get(lab, -1) for lab in champion_labels],
+                                                  len(labels))
+
     primary = spec.evaluation.primary_metric
     beats = {name: metrics[primary] > m[primary] for name, m in baselines.items()}
+    promotion = decide_promotion(metrics, champion_metrics, baselines, primary, spec.promotion.min_improvement,
+                                 checkpoint.model_version, champion.model_version if champion else None)
     out_dir.mkdir(parents=True, exist_ok=True)
     png = out_dir / "confusion_matrix.png"
     plot_confusion_matrix(matrix, labels, png, f"{spec.name}: test confusion matrix")
@@ -185,6 +238,8 @@ def evaluate_checkpoint(splits: pd.DataFrame, checkpoint: CheckpointRecord, spec
         baselines=baselines,
         primary_metric=primary,
         beats_baselines=beats,
+        promotion=promotion,
+        champion_metrics=champion_metrics,
         json_path=str(out_dir / "report.json"),
         html_path=str(out_dir / "report.html"),
         confusion_matrix_png=str(png),

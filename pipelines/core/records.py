@@ -57,7 +57,9 @@ class CheckpointRecord:
     train_seconds: float
     tokens_per_second: float
     precision: str
+    peak_memory_mb: float = 0.0
     history: tuple[dict[str, float], ...] = field(default_factory=tuple)
+    model_version: str | None = None  # the registry version, once registered
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,6 +79,8 @@ class EvaluationReport:
     baselines: dict[str, dict[str, float]]  # baseline name -> metrics
     primary_metric: str
     beats_baselines: dict[str, bool]
+    promotion: dict[str, Any]  # {"promote": bool, "reason": str, "candidate_version", "champion_version"}
+    champion_metrics: dict[str, float] | None
     json_path: str
     html_path: str
     confusion_matrix_png: str
@@ -93,6 +97,8 @@ class EvaluationReport:
             "baselines": {b: {k: round(v, 4) for k, v in m.items()} for b, m in self.baselines.items()},
             "primary_metric": self.primary_metric,
             "beats_baselines": dict(self.beats_baselines),
+            "promoted": bool(self.promotion.get("promote")),
+            "promotion_reason": self.promotion.get("reason", ""),
             "report_html": self.html_path,
             "report_json": self.json_path,
         }

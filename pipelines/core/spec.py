@@ -269,6 +269,16 @@ class EvaluationConfig(_Frozen):
     batch_size: int = Field(default=128, ge=1, description="Rows per inference batch.")
 
 
+# ------------------------------------------------------------------------------------------- promotion
+class PromotionConfig(_Frozen):
+    """When a newly trained model replaces the registry's `champion`."""
+
+    min_improvement: float = Field(
+        default=0.005, gt=0, lt=1,
+        description="The candidate must beat the champion by at least this much on evaluation.primary_metric, "
+                    "on the same test split. The first model must beat every baseline instead.")
+
+
 # -------------------------------------------------------------------------------------------- schedule
 class ScheduleConfig(_Frozen):
     """When the pipeline is materialized again."""
@@ -300,6 +310,7 @@ class PipelineSpec(_Frozen):
     base_model: BaseModelConfig
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    promotion: PromotionConfig = Field(default_factory=PromotionConfig)
     schedule: ScheduleConfig | None = None
 
     @field_validator("name")

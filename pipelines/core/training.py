@@ -358,13 +358,16 @@ def train_classifier(splits: pd.DataFrame, base: BaseModelRecord, spec: Pipeline
     history = tuple({k: float(v) for k, v in entry.items() if isinstance(v, (int, float))}
                     for entry in trainer.state.log_history)
     model.eval()
-    path = _save_checkpoint(model, tokenizer, labels, spec, base, history, out_dir)
+    data_sha256 = splits_digest(splits)
+    path = _save_checkpoint(model, tokenizer, labels, spec, base, history, out_dir, data_sha256)
+    progress(f"saved adapter and head to {path} ({real_tokens / train_seconds if train_seconds else 0:.0f} "
+             f"tokens/s, peak memory {peak_memory_mb():.0f} MB)")
     return CheckpointRecord(
         path=str(path),
         sha256=checkpoint_digest(path),
         base_model=base,
         spec_hash=spec.spec_hash,
-        data_sha256=splits_digest(splits),
+        data_sha256=data_sha256,
         labels=labels,
         train_rows=len(train),
         validation_rows=len(validation),
@@ -373,8 +376,18 @@ def train_classifier(splits: pd.DataFrame, base: BaseModelRecord, spec: Pipeline
         train_seconds=train_seconds,
         tokens_per_second=real_tokens / train_seconds if train_seconds > 0 else 0.0,
         precision=compute.precision,
+        peak_memory_mb=peak_memory_mb(),
         history=history,
     )
+
+
+def peak_memory_mb() -> float:
+    """Peak memory of this process: GPU memory on CUDA, else the resident set size."""
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 # ---------------------------------------------------------------------------------------- save / load
@@ -394,7 +407,8 @@ def checkpoint_digest(path: Path) -> str:
 
 
 def _save_checkpoint(model: PooledClassifier, tokenizer: Any, labels: tuple[str, ...], spec: PipelineSpec,
-                     base: BaseModelRecord, history: tuple[dict[str, float], ...], out_dir: Path) -> Path:
+                     base: BaseModelRecord, history: tuple[dict[str, float], ...], out_dir: Path,
+                     data_sha256: str) -> Path:
     from safetensors.torch import save_file
 
     if out_dir.exists():
@@ -408,7 +422,7 @@ def _save_checkpoint(model: PooledClassifier, tokenizer: Any, labels: tuple[str,
                   str(tmp / "head.safetensors"))
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
         classifier = {"labels": list(labels), "pooling": model.pooling, "hidden_size": model.head.in_features,
-                      "base_model": base.to_dict(), "spec_hash": spec.spec_hash}
+                      "base_model": base.to_dict(), "spec_hash": spec.spec_hash, "data_sha256": data_sha256}
         (tmp / "classifier.json").write_text(json.dumps(classifier, indent=2), encoding="utf-8")
         (tmp / "spec.yaml").write_text(spec.to_yaml(), encoding="utf-8")
         (tmp / "history.json").write_text(json.dumps(list(history), indent=2), encoding="utf-8")
@@ -417,6 +431,26 @@ def _save_checkpoint(model: PooledClassifier, tokenizer: Any, labels: tuple[str,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def record_from_folder(path: Path, model_version: str | None = None) -> CheckpointRecord:
+    """The record of a checkpoint folder copied from elsewhere (e.g. downloaded from the model registry)."""
+    from pipelines.core.records import BaseModelRecord
+
+    meta_file = path / "classifier.json"
+    if not meta_file.is_file():
+        raise CheckpointError(f"{path} is not a tuneline checkpoint (no classifier.json)")
+    meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    base = BaseModelRecord(**meta["base_model"])
+    if not Path(base.local_path).is_dir():
+        raise CheckpointError(f"checkpoint {path} needs its base model {base.name} at {base.local_path}, "
+                              "which is not on this machine")
+    history = json.loads((path / "history.json").read_text(encoding="utf-8"))
+    return CheckpointRecord(path=str(path), sha256=checkpoint_digest(path), base_model=base,
+                            spec_hash=meta["spec_hash"], data_sha256=meta.get("data_sha256", ""),
+                            labels=tuple(meta["labels"]), train_rows=0, validation_rows=0, best_epoch=None,
+                            trainable_parameters=0, train_seconds=0.0, tokens_per_second=0.0, precision="",
+                            history=tuple(history), model_version=model_version)
 
 
 def load_classifier(record: CheckpointRecord) -> tuple[PooledClassifier, Any]:

@@ -1,0 +1,222 @@
+"""Experiment tracking and the model registry in MLflow: the only module of tuneline that imports mlflow.
+
+One MLflow experiment per pipeline (`tuneline/<pipeline>`); one parent run per Dagster run; one child run per
+asset materialization, tagged with the Dagster run id, asset key, pipeline, code version and data version.
+Fine-tuned checkpoints become versions of a registered model named after the pipeline; the alias
+`champion` marks the version in use.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pandas as pd
+
+from pipelines.core.errors import TunelineError
+
+URI_ENV_VAR = "TUNELINE_TRACKING_URI"
+CHAMPION = "champion"
+
+
+class TrackingError(TunelineError):
+    """The tracking store cannot be used."""
+
+
+def _mlflow() -> Any:
+    import mlflow
+
+    return mlflow
+
+
+class AssetRun:
+    """The MLflow run of one asset materialization; also a metrics sink for training."""
+
+    def __init__(self, client: Any, run_id: str, url: str) -> None:
+        self.client, self.run_id, self.url = client, run_id, url
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k.replace("/", "_"), float(v), now, step) for k, v in metrics.items()]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, str(value))
+
+    def log_dataset(self, frame: pd.DataFrame, name: str, digest: str, context: str, source: str) -> None:
+        """Record a table as an MLflow dataset input with its digest (the table itself is not copied)."""
+        from mlflow.data.code_dataset_source import CodeDatasetSource
+        from mlflow.entities import DatasetInput, InputTag
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # schema inference hints about integer columns
+            dataset = _mlflow().data.from_pandas(frame, name=name, digest=digest[:36],
+                                                 source=CodeDatasetSource(tags={"tuneline.source": source}))
+        self.client.log_inputs(self.run_id, datasets=[
+            DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])])
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+
+class TrackingResource(dg.ConfigurableResource):
+    """MLflow tracking: the embedded SQLite store under data_dir, or the URI in $TUNELINE_TRACKING_URI."""
+
+    data_dir: str
+    uri_env_var: str = URI_ENV_VAR
+
+    # ------------------------------------------------------------------------------------ connection
+    @property
+    def embedded_uri(self) -> str:
+        return f"sqlite:///{(Path(self.data_dir) / 'mlflow' / 'mlflow.db').resolve()}"
+
+    @property
+    def artifact_root(self) -> Path:
+        return (Path(self.data_dir) / "mlflow" / "artifacts").resolve()
+
+    def tracking_uri(self) -> str:
+        # Read when the resource is used, never at import: dg.EnvVar resolves the variable now.
+        return dg.EnvVar(self.uri_env_var).get_value() or self.embedded_uri
+
+    def client(self) -> Any:
+        """A client for the tracking store, after checking that the store answers."""
+        uri = self.tracking_uri()
+        if uri.startswith("sqlite:///"):
+            Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        elif uri.startswith(("http://", "https://")):
+            try:  # MLflow's own client retries for minutes; a tracking server answers /health at once
+                with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10) as response:
+                    response.read()
+            except (urllib.error.URLError, OSError, ValueError) as exc:
+                raise TrackingError(f"the MLflow tracking server at {uri} (from ${self.uri_env_var}) does not "
+                                    f"answer: {exc}. Start it, fix the URI, or unset ${self.uri_env_var} to use "
+                                    f"the embedded store in {Path(self.data_dir) / 'mlflow'}") from None
+        else:
+            raise TrackingError(f"unsupported MLflow tracking URI {uri!r} (from ${self.uri_env_var}): expected "
+                                "http(s)://host:port or sqlite:///absolute/path.db")
+        from mlflow import MlflowClient
+
+        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+    def experiment_id(self, client: Any, pipeline: str) -> str:
+        name = f"tuneline/{pipeline}"
+        experiment = client.get_experiment_by_name(name)
+        if experiment is not None:
+            return str(experiment.experiment_id)
+        location = self.artifact_root.as_uri() if self.tracking_uri() == self.embedded_uri else None
+        try:
+            return str(client.create_experiment(name, artifact_location=location))
+        except Exception:  # created meanwhile by a step in another process
+            return str(client.get_experiment_by_name(name).experiment_id)
+
+    def run_url(self, experiment_id: str, run_id: str) -> str:
+        uri = self.tracking_uri()
+        base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
+        return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+    # -------------------------------------------------------------------------------------- runs
+    def _parent_run(self, client: Any, experiment_id: str, dagster_run_id: str, pipeline: str) -> str:
+        """The one parent run of a Dagster run; steps in other processes find it through a lock and a tag."""
+        lock_dir = Path(self.data_dir) / "mlflow" / "locks"
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        with (lock_dir / f"{dagster_run_id}.lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            found = client.search_runs([experiment_id], filter_string=(
+                f"tags.`dagster.run_id` = '{dagster_run_id}' and tags.`tuneline.kind` = 'dagster_run'"))
+            if found:
+                return str(found[0].info.run_id)
+            run = client.create_run(experiment_id, run_name=f"dagster run {dagster_run_id[:8]}", tags={
+                "dagster.run_id": dagster_run_id, "tuneline.pipeline": pipeline, "tuneline.kind": "dagster_run"})
+            # The parent groups the asset runs; it is FINISHED unless one of them fails.
+            client.set_terminated(run.info.run_id, "FINISHED")
+            return str(run.info.run_id)
+
+    @contextmanager
+    def asset_run(self, context: dg.AssetExecutionContext, pipeline: str) -> Iterator[AssetRun]:
+        """An MLflow run for this materialization: FINISHED when the body returns, FAILED when it raises."""
+        client = self.client()
+        experiment_id = self.experiment_id(client, pipeline)
+        parent = self._parent_run(client, experiment_id, context.run_id, pipeline)
+        key = context.asset_key
+        run = client.create_run(experiment_id, run_name=key.path[-1], tags={
+            "mlflow.parentRunId": parent,
+            "dagster.run_id": context.run_id,
+            "dagster.asset_key": key.to_user_string(),
+            "dagster.code_version": context.assets_def.code_versions_by_key.get(key) or "",
+            "tuneline.pipeline": pipeline,
+            "tuneline.kind": "asset",
+        })
+        tracked = AssetRun(client, run.info.run_id, self.run_url(experiment_id, run.info.run_id))
+        try:
+            yield tracked
+        except BaseException as exc:
+            client.set_tag(run.info.run_id, "tuneline.error", f"{type(exc).__name__}: {exc}"[:5000])
+            client.set_terminated(run.info.run_id, "FAILED")
+            client.set_terminated(parent, "FAILED")
+            raise
+        client.set_terminated(run.info.run_id, "FINISHED")
+
+    # ---------------------------------------------------------------------------------- registry
+    def register(self, run: AssetRun, pipeline: str, artifact_path: str, tags: Mapping[str, str]) -> str:
+        """A new version of the registered model `pipeline` from the run's artifact folder; returns it."""
+        client = run.client
+        try:
+            client.get_registered_model(pipeline)
+        except Exception:
+            client.create_registered_model(pipeline, description=f"Fine-tuned models of the {pipeline} pipeline.")
+        source = client.get_run(run.run_id).info.artifact_uri.rstrip("/") + "/" + artifact_path
+        version = client.create_model_version(pipeline, source=source, run_id=run.run_id, tags=dict(tags),
+                                              run_link=run.url)
+        return str(version.version)
+
+    def champion(self, pipeline: str) -> tuple[str, Path] | None:
+        """The version under the alias `champion` and a local copy of its files, or None."""
+        client = self.client()
+        try:
+            version = client.get_model_version_by_alias(pipeline, CHAMPION)
+        except Exception:
+            return None
+        target = Path(tempfile.mkdtemp(prefix=f"tuneline-{pipeline}-v{version.version}-"))
+        local = _mlflow().artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(target),
+                                                       tracking_uri=self.tracking_uri())
+        return str(version.version), Path(local)
+
+    def promote(self, pipeline: str, version: str, reason: str) -> None:
+        client = self.client()
+        client.set_registered_model_alias(pipeline, CHAMPION, version)
+        client.set_model_version_tag(pipeline, version, "tuneline.promotion", reason)
+
+    def describe(self) -> dict[str, Any]:
+        return {"tracking_uri": self.tracking_uri(), "artifact_root": str(self.artifact_root)}
+
+
+def dump(value: Any) -> str:
+    return json.dumps(value, indent=2, default=str)
