@@ -43,8 +43,10 @@ def _print_summary(summary: dict[str, Any], run_id: str) -> None:
     for name, won in summary["beats_baselines"].items():
         verdict = "beats" if won else "does NOT beat"
         print(f"  the fine-tuned model {verdict} {name} on {summary['primary_metric']}")
+    print(f"  promotion: {summary['promotion_reason']}")
     print(f"  report: {summary['report_html']}")
-    print("Open the Dagster UI with `make ui` (http://127.0.0.1:3000) to see every step, its metadata and lineage.")
+    print("Open the Dagster UI with `make ui` (http://127.0.0.1:3000) to see every step, its metadata and lineage;")
+    print("the MLflow UI with `make mlflow-ui` (http://127.0.0.1:5000) for runs and registered models.")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
