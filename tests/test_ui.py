@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +14,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import PROJECT_ROOT, tiny_spec
+from tests.servers import free_port, start, stop, wait_until_up
 
 BAD = PROJECT_ROOT / "tests" / "fixtures" / "bad_inputs"
 # dagster dev started from a script inherits SIGINT=ignored; reset both signals before exec so that
@@ -38,12 +36,6 @@ MATERIALIZATIONS_QUERY = """
 query Materializations($path: [String!]!) {
   assetOrError(assetKey: {path: $path}) { ... on Asset { assetMaterializations(limit: 5) { runId } } }
 }"""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def graphql(port: int, query: str, variables: dict[str, Any]) -> dict[str, Any]:
@@ -84,32 +76,15 @@ def blocked_run(tmp_path: Path, tiny_model_dir: Path, write_spec: Callable[..., 
 def dagster_dev(blocked_run: dict[str, Path], tmp_path: Path) -> Iterator[int]:
     port = free_port()
     dagster = Path(sys.executable).with_name("dagster")
-    log = (tmp_path / "dagster_dev.log").open("w")
-    process = subprocess.Popen(
-        [sys.executable, "-c", LAUNCHER, str(dagster), "dev", "-w", str(blocked_run["workspace"]),
-         "-h", "127.0.0.1", "-p", str(port)],
-        cwd=PROJECT_ROOT, env={**os.environ, "DAGSTER_HOME": str(blocked_run["home"])},
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log = tmp_path / "dagster_dev.log"
+    process = start([sys.executable, "-c", LAUNCHER, str(dagster), "dev", "-w", str(blocked_run["workspace"]),
+                     "-h", "127.0.0.1", "-p", str(port)], log,
+                    env={**os.environ, "DAGSTER_HOME": str(blocked_run["home"])}, cwd=PROJECT_ROOT)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=2):
-                    break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError("dagster dev did not start:\n" + (tmp_path / "dagster_dev.log").read_text())
-                time.sleep(1)
+        wait_until_up(f"http://127.0.0.1:{port}/server_info", process, log)
         yield port
     finally:
-        # Stop exactly the processes this test started: its own process group.
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
-        log.close()
+        stop(process)
 
 
 def test_ui_shows_failed_blocking_check_and_no_checkpoint(dagster_dev: int) -> None:

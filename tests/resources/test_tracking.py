@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +18,7 @@ from pipelines.core.records import EvaluationReport
 from pipelines.definitions import build_definitions, resources_for
 from resources.tracking import TrackingResource
 from tests.conftest import PROJECT_ROOT, tiny_spec
+from tests.servers import free_port, start, stop, wait_until_up
 
 ASSETS = ("raw_data", "cleaned_dataset", "splits", "base_model", "finetuned_checkpoint", "evaluation_report")
 
@@ -159,12 +156,6 @@ def test_training_error_marks_the_run_failed(tmp_path: Path, trec_slice_csv: Pat
     assert client.search_registered_models() == []
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.mark.parametrize(("uri", "message"), [
     ("http://127.0.0.1:{port}", "the MLflow tracking server at http://127.0.0.1:{port} (from $TUNELINE_TRACKING_URI) "
                                 "does not answer"),
@@ -192,20 +183,12 @@ def test_logs_to_a_real_mlflow_server_over_http(tmp_path: Path, trec_slice_csv: 
                                                 write_spec: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> None:
     port = free_port()
     mlflow = Path(sys.executable).with_name("mlflow")
-    server = subprocess.Popen(
-        [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts")],
-        stdout=(tmp_path / "server.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    log = tmp_path / "server.log"
+    server = start([str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                    "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                    "--artifacts-destination", str(tmp_path / "server-artifacts")], log)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                    break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
-                time.sleep(1)
+        wait_until_up(f"http://127.0.0.1:{port}/health", server, log)
         uri = f"http://127.0.0.1:{port}"
         monkeypatch.setenv("TUNELINE_TRACKING_URI", uri)
         specs = write_spec("tiny", tiny_spec(trec_slice_csv, tiny_model_dir))
@@ -220,10 +203,5 @@ def test_logs_to_a_real_mlflow_server_over_http(tmp_path: Path, trec_slice_csv: 
         assert event.event_specific_data.materialization.metadata["mlflow_run"].value.startswith(f"{uri}/#/experiments/")
         assert not (tmp_path / "data" / "mlflow" / "mlflow.db").exists()  # nothing went to the embedded store
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=10)
+        stop(server)
     assert server.returncode is not None
