@@ -205,6 +205,9 @@ class TrackingResource(dg.ConfigurableResource):
         except Exception:
             return None
         target = Path(tempfile.mkdtemp(prefix=f"tuneline-{pipeline}-v{version.version}-"))
+        from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
+
+        MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.set(False)  # a bar per download of a few small files is noise
         local = _mlflow().artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(target),
                                                        tracking_uri=self.tracking_uri())
         return str(version.version), Path(local)
