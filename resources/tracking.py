@@ -110,8 +110,8 @@ class TrackingResource(dg.ConfigurableResource):
         """A client for the tracking store, after checking that the store answers."""
         uri = self.tracking_uri()
         if uri.startswith("sqlite:///"):
-            Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        elif uri.startswith(("http://", "https://")):
+            return self._embedded_client(uri)
+        if uri.startswith(("http://", "https://")):
             try:  # MLflow's own client retries for minutes; a tracking server answers /health at once
                 with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10) as response:
                     response.read()
@@ -125,6 +125,20 @@ class TrackingResource(dg.ConfigurableResource):
         from mlflow import MlflowClient
 
         return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+    def _embedded_client(self, uri: str) -> Any:
+        """A client of the SQLite store; the first one creates the database under a file lock, because steps
+        running in parallel processes would otherwise race through MLflow's schema migrations."""
+        from mlflow import MlflowClient
+
+        database = Path(uri.removeprefix("sqlite:///"))
+        database.parent.mkdir(parents=True, exist_ok=True)
+        with (database.parent / ".init.lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+            client.search_experiments(max_results=1)  # creates and migrates the schema if needed
+            client.search_registered_models(max_results=1)
+        return client
 
     def experiment_id(self, client: Any, pipeline: str) -> str:
         name = f"tuneline/{pipeline}"

@@ -35,11 +35,26 @@ def wait_until_up(url: str, process: subprocess.Popen[bytes], log: Path, timeout
             time.sleep(1)
 
 
-def stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the server's process group, SIGKILL it if it has not ended within 30 s."""
-    os.killpg(process.pid, signal.SIGTERM)
+def _group_alive(pgid: int) -> bool:
     try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """End the server's whole process group: SIGTERM, then SIGKILL for anything left after 30 s.
+
+    Waiting for the group leader is not enough: dagster dev's code server can outlive it for a while.
+    """
+    pgid = process.pid  # start() made the server the leader of a new group
+    if _group_alive(pgid):
+        os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while _group_alive(pgid) and time.monotonic() < deadline:
+        process.poll()  # reap the leader once it exits, so it does not linger as a zombie
+        time.sleep(0.5)
+    if _group_alive(pgid):
+        os.killpg(pgid, signal.SIGKILL)
+    process.wait(timeout=10)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -105,3 +106,79 @@ def test_ui_shows_failed_blocking_check_and_no_checkpoint(dagster_dev: int) -> N
     assert [m["runId"] for m in materialized["assetOrError"]["assetMaterializations"]] == [typo["runId"]]
     checkpoint = graphql(port, MATERIALIZATIONS_QUERY, {"path": ["gate", "finetuned_checkpoint"]})
     assert checkpoint["assetOrError"] == {} or checkpoint["assetOrError"]["assetMaterializations"] == []
+
+
+LAUNCH_MUTATION = """
+mutation Launch($params: ExecutionParams!) {
+  launchRun(executionParams: $params) {
+    __typename
+    ... on LaunchRunSuccess { run { runId } }
+    ... on PythonError { message }
+    ... on InvalidSubsetError { message }
+  }
+}"""
+RUN_QUERY = """
+query Run($runId: ID!) { runOrError(runId: $runId) { ... on Run { status } } }"""
+
+
+@pytest.fixture
+def good_workspace(tmp_path: Path, tiny_model_dir: Path, write_spec: Callable[..., Path]) -> dict[str, Path]:
+    spec = tiny_spec(BAD / "good.csv", tiny_model_dir)
+    spec["task"] = {"text_column": "text", "label_column": "label"}
+    specs = write_spec("gate", spec)
+    data = tmp_path / "data"
+    module = tmp_path / "ui_definitions.py"
+    module.write_text("from pathlib import Path\n"
+                      "from pipelines.definitions import build_definitions\n"
+                      f"defs = build_definitions(specs_dir=Path({str(specs)!r}), data_dir=Path({str(data)!r}))\n")
+    workspace = tmp_path / "workspace.yaml"
+    workspace.write_text(f"load_from:\n  - python_file:\n      relative_path: {module}\n"
+                         f"      working_directory: {PROJECT_ROOT}\n      location_name: ui_test\n")
+    (tmp_path / "home").mkdir()
+    return {"home": tmp_path / "home", "workspace": workspace, "data": data}
+
+
+def test_materialize_all_from_the_ui_runs_every_step_in_its_own_process(good_workspace: dict[str, Path],
+                                                                       tmp_path: Path) -> None:
+    """What the UI's "Materialize all" does: launch the job through GraphQL; the daemon-less run launcher
+    runs it with the multiprocess executor, each step in its own process."""
+    port = free_port()
+    dagster = Path(sys.executable).with_name("dagster")
+    log = tmp_path / "dagster_dev.log"
+    process = start([sys.executable, "-c", LAUNCHER, str(dagster), "dev", "-w", str(good_workspace["workspace"]),
+                     "-h", "127.0.0.1", "-p", str(port)], log,
+                    env={**os.environ, "DAGSTER_HOME": str(good_workspace["home"])}, cwd=PROJECT_ROOT)
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/server_info", process, log)
+        launched = graphql(port, LAUNCH_MUTATION, {"params": {
+            "selector": {"repositoryLocationName": "ui_test", "repositoryName": "__repository__",
+                         "jobName": "gate_job"}, "runConfigData": {}}})["launchRun"]
+        assert launched["__typename"] == "LaunchRunSuccess", launched
+        run_id = launched["run"]["runId"]
+        deadline, status = time.monotonic() + 480, ""
+        while time.monotonic() < deadline:
+            status = graphql(port, RUN_QUERY, {"runId": run_id})["runOrError"]["status"]
+            if status in ("SUCCESS", "FAILURE", "CANCELED"):
+                break
+            time.sleep(3)
+        assert status == "SUCCESS", log.read_text()[-5000:]
+        checks = graphql(port, CHECKS_QUERY, {"path": ["gate", "splits"]})["assetNodes"][0]
+        statuses = {c["name"]: c["executionForLatestMaterialization"]["status"]
+                    for c in checks["assetChecksOrError"]["checks"]}
+        assert set(statuses.values()) == {"SUCCEEDED"} and len(statuses) == 4
+        report = graphql(port, MATERIALIZATIONS_QUERY, {"path": ["gate", "evaluation_report"]})
+        assert [m["runId"] for m in report["assetOrError"]["assetMaterializations"]] == [run_id]
+    finally:
+        stop(process)
+    # Steps ran in separate processes, yet the MLflow runs share one parent and the model was registered.
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{(good_workspace['data'] / 'mlflow' / 'mlflow.db').resolve()}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("tuneline/gate").experiment_id])
+    parents = [r for r in runs if r.data.tags["tuneline.kind"] == "dagster_run"]
+    assert len(parents) == 1 and parents[0].data.tags["dagster.run_id"] == run_id
+    children = [r for r in runs if r.data.tags["tuneline.kind"] == "asset"]
+    assert len(children) == 6 and {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert [str(v.version) for v in client.search_model_versions("name = 'gate'")] == ["1"]
