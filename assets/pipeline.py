@@ -23,8 +23,6 @@ from resources.compute import ComputeResource
 from resources.storage import StorageResource
 from resources.tracking import AssetRun, TrackingResource
 
-ASSET_NAMES = ("raw_data", "cleaned_dataset", "splits", "base_model", "finetuned_checkpoint", "evaluation_report")
-
 
 def _md_table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

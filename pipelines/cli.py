@@ -155,7 +155,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     from pipelines.definitions import SPECS_DIR
 
     for spec in load_specs(SPECS_DIR):
-        print(f"{spec.name}\t{spec.task.type}\t{spec.base_model.model.name if hasattr(spec.base_model.model, 'name') else ''}")
+        model = spec.base_model.model
+        print(f"{spec.name}\t{spec.task.type}\t{getattr(model, 'name', None) or getattr(model, 'path', '')}")
     return 0
 
 

@@ -9,7 +9,6 @@ Fine-tuned checkpoints become versions of a registered model named after the pip
 from __future__ import annotations
 
 import fcntl
-import json
 import tempfile
 import time
 import urllib.error
@@ -230,10 +229,3 @@ class TrackingResource(dg.ConfigurableResource):
         client = self.client()
         client.set_registered_model_alias(pipeline, CHAMPION, version)
         client.set_model_version_tag(pipeline, version, "tuneline.promotion", reason)
-
-    def describe(self) -> dict[str, Any]:
-        return {"tracking_uri": self.tracking_uri(), "artifact_root": str(self.artifact_root)}
-
-
-def dump(value: Any) -> str:
-    return json.dumps(value, indent=2, default=str)

@@ -9,6 +9,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,33 @@ def graphql(port: int, query: str, variables: dict[str, Any]) -> dict[str, Any]:
     return body["data"]
 
 
+def write_workspace(folder: Path, specs: Path, data: Path) -> Path:
+    """A workspace.yaml whose code location builds the definitions of `specs`, writing under `data`."""
+    module = folder / "ui_definitions.py"
+    module.write_text("from pathlib import Path\n"
+                      "from pipelines.definitions import build_definitions\n"
+                      f"defs = build_definitions(specs_dir=Path({str(specs)!r}), data_dir=Path({str(data)!r}))\n")
+    workspace = folder / "workspace.yaml"
+    workspace.write_text(f"load_from:\n  - python_file:\n      relative_path: {module}\n"
+                         f"      working_directory: {PROJECT_ROOT}\n      location_name: ui_test\n")
+    return workspace
+
+
+@contextmanager
+def running_dagster_dev(workspace: Path, home: Path, log: Path) -> Iterator[int]:
+    """`dagster dev` on a free port of 127.0.0.1; stops its whole process group on exit."""
+    port = free_port()
+    dagster = Path(sys.executable).with_name("dagster")
+    process = start([sys.executable, "-c", LAUNCHER, str(dagster), "dev", "-w", str(workspace),
+                     "-h", "127.0.0.1", "-p", str(port)], log, env={**os.environ, "DAGSTER_HOME": str(home)},
+                    cwd=PROJECT_ROOT)
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/server_info", process, log)
+        yield port
+    finally:
+        stop(process)
+
+
 @pytest.fixture
 def blocked_run(tmp_path: Path, tiny_model_dir: Path, write_spec: Callable[..., Path]) -> dict[str, Path]:
     """A DAGSTER_HOME holding one run of the 'gate' pipeline on a label typo, and a workspace that shows it."""
@@ -63,29 +91,14 @@ def blocked_run(tmp_path: Path, tiny_model_dir: Path, write_spec: Callable[..., 
     assert run.returncode == 1, run.stderr[-2000:]
     assert ("error: check gate/cleaned_dataset:labels_are_known failed (ERROR): labels_are_known failed: "
             "expect_column_values_to_be_in_set(") in run.stderr
-    module = tmp_path / "ui_definitions.py"
-    module.write_text("from pathlib import Path\n"
-                      "from pipelines.definitions import build_definitions\n"
-                      f"defs = build_definitions(specs_dir=Path({str(specs)!r}), data_dir=Path({str(data)!r}))\n")
-    workspace = tmp_path / "workspace.yaml"
-    workspace.write_text(f"load_from:\n  - python_file:\n      relative_path: {module}\n"
-                         f"      working_directory: {PROJECT_ROOT}\n      location_name: ui_test\n")
+    workspace = write_workspace(tmp_path, specs, data)
     return {"home": home, "workspace": workspace}
 
 
 @pytest.fixture
 def dagster_dev(blocked_run: dict[str, Path], tmp_path: Path) -> Iterator[int]:
-    port = free_port()
-    dagster = Path(sys.executable).with_name("dagster")
-    log = tmp_path / "dagster_dev.log"
-    process = start([sys.executable, "-c", LAUNCHER, str(dagster), "dev", "-w", str(blocked_run["workspace"]),
-                     "-h", "127.0.0.1", "-p", str(port)], log,
-                    env={**os.environ, "DAGSTER_HOME": str(blocked_run["home"])}, cwd=PROJECT_ROOT)
-    try:
-        wait_until_up(f"http://127.0.0.1:{port}/server_info", process, log)
+    with running_dagster_dev(blocked_run["workspace"], blocked_run["home"], tmp_path / "dagster_dev.log") as port:
         yield port
-    finally:
-        stop(process)
 
 
 def test_ui_shows_failed_blocking_check_and_no_checkpoint(dagster_dev: int) -> None:
@@ -127,13 +140,7 @@ def good_workspace(tmp_path: Path, tiny_model_dir: Path, write_spec: Callable[..
     spec["task"] = {"text_column": "text", "label_column": "label"}
     specs = write_spec("gate", spec)
     data = tmp_path / "data"
-    module = tmp_path / "ui_definitions.py"
-    module.write_text("from pathlib import Path\n"
-                      "from pipelines.definitions import build_definitions\n"
-                      f"defs = build_definitions(specs_dir=Path({str(specs)!r}), data_dir=Path({str(data)!r}))\n")
-    workspace = tmp_path / "workspace.yaml"
-    workspace.write_text(f"load_from:\n  - python_file:\n      relative_path: {module}\n"
-                         f"      working_directory: {PROJECT_ROOT}\n      location_name: ui_test\n")
+    workspace = write_workspace(tmp_path, specs, data)
     (tmp_path / "home").mkdir()
     return {"home": tmp_path / "home", "workspace": workspace, "data": data}
 
@@ -142,14 +149,8 @@ def test_materialize_all_from_the_ui_runs_every_step_in_its_own_process(good_wor
                                                                        tmp_path: Path) -> None:
     """What the UI's "Materialize all" does: launch the job through GraphQL; the daemon-less run launcher
     runs it with the multiprocess executor, each step in its own process."""
-    port = free_port()
-    dagster = Path(sys.executable).with_name("dagster")
     log = tmp_path / "dagster_dev.log"
-    process = start([sys.executable, "-c", LAUNCHER, str(dagster), "dev", "-w", str(good_workspace["workspace"]),
-                     "-h", "127.0.0.1", "-p", str(port)], log,
-                    env={**os.environ, "DAGSTER_HOME": str(good_workspace["home"])}, cwd=PROJECT_ROOT)
-    try:
-        wait_until_up(f"http://127.0.0.1:{port}/server_info", process, log)
+    with running_dagster_dev(good_workspace["workspace"], good_workspace["home"], log) as port:
         launched = graphql(port, LAUNCH_MUTATION, {"params": {
             "selector": {"repositoryLocationName": "ui_test", "repositoryName": "__repository__",
                          "jobName": "gate_job"}, "runConfigData": {}}})["launchRun"]
@@ -168,8 +169,6 @@ def test_materialize_all_from_the_ui_runs_every_step_in_its_own_process(good_wor
         assert set(statuses.values()) == {"SUCCEEDED"} and len(statuses) == 4
         report = graphql(port, MATERIALIZATIONS_QUERY, {"path": ["gate", "evaluation_report"]})
         assert [m["runId"] for m in report["assetOrError"]["assetMaterializations"]] == [run_id]
-    finally:
-        stop(process)
     # Steps ran in separate processes, yet the MLflow runs share one parent and the model was registered.
     from mlflow import MlflowClient
 

@@ -48,7 +48,7 @@ class CheckpointRecord:
     sha256: str  # digest over the checkpoint's weight files
     base_model: BaseModelRecord
     spec_hash: str
-    data_sha256: str  # digest of the (split, text, label) rows it was trained and selected on
+    data_sha256: str  # digest of the splits table it was trained and selected on (= the splits asset's sha256)
     labels: tuple[str, ...]
     train_rows: int
     validation_rows: int

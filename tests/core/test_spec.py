@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from pipelines.core.errors import SpecError
 from pipelines.core.spec import PipelineSpec, load_spec, load_specs, parse_spec
@@ -58,7 +59,7 @@ def test_minimal_spec_gets_defaults() -> None:
 
 def test_spec_is_frozen_and_hash_is_stable() -> None:
     spec = parse_spec(VALID, name="demo", origin="demo.yaml")
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         spec.name = "other"  # type: ignore[misc]
     again = parse_spec(VALID, name="demo", origin="demo.yaml")
     assert spec.spec_hash == again.spec_hash
