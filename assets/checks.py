@@ -11,8 +11,9 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
-from pipelines.core.quality import (CLEANED_CHECKS, SPLITS_CHECKS, CheckOutcome, QualityFn, QualityReport,
-                                    validate_cleaned_dataset, validate_splits)
+from pipelines.core.quality import (RENDERED_CHECKS, CheckOutcome, QualityFn, QualityReport, cleaned_checks_for,
+                                    splits_checks_for, validate_cleaned_dataset, validate_rendered_dataset,
+                                    validate_splits)
 from pipelines.core.spec import PipelineSpec
 from resources.storage import StorageResource
 
@@ -28,6 +29,11 @@ DESCRIPTIONS = {
     "split_proportions_match_spec": "Split shares are within quality.split_tolerance of the spec.",
     "every_class_in_train_and_test": "Every class has rows in train and in test.",
     "validation_and_test_are_not_empty": "Validation and test have rows.",
+    "responses_are_present": "No instruction or response is null or blank.",
+    "roles_alternate": "Every conversation is (system), user, assistant, ... alternating and ends with the assistant.",
+    "examples_are_unique": "No instruction occurs twice with the same response.",
+    "rendered_lengths_within_max_length": "Rendered examples fit training.max_length; few were dropped or truncated.",
+    "prompt_tokens_carry_no_loss": "The loss mask is 0 on every prompt token and 1 on every response token.",
 }
 
 
@@ -95,7 +101,7 @@ def build_quality_checks(spec: PipelineSpec) -> list[dg.AssetChecksDefinition]:
         key = dg.AssetKey([spec.name, asset])
 
         @dg.multi_asset_check(
-            name=f"{asset}_quality",
+            name=f"{spec.name}__{asset}_quality",  # op names are global: one per pipeline
             specs=[dg.AssetCheckSpec(name, asset=key, blocking=True, description=DESCRIPTIONS[name])
                    for name in names],
             ins={"value": dg.AssetIn(key)},
@@ -113,5 +119,35 @@ def build_quality_checks(spec: PipelineSpec) -> list[dg.AssetChecksDefinition]:
 
         return quality
 
-    return [suite_checks("cleaned_dataset", CLEANED_CHECKS, validate_cleaned_dataset),
-            suite_checks("splits", SPLITS_CHECKS, validate_splits)]
+    checks = [suite_checks("cleaned_dataset", cleaned_checks_for(spec), validate_cleaned_dataset),
+              suite_checks("splits", splits_checks_for(spec), validate_splits)]
+    if spec.task.type == "instruction_tuning":
+        checks.append(rendered_checks(spec))
+    return checks
+
+
+def rendered_checks(spec: PipelineSpec) -> dg.AssetChecksDefinition:
+    """Blocking checks on rendered_dataset (instruction tuning): lengths and the loss mask."""
+    key = dg.AssetKey([spec.name, "rendered_dataset"])
+
+    @dg.multi_asset_check(
+        name=f"{spec.name}__rendered_dataset_quality",
+        specs=[dg.AssetCheckSpec(name, asset=key, blocking=True, description=DESCRIPTIONS[name])
+               for name in RENDERED_CHECKS],
+        ins={"value": dg.AssetIn(key)},
+        compute_kind="great_expectations",
+    )
+    def quality(context: dg.AssetCheckExecutionContext, storage: StorageResource,
+                value: pd.DataFrame) -> Iterator[dg.AssetCheckResult]:
+        # How many split rows went in is in the materialization's metadata (dropped rows are not in the table).
+        event = context.instance.get_latest_materialization_event(key)
+        metadata = event.asset_materialization.metadata if event and event.asset_materialization else {}
+        rows_in = metadata["rows_in"].value if "rows_in" in metadata else len(value)
+        report = validate_rendered_dataset(value, spec, rows_in=int(rows_in))
+        gx_path = storage.asset_folder(spec.name) / "rendered_dataset.gx_validation.json"
+        _write_gx_result(gx_path, report)
+        for outcome in report.checks:
+            (context.log.info if outcome.passed else context.log.error)(outcome.summary())
+        yield from _results(report, RENDERED_CHECKS, key, gx_path)
+
+    return quality

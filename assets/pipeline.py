@@ -42,13 +42,16 @@ def _tracked(run: AssetRun, data_version: str, metadata: dict[str, Any]) -> dict
 
 
 def build_pipeline_assets(spec: PipelineSpec, project_root: Path) -> list[dg.AssetsDefinition]:
-    """The six assets of `spec`, keyed `<spec name>/<asset>` and grouped under the spec's name."""
+    """The assets of `spec`, keyed `<spec name>/<asset>` and grouped under the spec's name: six for text
+    classification; for instruction tuning also `rendered_dataset` (the chat template applied) before training."""
     prefix = [spec.name]
 
     def key(name: str) -> dg.AssetKey:
         return dg.AssetKey([spec.name, name])
 
     common: dict[str, Any] = {"key_prefix": prefix, "group_name": spec.name}
+    instruction = spec.task.type == "instruction_tuning"
+    group_column = "category" if instruction else "label"  # what splits are stratified by
 
     @dg.asset(**common, code_version=spec.section_hash("source"), kinds={"pandas"})
     def raw_data(context: dg.AssetExecutionContext, tracking: TrackingResource) -> dg.Output[pd.DataFrame]:
@@ -116,7 +119,7 @@ def build_pipeline_assets(spec: PipelineSpec, project_root: Path) -> list[dg.Ass
                cleaned_dataset: pd.DataFrame) -> dg.Output[pd.DataFrame]:
         """Every clean row assigned to train, validation or test by a hash of its normalised text."""
         with tracking.asset_run(context, spec.name) as run:
-            result = assign_splits(cleaned_dataset, spec.splits)
+            result = assign_splits(cleaned_dataset, spec.splits, group_column=group_column)
             digest = frame_digest(result.frame)
             for name in SPLITS:
                 part = result.frame[result.frame["split"] == name]
@@ -125,8 +128,8 @@ def build_pipeline_assets(spec: PipelineSpec, project_root: Path) -> list[dg.Ass
             run.log_params({f"splits.{k}": v for k, v in spec.splits.model_dump().items()})
         counts = result.counts()
         table = result.class_table()
-        md = _md_table(["class", *SPLITS], [[label, *(int(table.loc[label, s]) for s in SPLITS)]
-                                            for label in table.index])
+        md = _md_table([group_column, *SPLITS], [[label, *(int(table.loc[label, s]) for s in SPLITS)]
+                                                 for label in table.index])
         total = max(sum(counts.values()), 1)
         return dg.Output(result.frame, data_version=dg.DataVersion(digest[:32]), metadata=_tracked(run, digest[:32], {
             "dagster/row_count": len(result.frame),
@@ -135,15 +138,16 @@ def build_pipeline_assets(spec: PipelineSpec, project_root: Path) -> list[dg.Ass
             "origin": "the source's own splits" if result.origin == "source" else f"hash (seed {spec.splits.seed})",
             "moved_for_stratification": result.moved_for_stratification,
             "texts_in_several_splits": result.overlapping_texts,
-            "rows_per_class_and_split": dg.MetadataValue.md(md),
+            f"rows_per_{group_column}_and_split": dg.MetadataValue.md(md),
             "sha256": digest,
         }))
 
     @dg.asset(**common, code_version=spec.section_hash("base_model"), kinds={"huggingface"})
-    def base_model(context: dg.AssetExecutionContext, tracking: TrackingResource) -> dg.Output[BaseModelRecord]:
+    def base_model(context: dg.AssetExecutionContext, storage: StorageResource,
+                   tracking: TrackingResource) -> dg.Output[BaseModelRecord]:
         """The spec's pre-trained model, pinned: local path, weights sha256, licence, size and pooling."""
         with tracking.asset_run(context, spec.name) as run:
-            record = resolve_base_model(spec.base_model, project_root)
+            record = resolve_base_model(spec.base_model, project_root, cache_dir=storage.root / "models")
             run.log_params({f"base_model.{k}": v for k, v in record.to_dict().items()})
         version = record.weights_sha256[:32]
         return dg.Output(record, data_version=dg.DataVersion(version), metadata=_tracked(run, version, {
@@ -156,7 +160,13 @@ def build_pipeline_assets(spec: PipelineSpec, project_root: Path) -> list[dg.Ass
             "parameter_count": record.parameter_count,
             "architecture": record.architecture,
             "pooling": f"{record.pooling} (from {record.pooling_declared_by})",
+            **({"gguf_file": dg.MetadataValue.path(record.gguf_file)} if record.gguf_file else {}),
         }))
+
+    if instruction:
+        from assets.instruct import build_instruction_assets
+
+        return [raw_data, splits, base_model, *build_instruction_assets(spec, project_root, common)]
 
     @dg.asset(**common, ins={"splits": dg.AssetIn(key("splits")), "base_model": dg.AssetIn(key("base_model"))},
               code_version=spec.section_hash("training"), kinds={"pytorch"})

@@ -34,12 +34,13 @@ def ensure_dagster_home() -> Path:
 def _print_summary(summary: dict[str, Any], run_id: str) -> None:
     baselines = summary["baselines"]
     names = ["fine-tuned", *baselines]
-    metrics = ["accuracy", "macro_precision", "macro_recall", "macro_f1", "weighted_f1"]
+    metrics = summary.get("metric_names") or ["accuracy", "macro_precision", "macro_recall", "macro_f1",
+                                              "weighted_f1"]
     print(f"\n{summary['pipeline']}: evaluation on {summary['test_rows']} test rows (Dagster run {run_id})")
-    print("  " + "metric".ljust(18) + "".join(n.rjust(16) for n in names))
+    print("  " + "metric".ljust(22) + "".join(n.rjust(16) for n in names))
     for metric in metrics:
         values = [summary[metric], *(baselines[b][metric] for b in baselines)]
-        print("  " + metric.ljust(18) + "".join(f"{v:16.4f}" for v in values))
+        print("  " + metric.ljust(22) + "".join(f"{v:16.4f}" for v in values))
     for name, won in summary["beats_baselines"].items():
         verdict = "beats" if won else "does NOT beat"
         print(f"  the fine-tuned model {verdict} {name} on {summary['primary_metric']}")
@@ -99,7 +100,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    """Classify texts with the registry's champion of a pipeline."""
+    """Classify texts (or answer instructions, for a chat model) with the registry's champion of a pipeline."""
     from pipelines.core.errors import TunelineError
     from pipelines.core.training import load_classifier, predict_proba, record_from_folder
     from pipelines.definitions import DATA_DIR
@@ -115,6 +116,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             return 2
         version, folder = found
         record = record_from_folder(folder, model_version=version)
+        if record.task == "instruction_tuning":
+            return _answer(args, record, version)
         model, tokenizer = load_classifier(record)
     except TunelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -132,6 +135,58 @@ def cmd_predict(args: argparse.Namespace) -> int:
         for row in rows:
             print(f"{row['label']}\t{row['probability']:.4f}\t{row['text']}")
         print(f"(champion: {args.pipeline} v{version})", file=sys.stderr)
+    return 0
+
+
+def _answer(args: argparse.Namespace, record: Any, version: str) -> int:
+    """Greedy answers of a chat-model champion, each instruction rendered with the model's chat template."""
+    from pipelines.core.chat import render_prompt
+    from pipelines.core.generation import generate, load_finetuned_lm
+    from resources.compute import ComputeResource
+
+    model, tokenizer = load_finetuned_lm(record)
+    prompts = [render_prompt(tokenizer, [{"role": "user", "content": t}, {"role": "assistant", "content": ""}])
+               for t in args.texts]
+    answers = generate(model, tokenizer, prompts, args.max_new_tokens, 8, ComputeResource().settings("fp32"))
+    rows = [{"instruction": t, "response": a, "model": f"{args.pipeline} v{version}"}
+            for t, a in zip(args.texts, answers, strict=True)]
+    if args.json:
+        print(json.dumps(rows, ensure_ascii=False))
+    else:
+        for row in rows:
+            print(f"{row['instruction']}\t{row['response']}")
+        print(f"(champion: {args.pipeline} v{version})", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Merge a chat model's adapter into its base and write a plain transformers folder."""
+    from pipelines.core.errors import TunelineError
+    from pipelines.core.generation import export_merged
+    from pipelines.core.training import record_from_folder
+    from pipelines.definitions import DATA_DIR
+    from resources.tracking import TrackingResource
+
+    tracking = TrackingResource(data_dir=str(Path(args.data_dir).resolve() if args.data_dir else DATA_DIR))
+    try:
+        found = tracking.model_version(args.pipeline, args.version) if args.version else tracking.champion(args.pipeline)
+        if found is None:
+            print(f"error: the model registry at {tracking.tracking_uri()} has no champion for pipeline "
+                  f"{args.pipeline!r}; run `tuneline run --pipeline {args.pipeline}` first, or pass --version",
+                  file=sys.stderr)
+            return 2
+        version, folder = found
+        record = record_from_folder(folder, model_version=version)
+        if record.task != "instruction_tuning":
+            print(f"error: {args.pipeline} v{version} is a {record.task} model; `tuneline export` merges the "
+                  "adapters of instruction-tuned chat models", file=sys.stderr)
+            return 2
+        out = export_merged(record, Path(args.output))
+    except TunelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"exported {args.pipeline} v{version} (base {record.base_model.name} + adapter, merged) to {out}")
+    print("load it with: AutoModelForCausalLM.from_pretrained(path); AutoTokenizer.from_pretrained(path)")
     return 0
 
 
@@ -182,8 +237,16 @@ def main(argv: list[str] | None = None) -> int:
     predict.add_argument("--pipeline", required=True)
     predict.add_argument("--data-dir", help="folder of generated data holding the embedded MLflow store")
     predict.add_argument("--json", action="store_true", help="print one JSON list")
-    predict.add_argument("texts", nargs="+", help="one or more texts to classify")
+    predict.add_argument("--max-new-tokens", type=int, default=64, help="chat models: most tokens per answer")
+    predict.add_argument("texts", nargs="+", help="one or more texts to classify (or instructions to answer)")
     predict.set_defaults(func=cmd_predict)
+    export = sub.add_parser("export", help="merge a chat model's adapter into its base model and save it as "
+                                            "safetensors with its tokenizer and chat template")
+    export.add_argument("--pipeline", required=True)
+    export.add_argument("--output", required=True, help="new folder to write (must not exist)")
+    export.add_argument("--version", help="registry version to export (default: the champion)")
+    export.add_argument("--data-dir", help="folder of generated data holding the embedded MLflow store")
+    export.set_defaults(func=cmd_export)
     validate = sub.add_parser("validate", help="validate spec files (default: every spec in pipelines/specs)")
     validate.add_argument("files", nargs="*")
     validate.set_defaults(func=cmd_validate)

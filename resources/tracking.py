@@ -217,6 +217,19 @@ class TrackingResource(dg.ConfigurableResource):
             version = client.get_model_version_by_alias(pipeline, CHAMPION)
         except Exception:
             return None
+        return self._download(pipeline, version)
+
+    def model_version(self, pipeline: str, number: str) -> tuple[str, Path]:
+        """A registered version of the pipeline's model and a local copy of its files."""
+        client = self.client()
+        try:
+            version = client.get_model_version(pipeline, str(number))
+        except Exception:
+            raise TrackingError(f"the model registry at {self.tracking_uri()} has no version {number} of "
+                                f"{pipeline!r}") from None
+        return self._download(pipeline, version)
+
+    def _download(self, pipeline: str, version: Any) -> tuple[str, Path]:
         target = Path(tempfile.mkdtemp(prefix=f"tuneline-{pipeline}-v{version.version}-"))
         from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
 

@@ -14,6 +14,7 @@ from pipelines.definitions import SPECS_DIR, build_definitions, defs
 from tests.conftest import PROJECT_ROOT
 
 ASSETS = ["raw_data", "cleaned_dataset", "splits", "base_model", "finetuned_checkpoint", "evaluation_report"]
+CHAT_ASSETS = [*ASSETS, "rendered_dataset"]
 
 
 def asset_keys(definitions: dg.Definitions) -> set[str]:
@@ -21,10 +22,12 @@ def asset_keys(definitions: dg.Definitions) -> set[str]:
     return {key.to_user_string() for key in graph.get_all_asset_keys()}
 
 
-def test_default_definitions_list_the_trec_pipeline() -> None:
-    assert asset_keys(defs) == {f"trec_questions/{name}" for name in ASSETS}
-    assert sorted(job.name for job in defs.jobs or []) == ["trec_questions_job"]
-    assert sorted(s.name for s in defs.schedules or []) == ["trec_questions_retraining"]
+def test_default_definitions_list_both_pipelines() -> None:
+    assert asset_keys(defs) == ({f"trec_questions/{name}" for name in ASSETS}
+                                | {f"chatterbot_instruct/{name}" for name in CHAT_ASSETS})
+    assert sorted(job.name for job in defs.jobs or []) == ["chatterbot_instruct_job", "trec_questions_job"]
+    assert sorted(s.name for s in defs.schedules or []) == ["chatterbot_instruct_retraining",
+                                                            "trec_questions_retraining"]
     schedule = defs.resolve_schedule_def("trec_questions_retraining")
     assert schedule.cron_schedule == "0 3 * * 1"
     assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED
@@ -39,10 +42,19 @@ CHECKS = {
 }
 
 
+CHAT_CHECKS = {
+    "cleaned_dataset": ["cleaned_dataset_has_required_columns", "responses_are_present", "roles_alternate",
+                        "examples_are_unique", "row_count_within_bounds"],
+    "splits": ["splits_do_not_overlap", "split_proportions_match_spec", "validation_and_test_are_not_empty"],
+    "rendered_dataset": ["rendered_lengths_within_max_length", "prompt_tokens_carry_no_loss"],
+}
+
+
 def test_quality_checks_are_blocking_and_part_of_the_job() -> None:
     graph = defs.resolve_asset_graph()
     expected = {f"trec_questions/{asset}:{name}" for asset, names in CHECKS.items() for name in names}
-    assert {k.to_user_string() for k in graph.asset_check_keys} == expected
+    chat = {f"chatterbot_instruct/{asset}:{name}" for asset, names in CHAT_CHECKS.items() for name in names}
+    assert {k.to_user_string() for k in graph.asset_check_keys} == expected | chat
     for key in graph.asset_check_keys:
         spec = graph.get_check_spec(key)
         assert spec.blocking and spec.description, key
@@ -64,9 +76,21 @@ def test_asset_graph_edges_and_group() -> None:
     assert parents("finetuned_checkpoint") == {"splits", "base_model"}
     assert parents("evaluation_report") == {"splits", "finetuned_checkpoint"}
     groups = {graph.get(k).group_name for k in graph.get_all_asset_keys()}
-    assert groups == {"trec_questions"}
+    assert groups == {"trec_questions", "chatterbot_instruct"}
     for key in graph.get_all_asset_keys():  # descriptions come from the docstrings and show in the UI
         assert graph.get(key).description
+
+
+def test_instruction_graph_renders_before_training() -> None:
+    graph = defs.resolve_asset_graph()
+
+    def parents(name: str) -> set[str]:
+        return {k.path[-1] for k in graph.get(dg.AssetKey(["chatterbot_instruct", name])).parent_keys}
+
+    assert parents("splits") == {"cleaned_dataset"}
+    assert parents("rendered_dataset") == {"splits", "base_model"}
+    assert parents("finetuned_checkpoint") == {"rendered_dataset", "base_model"}
+    assert parents("evaluation_report") == {"rendered_dataset", "finetuned_checkpoint"}
 
 
 def test_job_selects_the_whole_group() -> None:

@@ -6,13 +6,18 @@ import hashlib
 import json
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 
 def frame_digest(frame: pd.DataFrame) -> str:
     """sha256 of a table's columns and values (row order included): equal tables, equal digests."""
     digest = hashlib.sha256(json.dumps([str(c) for c in frame.columns]).encode())
-    digest.update(pd.util.hash_pandas_object(frame.astype(str), index=False).to_numpy().tobytes())
+    # List cells (token ids) come back from Parquet as numpy arrays: hash both as the same plain list.
+    plain = frame.copy()
+    for column in plain.columns[plain.dtypes == object]:
+        plain[column] = [str(v.tolist()) if isinstance(v, np.ndarray) else str(v) for v in plain[column]]
+    digest.update(pd.util.hash_pandas_object(plain.astype(str), index=False).to_numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -21,7 +21,7 @@ from pipelines.core.spec import PipelineSpec
 
 MAX_EXAMPLES = 20
 ERROR, WARN = "ERROR", "WARN"
-_EXAMPLE_COLUMNS = ("text", "label", "split", "source_file", "source_row")
+_EXAMPLE_COLUMNS = ("text", "label", "response", "roles_problem", "total_tokens", "split", "source_file", "source_row")
 
 
 @dataclass(frozen=True)
@@ -248,12 +248,26 @@ CLEANED_CHECKS = ("cleaned_dataset_has_required_columns", "texts_are_present", "
                   "text_lengths_within_bounds", "texts_are_unique", "row_count_within_bounds", "classes_are_balanced")
 SPLITS_CHECKS = ("splits_do_not_overlap", "split_proportions_match_spec", "every_class_in_train_and_test",
                  "validation_and_test_are_not_empty")
+CHAT_CLEANED_CHECKS = ("cleaned_dataset_has_required_columns", "responses_are_present", "roles_alternate",
+                       "examples_are_unique", "row_count_within_bounds")
+CHAT_SPLITS_CHECKS = ("splits_do_not_overlap", "split_proportions_match_spec", "validation_and_test_are_not_empty")
+RENDERED_CHECKS = ("rendered_lengths_within_max_length", "prompt_tokens_carry_no_loss")
+
+
+def cleaned_checks_for(spec: PipelineSpec) -> tuple[str, ...]:
+    return CHAT_CLEANED_CHECKS if spec.task.type == "instruction_tuning" else CLEANED_CHECKS
+
+
+def splits_checks_for(spec: PipelineSpec) -> tuple[str, ...]:
+    return CHAT_SPLITS_CHECKS if spec.task.type == "instruction_tuning" else SPLITS_CHECKS
 
 
 def validate_cleaned_dataset(frame: pd.DataFrame, spec: PipelineSpec) -> QualityReport:
     """Run the cleaned_dataset checks of `spec` on the asset's value."""
     import great_expectations.expectations as gxe
 
+    if spec.task.type == "instruction_tuning":
+        return validate_cleaned_conversations(frame, spec)
     q = spec.quality
     rows = _with_row_id(frame)
     present = set(rows.columns)
@@ -326,6 +340,8 @@ def validate_splits(frame: pd.DataFrame, spec: PipelineSpec) -> QualityReport:
     q = spec.quality
     rows = _with_row_id(frame)
     rows["splits_with_this_text"] = rows.groupby("norm_text")["split"].transform("nunique")
+    if "label" not in rows.columns:  # instruction tuning: categories play the part of classes in the tables
+        rows["label"] = rows["category"] if "category" in rows.columns else "all"
     counts = rows["split"].value_counts()
     total = max(len(rows), 1)
     own_splits = "split_origin" in rows.columns and (rows["split_origin"] == "source").any()
@@ -359,6 +375,8 @@ def validate_splits(frame: pd.DataFrame, spec: PipelineSpec) -> QualityReport:
         "add rows of the missing classes (at least 3 per class), or drop the class from the data",
         (gxe.ExpectColumnValuesToBeBetween(column="train", min_value=1), "classes", ERROR),
         (gxe.ExpectColumnValuesToBeBetween(column="test", min_value=1), "classes", ERROR)))
+    if spec.task.type == "instruction_tuning":  # categories are reported, not required in every split
+        checks = [c for c in checks if c.name != "every_class_in_train_and_test"]
     needed = [s for s in ("validation", "test") if getattr(spec.splits, s) > 0]
     checks.append(_check_def(
         "validation_and_test_are_not_empty", f"The {' and '.join(needed)} split(s) have rows.",
@@ -369,3 +387,97 @@ def validate_splits(frame: pd.DataFrame, spec: PipelineSpec) -> QualityReport:
 
 
 QualityFn = Callable[[pd.DataFrame, PipelineSpec], QualityReport]
+
+
+# ------------------------------------------------------------------------------ instruction tuning suites
+def validate_cleaned_conversations(frame: pd.DataFrame, spec: PipelineSpec) -> QualityReport:
+    """The cleaned_dataset checks of an instruction-tuning spec: columns, responses, roles, duplicates, size."""
+    import json
+
+    import great_expectations.expectations as gxe
+
+    from pipelines.core.chat import role_problem
+
+    q = spec.quality
+    rows = _with_row_id(frame)
+    present = set(rows.columns)
+    required = ("messages", "text", "response")
+    checks = [_check_def(
+        "cleaned_dataset_has_required_columns", "The messages, instruction text and response columns exist.",
+        "give the source instruction and response columns (task.instruction_column / task.response_column) or "
+        "a messages column (task.messages_column)",
+        *[(gxe.ExpectColumnToExist(column=c), "rows", ERROR) for c in required],
+        *[(gxe.ExpectColumnValuesToBeOfType(column=c, type_="str"), "rows", ERROR) for c in required if c in present])]
+    if set(required) <= present:
+        def problem(value: str) -> str | None:
+            try:
+                return role_problem(json.loads(value))
+            except (TypeError, ValueError) as exc:
+                return f"messages are not valid JSON: {exc}"
+
+        rows["roles_problem"] = pd.Series([problem(v) for v in rows["messages"]], dtype=object)
+        checks.append(_check_def(
+            "responses_are_present", "No instruction or response is null or blank.",
+            "remove or fill the rows with an empty instruction or response",
+            (gxe.ExpectColumnValuesToNotBeNull(column="text"), "rows", ERROR),
+            (gxe.ExpectColumnValuesToNotBeNull(column="response"), "rows", ERROR),
+            (gxe.ExpectColumnValuesToNotMatchRegex(column="text", regex=r"^\s*$"), "rows", ERROR),
+            (gxe.ExpectColumnValuesToNotMatchRegex(column="response", regex=r"^\s*$"), "rows", ERROR)))
+        checks.append(_check_def(
+            "roles_alternate", "Every conversation is an optional system message, then user and assistant turns "
+                               "alternating, ending with the assistant's response.",
+            "fix the roles of the listed conversations (roles_problem says what is wrong); roles are system, user "
+            "and assistant",
+            (gxe.ExpectColumnValuesToBeNull(column="roles_problem"), "rows", ERROR)))
+        checks.append(_check_def(
+            "examples_are_unique", "No instruction occurs twice with the same response.",
+            "enable cleaning.drop_duplicates, or remove the duplicated rows from the source",
+            (gxe.ExpectCompoundColumnsToBeUnique(column_list=["norm_text", "norm_response"]), "rows", ERROR)))
+        checks.append(_check_def(
+            "row_count_within_bounds", f"The clean dataset has between {q.min_rows} and {q.max_rows} rows.",
+            "provide more conversations (or fewer are being dropped by cleaning: see the asset's metadata), or "
+            "change quality.min_rows / quality.max_rows",
+            (gxe.ExpectTableRowCountToBeBetween(min_value=q.min_rows, max_value=q.max_rows), "rows", ERROR)))
+    return _evaluate("cleaned_dataset", checks, tables={"rows": rows})
+
+
+def validate_rendered_dataset(frame: pd.DataFrame, spec: PipelineSpec, rows_in: int) -> QualityReport:
+    """The rendered_dataset checks: lengths within training.max_length, few examples lost to it, and the loss
+    mask covering exactly the response tokens. `rows_in` is the number of rows of the splits asset."""
+    import great_expectations.expectations as gxe
+
+    max_length = spec.training.max_length
+    rows = _with_row_id(frame)
+    dropped = max(rows_in - len(rows), 0)
+    truncated = int(rows["truncated"].sum()) if "truncated" in rows.columns else 0
+    lost = pd.DataFrame([{"rows_in": rows_in, "dropped": dropped, "truncated": truncated,
+                          "share": (dropped + truncated) / max(rows_in, 1)}])
+
+    def mask_ok(mask: Any, prompt_tokens: int, completion_tokens: int) -> bool:
+        mask = list(mask)
+        return completion_tokens >= 1 and mask == [0] * prompt_tokens + [1] * completion_tokens
+
+    rows["loss_mask_matches_response"] = [
+        mask_ok(m, int(p), int(c)) for m, p, c in zip(rows["completion_mask"], rows["prompt_tokens"],
+                                                     rows["completion_tokens"], strict=True)]
+    checks = [
+        _check_def(
+            "rendered_lengths_within_max_length",
+            f"Every rendered example has at most training.max_length ({max_length}) tokens, and at most "
+            f"quality.max_overlength_fraction ({spec.quality.max_overlength_fraction:g}) of the examples were "
+            "dropped or truncated to get there.",
+            "raise training.max_length (the per-split table shows how many were lost), shorten the long "
+            "conversations, or raise quality.max_overlength_fraction",
+            (gxe.ExpectColumnValuesToBeBetween(column="total_tokens", min_value=1, max_value=max_length), "rows", ERROR),
+            (gxe.ExpectColumnValuesToBeBetween(column="share", max_value=spec.quality.max_overlength_fraction),
+             "lost", ERROR)),
+        _check_def(
+            "prompt_tokens_carry_no_loss",
+            "Every example has response tokens, and the loss mask is 0 on every prompt token and 1 on every "
+            "response token.",
+            "an example whose response is empty after rendering cannot be learned from: fix the data or the "
+            "chat template",
+            (gxe.ExpectColumnValuesToBeBetween(column="completion_tokens", min_value=1), "rows", ERROR),
+            (gxe.ExpectColumnValuesToBeInSet(column="loss_mask_matches_response", value_set=[True]), "rows", ERROR)),
+    ]
+    return _evaluate("rendered_dataset", checks, tables={"rows": rows, "lost": lost})

@@ -35,6 +35,7 @@ class BaseModelRecord:
     pooling_declared_by: str  # which file (or default) decided the pooling
     hidden_size: int
     max_position_embeddings: int
+    gguf_file: str | None = None  # the GGUF file the local safetensors folder was de-quantized from
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,6 +61,7 @@ class CheckpointRecord:
     peak_memory_mb: float = 0.0
     history: tuple[dict[str, float], ...] = field(default_factory=tuple)
     model_version: str | None = None  # the registry version, once registered
+    task: str = "text_classification"  # or instruction_tuning (a LoRA adapter on a causal language model)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -94,6 +96,48 @@ class EvaluationReport:
             "pipeline": self.pipeline,
             "test_rows": self.test_rows,
             **{k: round(v, 4) for k, v in self.metrics.items()},
+            "baselines": {b: {k: round(v, 4) for k, v in m.items()} for b, m in self.baselines.items()},
+            "primary_metric": self.primary_metric,
+            "beats_baselines": dict(self.beats_baselines),
+            "promoted": bool(self.promotion.get("promote")),
+            "promotion_reason": self.promotion.get("reason", ""),
+            "report_html": self.html_path,
+            "report_json": self.json_path,
+        }
+
+
+@dataclass(frozen=True)
+class GenerationReport:
+    """Losses, perplexity and scored greedy generations of a fine-tuned chat model and of its base model."""
+
+    pipeline: str
+    checkpoint_sha256: str
+    test_rows: int
+    test_prompts: int  # distinct test instructions generated for (an instruction may have several references)
+    metrics: dict[str, float]  # fine-tuned: validation/test loss and perplexity, exact_match, token_f1, rouge_l
+    baselines: dict[str, dict[str, float]]  # "base_model" -> the same metrics before fine-tuning
+    primary_metric: str
+    beats_baselines: dict[str, bool]
+    promotion: dict[str, Any]
+    champion_metrics: dict[str, float] | None
+    samples: tuple[dict[str, str], ...]  # instruction, reference, base output, fine-tuned output
+    json_path: str
+    html_path: str
+    generations_path: str  # every test generation with its scores (JSONL)
+    task: str = "instruction_tuning"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> dict[str, Any]:
+        """The headline numbers, as `tuneline run --json` prints them."""
+        return {
+            "pipeline": self.pipeline,
+            "task": self.task,
+            "test_rows": self.test_rows,
+            "test_prompts": self.test_prompts,
+            **{k: round(v, 4) for k, v in self.metrics.items()},
+            "metric_names": list(self.metrics),
             "baselines": {b: {k: round(v, 4) for k, v in m.items()} for b, m in self.baselines.items()},
             "primary_metric": self.primary_metric,
             "beats_baselines": dict(self.beats_baselines),

@@ -21,7 +21,7 @@ from pipelines.core.spec import HubSourceConfig, LocalSourceConfig, PackageFileS
 
 PROVENANCE_COLUMNS = ("source_file", "source_row", "source_split")
 DATA_EXTENSIONS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet",
-                   ".txt": "label_text_lines"}
+                   ".txt": "label_text_lines", ".yml": "chatterbot_yaml", ".yaml": "chatterbot_yaml"}
 SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
                  "val": "validation", "dev": "validation", "test": "test", "testing": "test"}
 
@@ -121,7 +121,51 @@ def _read_parquet(data: bytes, file: str) -> pd.DataFrame:
     return frame
 
 
+def _read_chatterbot_yaml(data: bytes, file: str) -> pd.DataFrame:
+    """A chatterbot-corpus file: each conversation's first line is the instruction, the next the response."""
+    import yaml
+
+    text = _decode(data, file)
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise SourceError(f"not valid YAML: {getattr(exc, 'problem', exc)}", file=file,
+                          row=mark.line + 1 if mark is not None else None) from None
+    conversations = None
+    if isinstance(root, yaml.MappingNode):
+        for key, value in root.value:
+            if key.value == "conversations":
+                conversations = value
+    if not isinstance(conversations, yaml.SequenceNode):
+        raise SourceError("expected a mapping with a 'conversations' list (the chatterbot-corpus format)", file=file)
+    instructions: list[str | None] = []
+    responses: list[str | None] = []
+    problems: list[str | None] = []
+    rows: list[int] = []
+    for conversation in conversations.value:
+        line = conversation.start_mark.line + 1
+        lines = conversation.value if isinstance(conversation, yaml.SequenceNode) else []
+        rows.append(line)
+        if len(lines) < 2 or not all(isinstance(node, yaml.ScalarNode) for node in lines[:2]):
+            # Kept as a row with its problem, so cleaning drops and reports it with its file and line (the
+            # shipped corpus has one: a '- question:' mapping where a '- - question' list was meant).
+            instructions.append(None)
+            responses.append(None)
+            problems.append("malformed conversation: expected a list of at least two text lines "
+                            "(instruction, response)")
+            continue
+        instructions.append(str(lines[0].value))
+        responses.append(str(lines[1].value))
+        problems.append(None)
+    category = Path(file).stem
+    return pd.DataFrame({"instruction": instructions, "response": responses, "category": [category] * len(rows),
+                         "source_problem": problems, "source_row": rows}).astype(
+        {"instruction": object, "response": object, "source_problem": object})
+
+
 READERS: dict[str, Callable[[bytes, str], pd.DataFrame]] = {
+    "chatterbot_yaml": _read_chatterbot_yaml,
     "label_text_lines": _read_label_text_lines,
     "csv": _read_csv,
     "jsonl": _read_jsonl,
@@ -164,8 +208,8 @@ def _concat(frames: list[pd.DataFrame], files: list[str]) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------------------------ sources
-def packaged_path(package: str, path: str, *, folder: bool) -> tuple[Path, str]:
-    """A file (or folder) shipped inside an installed distribution, and the distribution's version.
+def packaged_path(package: str, path: str, *, folder: bool | None) -> tuple[Path, str]:
+    """A file (or folder; None: either) shipped inside an installed distribution, and its version.
 
     Raises LookupError with a message that says what is missing; callers name the spec field at fault.
     """
@@ -175,20 +219,35 @@ def packaged_path(package: str, path: str, *, folder: bool) -> tuple[Path, str]:
         raise LookupError(f"the Python package {package!r} is not installed "
                           f"(install it with: pip install --no-deps {package})") from None
     found = Path(str(dist.locate_file(path)))
-    if not (found.is_dir() if folder else found.is_file()):
+    exists = found.exists() if folder is None else found.is_dir() if folder else found.is_file()
+    if not exists:
         raise LookupError(f"package {package!r} {dist.version} has no {'folder' if folder else 'file'} {path!r}")
     return found, dist.version
 
 
 def _read_package_file(cfg: PackageFileSourceConfig) -> tuple[pd.DataFrame, SourceRecord]:
     try:
-        path, version = packaged_path(cfg.package, cfg.path, folder=False)
+        path, version = packaged_path(cfg.package, cfg.path, folder=None)
     except LookupError as exc:
         raise SourceError(f"source.package / source.path: {exc}") from None
-    frame, sha = read_file(path, cfg.format)
-    # Record the file by its place in the package, not the machine's site-packages path.
-    frame["source_file"] = f"{cfg.package}:{cfg.path}"
     location = f"{cfg.package}=={version}:{cfg.path}"
+    if path.is_dir():  # every file of the format in the folder, e.g. chatterbot-corpus's data/english
+        suffixes = {ext for ext, fmt in DATA_EXTENSIONS.items() if fmt == cfg.format}
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
+        if not files:
+            raise SourceError(f"source.path: folder {cfg.path!r} of package {cfg.package!r} has no "
+                              f"{cfg.format} files ({sorted(suffixes)})")
+        frames, digests = [], []
+        for file in files:
+            frame, sha = read_file(file, cfg.format)
+            # Record each file by its place in the package, not the machine's site-packages path.
+            frame["source_file"] = f"{cfg.package}:{cfg.path.rstrip('/')}/{file.name}"
+            frames.append(frame)
+            digests.append((file.name, sha))
+        frame = _concat(frames, [f"{cfg.path}/{f.name}" for f in files])
+        return frame, SourceRecord("package_file", location, combined_digest(digests), tuple(digests))
+    frame, sha = read_file(path, cfg.format)
+    frame["source_file"] = f"{cfg.package}:{cfg.path}"
     return frame, SourceRecord("package_file", location, sha, ((location, sha),))
 
 

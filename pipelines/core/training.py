@@ -231,7 +231,8 @@ def _classification_metrics(eval_pred: Any) -> dict[str, float]:
             "weighted_f1": float(f1_score(labels, preds, average="weighted", zero_division=0))}
 
 
-def _make_callback(model: nn.Module, progress: ProgressFn, sink: MetricsSink | None, select_by: str) -> Any:
+def _make_callback(model: nn.Module, progress: ProgressFn, sink: MetricsSink | None, select_by: str,
+                   higher_is_better: bool = True) -> Any:
     from transformers import TrainerCallback
 
     class ProgressAndBestEpoch(TrainerCallback):
@@ -264,12 +265,18 @@ def _make_callback(model: nn.Module, progress: ProgressFn, sink: MetricsSink | N
         def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None,
                         **kwargs: Any) -> None:
             metrics = metrics or {}
-            score = float(metrics.get(f"eval_{select_by}", -math.inf))
-            progress(f"epoch {state.epoch:.2f}: validation accuracy {metrics.get('eval_accuracy', float('nan')):.4f} "
-                     f"macro-F1 {metrics.get('eval_macro_f1', float('nan')):.4f}")
+            value = float(metrics.get(f"eval_{select_by}", math.nan))
+            score = -math.inf if math.isnan(value) else value if higher_is_better else -value
+            shown = ", ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in metrics.items()
+                              if k in ("eval_accuracy", "eval_macro_f1", "eval_loss") and isinstance(v, (int, float)))
+            progress(f"epoch {state.epoch:.2f}: validation {shown}")
             if score > self.best_score:
                 self.best_score, self.best_epoch = score, float(state.epoch)
                 self.best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+        @property
+        def best_value(self) -> float:
+            return self.best_score if higher_is_better else -self.best_score
 
         def restore_best(self) -> None:
             if self.best_state is None:
@@ -391,9 +398,10 @@ def peak_memory_mb() -> float:
 
 
 # ---------------------------------------------------------------------------------------- save / load
-def checkpoint_digest(path: Path) -> str:
-    """Digest over the checkpoint's weight files (adapter and head)."""
-    return combined_digest([(name, sha256_file(path / name)) for name in WEIGHT_FILES])
+def checkpoint_digest(path: Path, task: str = "text_classification") -> str:
+    """Digest over the checkpoint's weight files (adapter, and the head of a classifier)."""
+    names = WEIGHT_FILES if task == "text_classification" else WEIGHT_FILES[:1]
+    return combined_digest([(name, sha256_file(path / name)) for name in names])
 
 
 def _save_checkpoint(model: PooledClassifier, tokenizer: Any, labels: tuple[str, ...], spec: PipelineSpec,
@@ -429,7 +437,11 @@ def record_from_folder(path: Path, model_version: str | None = None) -> Checkpoi
 
     meta_file = path / "classifier.json"
     if not meta_file.is_file():
-        raise CheckpointError(f"{path} is not a tuneline checkpoint (no classifier.json)")
+        if (path / "causal_lm.json").is_file():
+            from pipelines.core.generation import lm_record_from_folder
+
+            return lm_record_from_folder(path, model_version)
+        raise CheckpointError(f"{path} is not a tuneline checkpoint (no classifier.json or causal_lm.json)")
     meta = json.loads(meta_file.read_text(encoding="utf-8"))
     base = BaseModelRecord(**meta["base_model"])
     if not Path(base.local_path).is_dir():

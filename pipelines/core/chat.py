@@ -1,0 +1,344 @@
+"""Instruction data as chat conversations: read from columns or an OpenAI `messages` column, cleaned, and
+rendered with the base model's own chat template into token ids whose prompt part carries no loss.
+"""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipelines.core.cleaning import _is_missing, dedup_key
+from pipelines.core.errors import SourceError
+from pipelines.core.spec import CleaningConfig, InstructionTuningTaskConfig
+
+ROLES = ("system", "user", "assistant")
+CHAT_DROP_REASONS = ("malformed_source_row", "empty_instruction", "empty_response", "too_long", "exact_duplicate",
+                     "normalised_duplicate")
+RENDER_DROP_REASONS = ("over_max_length", "prompt_over_max_length")
+# Used only when a base model has no chat template of its own (reported as such in the asset's metadata).
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def _text(value: Any) -> str | None:
+    return None if _is_missing(value) else str(value)
+
+
+def _parse_messages(value: Any, file: str, row: int, column: str) -> list[dict[str, Any]]:
+    """A conversation as a list of {role, content} dicts; structure errors name the file, row and column."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise SourceError(f"not a JSON list of messages ({exc.msg}); expected "
+                              '[{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]',
+                              file=file, row=row, column=column) from None
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if not isinstance(value, list) or not value:
+        raise SourceError(f"expected a non-empty list of messages, got {type(value).__name__}",
+                          file=file, row=row, column=column)
+    messages = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise SourceError(f"message {i} is not an object with 'role' and 'content': {str(message)[:80]!r}",
+                              file=file, row=row, column=column)
+        messages.append({"role": str(message["role"]), "content": _text(message["content"]) or ""})
+    return messages
+
+
+def select_conversations(raw: pd.DataFrame, task: InstructionTuningTaskConfig) -> pd.DataFrame:
+    """One conversation per row (JSON `messages`), from a messages column or from instruction/response columns.
+
+    Keeps `text` (the prompt's user turns, what splits and duplicates are judged by), `response` (the last
+    message), `category` and provenance.
+    """
+    columns = set(raw.columns)
+    files = raw["source_file"].astype(str).tolist()
+    rows = raw["source_row"].astype("int64").tolist()
+    conversations: list[list[dict[str, Any]] | None] = []
+    if task.messages_column in columns:
+        for value, file, row in zip(raw[task.messages_column], files, rows, strict=True):
+            conversations.append(None if _is_missing(value) is True and not isinstance(value, (list, np.ndarray))
+                                 else _parse_messages(value, file, row, task.messages_column))
+    else:
+        for column, name in ((task.instruction_column, "task.instruction_column"),
+                             (task.response_column, "task.response_column")):
+            if column not in columns:
+                available = [c for c in raw.columns if c not in ("source_file", "source_row", "source_split",
+                                                                 "source_problem")]
+                raise SourceError(f"has no column {column!r} (named by {name}) and no {task.messages_column!r} "
+                                  f"column (task.messages_column); its columns are {available}",
+                                  file=", ".join(sorted(set(files))) or None, column=column)
+        inputs = raw[task.input_column] if task.input_column in columns else [None] * len(raw)
+        systems = raw[task.system_column] if task.system_column in columns else [None] * len(raw)
+        for instruction, extra, system, response in zip(raw[task.instruction_column], inputs, systems,
+                                                        raw[task.response_column], strict=True):
+            prompt = _text(instruction)
+            if prompt is not None and _text(extra) and _text(extra).strip():  # type: ignore[union-attr]
+                prompt = f"{prompt}\n\n{_text(extra)}"
+            messages = [{"role": "system", "content": _text(system)}] if _text(system) else []
+            messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": _text(response)}]
+            conversations.append(messages)
+    out_messages, texts, responses = [], [], []
+    for messages in conversations:
+        if messages is None:
+            out_messages.append(None)
+            texts.append(None)
+            responses.append(None)
+            continue
+        if task.system_prompt and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": task.system_prompt}, *messages]
+        users = [m["content"] for m in messages[:-1] if m["role"] == "user" and m["content"] is not None]
+        out_messages.append(json.dumps(messages, ensure_ascii=False))
+        texts.append("\n".join(users) if users else None)
+        responses.append(messages[-1]["content"])
+    frame = pd.DataFrame({
+        "messages": pd.Series(out_messages, dtype=object),
+        "text": pd.Series(texts, dtype=object),
+        "response": pd.Series(responses, dtype=object),
+        "category": (raw[task.category_column].map(lambda v: _text(v) or "none").astype(str).to_numpy()
+                     if task.category_column in columns else "all"),
+        "source_file": files,
+        "source_row": rows,
+    })
+    if "source_problem" in columns:
+        frame["source_problem"] = raw["source_problem"].map(_text).astype(object).to_numpy()
+    if "source_split" in columns:
+        frame["source_split"] = raw["source_split"].astype(str).to_numpy()
+    return frame
+
+
+def role_problem(messages: list[dict[str, Any]]) -> str | None:
+    """Why a conversation's roles are not (system?) user, assistant, user, ..., assistant; None when they are."""
+    roles = [m["role"] for m in messages]
+    unknown = [r for r in roles if r not in ROLES]
+    if unknown:
+        return f"unknown role {unknown[0]!r} (expected system, user or assistant)"
+    turns = roles[1:] if roles and roles[0] == "system" else roles
+    if "system" in turns:
+        return "a system message after the first message"
+    if not turns:
+        return "no user or assistant message"
+    for i, role in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if role != expected:
+            return f"message {i + (len(roles) - len(turns))} is {role!r} where {expected!r} was expected (roles must alternate)"
+    if turns[-1] != "assistant":
+        return "the last message is not the assistant's response"
+    return None
+
+
+@dataclass(frozen=True)
+class ChatCleaningResult:
+    frame: pd.DataFrame
+    rows_in: int
+    dropped: dict[str, int]
+    dropped_examples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+    @property
+    def rows_kept(self) -> int:
+        return len(self.frame)
+
+    def category_counts(self) -> dict[str, int]:
+        return {str(k): int(v) for k, v in self.frame["category"].value_counts().sort_index().items()}
+
+
+def _normalise(text: str, cfg: CleaningConfig) -> str:
+    # Message contents keep their line breaks (lists, code); only the unicode form and the ends are normalised.
+    if cfg.unicode_normalization != "none":
+        text = unicodedata.normalize(cfg.unicode_normalization, text)
+    return text.strip() if cfg.collapse_whitespace else text
+
+
+def clean_conversations(examples: pd.DataFrame, cfg: CleaningConfig) -> ChatCleaningResult:
+    """Normalise message texts; drop malformed, empty, over-long and duplicate conversations, counting each.
+
+    The same instruction with different responses is kept (several references); splits keep them together.
+    """
+    rows_in = len(examples)
+    frame = examples.copy()
+    reason = pd.Series([None] * len(frame), index=frame.index, dtype=object)
+
+    def mark(mask: Any, why: str) -> None:
+        mask = pd.Series(np.asarray(mask, dtype=bool), index=frame.index)
+        reason[mask & reason.isna()] = why
+
+    if "source_problem" in frame.columns:
+        mark(frame["source_problem"].map(lambda v: v is not None and not _is_missing(v)), "malformed_source_row")
+    normalised: list[str | None] = []
+    for value in frame["messages"]:
+        if _is_missing(value):
+            normalised.append(None)
+            continue
+        messages = json.loads(value)
+        for message in messages:
+            message["content"] = _normalise(message["content"] or "", cfg)
+        normalised.append(json.dumps(messages, ensure_ascii=False))
+    frame["messages"] = pd.Series(normalised, index=frame.index, dtype=object)
+    # pandas 3 stores None in a text column as NaN: everything below goes through plain lists and _is_missing.
+    texts = ["" if _is_missing(t) else _normalise(str(t), cfg) for t in frame["text"]]
+    responses = ["" if _is_missing(t) else _normalise(str(t), cfg) for t in frame["response"]]
+    frame["text"] = pd.Series(texts, index=frame.index, dtype=object)
+    frame["response"] = pd.Series(responses, index=frame.index, dtype=object)
+    mark([not t for t in texts], "empty_instruction")
+    mark([not t for t in responses], "empty_response")
+    lengths = [0 if _is_missing(v) else sum(len(m["content"]) for m in json.loads(v)) for v in frame["messages"]]
+    mark([n > cfg.max_chars for n in lengths], "too_long")
+    frame["norm_text"] = [dedup_key(t) for t in texts]
+    frame["norm_response"] = [dedup_key(t) for t in responses]
+    if cfg.drop_duplicates:
+        within = ["source_split"] if "source_split" in frame.columns else []
+        for subset, why in ((["messages", *within], "exact_duplicate"),
+                            (["norm_text", "norm_response", *within], "normalised_duplicate")):
+            alive = reason.isna()
+            mark(alive & frame[alive].duplicated(subset=subset, keep="first").reindex(frame.index, fill_value=False),
+                 why)
+    dropped = {why: int((reason == why).sum()) for why in CHAT_DROP_REASONS}
+    shown = [c for c in ("text", "response", "source_problem", "source_file", "source_row") if c in frame.columns]
+    examples_by_reason = {
+        why: frame.loc[reason == why, shown].head(5).astype(object).where(lambda f: f.notna(), None).to_dict("records")
+        for why in CHAT_DROP_REASONS if dropped[why]}
+    kept = frame[reason.isna()].reset_index(drop=True)
+    columns = ["messages", "text", "response", "category", "norm_text", "norm_response", "source_file", "source_row"]
+    columns += ["source_split"] if "source_split" in kept.columns else []
+    kept = kept[columns].astype({"messages": str, "text": str, "response": str, "category": str,
+                                 "norm_text": str, "norm_response": str})
+    return ChatCleaningResult(kept, rows_in, dropped, examples_by_reason)
+
+
+# ------------------------------------------------------------------------------------------ rendering
+def ensure_chat_template(tokenizer: Any) -> str:
+    """'model' when the tokenizer brings its own chat template; otherwise sets a ChatML one and says so."""
+    if getattr(tokenizer, "chat_template", None):
+        return "model"
+    tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+    return "tuneline ChatML fallback (the model has no chat template)"
+
+
+def render_prompt(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> str:
+    """The text the model sees before it answers: every message but the last, plus the assistant header."""
+    return tokenizer.apply_chat_template(list(messages[:-1]), tokenize=False, add_generation_prompt=True)
+
+
+def render_example(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> tuple[str, str, list[int], list[int]]:
+    """Prompt text, completion text, token ids and completion mask (1 = the token carries loss)."""
+    prompt = render_prompt(tokenizer, messages)
+    full = tokenizer.apply_chat_template(list(messages), tokenize=False)
+    if not full.startswith(prompt):
+        raise ValueError("the chat template does not render the prompt as the start of the whole conversation, "
+                         "so the response tokens cannot be told apart")
+    completion = full[len(prompt):]
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    return prompt, completion, prompt_ids + completion_ids, [0] * len(prompt_ids) + [1] * len(completion_ids)
+
+
+@dataclass(frozen=True)
+class RenderResult:
+    frame: pd.DataFrame
+    template: str  # "model" or the fallback's description
+    dropped: dict[str, dict[str, int]]  # reason -> split -> rows
+    truncated: dict[str, int]  # split -> rows
+    rows_in: int
+
+    @property
+    def dropped_total(self) -> int:
+        return sum(sum(v.values()) for v in self.dropped.values())
+
+    @property
+    def truncated_total(self) -> int:
+        return sum(self.truncated.values())
+
+
+def render_conversations(splits: pd.DataFrame, tokenizer: Any, max_length: int, overlength: str) -> RenderResult:
+    """Render every conversation with the chat template and apply the spec's over-length rule.
+
+    overlength 'drop' drops examples longer than max_length tokens; 'truncate' cuts the response to fit
+    (an example whose prompt alone does not fit is dropped). Every dropped or truncated row is counted by split.
+    """
+    template = ensure_chat_template(tokenizer)
+    records = []
+    dropped = {why: {} for why in RENDER_DROP_REASONS}  # type: dict[str, dict[str, int]]
+    truncated: dict[str, int] = {}
+    for row in splits.itertuples(index=False):
+        messages = json.loads(row.messages)
+        prompt, completion, ids, mask = render_example(tokenizer, messages)
+        prompt_tokens = mask.count(0)
+        was_truncated = False
+        if len(ids) > max_length:
+            if overlength == "drop":
+                dropped["over_max_length"][row.split] = dropped["over_max_length"].get(row.split, 0) + 1
+                continue
+            if prompt_tokens >= max_length:
+                dropped["prompt_over_max_length"][row.split] = dropped["prompt_over_max_length"].get(row.split, 0) + 1
+                continue
+            ids, mask, was_truncated = ids[:max_length], mask[:max_length], True
+            truncated[row.split] = truncated.get(row.split, 0) + 1
+        records.append({
+            "split": row.split, "text": row.text, "response": row.response, "category": row.category,
+            "norm_text": row.norm_text, "messages": row.messages, "prompt_rendered": prompt,
+            "completion_rendered": completion, "input_ids": ids, "completion_mask": mask,
+            "prompt_tokens": prompt_tokens, "completion_tokens": len(ids) - prompt_tokens,
+            "total_tokens": len(ids), "truncated": was_truncated,
+            "source_file": row.source_file, "source_row": int(row.source_row)})
+    frame = pd.DataFrame.from_records(records, columns=[
+        "split", "text", "response", "category", "norm_text", "messages", "prompt_rendered", "completion_rendered",
+        "input_ids", "completion_mask", "prompt_tokens", "completion_tokens", "total_tokens", "truncated",
+        "source_file", "source_row"])
+    return RenderResult(frame, template, dropped, truncated, len(splits))
+
+
+# ------------------------------------------------------------------------------------------- metrics
+def _tokens(text: str) -> list[str]:
+    return dedup_key(text).split()
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    """1.0 when the texts are equal ignoring case, punctuation and spacing."""
+    return float(dedup_key(prediction) == dedup_key(reference))
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """Harmonic mean of token precision and recall (bag of words, SQuAD style)."""
+    pred, ref = _tokens(prediction), _tokens(reference)
+    if not pred or not ref:
+        return float(pred == ref)
+    from collections import Counter
+
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F-measure: longest common token subsequence, as precision and recall, harmonic mean."""
+    pred, ref = _tokens(prediction), _tokens(reference)
+    if not pred or not ref:
+        return float(pred == ref)
+    previous = [0] * (len(ref) + 1)
+    for p in pred:
+        current = [0]
+        for j, r in enumerate(ref, start=1):
+            current.append(previous[j - 1] + 1 if p == r else max(previous[j], current[j - 1]))
+        previous = current
+    lcs = previous[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(pred), lcs / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def score_generation(prediction: str, references: Sequence[str]) -> dict[str, float]:
+    """Each metric's best value over the references (an instruction may have several good answers)."""
+    return {name: max(fn(prediction, ref) for ref in references)
+            for name, fn in (("exact_match", exact_match), ("token_f1", token_f1), ("rouge_l", rouge_l))}

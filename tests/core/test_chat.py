@@ -1,0 +1,198 @@
+"""Instruction data: reading (chatterbot YAML, columns, OpenAI messages), cleaning, rendering with the model's
+chat template, the loss mask, over-length rules and the generation metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipelines.core.chat import (FALLBACK_CHAT_TEMPLATE, clean_conversations, exact_match, render_conversations,
+                                 render_example, role_problem, rouge_l, score_generation, select_conversations,
+                                 token_f1)
+from pipelines.core.errors import SourceError
+from pipelines.core.sources import read_file, read_source
+from pipelines.core.spec import CleaningConfig, InstructionTuningTaskConfig, PackageFileSourceConfig
+from pipelines.core.splitting import assign_splits
+from pipelines.core.spec import SplitsConfig
+from tests.tiny_chat import write_tiny_chat_model
+
+TASK = InstructionTuningTaskConfig(type="instruction_tuning")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(write_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat"))))
+
+
+def test_chatterbot_corpus_is_read_with_file_category_and_line() -> None:
+    cfg = PackageFileSourceConfig(kind="package_file", package="chatterbot-corpus",
+                                  path="chatterbot_corpus/data/english", format="chatterbot_yaml")
+    raw, record = read_source(cfg, Path("."))
+    assert len(raw) == 2026 and record.location.startswith("chatterbot-corpus==")
+    assert len(record.files) == len(set(raw["category"])) >= 15
+    first = raw.iloc[0]
+    assert (first["instruction"], first["category"], first["source_row"]) == ("What is AI?", "ai", 5)
+    assert first["source_file"] == "chatterbot-corpus:chatterbot_corpus/data/english/ai.yml"
+    # The shipped corpus has one malformed conversation; it is kept with its problem, named by file and line.
+    bad = raw[raw["source_problem"].notna()]
+    assert bad[["category", "source_row"]].values.tolist() == [["trivia", 35]]
+    cleaned = clean_conversations(select_conversations(raw, TASK), CleaningConfig())
+    assert cleaned.dropped["malformed_source_row"] == 1
+    assert cleaned.dropped_examples["malformed_source_row"][0]["source_row"] == 35
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "x.yml"
+    path.write_text("conversations:\n- - hi\n\t- tab-indented\n- - ok\n  - fine\n", encoding="utf-8")
+    with pytest.raises(SourceError, match=r"x\.yml, row 3: not valid YAML"):
+        read_file(path, "chatterbot_yaml")
+    path.write_text("categories: [a]\n", encoding="utf-8")
+    with pytest.raises(SourceError, match="'conversations' list"):
+        read_file(path, "chatterbot_yaml")
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
+def test_instruction_columns_in_every_format(tmp_path: Path, suffix: str) -> None:
+    frame = pd.DataFrame({"instruction": ["Add the numbers.", "Say hi"], "input": ["2 and 3", ""],
+                          "system": ["", "Be brief."], "response": ["5", "Hi!"]})
+    path = tmp_path / f"data{suffix}"
+    if suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in frame.to_dict("records")), encoding="utf-8")
+    elif suffix == ".csv":
+        frame.to_csv(path, index=False)
+    else:
+        frame.to_parquet(path)
+    raw, _ = read_file(path, "auto")
+    raw["source_file"] = str(path)
+    conversations = select_conversations(raw, TASK)
+    assert json.loads(conversations["messages"][0]) == [
+        {"role": "user", "content": "Add the numbers.\n\n2 and 3"}, {"role": "assistant", "content": "5"}]
+    assert json.loads(conversations["messages"][1]) == [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi"},
+        {"role": "assistant", "content": "Hi!"}]
+    assert conversations["text"].tolist() == ["Add the numbers.\n\n2 and 3", "Say hi"]
+    assert conversations["response"].tolist() == ["5", "Hi!"]
+
+
+def test_openai_messages_column(tmp_path: Path) -> None:
+    path = tmp_path / "chat.jsonl"
+    rows = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                          {"role": "user", "content": "Name?"}, {"role": "assistant", "content": "Bot"}]},
+            {"messages": [{"role": "user", "content": "Q"}, {"role": "user", "content": "A"}]}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    raw, _ = read_file(path, "auto")
+    task = InstructionTuningTaskConfig(type="instruction_tuning", system_prompt="You are terse.")
+    conversations = select_conversations(raw, task)
+    first = json.loads(conversations["messages"][0])
+    assert first[0] == {"role": "system", "content": "You are terse."} and len(first) == 5
+    assert conversations["text"][0] == "Hi\nName?" and conversations["response"][0] == "Bot"
+    assert role_problem(json.loads(conversations["messages"][1])) is not None
+    path.write_text('{"messages": "not json ["}\n', encoding="utf-8")
+    raw, _ = read_file(path, "auto")
+    with pytest.raises(SourceError, match=r"chat\.jsonl, row 1, column 'messages': not a JSON list"):
+        select_conversations(raw, task)
+
+
+def test_missing_columns_are_named(tmp_path: Path) -> None:
+    raw = pd.DataFrame({"question": ["q"], "source_file": ["f.csv"], "source_row": [2]})
+    with pytest.raises(SourceError, match=r"no column 'instruction' \(named by task.instruction_column\)"):
+        select_conversations(raw, TASK)
+
+
+@pytest.mark.parametrize(("roles", "problem"), [
+    (["user", "assistant"], None),
+    (["system", "user", "assistant", "user", "assistant"], None),
+    (["user", "user"], "roles must alternate"),
+    (["assistant", "user"], "roles must alternate"),
+    (["user", "assistant", "user"], "last message is not the assistant"),
+    (["user", "system", "assistant"], "system message after"),
+    (["user", "bot"], "unknown role 'bot'"),
+    (["system"], "no user or assistant"),
+])
+def test_role_problems(roles: list[str], problem: str | None) -> None:
+    found = role_problem([{"role": r, "content": "x"} for r in roles])
+    assert found is None if problem is None else problem in found
+
+
+def test_cleaning_counts_and_keeps_several_answers() -> None:
+    raw = pd.DataFrame({
+        "instruction": ["What is AI?", "What is AI?", "What is AI?", "what is ai", "", "Tell me", "x"],
+        "response": ["A field.", "A science.", "A field.", "A field!", "Nothing", "  ", "y" * 50],
+        "source_file": "f.csv", "source_row": range(2, 9)})
+    result = clean_conversations(select_conversations(raw, TASK), CleaningConfig(max_chars=40))
+    assert result.frame["response"].tolist() == ["A field.", "A science."]  # two answers to one instruction
+    assert result.dropped == {"malformed_source_row": 0, "empty_instruction": 1, "empty_response": 1,
+                              "too_long": 1, "exact_duplicate": 1, "normalised_duplicate": 1}
+    splits = assign_splits(result.frame, SplitsConfig(), group_column="category").frame
+    assert splits.groupby("norm_text")["split"].nunique().max() == 1  # an instruction stays in one split
+
+
+def test_rendering_uses_the_models_template_and_masks_the_prompt(tokenizer) -> None:
+    messages = [{"role": "user", "content": "What colour is the car?"}, {"role": "assistant", "content": "Red."}]
+    prompt, completion, ids, mask = render_example(tokenizer, messages)
+    assert prompt + completion == tokenizer.apply_chat_template(messages, tokenize=False)
+    assert prompt == tokenizer.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>assistant\n") and completion == "Red.<|im_end|>\n"
+    n_prompt = mask.count(0)
+    assert mask == [0] * n_prompt + [1] * (len(ids) - n_prompt)
+    assert tokenizer.decode(ids[:n_prompt]) == prompt and tokenizer.decode(ids[n_prompt:]) == completion
+
+
+def _splits_frame(lengths: list[int]) -> pd.DataFrame:
+    rows = []
+    for i, n in enumerate(lengths):
+        messages = [{"role": "user", "content": f"Question {i}"}, {"role": "assistant", "content": "word " * n}]
+        rows.append({"split": "train", "text": f"Question {i}", "response": "word " * n, "category": "c",
+                     "norm_text": f"question {i}", "messages": json.dumps(messages), "source_file": "f",
+                     "source_row": i + 1})
+    return pd.DataFrame(rows)
+
+
+def test_overlength_is_dropped_or_truncated_and_counted(tokenizer) -> None:
+    frame = _splits_frame([1, 2, 60])
+    whole = render_conversations(frame, tokenizer, max_length=100_000, overlength="drop").frame
+    limit = int(whole["total_tokens"][:2].max()) + 5
+    assert whole["total_tokens"][2] > limit
+    dropped = render_conversations(frame, tokenizer, max_length=limit, overlength="drop")
+    assert len(dropped.frame) == 2 and dropped.dropped["over_max_length"] == {"train": 1}
+    assert dropped.frame["total_tokens"].max() <= limit
+    cut = render_conversations(frame, tokenizer, max_length=limit, overlength="truncate")
+    assert len(cut.frame) == 3 and cut.truncated == {"train": 1}
+    row = cut.frame.iloc[2]
+    assert row["total_tokens"] == limit and row["truncated"] and row["completion_tokens"] >= 1
+    assert list(row["completion_mask"]) == [0] * row["prompt_tokens"] + [1] * row["completion_tokens"]
+    tiny = render_conversations(frame, tokenizer, max_length=5, overlength="truncate")  # not even the prompt fits
+    assert len(tiny.frame) == 0 and tiny.dropped["prompt_over_max_length"] == {"train": 3}
+
+
+def test_a_model_without_template_gets_the_reported_fallback(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    folder = write_tiny_chat_model(tmp_path / "plain", chat_template=None)
+    plain = AutoTokenizer.from_pretrained(str(folder))
+    result = render_conversations(_splits_frame([1]), plain, max_length=64, overlength="drop")
+    assert "fallback" in result.template and plain.chat_template == FALLBACK_CHAT_TEMPLATE
+    assert result.frame["prompt_rendered"][0] == "<|im_start|>user\nQuestion 0<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.mark.parametrize(("prediction", "reference", "em", "f1", "rl"), [
+    ("The cat sat on the mat", "the cat is on the mat", 0.0, 5 / 6, 5 / 6),
+    ("Hello!", "hello", 1.0, 1.0, 1.0),
+    ("", "something", 0.0, 0.0, 0.0),
+    ("mat the on", "on the mat", 0.0, 1.0, 1 / 3),  # same words, order matters only for ROUGE-L
+    ("a b c d", "x y", 0.0, 0.0, 0.0),
+])
+def test_generation_metrics(prediction: str, reference: str, em: float, f1: float, rl: float) -> None:
+    assert exact_match(prediction, reference) == em
+    assert token_f1(prediction, reference) == pytest.approx(f1)
+    assert rouge_l(prediction, reference) == pytest.approx(rl)
+
+
+def test_scores_take_the_best_reference() -> None:
+    scores = score_generation("A field of science.", ["Sort of.", "A field of science"])
+    assert scores == {"exact_match": 1.0, "token_f1": 1.0, "rouge_l": 1.0}
