@@ -4,6 +4,7 @@ tokenized, over-length rule applied), the LoRA adapter of a causal LM, and its g
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -41,14 +42,21 @@ def _tracked(run: AssetRun, data_version: str, metadata: dict[str, Any]) -> dict
     return {**metadata, "mlflow_run_id": run.run_id, "mlflow_run": dg.MetadataValue.url(run.url)}
 
 
+def _fenced(text: str) -> str:
+    """A Markdown code block that holds `text` verbatim, even when it contains ``` itself."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}\n{text}{'' if text.endswith(chr(10)) else chr(10)}{fence}"
+
+
 def rendered_examples_md(frame: pd.DataFrame, count: int) -> str:
     """The first training examples exactly as the model sees them; the part that carries loss is marked."""
     parts = []
     for i, row in enumerate(frame[frame["split"] == "train"].head(count).itertuples(index=False), start=1):
         parts.append(f"**Example {i}** ({row.prompt_tokens} prompt tokens without loss, {row.completion_tokens} "
                      f"response tokens with loss{', truncated' if row.truncated else ''}; {row.source_file} row "
-                     f"{row.source_row})\n\nPrompt (no loss):\n```\n{row.prompt_rendered}```\n\n"
-                     f"Response (loss):\n```\n{row.completion_rendered}```")
+                     f"{row.source_row})\n\nPrompt (no loss):\n{_fenced(row.prompt_rendered)}\n\n"
+                     f"Response (loss):\n{_fenced(row.completion_rendered)}")
     return "\n\n".join(parts) or "no training examples"
 
 

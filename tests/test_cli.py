@@ -48,7 +48,7 @@ def test_run_json_prints_the_report_summary_and_records_the_run(
 def test_run_unknown_pipeline_lists_the_known_ones(tmp_path: Path) -> None:
     out = tuneline("run", "--pipeline", "nope", home=tmp_path / "home")
     assert out.returncode == 2
-    assert out.stderr.strip() == "error: no pipeline 'nope'; pipelines are: trec_questions"
+    assert out.stderr.strip() == "error: no pipeline 'nope'; pipelines are: chatterbot_instruct, trec_questions"
 
 
 def test_run_reports_a_failing_step(tmp_path: Path, tiny_model_dir: Path, write_spec: Callable[..., Path]) -> None:
@@ -72,4 +72,4 @@ def test_validate_reports_broken_spec(tmp_path: Path) -> None:
     assert out.returncode == 2
     assert "line 3: epochs: unknown key" in out.stderr
     ok = tuneline("validate", home=tmp_path / "home")
-    assert ok.returncode == 0 and ok.stdout.startswith("ok: trec_questions")
+    assert ok.returncode == 0 and ok.stdout.splitlines()[0].startswith("ok: chatterbot_instruct") and "ok: trec_questions" in ok.stdout

@@ -127,3 +127,11 @@ def test_bad_roles_block_training(tmp_path: Path, tiny_chat_dir: Path, write_spe
     assert "roles must alternate" in metadata["offending_rows"].value
     materialized = {e.asset_key.path[-1] for e in result.get_asset_materialization_events()}
     assert "finetuned_checkpoint" not in materialized and not (data_dir / "checkpoints").exists()
+
+
+def test_rendered_text_with_code_fences_stays_one_block() -> None:
+    from assets.instruct import _fenced
+
+    text = "Here:\n```\nprint(1)\n```<|im_end|>\n"
+    block = _fenced(text)
+    assert block.startswith("````\n") and block.endswith("\n````") and text in block

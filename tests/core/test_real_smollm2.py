@@ -102,3 +102,38 @@ def test_a_few_steps_change_only_lora_weights_and_prompts_carry_no_loss(smollm2:
         frozen += 1
     assert changed_lora == 2 * 30  # q_proj and v_proj of all 30 layers moved
     assert frozen == len(before)
+
+
+def test_trained_adapter_exports_as_one_model_that_answers(smollm2: BaseModelRecord, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipelines.core.generation import export_merged, load_finetuned_lm, train_causal_lm
+    from pipelines.core.spec import parse_spec
+
+    spec = parse_spec(
+        "source: {kind: local, path: x.jsonl}\ntask: {type: instruction_tuning}\n"
+        "base_model: {model: {source: local, path: m}}\n"
+        "training: {epochs: 1, batch_size: 4, learning_rate: 1.0e-3, max_length: 128, precision: fp32,\n"
+        "           lora: {r: 4, alpha: 8, target_modules: [q_proj, v_proj]}}\n", name="smol", origin="test")
+    questions = ["What is AI?", "Who are you?", "Do you like music?", "What is your name?"]
+    frame = pd.DataFrame([{"split": "train", "text": q, "response": "I am a small chat model.", "category": "c",
+                           "norm_text": q.lower(), "source_file": "test", "source_row": i + 1,
+                           "messages": json.dumps([{"role": "user", "content": q},
+                                                   {"role": "assistant", "content": "I am a small chat model."}])}
+                          for i, q in enumerate(questions)])
+    _, tokenizer = load_causal_lm(smollm2.local_path)
+    rendered = render_conversations(frame, tokenizer, max_length=128, overlength="drop").frame
+    record = train_causal_lm(rendered, smollm2, spec, tmp_path / "checkpoint", ComputeSettings("cpu", "fp32"),
+                             progress=lambda _: None)
+    out = export_merged(record, tmp_path / "exported")
+    merged = AutoModelForCausalLM.from_pretrained(str(out))
+    merged_tokenizer = AutoTokenizer.from_pretrained(str(out))
+    assert merged_tokenizer.chat_template == tokenizer.chat_template
+    inputs = merged_tokenizer.apply_chat_template([{"role": "user", "content": "What is AI?"}],
+                                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    adapted, _ = load_finetuned_lm(record)
+    with torch.no_grad():  # the merged weights compute what base + adapter computes
+        assert torch.allclose(merged(**inputs).logits, adapted(**inputs).logits, atol=1e-3)
+    answer = merged.generate(**inputs, max_new_tokens=24, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    text = merged_tokenizer.decode(answer, skip_special_tokens=True).strip()
+    assert len(text.split()) >= 2, text

@@ -36,7 +36,37 @@ def problems(text: str) -> list[str]:
 def test_every_committed_spec_loads(path: Path) -> None:
     spec = load_spec(path)
     assert spec.name == path.stem
-    assert spec.task.type == "text_classification"
+    assert spec.task.type in ("text_classification", "instruction_tuning")
+
+
+def test_instruct_spec_describes_chatterbot_and_smollm2() -> None:
+    spec = load_spec(SPECS_DIR / "chatterbot_instruct.yaml")
+    assert spec.task.type == "instruction_tuning" and spec.task.overlength == "drop"
+    assert (spec.source.package, spec.source.format) == ("chatterbot-corpus", "chatterbot_yaml")
+    assert spec.base_model.model.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert spec.evaluation.baselines == ("base_model",) and spec.evaluation.primary_metric == "rouge_l"
+    assert set(spec.training.lora.target_modules) >= {"q_proj", "v_proj"}
+
+
+def test_instruction_tuning_gets_its_own_evaluation_defaults() -> None:
+    spec = parse_spec(VALID + "task: {type: instruction_tuning}\n", name="demo", origin="demo.yaml")
+    assert spec.evaluation.baselines == ("base_model",) and spec.evaluation.primary_metric == "rouge_l"
+    assert spec.task.messages_column == "messages" and spec.task.response_column == "response"
+
+
+@pytest.mark.parametrize(("extra", "expected"), [
+    ("task: {type: instruction_tuning}\nevaluation: {primary_metric: macro_f1}\n",
+     "'macro_f1' is a classification metric; task.type instruction_tuning needs one of"),
+    ("task: {type: instruction_tuning}\nevaluation: {baselines: [linear_probe]}\n",
+     "evaluation.baselines ['linear_probe'] are classification baselines"),
+    ("evaluation: {primary_metric: rouge_l}\n", "'rouge_l' is a generation metric"),
+    ("task: {type: instruction_tuning, label_column: x}\n", "line 8: task.label_column: unknown key"),
+    ("task: {type: summarisation}\n", "task.type must be 'text_classification' or 'instruction_tuning'"),
+    ("task: {type: instruction_tuning, overlength: cut}\n", "task.overlength: Input should be 'drop' or 'truncate'"),
+])
+def test_task_and_evaluation_must_fit(extra: str, expected: str) -> None:
+    found = problems(VALID + extra)
+    assert any(expected in p for p in found), found
 
 
 def test_default_spec_describes_trec_completely() -> None:
