@@ -14,7 +14,7 @@ from pipelines.core.cleaning import DROP_REASONS, clean, select_examples
 from pipelines.core.evaluation import evaluate_checkpoint, report_markdown
 from pipelines.core.lineage import frame_digest, value_digest
 from pipelines.core.records import BaseModelRecord, CheckpointRecord, EvaluationReport
-from pipelines.core.selection import resolve_base_model
+from pipelines.core.selection import select_base_model
 from pipelines.core.sources import read_source
 from pipelines.core.spec import PipelineSpec
 from pipelines.core.splitting import SPLITS, assign_splits
@@ -33,6 +33,21 @@ def _md_table(header: list[str], rows: list[list[Any]]) -> str:
 def _class_md(counts: dict[str, int]) -> str:
     total = sum(counts.values()) or 1
     return _md_table(["class", "rows", "share"], [[k, v, f"{v / total:.1%}"] for k, v in counts.items()])
+
+
+def selection_md(rows: tuple[dict[str, Any], ...]) -> str:
+    """Every candidate with its figures, verdict and reason, as the base_model asset shows it."""
+    def fmt(value: Any, spec: str = "") -> str:
+        return "—" if value is None else format(value, spec) if spec else str(value)
+
+    return _md_table(
+        ["candidate", "verdict", "probe", "licence", "architecture", "parameters", "weights", "LoRA targets",
+         "est. memory MB", "est. train min", "reason"],
+        [[r["name"], f"**{r['verdict']}**", fmt(r.get("probe_value")) + (f" ({r['probe_metric']})" if r.get("probe_metric") else ""),
+          fmt(r.get("license")), fmt(r.get("architecture")), fmt(r.get("parameter_count"), ","),
+          fmt(r.get("weight_format")), ", ".join(r.get("lora_targets") or []) or "—",
+          fmt(r.get("estimated_memory_mb"), ",.0f"), fmt(r.get("estimated_train_minutes"), ".1f"),
+          str(r.get("reason", "")).replace("|", "\\|").replace("\n", " ")] for r in rows])
 
 
 def _tracked(run: AssetRun, data_version: str, metadata: dict[str, Any]) -> dict[str, Any]:
@@ -142,23 +157,37 @@ def build_pipeline_assets(spec: PipelineSpec, project_root: Path) -> list[dg.Ass
             "sha256": digest,
         }))
 
-    @dg.asset(**common, code_version=spec.section_hash("base_model"), kinds={"huggingface"})
-    def base_model(context: dg.AssetExecutionContext, storage: StorageResource,
-                   tracking: TrackingResource) -> dg.Output[BaseModelRecord]:
-        """The spec's pre-trained model, pinned: local path, weights sha256, licence, size and pooling."""
+    @dg.asset(**common, ins={"splits": dg.AssetIn(key("splits"))},
+              code_version=spec.section_hash("base_model", "task", "training"), kinds={"huggingface"})
+    def base_model(context: dg.AssetExecutionContext, storage: StorageResource, compute: ComputeResource,
+                   tracking: TrackingResource, splits: pd.DataFrame) -> dg.Output[BaseModelRecord]:
+        """The pre-trained model chosen among the spec's candidates (licence, size, memory, time, task and
+        LoRA checks, then a probe on the validation split), pinned: path, weights sha256, licence, pooling."""
+        settings = compute.settings(spec.training.precision)
         with tracking.asset_run(context, spec.name) as run:
-            record = resolve_base_model(spec.base_model, project_root, cache_dir=storage.root / "models")
-            run.log_params({f"base_model.{k}": v for k, v in record.to_dict().items()})
+            record = select_base_model(spec, splits, project_root, storage.root / "models", settings,
+                                       progress=context.log.info)
+            run.log_params({f"base_model.{k}": v for k, v in record.to_dict().items() if k != "selection"})
+            run.log_text(json.dumps(list(record.selection), indent=2), "selection.json")
+            for row in record.selection:
+                if row.get("probe_score") is not None:
+                    run.log_metrics({f"probe_{row['name'].replace('/', '_')}": row["probe_score"]}, 0)
         version = record.weights_sha256[:32]
+        context.log.info(f"selected {record.name}: " + next(r["reason"] for r in record.selection
+                                                            if r["verdict"] == "selected"))
         return dg.Output(record, data_version=dg.DataVersion(version), metadata=_tracked(run, version, {
             "model": record.name,
+            "selection": dg.MetadataValue.md(selection_md(record.selection)),
+            "candidates": len(record.selection),
             "source": record.source,
             "local_path": dg.MetadataValue.path(record.local_path),
             "revision": record.revision or "",
             "weights_sha256": record.weights_sha256,
+            "weight_format": record.weight_format,
             "license": record.license or "",
             "parameter_count": record.parameter_count,
             "architecture": record.architecture,
+            "lora_targets": dg.MetadataValue.json(list(record.lora_targets)),
             "pooling": f"{record.pooling} (from {record.pooling_declared_by})",
             **({"gguf_file": dg.MetadataValue.path(record.gguf_file)} if record.gguf_file else {}),
         }))

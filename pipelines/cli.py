@@ -36,6 +36,11 @@ def _print_summary(summary: dict[str, Any], run_id: str) -> None:
     names = ["fine-tuned", *baselines]
     metrics = summary.get("metric_names") or ["accuracy", "macro_precision", "macro_recall", "macro_f1",
                                               "weighted_f1"]
+    print(f"\n{summary['pipeline']}: base model {summary.get('base_model', '')}, chosen among "
+          f"{len(summary.get('selection', []))} candidate(s):")
+    for row in summary.get("selection", []):
+        score = "" if row.get("probe_value") is None else f" {row['probe_metric']} {row['probe_value']:.4f};"
+        print(f"  {row['name']}: {row['verdict']};{score} {row['reason']}")
     print(f"\n{summary['pipeline']}: evaluation on {summary['test_rows']} test rows (Dagster run {run_id})")
     print("  " + "metric".ljust(22) + "".join(n.rjust(16) for n in names))
     for metric in metrics:
@@ -91,7 +96,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"run {result.run_id} failed; see it in the Dagster UI (make ui)", file=sys.stderr)
         return 1
     report = result.asset_value(dg.AssetKey([args.pipeline, "evaluation_report"]))
-    summary = report.summary()
+    base = result.asset_value(dg.AssetKey([args.pipeline, "base_model"]))
+    summary = {**report.summary(), "base_model": base.name, "selection": list(base.selection)}
     if args.json:
         print(json.dumps({**summary, "run_id": result.run_id}))
     else:
@@ -210,8 +216,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     from pipelines.definitions import SPECS_DIR
 
     for spec in load_specs(SPECS_DIR):
-        model = spec.base_model.model
-        print(f"{spec.name}\t{spec.task.type}\t{getattr(model, 'name', None) or getattr(model, 'path', '')}")
+        models = ", ".join(getattr(m, "name", None) or getattr(m, "path", "") for m in spec.base_model.candidates)
+        print(f"{spec.name}\t{spec.task.type}\t{models}")
     return 0
 
 

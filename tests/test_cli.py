@@ -33,6 +33,12 @@ def test_run_json_prints_the_report_summary_and_records_the_run(
         assert summary[name] == round(value, 4)
     assert set(summary["baselines"]) == {"majority_class", "linear_probe"}
     assert summary["primary_metric"] == "macro_f1"
+    # The base-model selection table comes along: one object per candidate.
+    assert summary["base_model"] == "tiny-bert"
+    [candidate] = summary["selection"]
+    assert candidate["name"] == "tiny-bert" and candidate["verdict"] == "selected"
+    assert candidate["reason"] == "the only candidate that meets every constraint"
+    assert isinstance(candidate["probe_score"], float)
     assert "step " in out.stderr and "loss" in out.stderr  # progress went to stderr
 
     # The run lives in the instance the UI reads (DAGSTER_HOME), with every asset materialized.

@@ -72,7 +72,7 @@ def test_asset_graph_edges_and_group() -> None:
     assert parents("raw_data") == set()
     assert parents("cleaned_dataset") == {"raw_data"}
     assert parents("splits") == {"cleaned_dataset"}
-    assert parents("base_model") == set()
+    assert parents("base_model") == {"splits"}  # the probe ranks candidates on the validation split
     assert parents("finetuned_checkpoint") == {"splits", "base_model"}
     assert parents("evaluation_report") == {"splits", "finetuned_checkpoint"}
     groups = {graph.get(k).group_name for k in graph.get_all_asset_keys()}
@@ -89,6 +89,7 @@ def test_instruction_graph_renders_before_training() -> None:
 
     assert parents("splits") == {"cleaned_dataset"}
     assert parents("rendered_dataset") == {"splits", "base_model"}
+    assert parents("base_model") == {"splits"}
     assert parents("finetuned_checkpoint") == {"rendered_dataset", "base_model"}
     assert parents("evaluation_report") == {"rendered_dataset", "finetuned_checkpoint"}
 

@@ -29,20 +29,20 @@ from pipelines.core.lineage import frame_digest
 from pipelines.core.records import BaseModelRecord, CheckpointRecord, GenerationReport
 from pipelines.core.spec import LoraSettingsConfig, PipelineSpec, TrainingConfig
 from pipelines.core.training import (ComputeSettings, MetricsSink, ProgressFn, _make_callback, checkpoint_digest,
-                                     peak_memory_mb)
+                                     lora_for, peak_memory_mb)
 
 TASK = "instruction_tuning"
 GENERATION_METRICS = ("exact_match", "token_f1", "rouge_l")
 
 
-def load_causal_lm(path: str | Path) -> tuple[Any, Any]:
+def load_causal_lm(path: str | Path, trust_remote_code: bool = False) -> tuple[Any, Any]:
     """A causal LM and its tokenizer from a Hugging Face folder (a GGUF base is converted to one first)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     return model, tokenizer
 
 
@@ -110,9 +110,9 @@ def train_causal_lm(rendered: pd.DataFrame, base: BaseModelRecord, spec: Pipelin
     set_seed(cfg.seed)
     train = rendered[rendered["split"] == "train"]
     validation = rendered[rendered["split"] == "validation"]
-    model, tokenizer = load_causal_lm(base.local_path)
+    model, tokenizer = load_causal_lm(base.local_path, base.trust_remote_code)
     ensure_chat_template(tokenizer)
-    model = get_peft_model(model, build_causal_lora_config(cfg.lora))
+    model = get_peft_model(model, build_causal_lora_config(lora_for(cfg.lora, base)))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     progress(f"LoRA r={cfg.lora.r} on {list(cfg.lora.target_modules)}: {trainable:,} trainable of {total:,} "
@@ -193,7 +193,7 @@ def load_finetuned_lm(record: CheckpointRecord) -> tuple[Any, Any]:
     if digest != record.sha256:
         raise CheckpointError(f"checkpoint {path} has weights with sha256 {digest}, but its record says "
                               f"{record.sha256}: the files changed after training")
-    model, _ = load_causal_lm(record.base_model.local_path)
+    model, _ = load_causal_lm(record.base_model.local_path, record.base_model.trust_remote_code)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"))

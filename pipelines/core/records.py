@@ -36,6 +36,11 @@ class BaseModelRecord:
     hidden_size: int
     max_position_embeddings: int
     gguf_file: str | None = None  # the GGUF file the local safetensors folder was de-quantized from
+    weight_format: str = "safetensors"  # safetensors | gguf | pickle
+    model_type: str = ""
+    trust_remote_code: bool = False
+    lora_targets: tuple[str, ...] = ()  # the spec's LoRA target modules this model has (empty: all of the spec's)
+    selection: tuple[dict[str, Any], ...] = ()  # every candidate with its figures, verdict and reason
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

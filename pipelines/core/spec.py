@@ -266,15 +266,65 @@ ModelLocation = Annotated[PackageModelConfig | LocalModelConfig | HubModelConfig
                           Field(discriminator="source")]
 
 
-class BaseModelConfig(_Frozen):
-    """Which pre-trained model is adapted, and (for classification) how its token states become one vector."""
+class ProbeConfig(_Frozen):
+    """How the candidates that pass every constraint are ranked."""
 
-    model: ModelLocation
-    pooling: Literal["auto", "mean", "cls", "max"] = Field(
-        default="auto", description="'auto' uses what the model declares (1_Pooling/config.json), else mean.")
+    sample_rows: int = Field(default=256, ge=8, description="Validation rows the probe scores each candidate on "
+                                                               "(classification: fitted on up to 4x as many train rows).")
+    time_budget_seconds: float = Field(
+        default=180, gt=0, description="Total time for probing; candidates not reached in time are not ranked.")
+    timed_steps: int = Field(default=3, ge=1, le=50,
+                             description="Training steps timed per candidate to estimate the training time.")
+
+
+class BaseModelConfig(_Frozen):
+    """Which pre-trained models may be adapted: candidates, the constraints they must meet, and the probe that
+    ranks the ones that do. `model:` (one model) is accepted as a single candidate."""
+
+    candidates: tuple[ModelLocation, ...] = Field(description="Models to choose from, in order.")
+    pooling: Literal["auto", "mean", "cls", "max", "last"] = Field(
+        default="auto", description="Classification: how token states become one vector. 'auto' uses what the "
+                                    "model declares (1_Pooling/config.json), else 'last' for decoders, 'mean' "
+                                    "for encoders.")
     allowed_licenses: tuple[str, ...] = Field(
-        default=("apache-2.0", "mit", "bsd-3-clause", "cc-by-4.0"),
+        default=("apache-2.0", "mit", "bsd-3-clause", "bsd-2-clause", "cc-by-4.0"),
         description="Licences (model-card ids, lower case) the fine-tuned model may be built on.")
+    allow_unknown_license: bool = Field(
+        default=False, description="Accept a model whose licence neither its card nor its GGUF metadata states.")
+    max_parameters: int | None = Field(default=None, ge=1, description="Largest parameter count accepted.")
+    memory_budget_mb: float | None = Field(
+        default=None, gt=0, description="Largest estimated training memory (weights, activations, logits) for "
+                                        "training.batch_size and training.max_length.")
+    max_train_minutes: float | None = Field(
+        default=None, gt=0, description="Largest estimated training time for training.epochs on this machine, "
+                                        "from a few timed steps.")
+    trust_remote_code: bool = Field(
+        default=False, description="Allow models whose code is not part of transformers (auto_map in config.json).")
+    allow_pickle_weights: bool = Field(
+        default=False, description="Allow pickle weights (pytorch_model.bin); default: safetensors or GGUF only.")
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_model_is_one_candidate(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "model" in data:
+            if "candidates" in data:
+                raise ValueError("base_model.model and base_model.candidates are exclusive: list every model "
+                                 "under candidates")
+            data = {**{k: v for k, v in data.items() if k != "model"}, "candidates": [data["model"]]}
+        return data
+
+    @field_validator("candidates")
+    @classmethod
+    def _at_least_one(cls, value: tuple[Any, ...]) -> tuple[Any, ...]:
+        if not value:
+            raise ValueError("list at least one candidate model")
+        return value
+
+    @property
+    def model(self) -> PackageModelConfig | LocalModelConfig | HubModelConfig:
+        """The first candidate (the only one of a single-model spec)."""
+        return self.candidates[0]
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -461,8 +511,16 @@ def _line_index(text: str) -> dict[tuple[str, ...], int]:
 def _problem(error: dict[str, Any], lines: dict[tuple[str, ...], int]) -> str:
     # Discriminated unions add the tag ('package_file', 'hub') to the location; it is not a key in the file.
     loc = [str(part) for part in error["loc"]]
-    file_loc = tuple(p for i, p in enumerate(loc)
-                     if not (i > 0 and loc[i - 1] in _UNION_FIELDS and p in _UNION_TAGS))
+    def is_tag(i: int, part: str) -> bool:
+        if part not in _UNION_TAGS or i == 0:
+            return False
+        before = loc[i - 1]
+        return before in _UNION_FIELDS or (before.isdigit() and i >= 2 and loc[i - 2] in _UNION_FIELDS)
+
+    file_loc = tuple(p for i, p in enumerate(loc) if not is_tag(i, p))
+    if file_loc[:3] == ("base_model", "candidates", "0") and ("base_model", "model") in lines \
+            and ("base_model", "candidates") not in lines:  # the one-model form `model:` is candidate 0
+        file_loc = ("base_model", "model", *file_loc[3:])
     path = ".".join(file_loc) or "(top level)"
     line = None
     for n in range(len(file_loc), -1, -1):
@@ -480,7 +538,7 @@ def _problem(error: dict[str, Any], lines: dict[tuple[str, ...], int]) -> str:
     return f"{where}{path}: {message}"
 
 
-_UNION_FIELDS = {"source", "model", "task"}
+_UNION_FIELDS = {"source", "model", "task", "candidates"}
 _UNION_TAGS = {"package_file", "local", "hub", "package", "text_classification", "instruction_tuning"}
 
 

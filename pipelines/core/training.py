@@ -63,9 +63,13 @@ class ComputeSettings:
 
 # ------------------------------------------------------------------------------------------ the model
 def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
-    """One vector per row from token states: 'mean' over real tokens, 'cls' (first token) or 'max'."""
+    """One vector per row from token states: 'mean' over real tokens, 'cls' (first token), 'max', or 'last'
+    (the last real token, which in a decoder has seen the whole text; works with left or right padding)."""
     if mode == "cls":
         return hidden[:, 0]
+    if mode == "last":
+        last = mask.shape[1] - 1 - mask.flip(1).to(torch.long).argmax(dim=1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
     keep = mask.unsqueeze(-1).to(hidden.dtype)
     if mode == "max":
         return hidden.masked_fill(keep == 0, torch.finfo(hidden.dtype).min).max(dim=1).values
@@ -104,7 +108,7 @@ def load_encoder(base: BaseModelRecord) -> nn.Module:
     """The base model's encoder, without the task-specific pooler that sentence encoders never trained."""
     from transformers import AutoModel
 
-    encoder = AutoModel.from_pretrained(base.local_path)
+    encoder = AutoModel.from_pretrained(base.local_path, trust_remote_code=base.trust_remote_code)
     if getattr(encoder, "pooler", None) is not None:
         encoder.pooler = None
     return encoder
@@ -114,6 +118,11 @@ def load_tokenizer(path: str | Path) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path))
+
+
+def lora_for(cfg: LoraSettingsConfig, base: BaseModelRecord) -> LoraSettingsConfig:
+    """The spec's LoRA settings with the target modules this base model has (the selection found them)."""
+    return cfg.model_copy(update={"target_modules": base.lora_targets}) if base.lora_targets else cfg
 
 
 def build_lora_config(cfg: LoraSettingsConfig) -> Any:
@@ -330,7 +339,7 @@ def train_classifier(splits: pd.DataFrame, base: BaseModelRecord, spec: Pipeline
         if val_x is not None:
             progress(f"linear probe: validation accuracy {probe.score(val_x, validation['label'].map(index)):.4f}")
 
-    model.encoder = get_peft_model(encoder, build_lora_config(cfg.lora))
+    model.encoder = get_peft_model(encoder, build_lora_config(lora_for(cfg.lora, base)))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     progress(f"LoRA r={cfg.lora.r}: {trainable:,} trainable of {total:,} parameters "

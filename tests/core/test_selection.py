@@ -42,16 +42,17 @@ def test_licence_not_allowed_is_refused(tmp_path: Path, tiny_model_dir: Path) ->
     (folder / "README.md").write_text("---\nlicense: cc-by-nc-4.0\n---\n")
     with pytest.raises(ModelSourceError) as info:
         resolve_base_model(local(folder), tmp_path)
-    assert str(info.value) == ("base_model.allowed_licenses: the model's licence 'cc-by-nc-4.0' is not allowed "
-                               "(allowed: ['apache-2.0', 'mit', 'bsd-3-clause', 'cc-by-4.0'])")
+    assert str(info.value) == ("base_model.model: licence 'cc-by-nc-4.0' is not in base_model.allowed_licenses "
+                               "['apache-2.0', 'mit', 'bsd-3-clause', 'bsd-2-clause', 'cc-by-4.0']")
     assert resolve_base_model(local(folder, allowed_licenses=["cc-by-nc-4.0"]), tmp_path).license == "cc-by-nc-4.0"
 
 
 def test_unknown_licence_is_refused(tmp_path: Path, tiny_model_dir: Path) -> None:
     folder = copy_model(tiny_model_dir, tmp_path / "m")
     (folder / "README.md").unlink()
-    with pytest.raises(ModelSourceError, match="has no licence in its model card"):
+    with pytest.raises(ModelSourceError, match="licence unknown: neither a model card nor GGUF metadata"):
         resolve_base_model(local(folder), tmp_path)
+    assert resolve_base_model(local(folder, allow_unknown_license=True), tmp_path).license == "unknown"
 
 
 def test_pooling_defaults_to_mean_and_spec_overrides(tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -66,7 +67,7 @@ def test_pooling_defaults_to_mean_and_spec_overrides(tmp_path: Path, tiny_model_
 def test_folder_without_weights(tmp_path: Path, tiny_model_dir: Path) -> None:
     folder = copy_model(tiny_model_dir, tmp_path / "m")
     (folder / "model.safetensors").unlink()
-    with pytest.raises(ModelSourceError, match=r"has no weights \(\*.safetensors or pytorch_model\*.bin\)"):
+    with pytest.raises(ModelSourceError, match=r"has no weights \(\*.safetensors, \*.gguf or pytorch_model\*.bin\)"):
         resolve_base_model(local(folder), tmp_path)
 
 
@@ -81,9 +82,10 @@ def test_hub_model_offline_fails_at_once_with_a_clear_message() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(PROJECT_ROOT / ".no-such-hf-cache")}
     out = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
                          timeout=120)
-    assert out.stdout.startswith("ModelSourceError base_model.model: could not download "
-                                 "'sentence-transformers/all-MiniLM-L6-v2' at revision 'main' from the Hugging "
+    assert out.stdout.startswith("ModelSourceError base_model.model: cannot reach "
+                                 "'sentence-transformers/all-MiniLM-L6-v2' at revision 'main' on the Hugging "
                                  "Face Hub"), out.stdout + out.stderr
+    assert "use `source: local` with its folder" in out.stdout
 
 
 def test_missing_package_model_says_how_to_install() -> None:
@@ -91,5 +93,5 @@ def test_missing_package_model_says_how_to_install() -> None:
                                                     "path": "model", "name": "x"}})
     with pytest.raises(ModelSourceError) as info:
         resolve_base_model(cfg, PROJECT_ROOT)
-    assert str(info.value) == ("base_model.model.package / path: the Python package 'no-such-model-xyz' is not "
+    assert str(info.value) == ("base_model.model: package / path: the Python package 'no-such-model-xyz' is not "
                                "installed (install it with: pip install --no-deps no-such-model-xyz)")

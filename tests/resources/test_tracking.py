@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,11 +25,11 @@ ASSETS = ("raw_data", "cleaned_dataset", "splits", "base_model", "finetuned_chec
 
 
 def materialize(specs: Path, data_dir: Path, instance: dg.DagsterInstance,
-                selection: list[str] | None = None) -> dg.ExecuteInProcessResult:
+                selection: list[str] | None = None, run_id: str | None = None) -> dg.ExecuteInProcessResult:
     defs = build_definitions(specs_dir=specs, data_dir=data_dir, resources=resources_for(data_dir, num_threads=2))
     job = defs.resolve_job_def("tiny_job")
     keys = [dg.AssetKey(["tiny", name]) for name in selection] if selection else None
-    return job.execute_in_process(instance=instance, raise_on_error=False, asset_selection=keys)
+    return job.execute_in_process(instance=instance, raise_on_error=False, asset_selection=keys, run_id=run_id)
 
 
 def client_for(data_dir: Path) -> MlflowClient:
@@ -139,11 +140,12 @@ def test_two_materializations_track_register_and_gate(
 
 def test_training_error_marks_the_run_failed(tmp_path: Path, trec_slice_csv: Path, tiny_model_dir: Path,
                                              write_spec: Callable[..., Path]) -> None:
-    spec = tiny_spec(trec_slice_csv, tiny_model_dir)
-    spec["training"]["lora"] = {"r": 4, "alpha": 8, "target_modules": ["no_such_layer"]}
-    specs = write_spec("tiny", spec)
+    specs = write_spec("tiny", tiny_spec(trec_slice_csv, tiny_model_dir))
     data_dir = tmp_path / "data"
-    result = materialize(specs, data_dir, dg.DagsterInstance.ephemeral())
+    # Training runs, then saving refuses to overwrite the run's checkpoint folder, which is already there.
+    run_id = str(uuid.uuid4())
+    (data_dir / "checkpoints" / "tiny" / run_id).mkdir(parents=True)
+    result = materialize(specs, data_dir, dg.DagsterInstance.ephemeral(), run_id=run_id)
     assert not result.success
     client = client_for(data_dir)
     runs = client.search_runs([client.get_experiment_by_name("tuneline/tiny").experiment_id])
@@ -152,7 +154,7 @@ def test_training_error_marks_the_run_failed(tmp_path: Path, trec_slice_csv: Pat
     assert status["dagster_run"] == "FAILED"
     assert status["tiny/splits"] == "FINISHED"
     failed = next(r for r in runs if r.data.tags.get("dagster.asset_key") == "tiny/finetuned_checkpoint")
-    assert "no_such_layer" in failed.data.tags["tuneline.error"]
+    assert "exists already; a checkpoint folder is never overwritten" in failed.data.tags["tuneline.error"]
     assert client.search_registered_models() == []
 
 
@@ -193,7 +195,7 @@ def test_logs_to_a_real_mlflow_server_over_http(tmp_path: Path, trec_slice_csv: 
         monkeypatch.setenv("TUNELINE_TRACKING_URI", uri)
         specs = write_spec("tiny", tiny_spec(trec_slice_csv, tiny_model_dir))
         result = materialize(specs, tmp_path / "data", dg.DagsterInstance.ephemeral(),
-                             selection=["raw_data", "base_model"])
+                             selection=["raw_data", "cleaned_dataset", "splits", "base_model"])
         assert result.success
         client = MlflowClient(tracking_uri=uri)
         runs = client.search_runs([client.get_experiment_by_name("tuneline/tiny").experiment_id])
