@@ -83,7 +83,12 @@ def build_pipeline_assets(spec: PipelineSpec, project_root: Path) -> list[dg.Ass
             "source": record.location,
             "source_kind": record.kind,
             "sha256": record.sha256,
-            "files": dg.MetadataValue.md(_md_table(["file", "sha256"], [[f, s] for f, s in record.files])),
+            "files": dg.MetadataValue.md(_md_table(["file", "sha256", "bytes"], [
+                [f, s, n] for (f, s), n in zip(record.files, record.sizes or [""] * len(record.files), strict=True)])),
+            # What lineage queries read back: every raw file by content digest and size, as recorded now.
+            "source_files": dg.MetadataValue.json([
+                {"file": f, "sha256": s, "size": n}
+                for (f, s), n in zip(record.files, record.sizes or [None] * len(record.files), strict=True)]),
             "preview": dg.MetadataValue.md(_md_table(
                 columns, [[str(v)[:80].replace("|", "\\|") for v in row] for row in frame[columns].head(5).itertuples(index=False)])),
         }

@@ -196,6 +196,77 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lineage(args: argparse.Namespace) -> int:
+    """Which bytes produced a model version, or which versions a data file went into (from the records)."""
+    ensure_dagster_home()
+    import dagster as dg
+
+    from pipelines.core.spec import load_specs
+    from pipelines.definitions import DATA_DIR, SPECS_DIR
+    from pipelines.lineage import LineageError, format_lineage, sha256_of, version_lineage
+    from resources.tracking import TrackingResource
+
+    tracking = TrackingResource(data_dir=str(Path(args.data_dir).resolve() if args.data_dir else DATA_DIR))
+    tasks = {spec.name: spec.task.type for spec in load_specs(Path(args.specs_dir) if args.specs_dir else SPECS_DIR)}
+    if args.pipeline and args.pipeline not in tasks:
+        print(f"error: no pipeline {args.pipeline!r}; pipelines are: {', '.join(sorted(tasks))}", file=sys.stderr)
+        return 2
+    instance = dg.DagsterInstance.get()
+    if args.data:
+        path = Path(args.data)
+        if not path.is_file():
+            print(f"error: --data {path}: no such file", file=sys.stderr)
+            return 2
+        sha = sha256_of(path)
+        matches = []
+        for pipeline in [args.pipeline] if args.pipeline else sorted(tasks):
+            for version in tracking.registered_versions(pipeline):
+                try:
+                    item = version_lineage(instance, pipeline, version, tasks[pipeline])
+                except LineageError as exc:
+                    print(f"warning: {pipeline} v{version['version']}: {exc}", file=sys.stderr)
+                    continue
+                files = [f for f in item["raw_files"] if f["sha256"] == sha]
+                if files:
+                    matches.append({"pipeline": pipeline, "version": item["version"], "aliases": item["aliases"],
+                                    "dagster_run_id": item["dagster_run_id"], "recorded_as": files[0]["file"]})
+        if args.json:
+            print(json.dumps({"file": str(path), "sha256": sha, "model_versions": matches}))
+        elif matches:
+            print(f"{path} (sha256 {sha}) went into:")
+            for m in matches:
+                aliases = f" @{', @'.join(m['aliases'])}" if m["aliases"] else ""
+                print(f"  {m['pipeline']} v{m['version']}{aliases}  (recorded as {m['recorded_as']}, Dagster run "
+                      f"{m['dagster_run_id']})")
+        else:
+            print(f"{path} (sha256 {sha}) is in the raw data of no registered model version")
+        return 0
+    if not args.pipeline:
+        print("error: give --pipeline NAME (with --version N) or --data PATH", file=sys.stderr)
+        return 2
+    versions = tracking.registered_versions(args.pipeline)
+    if not versions:
+        print(f"error: the model registry at {tracking.tracking_uri()} has no versions of {args.pipeline!r}",
+              file=sys.stderr)
+        return 2
+    if args.version:
+        chosen = [v for v in versions if v["version"] == str(args.version)]
+        if not chosen:
+            print(f"error: {args.pipeline} has no version {args.version}; versions are "
+                  f"{', '.join(v['version'] for v in versions)}", file=sys.stderr)
+            return 2
+        version = chosen[0]
+    else:
+        version = next((v for v in versions if "champion" in v["aliases"]), versions[-1])
+    try:
+        item = version_lineage(instance, args.pipeline, version, tasks[args.pipeline])
+    except LineageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(item) if args.json else format_lineage(item))
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from pipelines.core.errors import SpecError
     from pipelines.core.spec import load_spec, load_specs
@@ -253,6 +324,15 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--version", help="registry version to export (default: the champion)")
     export.add_argument("--data-dir", help="folder of generated data holding the embedded MLflow store")
     export.set_defaults(func=cmd_export)
+    lineage = sub.add_parser("lineage", help="the chain from a model version back to its raw files, or the model "
+                                              "versions a data file went into (--data)")
+    lineage.add_argument("--pipeline", help="the pipeline (required without --data)")
+    lineage.add_argument("--version", help="registry version (default: the champion, else the newest)")
+    lineage.add_argument("--data", help="a data file: list the model versions trained on data that included it")
+    lineage.add_argument("--json", action="store_true", help="print one JSON object")
+    lineage.add_argument("--specs-dir", help="folder of spec files (default: pipelines/specs)")
+    lineage.add_argument("--data-dir", help="folder of generated data holding the embedded MLflow store")
+    lineage.set_defaults(func=cmd_lineage)
     validate = sub.add_parser("validate", help="validate spec files (default: every spec in pipelines/specs)")
     validate.add_argument("files", nargs="*")
     validate.set_defaults(func=cmd_validate)

@@ -238,6 +238,22 @@ class TrackingResource(dg.ConfigurableResource):
                                                        tracking_uri=self.tracking_uri())
         return str(version.version), Path(local)
 
+    def registered_versions(self, pipeline: str) -> list[dict[str, Any]]:
+        """Every registered version of the pipeline's model as recorded: number, aliases, MLflow run, tags."""
+        client = self.client()
+        try:
+            model = client.get_registered_model(pipeline)
+        except Exception:
+            return []
+        aliases: dict[str, list[str]] = {}
+        for alias, number in (model.aliases or {}).items():
+            aliases.setdefault(str(number), []).append(alias)
+        versions = client.search_model_versions(f"name = '{pipeline}'")
+        return sorted(({"version": str(v.version), "aliases": sorted(aliases.get(str(v.version), [])),
+                        "mlflow_run_id": v.run_id, "source": v.source, "tags": dict(v.tags or {}),
+                        "mlflow_run_url": self.run_url(client.get_run(v.run_id).info.experiment_id, v.run_id)}
+                       for v in versions), key=lambda v: int(v["version"]))
+
     def promote(self, pipeline: str, version: str, reason: str) -> None:
         client = self.client()
         client.set_registered_model_alias(pipeline, CHAMPION, version)

@@ -14,6 +14,7 @@ class SourceRecord:
     location: str
     sha256: str
     files: tuple[tuple[str, str], ...]  # (file, sha256) per file read
+    sizes: tuple[int, ...] = ()  # bytes of each file, in the order of `files`
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

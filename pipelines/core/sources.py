@@ -245,10 +245,11 @@ def _read_package_file(cfg: PackageFileSourceConfig) -> tuple[pd.DataFrame, Sour
             frames.append(frame)
             digests.append((file.name, sha))
         frame = _concat(frames, [f"{cfg.path}/{f.name}" for f in files])
-        return frame, SourceRecord("package_file", location, combined_digest(digests), tuple(digests))
+        return frame, SourceRecord("package_file", location, combined_digest(digests), tuple(digests),
+                                   tuple(f.stat().st_size for f in files))
     frame, sha = read_file(path, cfg.format)
     frame["source_file"] = f"{cfg.package}:{cfg.path}"
-    return frame, SourceRecord("package_file", location, sha, ((location, sha),))
+    return frame, SourceRecord("package_file", location, sha, ((location, sha),), (path.stat().st_size,))
 
 
 def _data_files(folder: Path) -> list[Path]:
@@ -264,6 +265,7 @@ def _read_local(cfg: LocalSourceConfig, project_root: Path) -> tuple[pd.DataFram
     frames: list[pd.DataFrame] = []
     names: list[str] = []
     digests: list[tuple[str, str]] = []
+    sizes: list[int] = []
     if cfg.split_files is not None:
         if not root.is_dir():
             raise SourceError(f"source.split_files needs source.path to be a folder, but {cfg.path!r} is a file")
@@ -273,6 +275,7 @@ def _read_local(cfg: LocalSourceConfig, project_root: Path) -> tuple[pd.DataFram
             frames.append(frame)
             names.append(str(root / name))
             digests.append((name, sha))
+            sizes.append((root / name).stat().st_size)
     else:
         files = _data_files(root) if root.is_dir() else [root]
         if not files:
@@ -282,10 +285,11 @@ def _read_local(cfg: LocalSourceConfig, project_root: Path) -> tuple[pd.DataFram
             frames.append(frame)
             names.append(str(path))
             digests.append((path.name, sha))
+            sizes.append(path.stat().st_size)
     frame = _concat(frames, names)
     if cfg.split_column is not None:
         frame = _split_from_column(frame, cfg.split_column)
-    return frame, SourceRecord("local", str(cfg.path), combined_digest(digests), tuple(digests))
+    return frame, SourceRecord("local", str(cfg.path), combined_digest(digests), tuple(digests), tuple(sizes))
 
 
 def _split_from_column(frame: pd.DataFrame, column: str) -> pd.DataFrame:
@@ -337,7 +341,8 @@ def _read_hub(cfg: HubSourceConfig) -> tuple[pd.DataFrame, SourceRecord]:
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     digests = [(str(p.relative_to(folder)), sha256_file(p)) for p in files]
     frame = pd.concat(frames, ignore_index=True)
-    return frame, SourceRecord("hub", f"{cfg.dataset}@{cfg.revision}", combined_digest(digests), tuple(digests))
+    return frame, SourceRecord("hub", f"{cfg.dataset}@{cfg.revision}", combined_digest(digests), tuple(digests),
+                               tuple(p.stat().st_size for p in files))
 
 
 def read_source(cfg: PackageFileSourceConfig | LocalSourceConfig | HubSourceConfig,

@@ -1,0 +1,99 @@
+"""Lineage questions answered from what was recorded (the model registry and Dagster's event log), never from
+the files as they are now: which bytes produced a model version, and which versions a data file went into."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+# The chain from a checkpoint back to the raw data, per task: (asset, the upstream asset it was made from).
+CHAINS = {
+    "text_classification": (("finetuned_checkpoint", "splits"), ("splits", "cleaned_dataset"),
+                            ("cleaned_dataset", "raw_data")),
+    "instruction_tuning": (("finetuned_checkpoint", "rendered_dataset"), ("rendered_dataset", "splits"),
+                           ("splits", "cleaned_dataset"), ("cleaned_dataset", "raw_data")),
+}
+
+
+class LineageError(Exception):
+    """The records needed to answer a lineage question are missing."""
+
+
+def _materialization(instance: dg.DagsterInstance, key: dg.AssetKey, storage_id: int | None = None,
+                     run_id: str | None = None) -> Any:
+    """One recorded materialization of `key`: by event storage id, or the one made in `run_id`."""
+    if storage_id is not None:
+        found = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=key, storage_ids=[storage_id]),
+                                                limit=1).records
+    else:
+        found = [r for r in instance.fetch_materializations(key, limit=1000).records if r.run_id == run_id][:1]
+    if not found:
+        where = f"event {storage_id}" if storage_id is not None else f"Dagster run {run_id}"
+        raise LineageError(f"no recorded materialization of {key.to_user_string()} for {where} in the Dagster "
+                           f"instance at {instance.root_directory}")
+    return found[0]
+
+
+def _meta(record: Any) -> dict[str, Any]:
+    return {k: v.value for k, v in (record.event_log_entry.asset_materialization.metadata or {}).items()}
+
+
+def _step(record: Any, name: str) -> dict[str, Any]:
+    meta = _meta(record)
+    tags = dict(record.event_log_entry.asset_materialization.tags or {})
+    return {"asset": name, "dagster_run_id": record.run_id, "event_storage_id": record.storage_id,
+            "data_version": tags.get("dagster/data_version"), "code_version": tags.get("dagster/code_version"),
+            "sha256": meta.get("sha256"), "rows": meta.get("dagster/row_count"),
+            "mlflow_run_id": meta.get("mlflow_run_id")}
+
+
+def version_lineage(instance: dg.DagsterInstance, pipeline: str, version: dict[str, Any], task: str) -> dict[str, Any]:
+    """Registry version -> MLflow run -> Dagster run -> checkpoint -> (rendered ->) splits -> cleaned -> raw files."""
+    run_id = version["tags"].get("dagster.run_id")
+    if not run_id:
+        raise LineageError(f"{pipeline} v{version['version']} has no dagster.run_id tag in the model registry")
+    record = _materialization(instance, dg.AssetKey([pipeline, "finetuned_checkpoint"]), run_id=run_id)
+    chain = [_step(record, "finetuned_checkpoint")]
+    for asset, upstream in CHAINS[task]:
+        tags = dict(record.event_log_entry.asset_materialization.tags or {})
+        pointer = tags.get(f"dagster/input_event_pointer/{pipeline}/{upstream}")
+        if pointer is None:
+            raise LineageError(f"the {asset} materialization of Dagster run {record.run_id} does not record which "
+                               f"{upstream} it read")
+        record = _materialization(instance, dg.AssetKey([pipeline, upstream]), storage_id=int(pointer))
+        chain.append(_step(record, upstream))
+    raw = _meta(record)
+    files = raw.get("source_files") or []
+    return {"pipeline": pipeline, "version": version["version"], "aliases": version["aliases"],
+            "mlflow_run_id": version["mlflow_run_id"], "mlflow_run_url": version["mlflow_run_url"],
+            "dagster_run_id": run_id, "checkpoint_sha256": version["tags"].get("tuneline.checkpoint_sha256"),
+            "data_sha256": version["tags"].get("tuneline.data_sha256"), "chain": chain,
+            "source": raw.get("source"), "raw_files": files}
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def format_lineage(item: dict[str, Any]) -> str:
+    """The chain as indented lines, from the registry version down to the raw bytes."""
+    aliases = f" @{', @'.join(item['aliases'])}" if item["aliases"] else ""
+    lines = [f"{item['pipeline']} v{item['version']}{aliases}",
+             f"  MLflow run {item['mlflow_run_id']}  {item['mlflow_run_url']}",
+             f"  Dagster run {item['dagster_run_id']}"]
+    for depth, step in enumerate(item["chain"], start=2):
+        detail = f"sha256 {step['sha256']}" if step["sha256"] else f"data version {step['data_version']}"
+        rows = f", {step['rows']} rows" if step["rows"] is not None else ""
+        lines.append("  " * depth + f"{step['asset']}: {detail}{rows} (Dagster run {step['dagster_run_id'][:8]})")
+    indent = "  " * (len(item["chain"]) + 2)
+    lines.append(indent + f"raw files ({item['source']}):")
+    for f in item["raw_files"]:
+        lines.append(indent + f"  {f['file']}  sha256 {f['sha256']}  {f['size']} bytes")
+    return "\n".join(lines)
