@@ -11,6 +11,7 @@ from assets.pipeline import build_pipeline_assets
 from pipelines.core.spec import load_specs
 from pipelines.jobs import pipeline_job
 from pipelines.schedules import pipeline_schedule
+from pipelines.sensors import pipeline_sensor
 from resources.compute import ComputeResource
 from resources.storage import PipelineIOManager, StorageResource
 from resources.tracking import TrackingResource
@@ -35,12 +36,14 @@ def build_definitions(specs_dir: Path = SPECS_DIR, project_root: Path = PROJECT_
                       data_dir: Path = DATA_DIR, resources: dict[str, object] | None = None) -> dg.Definitions:
     """One asset group with its quality checks, one job and (if declared) one schedule per spec file."""
     specs = load_specs(specs_dir)
-    schedules = [s for s in (pipeline_schedule(spec) for spec in specs) if s is not None]
+    schedules = [s for s in (pipeline_schedule(spec, project_root) for spec in specs) if s is not None]
+    sensors = [s for s in (pipeline_sensor(spec, project_root) for spec in specs) if s is not None]
     return dg.Definitions(
         assets=[a for spec in specs for a in build_pipeline_assets(spec, project_root)],
         asset_checks=[c for spec in specs for c in build_quality_checks(spec)],
         jobs=[pipeline_job(spec) for spec in specs],
         schedules=schedules,
+        sensors=sensors,
         resources=resources if resources is not None else resources_for(data_dir),
     )
 

@@ -2,21 +2,35 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import dagster as dg
 
+from pipelines.core.sources import fingerprint_source
 from pipelines.core.spec import PipelineSpec
 from pipelines.jobs import job_name
+from pipelines.sensors import SOURCE_TAG, unchanged_reason
 
 
-def pipeline_schedule(spec: PipelineSpec) -> dg.ScheduleDefinition | None:
-    """The spec's retraining schedule, stopped unless the spec enables it."""
+def pipeline_schedule(spec: PipelineSpec, project_root: Path) -> dg.ScheduleDefinition | None:
+    """The spec's retraining schedule, stopped unless the spec enables it. A tick whose source bytes equal the
+    last materialized raw data skips, saying so, instead of retraining on the same data."""
     if spec.schedule is None:
         return None
+
+    def evaluate(context: dg.ScheduleEvaluationContext) -> dg.RunRequest | dg.SkipReason:
+        fingerprint = fingerprint_source(spec.source, project_root)
+        reason = unchanged_reason(context.instance, spec, fingerprint)
+        if reason is not None:
+            return dg.SkipReason(reason)
+        return dg.RunRequest(tags={SOURCE_TAG: fingerprint} if fingerprint else {})
+
     return dg.ScheduleDefinition(
         name=f"{spec.name}_retraining",
         job_name=job_name(spec),
         cron_schedule=spec.schedule.cron,
         execution_timezone=spec.schedule.timezone,
+        execution_fn=evaluate,
         default_status=dg.DefaultScheduleStatus.RUNNING if spec.schedule.enabled else dg.DefaultScheduleStatus.STOPPED,
-        description=f"Retrain {spec.name} on '{spec.schedule.cron}' ({spec.schedule.timezone}).",
+        description=f"Retrain {spec.name} on '{spec.schedule.cron}' ({spec.schedule.timezone}) when its data changed.",
     )

@@ -353,3 +353,27 @@ def read_source(cfg: PackageFileSourceConfig | LocalSourceConfig | HubSourceConf
     if isinstance(cfg, LocalSourceConfig):
         return _read_local(cfg, project_root)
     return _read_hub(cfg)
+
+
+def fingerprint_source(cfg: PackageFileSourceConfig | LocalSourceConfig | HubSourceConfig,
+                       project_root: Path) -> str | None:
+    """The digest `read_source` would record for the source's current files, from their bytes alone (no
+    parsing): equal to the raw_data asset's sha256 when nothing changed. None for Hub sources, which cannot
+    be watched offline."""
+    if isinstance(cfg, HubSourceConfig):
+        return None
+    if isinstance(cfg, PackageFileSourceConfig):
+        path, _ = packaged_path(cfg.package, cfg.path, folder=None)
+        if path.is_file():
+            return sha256_file(path)
+        suffixes = {ext for ext, fmt in DATA_EXTENSIONS.items() if fmt == cfg.format}
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
+        return combined_digest([(f.name, sha256_file(f)) for f in files])
+    root = Path(cfg.path)
+    root = root if root.is_absolute() else project_root / root
+    if not root.exists():
+        raise SourceError(f"source.path {cfg.path!r} does not exist (looked at {root})")
+    if cfg.split_files is not None:
+        return combined_digest([(name, sha256_file(root / name)) for name in cfg.split_files.values()])
+    files = _data_files(root) if root.is_dir() else [root]
+    return combined_digest([(f.name, sha256_file(f)) for f in files])

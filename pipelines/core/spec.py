@@ -456,6 +456,9 @@ class PipelineSpec(_Frozen):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
     schedule: ScheduleConfig | None = None
+    retrain_on_new_data: bool = Field(
+        default=False, description="A sensor watches the source's files and starts the pipeline when their "
+                                   "content changes (run key = content digest). Not for Hub sources.")
 
     @model_validator(mode="before")
     @classmethod
