@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 
-.PHONY: install demo demo-instruct ui mlflow-ui test constraints clean-data
+.PHONY: install chromium demo demo-instruct ui mlflow-ui test constraints clean-data
 
 $(STAMP): pyproject.toml constraints.txt requirements-packaged.txt
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,11 @@ mlflow-ui: install
 	mkdir -p data/mlflow
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/data/mlflow/mlflow.db --host 127.0.0.1 --port 5000
 
-test: install
+# The browser test drives Debian's chromium through Playwright; install it from the package archive if missing.
+chromium:
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium; }
+
+test: install chromium
 	$(BIN)/python -m pytest
 
 constraints: install

@@ -1,0 +1,74 @@
+"""A person in the Dagster UI: headless Chromium (Debian's, driven by Playwright) opens the default asset
+graph of a tiny pipeline, clicks "Materialize all", and sees the run succeed, the checks pass and the
+evaluation report's metadata. Screenshots are saved under the test's temporary folder."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.test_ui import RUN_QUERY, good_workspace, graphql, running_dagster_dev  # noqa: F401 (fixture)
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+RUNS_QUERY = """
+query Runs { runsOrError(limit: 5) { ... on Runs { results { runId status assetSelection { path } } } } }"""
+
+
+def test_materialize_all_in_the_browser(good_workspace: dict[str, Path], tmp_path: Path) -> None:  # noqa: F811
+    from playwright.sync_api import expect, sync_playwright
+
+    if CHROMIUM is None:
+        pytest.fail("Debian's chromium is not installed: run the tests with `make test`, which installs it")
+
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    log = tmp_path / "dagster_dev.log"
+    with running_dagster_dev(good_workspace["workspace"], good_workspace["home"], log) as port, \
+            sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        base = f"http://127.0.0.1:{port}"
+
+        def dismiss_welcome() -> None:  # the first visit shows a community dialog over the page
+            skip = page.get_by_role("button", name="Skip")
+            if skip.count():
+                skip.first.click()
+
+        page.goto(f"{base}/asset-groups/gate", wait_until="networkidle")
+        dismiss_welcome()
+        expect(page.get_by_text("evaluation_report").first).to_be_visible(timeout=60_000)
+        page.screenshot(path=str(shots / "1-asset-graph.png"))
+        page.get_by_role("button", name="Materialize all").click()
+        deadline, runs = time.monotonic() + 480, []
+        while time.monotonic() < deadline:
+            runs = graphql(port, RUNS_QUERY, {})["runsOrError"]["results"]
+            if runs and runs[0]["status"] in ("SUCCESS", "FAILURE", "CANCELED"):
+                break
+            time.sleep(3)
+        assert runs and runs[0]["status"] == "SUCCESS", log.read_text()[-5000:]
+        run_id = runs[0]["runId"]
+        # The button launched one run of the whole group (Dagster's implicit asset job), every asset selected.
+        assert len(runs) == 1 and {"/".join(a["path"]) for a in runs[0]["assetSelection"]} == {
+            f"gate/{name}" for name in ("raw_data", "cleaned_dataset", "splits", "base_model",
+                                        "finetuned_checkpoint", "evaluation_report")}
+
+        page.goto(f"{base}/runs/{run_id}", wait_until="networkidle")
+        expect(page.get_by_text("Success").first).to_be_visible(timeout=60_000)
+        page.screenshot(path=str(shots / "2-run.png"))
+        page.goto(f"{base}/assets/gate/splits?view=checks", wait_until="networkidle")
+        dismiss_welcome()
+        for name in ("splits_do_not_overlap", "every_class_in_train_and_test"):
+            expect(page.get_by_text(name).first).to_be_visible(timeout=60_000)
+        expect(page.get_by_text("Passed").first).to_be_visible(timeout=60_000)
+        page.screenshot(path=str(shots / "3-checks.png"))
+        page.goto(f"{base}/assets/gate/evaluation_report", wait_until="networkidle")
+        dismiss_welcome()
+        for key in ("macro_f1", "beats_majority_class", "promotion", "mlflow_run"):
+            expect(page.get_by_text(key, exact=True).first).to_be_visible(timeout=60_000)
+        page.screenshot(path=str(shots / "4-evaluation-report.png"), full_page=True)
+        browser.close()
+    assert sorted(p.name for p in shots.iterdir()) == ["1-asset-graph.png", "2-run.png", "3-checks.png",
+                                                       "4-evaluation-report.png"]
