@@ -32,16 +32,17 @@ def test_materialize_all_in_the_browser(good_workspace: dict[str, Path], tmp_pat
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
         base = f"http://127.0.0.1:{port}"
 
-        def dismiss_welcome() -> None:  # the first visit shows a community dialog over the page
-            skip = page.get_by_role("button", name="Skip")
-            if skip.count():
-                skip.first.click()
+        # A fresh instance shows a "Join the Dagster community" dialog that fades in at an unpredictable moment
+        # and swallows clicks; Playwright skips it whenever it is in the way of an action or an assertion.
+        page.add_locator_handler(page.get_by_text("Join the Dagster community"),
+                                 lambda: page.get_by_role("button", name="Skip").click())
 
         page.goto(f"{base}/asset-groups/gate", wait_until="networkidle")
-        dismiss_welcome()
         expect(page.get_by_text("evaluation_report").first).to_be_visible(timeout=60_000)
+        materialize_all = page.get_by_role("button", name="Materialize all")
+        expect(materialize_all).to_be_enabled(timeout=60_000)
         page.screenshot(path=str(shots / "1-asset-graph.png"))
-        page.get_by_role("button", name="Materialize all").click()
+        materialize_all.click()
         deadline, runs = time.monotonic() + 480, []
         while time.monotonic() < deadline:
             runs = graphql(port, RUNS_QUERY, {})["runsOrError"]["results"]
@@ -59,13 +60,11 @@ def test_materialize_all_in_the_browser(good_workspace: dict[str, Path], tmp_pat
         expect(page.get_by_text("Success").first).to_be_visible(timeout=60_000)
         page.screenshot(path=str(shots / "2-run.png"))
         page.goto(f"{base}/assets/gate/splits?view=checks", wait_until="networkidle")
-        dismiss_welcome()
         for name in ("splits_do_not_overlap", "every_class_in_train_and_test"):
             expect(page.get_by_text(name).first).to_be_visible(timeout=60_000)
         expect(page.get_by_text("Passed").first).to_be_visible(timeout=60_000)
         page.screenshot(path=str(shots / "3-checks.png"))
         page.goto(f"{base}/assets/gate/evaluation_report", wait_until="networkidle")
-        dismiss_welcome()
         for key in ("macro_f1", "beats_majority_class", "promotion", "mlflow_run"):
             expect(page.get_by_text(key, exact=True).first).to_be_visible(timeout=60_000)
         page.screenshot(path=str(shots / "4-evaluation-report.png"), full_page=True)
