@@ -36,10 +36,16 @@ def build_definitions(specs_dir: Path = SPECS_DIR, project_root: Path = PROJECT_
                       data_dir: Path = DATA_DIR, resources: dict[str, object] | None = None) -> dg.Definitions:
     """One asset group with its quality checks, one job and (if declared) one schedule per spec file."""
     specs = load_specs(specs_dir)
-    schedules = [s for s in (pipeline_schedule(spec, project_root) for spec in specs) if s is not None]
-    sensors = [s for s in (pipeline_sensor(spec, project_root) for spec in specs) if s is not None]
+    assets = {spec.name: build_pipeline_assets(spec, project_root) for spec in specs}
+    # Each asset's code version (a hash of the spec sections it depends on), for the "nothing changed" rule.
+    code_versions = {name: {key.path[-1]: version for a in defs for key, version in a.code_versions_by_key.items()}
+                     for name, defs in assets.items()}
+    schedules = [s for s in (pipeline_schedule(spec, project_root, code_versions[spec.name]) for spec in specs)
+                 if s is not None]
+    sensors = [s for s in (pipeline_sensor(spec, project_root, code_versions[spec.name]) for spec in specs)
+               if s is not None]
     return dg.Definitions(
-        assets=[a for spec in specs for a in build_pipeline_assets(spec, project_root)],
+        assets=[a for spec in specs for a in assets[spec.name]],
         asset_checks=[c for spec in specs for c in build_quality_checks(spec)],
         jobs=[pipeline_job(spec) for spec in specs],
         schedules=schedules,

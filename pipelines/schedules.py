@@ -2,25 +2,31 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import dagster as dg
 
+from pipelines.core.errors import SourceError
 from pipelines.core.sources import fingerprint_source
 from pipelines.core.spec import PipelineSpec
 from pipelines.jobs import job_name
 from pipelines.sensors import SOURCE_TAG, unchanged_reason
 
 
-def pipeline_schedule(spec: PipelineSpec, project_root: Path) -> dg.ScheduleDefinition | None:
+def pipeline_schedule(spec: PipelineSpec, project_root: Path,
+                      code_versions: Mapping[str, str | None] | None = None) -> dg.ScheduleDefinition | None:
     """The spec's retraining schedule, stopped unless the spec enables it. A tick whose source bytes equal the
     last materialized raw data skips, saying so, instead of retraining on the same data."""
     if spec.schedule is None:
         return None
 
     def evaluate(context: dg.ScheduleEvaluationContext) -> dg.RunRequest | dg.SkipReason:
-        fingerprint = fingerprint_source(spec.source, project_root)
-        reason = unchanged_reason(context.instance, spec, fingerprint)
+        try:
+            fingerprint = fingerprint_source(spec.source, project_root)
+        except SourceError:
+            fingerprint = None  # the run itself reports the missing source with its path
+        reason = unchanged_reason(context.instance, spec, fingerprint, code_versions)
         if reason is not None:
             return dg.SkipReason(reason)
         return dg.RunRequest(tags={SOURCE_TAG: fingerprint} if fingerprint else {})

@@ -3,10 +3,12 @@ with unchanged data skips instead of retraining."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import dagster as dg
 
+from pipelines.core.errors import SourceError
 from pipelines.core.sources import fingerprint_source
 from pipelines.core.spec import PipelineSpec
 from pipelines.jobs import job_name
@@ -14,26 +16,33 @@ from pipelines.jobs import job_name
 SOURCE_TAG = "tuneline/source_sha256"
 
 
-def last_raw_data(instance: dg.DagsterInstance, spec: PipelineSpec) -> tuple[str | None, str | None]:
-    """The data version and Dagster run of the pipeline's latest raw_data materialization."""
-    event = instance.get_latest_materialization_event(dg.AssetKey([spec.name, "raw_data"]))
-    if event is None or event.asset_materialization is None:
-        return None, None
-    return (event.asset_materialization.tags or {}).get("dagster/data_version"), event.run_id
-
-
-def unchanged_reason(instance: dg.DagsterInstance, spec: PipelineSpec, fingerprint: str | None) -> str | None:
-    """Why there is nothing to retrain (the source's bytes equal the last materialized raw data), or None."""
+def unchanged_reason(instance: dg.DagsterInstance, spec: PipelineSpec, fingerprint: str | None,
+                     code_versions: Mapping[str, str | None] | None = None) -> str | None:
+    """Why there is nothing to retrain, or None: the source's bytes equal the last materialized raw data,
+    every asset was last materialized with its current code version (the spec's sections), and the pipeline
+    got as far as an evaluation report after that raw data."""
     if fingerprint is None:
         return None
-    version, run_id = last_raw_data(instance, spec)
-    if version is not None and version == fingerprint[:32]:
-        return (f"{spec.name}: the raw data is unchanged since Dagster run {run_id} (source sha256 "
-                f"{fingerprint[:16]}...): nothing to retrain")
-    return None
+    raw = instance.get_latest_materialization_event(dg.AssetKey([spec.name, "raw_data"]))
+    if raw is None or raw.asset_materialization is None:
+        return None
+    if (raw.asset_materialization.tags or {}).get("dagster/data_version") != fingerprint[:32]:
+        return None
+    report = instance.get_latest_materialization_event(dg.AssetKey([spec.name, "evaluation_report"]))
+    if report is None or report.timestamp < raw.timestamp:
+        return None  # the last run on this data did not finish: run again
+    for name, version in (code_versions or {}).items():
+        event = instance.get_latest_materialization_event(dg.AssetKey([spec.name, name]))
+        recorded = (event.asset_materialization.tags or {}).get("dagster/code_version") \
+            if event and event.asset_materialization else None
+        if recorded != version:
+            return None  # the spec changed this asset (or it was never materialized)
+    return (f"{spec.name}: the raw data is unchanged since Dagster run {raw.run_id} (source sha256 "
+            f"{fingerprint[:16]}...) and so is the spec: nothing to retrain")
 
 
-def pipeline_sensor(spec: PipelineSpec, project_root: Path) -> dg.SensorDefinition | None:
+def pipeline_sensor(spec: PipelineSpec, project_root: Path,
+                    code_versions: Mapping[str, str | None] | None = None) -> dg.SensorDefinition | None:
     """Requests a run when the source's files change; the run key is their content digest."""
     if not spec.retrain_on_new_data or spec.source.kind == "hub":
         return None
@@ -42,11 +51,15 @@ def pipeline_sensor(spec: PipelineSpec, project_root: Path) -> dg.SensorDefiniti
                default_status=dg.DefaultSensorStatus.RUNNING,
                description=f"Retrain {spec.name} when the files of its source change.")
     def new_data(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
-        fingerprint = fingerprint_source(spec.source, project_root)
-        assert fingerprint is not None
+        try:
+            fingerprint = fingerprint_source(spec.source, project_root)
+        except SourceError as exc:  # e.g. the watched folder does not exist yet
+            return dg.SkipReason(f"{spec.name}: {exc}")
+        if fingerprint is None:
+            return dg.SkipReason(f"{spec.name}: no data files in {spec.source.path} yet")  # type: ignore[union-attr]
         if context.cursor == fingerprint:
             return dg.SkipReason(f"{spec.name}: source unchanged (sha256 {fingerprint[:16]}...)")
-        reason = unchanged_reason(context.instance, spec, fingerprint)
+        reason = unchanged_reason(context.instance, spec, fingerprint, code_versions)
         if reason is not None:
             return dg.SensorResult(skip_reason=reason, cursor=fingerprint)
         return dg.SensorResult(run_requests=[dg.RunRequest(run_key=fingerprint, tags={SOURCE_TAG: fingerprint})],

@@ -359,7 +359,7 @@ def fingerprint_source(cfg: PackageFileSourceConfig | LocalSourceConfig | HubSou
                        project_root: Path) -> str | None:
     """The digest `read_source` would record for the source's current files, from their bytes alone (no
     parsing): equal to the raw_data asset's sha256 when nothing changed. None for Hub sources, which cannot
-    be watched offline."""
+    be watched offline, and for a local folder without data files."""
     if isinstance(cfg, HubSourceConfig):
         return None
     if isinstance(cfg, PackageFileSourceConfig):
@@ -376,4 +376,6 @@ def fingerprint_source(cfg: PackageFileSourceConfig | LocalSourceConfig | HubSou
     if cfg.split_files is not None:
         return combined_digest([(name, sha256_file(root / name)) for name in cfg.split_files.values()])
     files = _data_files(root) if root.is_dir() else [root]
+    if not files:
+        return None  # an empty folder: nothing to read yet
     return combined_digest([(f.name, sha256_file(f)) for f in files])
