@@ -2,8 +2,6 @@
 # No `from __future__ import annotations` here: Dagster inspects the real annotations of check functions.
 
 import json
-import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,9 +9,18 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
-from pipelines.core.quality import (RENDERED_CHECKS, CheckOutcome, QualityFn, QualityReport, cleaned_checks_for,
-                                    splits_checks_for, validate_cleaned_dataset, validate_rendered_dataset,
-                                    validate_splits)
+from pipelines.core.files import write_bytes_atomic
+from pipelines.core.quality import (
+    RENDERED_CHECKS,
+    CheckOutcome,
+    QualityFn,
+    QualityReport,
+    cleaned_checks_for,
+    splits_checks_for,
+    validate_cleaned_dataset,
+    validate_rendered_dataset,
+    validate_splits,
+)
 from pipelines.core.spec import PipelineSpec
 from resources.storage import StorageResource
 
@@ -63,10 +70,7 @@ def _examples_md(rows: list[dict[str, Any]]) -> str:
 
 
 def _write_gx_result(path: Path, report: QualityReport) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(report.gx_result, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, path)
+    write_bytes_atomic(path, json.dumps(report.gx_result, indent=2, default=str).encode())
 
 
 def _results(report: QualityReport, names: tuple[str, ...], key: dg.AssetKey,

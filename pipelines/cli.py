@@ -201,9 +201,10 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     ensure_dagster_home()
     import dagster as dg
 
+    from pipelines.core.sources import sha256_file
     from pipelines.core.spec import load_specs
     from pipelines.definitions import DATA_DIR, SPECS_DIR
-    from pipelines.lineage import LineageError, format_lineage, sha256_of, version_lineage
+    from pipelines.lineage import LineageError, format_lineage, version_lineage
     from resources.tracking import TrackingResource
 
     tracking = TrackingResource(data_dir=str(Path(args.data_dir).resolve() if args.data_dir else DATA_DIR))
@@ -217,7 +218,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
         if not path.is_file():
             print(f"error: --data {path}: no such file", file=sys.stderr)
             return 2
-        sha = sha256_of(path)
+        sha = sha256_file(path)
         matches = []
         for pipeline in [args.pipeline] if args.pipeline else sorted(tasks):
             for version in tracking.registered_versions(pipeline):

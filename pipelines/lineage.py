@@ -3,8 +3,6 @@ the files as they are now: which bytes produced a model version, and which versi
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -72,14 +70,6 @@ def version_lineage(instance: dg.DagsterInstance, pipeline: str, version: dict[s
             "dagster_run_id": run_id, "checkpoint_sha256": version["tags"].get("tuneline.checkpoint_sha256"),
             "data_sha256": version["tags"].get("tuneline.data_sha256"), "chain": chain,
             "source": raw.get("source"), "raw_files": files}
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def format_lineage(item: dict[str, Any]) -> str:

@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import pickle
-import uuid
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 import pandas as pd
 
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temporary sibling, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+from pipelines.core.files import atomic_path, write_bytes_atomic
 
 
 class StorageResource(dg.ConfigurableResource):
@@ -55,11 +43,12 @@ class PipelineIOManager(dg.ConfigurableIOManager):
         key = context.asset_key
         if isinstance(obj, pd.DataFrame):
             path = self._path(key, ".parquet")
-            _atomic_write(path, lambda tmp: obj.to_parquet(tmp, index=False))
+            with atomic_path(path) as tmp:
+                obj.to_parquet(tmp, index=False)
             stale = self._path(key, ".pkl")
         else:
             path = self._path(key, ".pkl")
-            _atomic_write(path, lambda tmp: tmp.write_bytes(pickle.dumps(obj)))
+            write_bytes_atomic(path, pickle.dumps(obj))
             stale = self._path(key, ".parquet")
         if stale.exists():
             stale.unlink()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipelines.lineage import sha256_of
+from pipelines.core.sources import sha256_file
 from tests.conftest import tiny_spec
 from tests.test_cli import tuneline
 
@@ -43,9 +43,9 @@ def test_lineage_of_two_versions_and_the_reverse_query(tmp_path: Path, trec_slic
         lineage[version] = json.loads(out.stdout)
     v1, v2 = lineage["1"], lineage["2"]
     assert v2["aliases"] == []  # promotion.min_improvement 0.5: version 2 never becomes champion
-    assert [f["sha256"] for f in v1["raw_files"]] == [sha256_of(kept_first)]
+    assert [f["sha256"] for f in v1["raw_files"]] == [sha256_file(kept_first)]
     assert {f["file"]: f["sha256"] for f in v2["raw_files"]} == {
-        "more.csv": sha256_of(raw / "more.csv"), "questions.csv": sha256_of(first)}
+        "more.csv": sha256_file(raw / "more.csv"), "questions.csv": sha256_file(first)}
     assert v1["raw_files"][0]["size"] == kept_first.stat().st_size
     # The chain goes checkpoint -> splits -> cleaned_dataset -> raw_data, each a recorded materialization.
     assert [s["asset"] for s in v1["chain"]] == ["finetuned_checkpoint", "splits", "cleaned_dataset", "raw_data"]
@@ -61,4 +61,4 @@ def test_lineage_of_two_versions_and_the_reverse_query(tmp_path: Path, trec_slic
     # The text form names every link of the chain.
     text = tuneline("lineage", "--pipeline", "tiny", "--version", "1", *common, home=home).stdout
     assert text.startswith("tiny v1") and "MLflow run" in text and "Dagster run" in text
-    assert f"questions.csv  sha256 {sha256_of(kept_first)}  {kept_first.stat().st_size} bytes" in text
+    assert f"questions.csv  sha256 {sha256_file(kept_first)}  {kept_first.stat().st_size} bytes" in text

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,10 +11,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipelines.core.files import write_bytes_atomic
 from pipelines.core.records import CheckpointRecord, EvaluationReport
 from pipelines.core.spec import PipelineSpec
-from pipelines.core.training import (ComputeSettings, embed_texts, fit_linear_probe, load_classifier,
-                                     load_encoder, load_tokenizer, predict_proba)
+from pipelines.core.training import (
+    ComputeSettings,
+    embed_texts,
+    fit_linear_probe,
+    load_classifier,
+    load_encoder,
+    load_tokenizer,
+    predict_proba,
+)
 
 METRIC_NAMES = ("accuracy", "macro_precision", "macro_recall", "macro_f1", "weighted_precision",
                 "weighted_recall", "weighted_f1")
@@ -41,13 +47,6 @@ def per_class_table(y_true: Sequence[int], y_pred: Sequence[int], labels: Sequen
                                                  zero_division=0)
     return [{"label": label, "precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
              "support": int(s[i])} for i, label in enumerate(labels)]
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def plot_confusion_matrix(matrix: np.ndarray, labels: Sequence[str], path: Path, title: str) -> None:
@@ -76,7 +75,7 @@ def plot_confusion_matrix(matrix: np.ndarray, labels: Sequence[str], path: Path,
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     plt.close(fig)
-    _write_atomic(path, buffer.getvalue())
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def _metrics_table_md(rows: dict[str, dict[str, float]]) -> str:
@@ -244,6 +243,6 @@ def evaluate_checkpoint(splits: pd.DataFrame, checkpoint: CheckpointRecord, spec
         html_path=str(out_dir / "report.html"),
         confusion_matrix_png=str(png),
     )
-    _write_atomic(Path(report.json_path), json.dumps(report.to_dict(), indent=2).encode())
-    _write_atomic(Path(report.html_path), _report_html(report, png.name).encode())
+    write_bytes_atomic(Path(report.json_path), json.dumps(report.to_dict(), indent=2).encode())
+    write_bytes_atomic(Path(report.html_path), _report_html(report, png.name).encode())
     return report

@@ -10,10 +10,7 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
-import shutil
 import tempfile
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,11 +22,19 @@ import torch
 from pipelines.core.chat import ensure_chat_template, score_generation
 from pipelines.core.errors import CheckpointError
 from pipelines.core.evaluation import decide_promotion
+from pipelines.core.files import atomic_path, write_bytes_atomic
 from pipelines.core.lineage import frame_digest
 from pipelines.core.records import BaseModelRecord, CheckpointRecord, GenerationReport
 from pipelines.core.spec import LoraSettingsConfig, PipelineSpec, TrainingConfig
-from pipelines.core.training import (ComputeSettings, MetricsSink, ProgressFn, _make_callback, checkpoint_digest,
-                                     lora_for, peak_memory_mb)
+from pipelines.core.training import (
+    ComputeSettings,
+    MetricsSink,
+    ProgressFn,
+    _make_callback,
+    checkpoint_digest,
+    lora_for,
+    peak_memory_mb,
+)
 
 TASK = "instruction_tuning"
 GENERATION_METRICS = ("exact_match", "token_f1", "rouge_l")
@@ -151,19 +156,13 @@ def _save_lm_checkpoint(model: Any, tokenizer: Any, spec: PipelineSpec, base: Ba
                         history: tuple[dict[str, float], ...], out_dir: Path, data_sha256: str) -> Path:
     if out_dir.exists():
         raise CheckpointError(f"{out_dir} exists already; a checkpoint folder is never overwritten")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
+    with atomic_path(out_dir) as tmp:
         model.save_pretrained(str(tmp / "adapter"))
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
         meta = {"task": TASK, "base_model": base.to_dict(), "spec_hash": spec.spec_hash, "data_sha256": data_sha256}
         (tmp / "causal_lm.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
         (tmp / "spec.yaml").write_text(spec.to_yaml(), encoding="utf-8")
         (tmp / "history.json").write_text(json.dumps(list(history), indent=2), encoding="utf-8")
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -326,23 +325,16 @@ def evaluate_generation(rendered: pd.DataFrame, checkpoint: CheckpointRecord, sp
                          "finetuned_output": tuned_out[i], "finetuned_scores": tuned_scores[i],
                          "base_output": base_out[i], "base_scores": base_scores[i]}, ensure_ascii=False)
              for i, row in enumerate(prompts.itertuples(index=False))]
-    _write_atomic(generations, ("\n".join(lines) + "\n").encode())
+    write_bytes_atomic(generations, ("\n".join(lines) + "\n").encode())
     report = GenerationReport(
         pipeline=spec.name, checkpoint_sha256=checkpoint.sha256, test_rows=int((rendered["split"] == "test").sum()),
         test_prompts=len(prompts), metrics=metrics, baselines=baselines, primary_metric=primary,
         beats_baselines=beats, promotion=promotion, champion_metrics=champion_metrics, samples=samples,
         json_path=str(out_dir / "report.json"), html_path=str(out_dir / "report.html"),
         generations_path=str(generations))
-    _write_atomic(Path(report.json_path), json.dumps(report.to_dict(), indent=2).encode())
-    _write_atomic(Path(report.html_path), _report_html(report).encode())
+    write_bytes_atomic(Path(report.json_path), json.dumps(report.to_dict(), indent=2).encode())
+    write_bytes_atomic(Path(report.html_path), _report_html(report).encode())
     return report
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 METRIC_ROWS = ("validation_loss", "validation_perplexity", "test_loss", "test_perplexity", "exact_match",
@@ -411,9 +403,7 @@ def export_merged(record: CheckpointRecord, out_dir: Path) -> Path:
         raise CheckpointError(f"{out_dir} exists already; choose a new folder for the export")
     model, tokenizer = load_finetuned_lm(record)
     merged = model.merge_and_unload()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
+    with atomic_path(out_dir) as tmp:
         merged.save_pretrained(str(tmp))
         tokenizer.padding_side = "left"
         tokenizer.save_pretrained(str(tmp))
@@ -423,8 +413,4 @@ def export_merged(record: CheckpointRecord, out_dir: Path) -> Path:
             f"# Fine-tuned {base.name}\n\nMerged by tuneline from checkpoint `{record.sha256}` "
             f"(model version {record.model_version or 'unregistered'}). Base weights sha256 "
             f"`{base.weights_sha256}`; training data digest `{record.data_sha256}`.\n", encoding="utf-8")
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

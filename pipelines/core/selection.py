@@ -6,11 +6,10 @@ carries the whole selection table.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
 import re
-import shutil
-import uuid
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import yaml
 
 from pipelines.core.errors import ModelSourceError
+from pipelines.core.files import atomic_path
 from pipelines.core.records import BaseModelRecord
 from pipelines.core.sources import combined_digest, packaged_path, sha256_file
 from pipelines.core.spec import BaseModelConfig, HubModelConfig, LocalModelConfig, PackageModelConfig
@@ -141,18 +141,12 @@ def convert_gguf(folder: Path, gguf_file: str, target: Path, license_id: str, na
     model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf_file)
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
+    with atomic_path(target) as tmp:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         (tmp / "README.md").write_text(
             f"---\nlicense: {license_id}\nbase_model: {name}\n---\n\n# {name}\n\nDe-quantized by tuneline from "
             f"the GGUF file `{gguf_file}` (fp32 weights, safetensors).\n", encoding="utf-8")
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
@@ -262,8 +256,10 @@ class CandidateRejected(Exception):
 
 def task_support(config: dict[str, Any], task: str) -> str | None:
     """Why the architecture cannot do the task (no AutoModelFor... class for it), or None when it can."""
-    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                                                        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    )
 
     model_type = config.get("model_type")
     architectures = [str(a) for a in config.get("architectures") or []]
@@ -311,8 +307,6 @@ def _sample(frame: Any, split: str, rows: int, seed: int) -> Any:
 
 def _time_steps(record: BaseModelRecord, spec: Any, splits: Any, compute: Any, steps: int) -> float:
     """Seconds per training step of the real task model with LoRA, on a batch of real training rows."""
-    import time
-
     import torch
 
     cfg = spec.training
@@ -398,8 +392,6 @@ def select_base_model(spec: Any, splits: Any, project_root: Path, cache_dir: Pat
                       progress: Callable[[str], None] = print) -> BaseModelRecord:
     """Assess every candidate of spec.base_model, rank those that meet every constraint by the probe, and
     return the winner's pinned record with the whole selection table (raises when none is left)."""
-    import time
-
     cfg = spec.base_model
     task = spec.task.type
     training = spec.training
@@ -440,8 +432,6 @@ def select_base_model(spec: Any, splits: Any, project_root: Path, cache_dir: Pat
                 raise CandidateRejected(f"estimated training memory {memory:,.0f} MB exceeds base_model."
                                         f"memory_budget_mb ({cfg.memory_budget_mb:,.0f} MB) at batch "
                                         f"{training.batch_size} x {training.max_length} tokens")
-            import dataclasses
-
             record = dataclasses.replace(record, lora_targets=targets)
             progress(f"candidate {row['name']}: timing {cfg.probe.timed_steps} training steps")
             seconds = _time_steps(record, spec, splits, compute, cfg.probe.timed_steps)
@@ -484,6 +474,4 @@ def select_base_model(spec: Any, splits: Any, project_root: Path, cache_dir: Pat
         else:
             row["verdict"] = "ranked"
             row["reason"] = f"probe score {row['probe_score']:.4f} is below the winner's {winner_row['probe_score']:.4f}"
-    import dataclasses
-
     return dataclasses.replace(winner, selection=tuple(rows))

@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -28,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipelines.core.errors import CheckpointError
+from pipelines.core.files import atomic_path
 from pipelines.core.lineage import frame_digest
 from pipelines.core.records import BaseModelRecord, CheckpointRecord
 from pipelines.core.sources import combined_digest, sha256_file
@@ -420,10 +418,8 @@ def _save_checkpoint(model: PooledClassifier, tokenizer: Any, labels: tuple[str,
 
     if out_dir.exists():
         raise CheckpointError(f"{out_dir} exists already; a checkpoint folder is never overwritten")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Write everything to a hidden sibling folder, then rename: a crash never leaves half a checkpoint.
-    tmp = out_dir.parent / f".{out_dir.name}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
+    # Everything goes to a hidden sibling folder, then is renamed: a crash never leaves half a checkpoint.
+    with atomic_path(out_dir) as tmp:
         model.encoder.save_pretrained(str(tmp / "adapter"))
         save_file({k: v.detach().float().contiguous().cpu() for k, v in model.head.state_dict().items()},
                   str(tmp / "head.safetensors"))
@@ -433,10 +429,6 @@ def _save_checkpoint(model: PooledClassifier, tokenizer: Any, labels: tuple[str,
         (tmp / "classifier.json").write_text(json.dumps(classifier, indent=2), encoding="utf-8")
         (tmp / "spec.yaml").write_text(spec.to_yaml(), encoding="utf-8")
         (tmp / "history.json").write_text(json.dumps(list(history), indent=2), encoding="utf-8")
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
