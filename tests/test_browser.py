@@ -5,16 +5,13 @@ evaluation report's metadata. Screenshots are saved under the test's temporary f
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.test_ui import RUN_QUERY, good_workspace, graphql, running_dagster_dev  # noqa: F401 (fixture)
+from tests.test_ui import good_workspace, newest_runs_once_finished, running_dagster_dev  # noqa: F401 (fixture)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-RUNS_QUERY = """
-query Runs { runsOrError(limit: 5) { ... on Runs { results { runId status assetSelection { path } } } } }"""
 
 
 def test_materialize_all_in_the_browser(good_workspace: dict[str, Path], tmp_path: Path) -> None:  # noqa: F811
@@ -43,12 +40,7 @@ def test_materialize_all_in_the_browser(good_workspace: dict[str, Path], tmp_pat
         expect(materialize_all).to_be_enabled(timeout=60_000)
         page.screenshot(path=str(shots / "1-asset-graph.png"))
         materialize_all.click()
-        deadline, runs = time.monotonic() + 480, []
-        while time.monotonic() < deadline:
-            runs = graphql(port, RUNS_QUERY, {})["runsOrError"]["results"]
-            if runs and runs[0]["status"] in ("SUCCESS", "FAILURE", "CANCELED"):
-                break
-            time.sleep(3)
+        runs = newest_runs_once_finished(port, 480)
         assert runs and runs[0]["status"] == "SUCCESS", log.read_text()[-5000:]
         run_id = runs[0]["runId"]
         # The button launched one run of the whole group (Dagster's implicit asset job), every asset selected.

@@ -98,7 +98,7 @@ def test_a_dropped_file_starts_a_run_by_itself(tmp_path: Path, trec_slice_csv: P
     import time
 
     from pipelines.core.sources import combined_digest, sha256_file
-    from tests.test_ui import graphql, running_dagster_dev, write_workspace
+    from tests.test_ui import RUNS_QUERY, graphql, newest_runs_once_finished, running_dagster_dev, write_workspace
 
     watched = tmp_path / "watched"
     watched.mkdir()
@@ -107,19 +107,12 @@ def test_a_dropped_file_starts_a_run_by_itself(tmp_path: Path, trec_slice_csv: P
     home = tmp_path / "home"
     home.mkdir()
     log = tmp_path / "dagster_dev.log"
-    runs_query = """query { runsOrError { ... on Runs { results { runId status
-        tags { key value } } } } }"""
     with running_dagster_dev(workspace, home, log) as port:
         time.sleep(40)  # the daemon evaluates the sensor on an empty folder: it skips, no run
-        assert graphql(port, runs_query, {})["runsOrError"]["results"] == []
+        assert graphql(port, RUNS_QUERY, {})["runsOrError"]["results"] == []
         shutil.copy(trec_slice_csv, watched / "questions.csv")
         digest = combined_digest([("questions.csv", sha256_file(watched / "questions.csv"))])
-        deadline, runs = time.monotonic() + 300, []
-        while time.monotonic() < deadline:
-            runs = graphql(port, runs_query, {})["runsOrError"]["results"]
-            if runs and runs[0]["status"] in ("SUCCESS", "FAILURE", "CANCELED"):
-                break
-            time.sleep(3)
+        runs = newest_runs_once_finished(port, 300)
         assert len(runs) == 1 and runs[0]["status"] == "SUCCESS", log.read_text()[-5000:]
         tags = {t["key"]: t["value"] for t in runs[0]["tags"]}
         assert tags["dagster/sensor_name"] == "tiny_new_data" and tags["dagster/run_key"] == digest
