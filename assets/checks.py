@@ -10,17 +10,9 @@ import dagster as dg
 import pandas as pd
 
 from pipelines.core.files import write_bytes_atomic
-from pipelines.core.quality import (
-    RENDERED_CHECKS,
-    CheckOutcome,
-    QualityFn,
-    QualityReport,
-    cleaned_checks_for,
-    splits_checks_for,
-    validate_cleaned_dataset,
-    validate_rendered_dataset,
-    validate_splits,
-)
+from pipelines.core.quality import (RENDERED_CHECKS, CheckOutcome, QualityFn, QualityReport, cleaned_checks_for,
+                                    splits_checks_for, validate_cleaned_dataset, validate_rendered_dataset,
+                                    validate_splits)
 from pipelines.core.spec import PipelineSpec
 from resources.storage import StorageResource
 

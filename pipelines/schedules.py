@@ -15,7 +15,7 @@ from pipelines.sensors import SOURCE_TAG, unchanged_reason
 
 
 def pipeline_schedule(spec: PipelineSpec, project_root: Path,
-                      code_versions: Mapping[str, str | None] | None = None) -> dg.ScheduleDefinition | None:
+                      code_versions: Mapping[str, str | None]) -> dg.ScheduleDefinition | None:
     """The spec's retraining schedule, stopped unless the spec enables it. A tick whose source bytes equal the
     last materialized raw data skips, saying so, instead of retraining on the same data."""
     if spec.schedule is None:

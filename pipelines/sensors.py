@@ -17,7 +17,7 @@ SOURCE_TAG = "tuneline/source_sha256"
 
 
 def unchanged_reason(instance: dg.DagsterInstance, spec: PipelineSpec, fingerprint: str | None,
-                     code_versions: Mapping[str, str | None] | None = None) -> str | None:
+                     code_versions: Mapping[str, str | None]) -> str | None:
     """Why there is nothing to retrain, or None: the source's bytes equal the last materialized raw data,
     every asset was last materialized with its current code version (the spec's sections), and the pipeline
     got as far as an evaluation report after that raw data."""
@@ -31,7 +31,7 @@ def unchanged_reason(instance: dg.DagsterInstance, spec: PipelineSpec, fingerpri
     report = instance.get_latest_materialization_event(dg.AssetKey([spec.name, "evaluation_report"]))
     if report is None or report.timestamp < raw.timestamp:
         return None  # the last run on this data did not finish: run again
-    for name, version in (code_versions or {}).items():
+    for name, version in code_versions.items():
         event = instance.get_latest_materialization_event(dg.AssetKey([spec.name, name]))
         recorded = (event.asset_materialization.tags or {}).get("dagster/code_version") \
             if event and event.asset_materialization else None
@@ -42,7 +42,7 @@ def unchanged_reason(instance: dg.DagsterInstance, spec: PipelineSpec, fingerpri
 
 
 def pipeline_sensor(spec: PipelineSpec, project_root: Path,
-                    code_versions: Mapping[str, str | None] | None = None) -> dg.SensorDefinition | None:
+                    code_versions: Mapping[str, str | None]) -> dg.SensorDefinition | None:
     """Requests a run when the source's files change; the run key is their content digest."""
     if not spec.retrain_on_new_data or spec.source.kind == "hub":
         return None

@@ -14,15 +14,8 @@ import pandas as pd
 from pipelines.core.files import write_bytes_atomic
 from pipelines.core.records import CheckpointRecord, EvaluationReport
 from pipelines.core.spec import PipelineSpec
-from pipelines.core.training import (
-    ComputeSettings,
-    embed_texts,
-    fit_linear_probe,
-    load_classifier,
-    load_encoder,
-    load_tokenizer,
-    predict_proba,
-)
+from pipelines.core.training import (ComputeSettings, embed_texts, fit_linear_probe, load_classifier,
+                                     load_encoder, load_tokenizer, predict_proba)
 
 METRIC_NAMES = ("accuracy", "macro_precision", "macro_recall", "macro_f1", "weighted_precision",
                 "weighted_recall", "weighted_f1")

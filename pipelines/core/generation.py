@@ -26,15 +26,8 @@ from pipelines.core.files import atomic_path, write_bytes_atomic
 from pipelines.core.lineage import frame_digest
 from pipelines.core.records import BaseModelRecord, CheckpointRecord, GenerationReport
 from pipelines.core.spec import LoraSettingsConfig, PipelineSpec, TrainingConfig
-from pipelines.core.training import (
-    ComputeSettings,
-    MetricsSink,
-    ProgressFn,
-    _make_callback,
-    checkpoint_digest,
-    lora_for,
-    peak_memory_mb,
-)
+from pipelines.core.training import (ComputeSettings, MetricsSink, ProgressFn, _make_callback, checkpoint_digest,
+                                     lora_for, peak_memory_mb)
 
 TASK = "instruction_tuning"
 GENERATION_METRICS = ("exact_match", "token_f1", "rouge_l")

@@ -256,10 +256,8 @@ class CandidateRejected(Exception):
 
 def task_support(config: dict[str, Any], task: str) -> str | None:
     """Why the architecture cannot do the task (no AutoModelFor... class for it), or None when it can."""
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
-    )
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
 
     model_type = config.get("model_type")
     architectures = [str(a) for a in config.get("architectures") or []]
