@@ -17,12 +17,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipelines.core.cleaning import clean, select_examples  # noqa: E402
+from pipelines.core.cleaning import clean  # noqa: E402
 from pipelines.core.selection import resolve_base_model  # noqa: E402
 from pipelines.core.sources import read_source  # noqa: E402
 from pipelines.core.spec import TrainingConfig, load_spec  # noqa: E402
 from pipelines.core.splitting import assign_splits  # noqa: E402
-from pipelines.core.training import ComputeSettings, train_classifier  # noqa: E402
+from pipelines.core.tasks.classification import select_examples, train_classifier  # noqa: E402
+from pipelines.core.trainer import ComputeSettings  # noqa: E402
+from resources.models import ModelStoreResource  # noqa: E402
 
 SETTINGS = [  # (name, precision, group_by_length); the first is the reference
     ("fp32, random order (reference)", "fp32", False),
@@ -43,7 +45,8 @@ def main() -> None:
     raw, _ = read_source(spec.source, ROOT)
     frame = assign_splits(clean(select_examples(raw, spec.task), spec.cleaning).frame, spec.splits).frame
     train = frame[frame["split"] == "train"].head(args.rows)  # no validation: time training alone
-    base = resolve_base_model(spec.base_model, ROOT)
+    models = ModelStoreResource(project_root=str(ROOT), cache_dir=str(ROOT / "data" / "models"))
+    base = resolve_base_model(spec.base_model, models)
     results = []
     for name, precision, grouped in SETTINGS:
         training = TrainingConfig.model_validate({**spec.training.model_dump(), "epochs": args.epochs,

@@ -105,93 +105,60 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
-    """Classify texts (or answer instructions, for a chat model) with the registry's champion of a pipeline."""
-    from pipelines.core.errors import TunelineError
-    from pipelines.core.training import load_classifier, predict_proba, record_from_folder
+def _tracking(args: argparse.Namespace) -> Any:
     from pipelines.definitions import DATA_DIR
-    from resources.compute import ComputeResource
     from resources.tracking import TrackingResource
 
-    tracking = TrackingResource(data_dir=str(Path(args.data_dir).resolve() if args.data_dir else DATA_DIR))
+    return TrackingResource(data_dir=str(Path(args.data_dir).resolve() if args.data_dir else DATA_DIR))
+
+
+def _registered_checkpoint(args: argparse.Namespace, tracking: Any, version: str | None = None) -> Any:
+    """The champion (or `version`) of the pipeline's registered model, downloaded and loaded as a record."""
+    from pipelines.core.errors import TunelineError
+    from pipelines.core.tasks import checkpoint_from_folder
+
+    found = tracking.model_version(args.pipeline, version) if version else tracking.champion(args.pipeline)
+    if found is None:
+        raise TunelineError(f"the model registry at {tracking.tracking_uri()} has no champion for pipeline "
+                            f"{args.pipeline!r}; run `tuneline run --pipeline {args.pipeline}` first"
+                            + (", or pass --version" if hasattr(args, "version") else ""))
+    return checkpoint_from_folder(found[1], model_version=found[0])
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Answer with the registry's champion of a pipeline: labels for a classifier, responses for a chat model."""
+    from pipelines.core.errors import TunelineError
+    from pipelines.core.tasks import task_for
+    from resources.compute import ComputeResource
+
     try:
-        found = tracking.champion(args.pipeline)
-        if found is None:
-            print(f"error: the model registry at {tracking.tracking_uri()} has no champion for pipeline "
-                  f"{args.pipeline!r}; run `tuneline run --pipeline {args.pipeline}` first", file=sys.stderr)
-            return 2
-        version, folder = found
-        record = record_from_folder(folder, model_version=version)
-        if record.task == "instruction_tuning":
-            return _answer(args, record, version)
-        model, tokenizer = load_classifier(record)
+        record = _registered_checkpoint(args, _tracking(args))
+        rows = task_for(record).predict(record, args.texts, ComputeResource().settings("fp32"), args.max_new_tokens)
     except TunelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    settings = ComputeResource().settings("fp32")
-    probs = predict_proba(model, tokenizer, args.texts, 512, settings)
-    rows = []
-    for text, row in zip(args.texts, probs, strict=True):
-        best = int(row.argmax())
-        rows.append({"text": text, "label": record.labels[best], "probability": round(float(row[best]), 4),
-                     "model": f"{args.pipeline} v{version}"})
+    model = f"{args.pipeline} v{record.model_version}"
     if args.json:
-        print(json.dumps(rows))
-    else:
-        for row in rows:
-            print(f"{row['label']}\t{row['probability']:.4f}\t{row['text']}")
-        print(f"(champion: {args.pipeline} v{version})", file=sys.stderr)
-    return 0
-
-
-def _answer(args: argparse.Namespace, record: Any, version: str) -> int:
-    """Greedy answers of a chat-model champion, each instruction rendered with the model's chat template."""
-    from pipelines.core.chat import render_prompt
-    from pipelines.core.generation import generate, load_finetuned_lm
-    from resources.compute import ComputeResource
-
-    model, tokenizer = load_finetuned_lm(record)
-    prompts = [render_prompt(tokenizer, [{"role": "user", "content": t}, {"role": "assistant", "content": ""}])
-               for t in args.texts]
-    answers = generate(model, tokenizer, prompts, args.max_new_tokens, 8, ComputeResource().settings("fp32"))
-    rows = [{"instruction": t, "response": a, "model": f"{args.pipeline} v{version}"}
-            for t, a in zip(args.texts, answers, strict=True)]
-    if args.json:
-        print(json.dumps(rows, ensure_ascii=False))
-    else:
-        for row in rows:
-            print(f"{row['instruction']}\t{row['response']}")
-        print(f"(champion: {args.pipeline} v{version})", file=sys.stderr)
+        print(json.dumps([{**row, "model": model} for row in rows], ensure_ascii=False))
+        return 0
+    for row in rows:
+        print("\t".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.values()))
+    print(f"(champion: {model})", file=sys.stderr)
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Merge a chat model's adapter into its base and write a plain transformers folder."""
+    """Write the model as a folder plain transformers loads (a chat model: base and adapter merged)."""
     from pipelines.core.errors import TunelineError
-    from pipelines.core.generation import export_merged
-    from pipelines.core.training import record_from_folder
-    from pipelines.definitions import DATA_DIR
-    from resources.tracking import TrackingResource
+    from pipelines.core.tasks import task_for
 
-    tracking = TrackingResource(data_dir=str(Path(args.data_dir).resolve() if args.data_dir else DATA_DIR))
     try:
-        found = tracking.model_version(args.pipeline, args.version) if args.version else tracking.champion(args.pipeline)
-        if found is None:
-            print(f"error: the model registry at {tracking.tracking_uri()} has no champion for pipeline "
-                  f"{args.pipeline!r}; run `tuneline run --pipeline {args.pipeline}` first, or pass --version",
-                  file=sys.stderr)
-            return 2
-        version, folder = found
-        record = record_from_folder(folder, model_version=version)
-        if record.task != "instruction_tuning":
-            print(f"error: {args.pipeline} v{version} is a {record.task} model; `tuneline export` merges the "
-                  "adapters of instruction-tuned chat models", file=sys.stderr)
-            return 2
-        out = export_merged(record, Path(args.output))
+        record = _registered_checkpoint(args, _tracking(args), args.version)
+        out = task_for(record).export(record, Path(args.output))
     except TunelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"exported {args.pipeline} v{version} (base {record.base_model.name} + adapter, merged) to {out}")
+    print(f"exported {args.pipeline} v{record.model_version} (base {record.base_model.name} + adapter, merged) to {out}")
     print("load it with: AutoModelForCausalLM.from_pretrained(path); AutoTokenizer.from_pretrained(path)")
     return 0
 
@@ -202,13 +169,11 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     import dagster as dg
 
     from pipelines.core.sources import sha256_file
-    from pipelines.core.spec import load_specs
-    from pipelines.definitions import DATA_DIR, SPECS_DIR
-    from pipelines.lineage import LineageError, format_lineage, version_lineage
-    from resources.tracking import TrackingResource
+    from pipelines.definitions import SPECS_DIR, build_definitions
+    from pipelines.lineage import LineageError, data_chains, format_lineage, version_lineage
 
-    tracking = TrackingResource(data_dir=str(Path(args.data_dir).resolve() if args.data_dir else DATA_DIR))
-    tasks = {spec.name: spec.task.type for spec in load_specs(Path(args.specs_dir) if args.specs_dir else SPECS_DIR)}
+    tracking = _tracking(args)
+    tasks = data_chains(build_definitions(specs_dir=Path(args.specs_dir) if args.specs_dir else SPECS_DIR))
     if args.pipeline and args.pipeline not in tasks:
         print(f"error: no pipeline {args.pipeline!r}; pipelines are: {', '.join(sorted(tasks))}", file=sys.stderr)
         return 2

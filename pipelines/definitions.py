@@ -13,6 +13,7 @@ from pipelines.jobs import pipeline_job
 from pipelines.schedules import pipeline_schedule
 from pipelines.sensors import pipeline_sensor
 from resources.compute import ComputeResource
+from resources.models import ModelStoreResource
 from resources.storage import PipelineIOManager, StorageResource
 from resources.tracking import TrackingResource
 
@@ -21,11 +22,13 @@ SPECS_DIR = PROJECT_ROOT / "pipelines" / "specs"
 DATA_DIR = PROJECT_ROOT / "data"
 
 
-def resources_for(data_dir: Path, *, device: str = "auto", num_threads: int | None = None) -> dict[str, object]:
-    """The resources of one environment: where data goes and which device computes."""
+def resources_for(data_dir: Path, *, device: str = "auto", num_threads: int | None = None,
+                  project_root: Path = PROJECT_ROOT, models: ModelStoreResource | None = None) -> dict[str, object]:
+    """The resources of one environment: where data goes, where models come from and which device computes."""
     return {
         "io_manager": PipelineIOManager(data_dir=str(data_dir)),
         "storage": StorageResource(data_dir=str(data_dir)),
+        "models": models or ModelStoreResource(project_root=str(project_root), cache_dir=str(data_dir / "models")),
         "compute": ComputeResource(device=device, num_threads=num_threads),
         # The embedded MLflow store under data_dir, unless $TUNELINE_TRACKING_URI names another.
         "tracking": TrackingResource(data_dir=str(data_dir)),
@@ -50,7 +53,7 @@ def build_definitions(specs_dir: Path = SPECS_DIR, project_root: Path = PROJECT_
         jobs=[pipeline_job(spec) for spec in specs],
         schedules=schedules,
         sensors=sensors,
-        resources=resources if resources is not None else resources_for(data_dir),
+        resources=resources if resources is not None else resources_for(data_dir, project_root=project_root),
     )
 
 

@@ -7,13 +7,31 @@ from typing import Any
 
 import dagster as dg
 
-# The chain from a checkpoint back to the raw data, per task: (asset, the upstream asset it was made from).
-CHAINS = {
-    "text_classification": (("finetuned_checkpoint", "splits"), ("splits", "cleaned_dataset"),
-                            ("cleaned_dataset", "raw_data")),
-    "instruction_tuning": (("finetuned_checkpoint", "rendered_dataset"), ("rendered_dataset", "splits"),
-                           ("splits", "cleaned_dataset"), ("cleaned_dataset", "raw_data")),
-}
+from assets.pipeline import BASE_MODEL
+
+CHECKPOINT = "finetuned_checkpoint"
+
+
+def data_chains(defs: dg.Definitions) -> dict[str, tuple[tuple[str, str], ...]]:
+    """Per pipeline, the chain of (asset, the data asset it was made from) from the checkpoint back to the raw
+    data, read from the asset graph: at every step the one parent that is not the base model."""
+    graph = defs.resolve_asset_graph()
+    chains: dict[str, tuple[tuple[str, str], ...]] = {}
+    for key in graph.get_all_asset_keys():
+        if key.path[-1] != CHECKPOINT:
+            continue
+        pipeline, chain, current = key.path[0], [], key
+        while True:
+            parents = [p for p in graph.get(current).parent_keys if p.path[-1] != BASE_MODEL]
+            if not parents:
+                break
+            if len(parents) > 1:
+                raise LineageError(f"{current.to_user_string()} has several data inputs "
+                                   f"({', '.join(p.to_user_string() for p in parents)}): its lineage is not a chain")
+            chain.append((current.path[-1], parents[0].path[-1]))
+            current = parents[0]
+        chains[pipeline] = tuple(chain)
+    return chains
 
 
 class LineageError(Exception):
@@ -48,27 +66,28 @@ def _step(record: Any, name: str) -> dict[str, Any]:
             "mlflow_run_id": meta.get("mlflow_run_id")}
 
 
-def version_lineage(instance: dg.DagsterInstance, pipeline: str, version: dict[str, Any], task: str) -> dict[str, Any]:
+def version_lineage(instance: dg.DagsterInstance, pipeline: str, version: dict[str, Any],
+                    chain: tuple[tuple[str, str], ...]) -> dict[str, Any]:
     """Registry version -> MLflow run -> Dagster run -> checkpoint -> (rendered ->) splits -> cleaned -> raw files."""
     run_id = version["tags"].get("dagster.run_id")
     if not run_id:
         raise LineageError(f"{pipeline} v{version['version']} has no dagster.run_id tag in the model registry")
-    record = _materialization(instance, dg.AssetKey([pipeline, "finetuned_checkpoint"]), run_id=run_id)
-    chain = [_step(record, "finetuned_checkpoint")]
-    for asset, upstream in CHAINS[task]:
+    record = _materialization(instance, dg.AssetKey([pipeline, CHECKPOINT]), run_id=run_id)
+    steps = [_step(record, CHECKPOINT)]
+    for asset, upstream in chain:
         tags = dict(record.event_log_entry.asset_materialization.tags or {})
         pointer = tags.get(f"dagster/input_event_pointer/{pipeline}/{upstream}")
         if pointer is None:
             raise LineageError(f"the {asset} materialization of Dagster run {record.run_id} does not record which "
                                f"{upstream} it read")
         record = _materialization(instance, dg.AssetKey([pipeline, upstream]), storage_id=int(pointer))
-        chain.append(_step(record, upstream))
+        steps.append(_step(record, upstream))
     raw = _meta(record)
     files = raw.get("source_files") or []
     return {"pipeline": pipeline, "version": version["version"], "aliases": version["aliases"],
             "mlflow_run_id": version["mlflow_run_id"], "mlflow_run_url": version["mlflow_run_url"],
             "dagster_run_id": run_id, "checkpoint_sha256": version["tags"].get("tuneline.checkpoint_sha256"),
-            "data_sha256": version["tags"].get("tuneline.data_sha256"), "chain": chain,
+            "data_sha256": version["tags"].get("tuneline.data_sha256"), "chain": steps,
             "source": raw.get("source"), "raw_files": files}
 
 

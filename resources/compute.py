@@ -8,7 +8,7 @@ from pathlib import Path
 import dagster as dg
 import torch
 
-from pipelines.core.training import ComputeSettings
+from pipelines.core.trainer import ComputeSettings
 
 
 def cpu_supports_bf16() -> bool:

@@ -8,13 +8,15 @@ Fine-tuned checkpoints become versions of a registered model named after the pip
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
+import os
 import tempfile
 import time
 import urllib.error
 import urllib.request
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,9 @@ import dagster as dg
 import pandas as pd
 
 from pipelines.core.errors import TunelineError
+from pipelines.core.records import CheckpointRecord, EvaluationReport, FilePath, Markdown, StepLog
+from pipelines.core.steps import registry_tags
+from pipelines.core.tasks import checkpoint_from_folder
 
 URI_ENV_VAR = "TUNELINE_TRACKING_URI"
 CHAMPION = "champion"
@@ -30,6 +35,17 @@ CHAMPION = "champion"
 
 class TrackingError(TunelineError):
     """The tracking store cannot be used."""
+
+
+def dagster_value(value: Any) -> Any:
+    """A step's metadata value as Dagster shows it: Markdown, paths, JSON for lists and dicts, plain scalars."""
+    if isinstance(value, Markdown):
+        return dg.MetadataValue.md(str(value))
+    if isinstance(value, FilePath):
+        return dg.MetadataValue.path(str(value))
+    if isinstance(value, (list, tuple, dict)):
+        return dg.MetadataValue.json(value)
+    return value
 
 
 def _mlflow() -> Any:
@@ -41,8 +57,29 @@ def _mlflow() -> Any:
 class AssetRun:
     """The MLflow run of one asset materialization; also a metrics sink for training."""
 
-    def __init__(self, client: Any, run_id: str, url: str) -> None:
-        self.client, self.run_id, self.url = client, run_id, url
+    def __init__(self, client: Any, run_id: str, url: str, log: Callable[[str], None] = print) -> None:
+        self.client, self.run_id, self.url, self.log = client, run_id, url, log
+
+    def record(self, step: StepLog) -> dict[str, Any]:
+        """Record a step's log in MLflow (params, metrics, datasets, texts, artifacts, tags) and return it as
+        Dagster metadata, with the MLflow run it went to."""
+        self.log_params(step.params)
+        self.log_metrics(step.metrics, 0)
+        for dataset in step.datasets:
+            self.log_dataset(dataset.frame, dataset.name, dataset.digest, dataset.context, dataset.source)
+        for text, artifact_file in step.texts:
+            self.log_text(text, artifact_file)
+        for path, folder in step.artifacts:
+            self.log_artifact(path, folder)
+        self.set_tags({**step.tags, **({"dagster.data_version": step.data_version} if step.data_version else {})})
+        if step.message:
+            self.log(step.message)
+        return {**{k: dagster_value(v) for k, v in step.metadata.items()},
+                "mlflow_run_id": self.run_id, "mlflow_run": dg.MetadataValue.url(self.url)}
+
+    def output(self, value: Any, step: StepLog) -> dg.Output[Any]:
+        """The asset's output: its value, the step's metadata and its content-digest data version."""
+        return dg.Output(value, metadata=self.record(step), data_version=dg.DataVersion(step.data_version))
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -111,6 +148,11 @@ class TrackingResource(dg.ConfigurableResource):
         if uri.startswith("sqlite:///"):
             return self._embedded_client(uri)
         if uri.startswith(("http://", "https://")):
+            # MLflow retries a failed request 7 times with backoff factor 2 (about 4 minutes) before a registry
+            # outage surfaces; bound it unless the user chose otherwise. Process-wide, read on every request.
+            for name, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
+                                ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")):
+                os.environ.setdefault(name, value)
             try:  # MLflow's own client retries for minutes; a tracking server answers /health at once
                 with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10) as response:
                     response.read()
@@ -187,7 +229,7 @@ class TrackingResource(dg.ConfigurableResource):
             "tuneline.pipeline": pipeline,
             "tuneline.kind": "asset",
         })
-        tracked = AssetRun(client, run.info.run_id, self.run_url(experiment_id, run.info.run_id))
+        tracked = AssetRun(client, run.info.run_id, self.run_url(experiment_id, run.info.run_id), context.log.info)
         try:
             yield tracked
         except BaseException as exc:
@@ -198,12 +240,33 @@ class TrackingResource(dg.ConfigurableResource):
         client.set_terminated(run.info.run_id, "FINISHED")
 
     # ---------------------------------------------------------------------------------- registry
+    @staticmethod
+    def _is_missing(exc: BaseException) -> bool:
+        """Whether MLflow answered that a registered model, a version of it or an alias on it does not exist.
+
+        The SQLite store raises MlflowException, a tracking server RestException (a subclass), with the
+        same codes: RESOURCE_DOES_NOT_EXIST for a missing model or version, INVALID_PARAMETER_VALUE with
+        "Registered model alias <alias> not found." for a missing alias. Anything else (server unreachable,
+        5xx, permissions, timeouts) means the registry could not be asked, which is not an answer.
+        """
+        from mlflow.exceptions import MlflowException
+
+        if not isinstance(exc, MlflowException):
+            return False
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return True
+        return (exc.error_code == "INVALID_PARAMETER_VALUE" and "Registered model alias" in exc.message
+                and "not found" in exc.message)
+
     def register(self, run: AssetRun, pipeline: str, artifact_path: str, tags: Mapping[str, str]) -> str:
         """A new version of the registered model `pipeline` from the run's artifact folder; returns it."""
         client = run.client
         try:
             client.get_registered_model(pipeline)
-        except Exception:
+        except Exception as exc:
+            if not self._is_missing(exc):
+                raise TrackingError(f"the model registry at {self.tracking_uri()} cannot be asked for the "
+                                    f"registered model {pipeline!r}: {exc}") from exc
             client.create_registered_model(pipeline, description=f"Fine-tuned models of the {pipeline} pipeline.")
         source = client.get_run(run.run_id).info.artifact_uri.rstrip("/") + "/" + artifact_path
         version = client.create_model_version(pipeline, source=source, run_id=run.run_id, tags=dict(tags),
@@ -211,22 +274,33 @@ class TrackingResource(dg.ConfigurableResource):
         return str(version.version)
 
     def champion(self, pipeline: str) -> tuple[str, Path] | None:
-        """The version under the alias `champion` and a local copy of its files, or None."""
-        client = self.client()
+        """The version under the alias `champion` and a local copy of its files; None only when the registry
+        answers that the pipeline has no registered model or that the model has no `champion` alias."""
+        version = self._champion_version(self.client(), pipeline)
+        return None if version is None else self._download(pipeline, version)
+
+    def _champion_version(self, client: Any, pipeline: str) -> Any:
+        """The MLflow ModelVersion under the alias `champion`, or None; TrackingError when the registry
+        cannot be asked (a registry outage must never look like a first model)."""
         try:
-            version = client.get_model_version_by_alias(pipeline, CHAMPION)
-        except Exception:
-            return None
-        return self._download(pipeline, version)
+            return client.get_model_version_by_alias(pipeline, CHAMPION)
+        except Exception as exc:
+            if self._is_missing(exc):
+                return None
+            raise TrackingError(f"the model registry at {self.tracking_uri()} cannot be asked for the "
+                                f"{CHAMPION} of {pipeline!r}: {exc}") from exc
 
     def model_version(self, pipeline: str, number: str) -> tuple[str, Path]:
         """A registered version of the pipeline's model and a local copy of its files."""
         client = self.client()
         try:
             version = client.get_model_version(pipeline, str(number))
-        except Exception:
-            raise TrackingError(f"the model registry at {self.tracking_uri()} has no version {number} of "
-                                f"{pipeline!r}") from None
+        except Exception as exc:
+            if self._is_missing(exc):
+                raise TrackingError(f"the model registry at {self.tracking_uri()} has no version {number} of "
+                                    f"{pipeline!r}") from None
+            raise TrackingError(f"the model registry at {self.tracking_uri()} cannot be asked for version "
+                                f"{number} of {pipeline!r}: {exc}") from exc
         return self._download(pipeline, version)
 
     def _download(self, pipeline: str, version: Any) -> tuple[str, Path]:
@@ -243,8 +317,11 @@ class TrackingResource(dg.ConfigurableResource):
         client = self.client()
         try:
             model = client.get_registered_model(pipeline)
-        except Exception:
-            return []
+        except Exception as exc:
+            if self._is_missing(exc):
+                return []
+            raise TrackingError(f"the model registry at {self.tracking_uri()} cannot be asked for the "
+                                f"registered model {pipeline!r}: {exc}") from exc
         aliases: dict[str, list[str]] = {}
         for alias, number in (model.aliases or {}).items():
             aliases.setdefault(str(number), []).append(alias)
@@ -258,3 +335,21 @@ class TrackingResource(dg.ConfigurableResource):
         client = self.client()
         client.set_registered_model_alias(pipeline, CHAMPION, version)
         client.set_model_version_tag(pipeline, version, "tuneline.promotion", reason)
+
+    # ------------------------------------------------------------------------- the pipeline's registry steps
+    def register_checkpoint(self, run: AssetRun, pipeline: str, record: CheckpointRecord,
+                            dagster_run_id: str) -> CheckpointRecord:
+        """Register the checkpoint logged as the run's `checkpoint` artifacts; the record gains its version."""
+        run.log_artifact(record.path, "checkpoint")
+        version = self.register(run, pipeline, "checkpoint", registry_tags(record, dagster_run_id))
+        return dataclasses.replace(record, model_version=version)
+
+    def champion_checkpoint(self, pipeline: str) -> CheckpointRecord | None:
+        """The champion's checkpoint, downloaded and verified, or None when the pipeline has none yet."""
+        found = self.champion(pipeline)
+        return checkpoint_from_folder(found[1], model_version=found[0]) if found else None
+
+    def apply_promotion(self, pipeline: str, report: EvaluationReport, checkpoint: CheckpointRecord) -> None:
+        """Move the champion alias to the checkpoint when the report says it should."""
+        if report.promotion.promote and checkpoint.model_version:
+            self.promote(pipeline, checkpoint.model_version, report.promotion.reason)

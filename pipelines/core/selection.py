@@ -8,55 +8,38 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 
+import pandas as pd
+
 from pipelines.core.errors import ModelSourceError
-from pipelines.core.files import atomic_path
 from pipelines.core.records import BaseModelRecord
-from pipelines.core.sources import combined_digest, packaged_path, sha256_file
-from pipelines.core.spec import BaseModelConfig, HubModelConfig, LocalModelConfig, PackageModelConfig
+from pipelines.core.sections import BaseModelConfig, HubModelConfig, LocalModelConfig, PackageModelConfig
+from pipelines.core.sources import combined_digest, sha256_file
+from pipelines.core.spec import PipelineSpec
+from pipelines.core.tasks import CandidateRejected, task_for
+from pipelines.core.trainer import ComputeSettings, ProgressFn
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.pt", "*.pth")
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl"}
-# Code files come along so that a trusted remote-code model can load; they run only with trust_remote_code.
-HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.py", "README.md", "1_Pooling/*"]
+ModelLocation = PackageModelConfig | LocalModelConfig | HubModelConfig
 
 
-def locate_model(cfg: PackageModelConfig | LocalModelConfig | HubModelConfig,
-                 project_root: Path, allow_pickle: bool = False) -> tuple[Path, str | None]:
-    """The model's local folder, and the revision it was taken at (when known)."""
-    if isinstance(cfg, PackageModelConfig):
-        try:
-            folder, version = packaged_path(cfg.package, cfg.path, folder=True)
-        except LookupError as exc:
-            raise ModelSourceError(f"package / path: {exc}") from None
-        return folder, f"{cfg.package}=={version}"
-    if isinstance(cfg, LocalModelConfig):
-        folder = Path(cfg.path)
-        folder = folder if folder.is_absolute() else project_root / folder
-        if not folder.is_dir():
-            raise ModelSourceError(f"path: {cfg.path!r} is not a folder (looked at {folder})")
-        return folder, None
-    from huggingface_hub import snapshot_download
+class ModelAcquirer(Protocol):
+    """Where a candidate's files come from (a package, a local folder, the Hub) and where a GGUF model is
+    de-quantized to: a resource with side effects (resources/models.py), with a test double."""
 
-    patterns = [cfg.gguf_file, "README.md", "*.json"] if cfg.gguf_file else (
-        HUB_FILES + ["pytorch_model*.bin"] if allow_pickle else HUB_FILES)
-    try:
-        folder = Path(snapshot_download(cfg.name, revision=cfg.revision, allow_patterns=patterns))
-    except Exception as exc:
-        raise ModelSourceError(
-            f"cannot reach {cfg.name!r} at revision {cfg.revision!r} on the Hugging Face Hub: "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0]}. The Hub must be reachable (or the model in the "
-            "local Hugging Face cache); otherwise download it once and use `source: local` with its folder "
-            "(or `source: package`)") from None
-    # The snapshot folder is named after the resolved commit, which pins a branch name like 'main'.
-    return folder, folder.name
+    def locate(self, location: ModelLocation, allow_pickle: bool) -> tuple[Path, str | None]:
+        """The model's local folder, and the revision it was taken at (when known)."""
+        ...
+
+    def dequantize(self, folder: Path, gguf_file: str, sha256: str, license_id: str, name: str) -> Path:
+        """A safetensors folder holding the GGUF file's weights, made once and reused."""
+        ...
 
 
 def model_card_license(folder: Path) -> str | None:
@@ -126,30 +109,6 @@ def gguf_metadata(path: Path) -> tuple[dict[str, Any], int]:
     return meta, int(sum(int(t.n_elements) for t in reader.tensors))
 
 
-def convert_gguf(folder: Path, gguf_file: str, target: Path, license_id: str, name: str) -> Path:
-    """De-quantize a GGUF model once into a safetensors folder with its tokenizer (and chat template).
-
-    Loading the GGUF takes ~15 s and transformers marks the model as quantized, which Trainer, TRL and
-    save_pretrained refuse; the weights are already de-quantized to fp32, so the marker is removed and the
-    folder reloads in well under a second. Written to a temporary sibling, then renamed.
-    """
-    if (target / "config.json").is_file():
-        return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf_file)
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer.remove_quantization_config(model)
-    with atomic_path(target) as tmp:
-        model.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-        (tmp / "README.md").write_text(
-            f"---\nlicense: {license_id}\nbase_model: {name}\n---\n\n# {name}\n\nDe-quantized by tuneline from "
-            f"the GGUF file `{gguf_file}` (fp32 weights, safetensors).\n", encoding="utf-8")
-    return target
-
-
 def _check_license(license_id: str | None, cfg: BaseModelConfig, where: str) -> str:
     if license_id is None:
         if cfg.allow_unknown_license:
@@ -174,15 +133,14 @@ def needs_remote_code(config: dict[str, Any]) -> str | None:
     return None
 
 
-def _name(location: PackageModelConfig | LocalModelConfig | HubModelConfig) -> str:
+def _name(location: ModelLocation) -> str:
     return getattr(location, "name", None) or str(location.path)  # type: ignore[union-attr]
 
 
-def pin_candidate(location: PackageModelConfig | LocalModelConfig | HubModelConfig, cfg: BaseModelConfig,
-                  project_root: Path, cache_dir: Path) -> BaseModelRecord:
+def pin_candidate(location: ModelLocation, cfg: BaseModelConfig, models: ModelAcquirer) -> BaseModelRecord:
     """Resolve one candidate to local weights and pin it; raises ModelSourceError with the reason it is refused
     (unreachable, no weights, pickle weights, licence, remote code)."""
-    folder, revision = locate_model(location, project_root, cfg.allow_pickle_weights)
+    folder, revision = models.locate(location, cfg.allow_pickle_weights)
     name = _name(location)
     if location.gguf_file:
         path = folder / location.gguf_file
@@ -192,8 +150,7 @@ def pin_candidate(location: PackageModelConfig | LocalModelConfig | HubModelConf
         gguf_license = str(meta["general.license"]).lower() if meta.get("general.license") else None
         license_id = _check_license(model_card_license(folder) or gguf_license, cfg, str(folder))
         sha = sha256_file(path)
-        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
-        converted = convert_gguf(folder, location.gguf_file, cache_dir / f"{slug}-{sha[:12]}", license_id, name)
+        converted = models.dequantize(folder, location.gguf_file, sha, license_id, name)
         return _record(converted, name, location.source, revision, sha, license_id, parameters, "gguf", cfg,
                        gguf_file=str(path))
     config_path = folder / "config.json"
@@ -238,160 +195,33 @@ def _record(folder: Path, name: str, source: str, revision: str | None, sha: str
         trust_remote_code=bool(remote) and cfg.trust_remote_code)
 
 
-def resolve_base_model(cfg: BaseModelConfig, project_root: Path, cache_dir: Path | None = None) -> BaseModelRecord:
-    """Pin the spec's first candidate (no probe); errors name the field and the reason.
-
-    A GGUF model is de-quantized once into `cache_dir` (default: <project_root>/data/models).
-    """
+def resolve_base_model(cfg: BaseModelConfig, models: ModelAcquirer) -> BaseModelRecord:
+    """Pin the spec's first candidate (no probe); errors name the field and the reason."""
     try:
-        return pin_candidate(cfg.model, cfg, project_root, cache_dir or project_root / "data" / "models")
+        return pin_candidate(cfg.model, cfg, models)
     except ModelSourceError as exc:
         raise ModelSourceError(f"base_model.model: {exc}") from None
 
 
 # ------------------------------------------------------------------------------------------- selection
-class CandidateRejected(Exception):
-    """A candidate breaks a constraint; the message is the reason shown in the selection table."""
-
-
-def task_support(config: dict[str, Any], task: str) -> str | None:
-    """Why the architecture cannot do the task (no AutoModelFor... class for it), or None when it can."""
-    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                                                        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
-
-    model_type = config.get("model_type")
-    architectures = [str(a) for a in config.get("architectures") or []]
-    if task == "instruction_tuning":
-        if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or not any(
-                a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
-            return (f"cannot do instruction_tuning: {architectures or model_type} is not a causal language model "
-                    "(no AutoModelForCausalLM head in its weights)")
-        return None
-    if model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
-        return f"cannot do text_classification: transformers has no AutoModelForSequenceClassification for {model_type!r}"
-    return None
-
-
-def linear_layer_names(folder: Path, task: str, trust_remote_code: bool) -> set[str]:
-    """The names (last component) of every linear layer of the model, from a skeleton on the meta device."""
+def linear_layer_names(folder: Path, auto_class: str, trust_remote_code: bool) -> set[str]:
+    """The names (last component) of every linear layer of the model, from a skeleton on the meta device
+    built by transformers' `auto_class` (AutoModel, AutoModelForCausalLM, ...)."""
     import torch
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    import transformers
 
-    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
-    auto = AutoModelForCausalLM if task == "instruction_tuning" else AutoModel
+    config = transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     with torch.device("meta"):
-        model = auto.from_config(config, trust_remote_code=trust_remote_code)
+        model = getattr(transformers, auto_class).from_config(config, trust_remote_code=trust_remote_code)
     return {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
 
 
-def estimate_training_memory_mb(config: dict[str, Any], parameters: int, batch_size: int, length: int,
-                                task: str, precision: str) -> float:
-    """Weights (fp32), activations kept for the backward pass (34·s·b·h + 5·a·s²·b bytes per layer at 16 bit,
-    doubled for fp32) and, for language models, the logits with their gradient."""
-    hidden = int(config.get("hidden_size") or config.get("d_model") or 0)
-    layers = int(config.get("num_hidden_layers") or config.get("n_layer") or 0)
-    heads = int(config.get("num_attention_heads") or config.get("n_head") or 1)
-    vocab = int(config.get("vocab_size") or 0)
-    scale = 1.0 if precision == "bf16" else 2.0
-    activations = layers * (34 * length * batch_size * hidden + 5 * heads * length * length * batch_size) * scale
-    logits = 3 * 4 * batch_size * length * vocab if task == "instruction_tuning" else 0
-    return (4 * parameters + activations + logits) / 2**20
-
-
-def _sample(frame: Any, split: str, rows: int, seed: int) -> Any:
-    part = frame[frame["split"] == split]
-    return part.sample(n=min(rows, len(part)), random_state=seed) if len(part) > rows else part
-
-
-def _time_steps(record: BaseModelRecord, spec: Any, splits: Any, compute: Any, steps: int) -> float:
-    """Seconds per training step of the real task model with LoRA, on a batch of real training rows."""
-    import torch
-
-    cfg = spec.training
-    lora = cfg.lora.model_copy(update={"target_modules": record.lora_targets or cfg.lora.target_modules})
-    batch_rows = _sample(splits, "train", cfg.batch_size, cfg.seed)
-    if spec.task.type == "instruction_tuning":
-        from peft import get_peft_model
-
-        from pipelines.core.chat import render_conversations
-        from pipelines.core.generation import build_causal_lora_config, load_causal_lm
-
-        model, tokenizer = load_causal_lm(record.local_path)
-        model = get_peft_model(model, build_causal_lora_config(lora))
-        rendered = render_conversations(batch_rows, tokenizer, cfg.max_length, "truncate").frame
-        if rendered.empty:
-            raise CandidateRejected(f"no training example fits training.max_length ({cfg.max_length} tokens) "
-                                    "with this model's chat template")
-        width = max(len(ids) for ids in rendered["input_ids"])
-        ids = torch.full((len(rendered), width), tokenizer.pad_token_id)
-        for i, row in enumerate(rendered["input_ids"]):
-            ids[i, :len(row)] = torch.tensor(list(row))
-        inputs = {"input_ids": ids, "attention_mask": (ids != tokenizer.pad_token_id).long(), "labels": ids}
-    else:
-        from peft import get_peft_model
-
-        from pipelines.core.training import PooledClassifier, build_lora_config, load_encoder, load_tokenizer
-
-        tokenizer = load_tokenizer(record.local_path)
-        encoder = load_encoder(record)
-        model = PooledClassifier(encoder, record.pooling, max(2, splits["label"].nunique()), record.hidden_size)
-        model.encoder = get_peft_model(encoder, build_lora_config(lora))
-        inputs = dict(tokenizer(batch_rows["text"].tolist(), truncation=True, max_length=cfg.max_length,
-                                padding=True, return_tensors="pt"))
-        inputs["labels"] = torch.zeros(len(batch_rows), dtype=torch.long)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    model.train()
-    timings = []
-    for step in range(steps + 1):  # the first step warms up (allocations, kernels) and is not counted
-        started = time.perf_counter()
-        with compute.autocast():
-            loss = model(**inputs).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        if step:
-            timings.append(time.perf_counter() - started)
-    return sorted(timings)[len(timings) // 2]
-
-
-def _probe(record: BaseModelRecord, spec: Any, splits: Any, compute: Any) -> tuple[str, float, float]:
-    """(metric, value, score) on a validation sample; a higher score is better."""
-    probe = spec.base_model.probe
-    seed = spec.training.seed
-    validation = _sample(splits, "validation", probe.sample_rows, seed)
-    if spec.task.type == "instruction_tuning":
-        from pipelines.core.chat import render_conversations
-        from pipelines.core.generation import completion_loss, load_causal_lm
-
-        model, tokenizer = load_causal_lm(record.local_path)
-        rendered = render_conversations(validation, tokenizer, spec.training.max_length, "truncate").frame
-        loss, _ = completion_loss(model, rendered, 8, compute, tokenizer.pad_token_id)
-        return "validation_loss", loss, -loss
-    from pipelines.core.evaluation import classification_metrics
-    from pipelines.core.training import embed_texts, fit_linear_probe, load_encoder, load_tokenizer
-
-    train = _sample(splits, "train", 4 * probe.sample_rows, seed)
-    labels = sorted(set(splits["label"]))
-    index = {label: i for i, label in enumerate(labels)}
-    encoder, tokenizer = load_encoder(record), load_tokenizer(record.local_path)
-
-    def embed(frame: Any) -> Any:
-        return embed_texts(encoder, tokenizer, frame["text"].tolist(), record.pooling, spec.training.max_length,
-                           compute, 64)
-
-    fitted = fit_linear_probe(embed(train), train["label"].map(index).to_numpy(), None, None, seed)
-    metric = spec.evaluation.primary_metric
-    predicted = fitted.predict(embed(validation))
-    value = classification_metrics(validation["label"].map(index).to_numpy(), predicted, len(labels))[metric]
-    return f"linear_probe_{metric}", value, value
-
-
-def select_base_model(spec: Any, splits: Any, project_root: Path, cache_dir: Path, compute: Any,
-                      progress: Callable[[str], None] = print) -> BaseModelRecord:
+def select_base_model(spec: PipelineSpec, splits: pd.DataFrame, models: ModelAcquirer, compute: ComputeSettings,
+                      progress: ProgressFn = print) -> BaseModelRecord:
     """Assess every candidate of spec.base_model, rank those that meet every constraint by the probe, and
     return the winner's pinned record with the whole selection table (raises when none is left)."""
     cfg = spec.base_model
-    task = spec.task.type
+    task = task_for(spec)
     training = spec.training
     steps_per_epoch = -(-int((splits["split"] == "train").sum()) // training.batch_size)
     rows: list[dict[str, Any]] = []
@@ -406,15 +236,15 @@ def select_base_model(spec: Any, splits: Any, project_root: Path, cache_dir: Pat
                                "probe_score": None}
         rows.append(row)
         try:
-            record = pin_candidate(location, cfg, project_root, cache_dir)
+            record = pin_candidate(location, cfg, models)
             row.update(license=record.license, architecture=record.architecture, weight_format=record.weight_format,
                        parameter_count=record.parameter_count, weights_sha256=record.weights_sha256)
             config = json.loads((Path(record.local_path) / "config.json").read_text(encoding="utf-8"))
-            unsupported = task_support(config, task)
+            unsupported = task.model_support(config)
             row["task_supported"] = unsupported is None
             if unsupported:
                 raise CandidateRejected(unsupported)
-            found = linear_layer_names(Path(record.local_path), task, record.trust_remote_code)
+            found = linear_layer_names(Path(record.local_path), task.auto_model_class, record.trust_remote_code)
             targets = tuple(t for t in training.lora.target_modules if t in found)
             row["lora_targets"] = list(targets)
             if not targets:
@@ -423,8 +253,8 @@ def select_base_model(spec: Any, splits: Any, project_root: Path, cache_dir: Pat
             if cfg.max_parameters is not None and record.parameter_count > cfg.max_parameters:
                 raise CandidateRejected(f"{record.parameter_count:,} parameters exceed base_model.max_parameters "
                                         f"({cfg.max_parameters:,})")
-            memory = estimate_training_memory_mb(config, record.parameter_count, training.batch_size,
-                                                 training.max_length, task, compute.precision)
+            memory = task.estimate_memory_mb(config, record.parameter_count, training.batch_size,
+                                             training.max_length, compute.precision)
             row["estimated_memory_mb"] = round(memory, 1)
             if cfg.memory_budget_mb is not None and memory > cfg.memory_budget_mb:
                 raise CandidateRejected(f"estimated training memory {memory:,.0f} MB exceeds base_model."
@@ -432,7 +262,7 @@ def select_base_model(spec: Any, splits: Any, project_root: Path, cache_dir: Pat
                                         f"{training.batch_size} x {training.max_length} tokens")
             record = dataclasses.replace(record, lora_targets=targets)
             progress(f"candidate {row['name']}: timing {cfg.probe.timed_steps} training steps")
-            seconds = _time_steps(record, spec, splits, compute, cfg.probe.timed_steps)
+            seconds = task.time_train_step(record, spec, splits, compute, cfg.probe.timed_steps)
             minutes = seconds * steps_per_epoch * training.epochs / 60
             row["estimated_train_minutes"] = float(f"{minutes:.3g}")
             row["seconds_per_step"] = float(f"{seconds:.3g}")
@@ -456,7 +286,7 @@ def select_base_model(spec: Any, splits: Any, project_root: Path, cache_dir: Pat
             row.update(verdict="not probed", reason=f"base_model.probe.time_budget_seconds "
                                                     f"({cfg.probe.time_budget_seconds:g}) spent")
             continue
-        metric, value, score = _probe(record, spec, splits, compute)
+        metric, value, score = task.probe(record, spec, splits, compute)
         row.update(probe_metric=metric, probe_value=round(float(value), 4), probe_score=round(float(score), 4))
         progress(f"candidate {row['name']}: {metric} {value:.4f}")
     probed = [(row, record) for row, record in passed if row["probe_score"] is not None]

@@ -17,7 +17,7 @@ import pandas as pd
 
 from pipelines.core.errors import SourceError
 from pipelines.core.records import SourceRecord
-from pipelines.core.spec import HubSourceConfig, LocalSourceConfig, PackageFileSourceConfig
+from pipelines.core.sections import HubSourceConfig, LocalSourceConfig, PackageFileSourceConfig
 
 PROVENANCE_COLUMNS = ("source_file", "source_row", "source_split")
 DATA_EXTENSIONS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet",

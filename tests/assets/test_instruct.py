@@ -11,7 +11,7 @@ from typing import Any
 import dagster as dg
 import pytest
 
-from pipelines.core.records import CheckpointRecord, GenerationReport
+from pipelines.core.records import CheckpointRecord, EvaluationReport
 from pipelines.definitions import build_definitions, resources_for
 from tests.tiny_chat import tiny_chat_pairs, write_pairs_jsonl, write_tiny_chat_model
 
@@ -68,17 +68,18 @@ def test_instruction_pipeline_end_to_end_then_export(tmp_path: Path, tiny_chat_d
     assert checkpoint.task == "instruction_tuning" and checkpoint.model_version == "1"
     assert checkpoint.data_sha256 == rendered["sha256"]
     files = {p.relative_to(checkpoint.path).as_posix() for p in Path(checkpoint.path).rglob("*") if p.is_file()}
-    assert {"adapter/adapter_model.safetensors", "causal_lm.json", "tokenizer/tokenizer.json"} <= files
+    assert {"adapter/adapter_model.safetensors", "manifest.json", "tokenizer/tokenizer.json"} <= files
 
-    report: GenerationReport = result.asset_value(dg.AssetKey(["chat", "evaluation_report"]))
+    report: EvaluationReport = result.asset_value(dg.AssetKey(["chat", "evaluation_report"]))
     base = report.baselines["base_model"]
     assert set(report.metrics) == set(base) == {"validation_loss", "validation_perplexity", "test_loss",
                                                 "test_perplexity", "exact_match", "token_f1", "rouge_l"}
     assert report.metrics["test_perplexity"] < base["test_perplexity"]  # fine-tuning learnt the answers' form
-    assert report.test_prompts == report.test_rows > 0 and len(report.samples) == 4
-    assert set(report.samples[0]) == {"instruction", "reference", "base_output", "finetuned_output"}
-    lines = Path(report.generations_path).read_text().splitlines()
-    assert len(lines) == report.test_prompts and "finetuned_scores" in json.loads(lines[0])
+    samples = report.details["samples"]
+    assert report.details["test_prompts"] == report.test_rows > 0 and len(samples) == 4
+    assert set(samples[0]) == {"instruction", "reference", "base_output", "finetuned_output"}
+    lines = Path(report.files["generations"]).read_text().splitlines()
+    assert len(lines) == report.details["test_prompts"] and "finetuned_scores" in json.loads(lines[0])
     evaluation = meta("evaluation_report")
     assert "| instruction | reference | base model | fine-tuned |" in str(evaluation["report"])
     assert evaluation["test_perplexity"] == report.metrics["test_perplexity"]
@@ -130,7 +131,7 @@ def test_bad_roles_block_training(tmp_path: Path, tiny_chat_dir: Path, write_spe
 
 
 def test_rendered_text_with_code_fences_stays_one_block() -> None:
-    from assets.instruct import _fenced
+    from pipelines.core.tasks.instruction import _fenced
 
     text = "Here:\n```\nprint(1)\n```<|im_end|>\n"
     block = _fenced(text)

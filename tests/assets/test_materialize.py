@@ -48,14 +48,17 @@ def test_materialize_whole_graph(tmp_path: Path, trec_slice_csv: Path, tiny_mode
     checkpoint: CheckpointRecord = result.asset_value(dg.AssetKey(["tiny", "finetuned_checkpoint"]))
     files = {p.relative_to(checkpoint.path).as_posix() for p in Path(checkpoint.path).rglob("*") if p.is_file()}
     assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json", "head.safetensors", "spec.yaml",
-            "history.json", "classifier.json"} <= files
+            "history.json", "manifest.json"} <= files
     assert Path(checkpoint.path).parent == data_dir / "checkpoints" / "tiny"
     assert checkpoint.base_model.name == "tiny-bert"
     # The checkpoint names the exact splits it was trained on, by the digest the splits asset reports.
     assert checkpoint.data_sha256 == meta("splits")["sha256"]
     assert checkpoint.data_sha256 == frame_digest(pd.read_parquet(data_dir / "assets" / "tiny" / "splits.parquet"))
     assert meta("finetuned_checkpoint")["data_sha256"] == checkpoint.data_sha256
-    assert json.loads((Path(checkpoint.path) / "classifier.json").read_text())["labels"] == list(checkpoint.labels)
+    manifest = json.loads((Path(checkpoint.path) / "manifest.json").read_text())
+    assert manifest["task"] == checkpoint.task == "text_classification"
+    assert manifest["labels"] == list(checkpoint.labels)
+    assert manifest["weight_files"] == ["adapter/adapter_model.safetensors", "head.safetensors"]
 
     report: EvaluationReport = result.asset_value(dg.AssetKey(["tiny", "evaluation_report"]))
     stored = json.loads(Path(report.json_path).read_text())
@@ -63,9 +66,9 @@ def test_materialize_whole_graph(tmp_path: Path, trec_slice_csv: Path, tiny_mode
     assert set(report.metrics) == {"accuracy", "macro_precision", "macro_recall", "macro_f1",
                                    "weighted_precision", "weighted_recall", "weighted_f1"}
     assert set(report.baselines) == {"majority_class", "linear_probe"}
-    assert Path(report.confusion_matrix_png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert Path(report.files["confusion_matrix"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "<table>" in Path(report.html_path).read_text()
-    assert sum(map(sum, report.confusion_matrix)) == report.test_rows == splits["test_rows"]
+    assert sum(map(sum, report.details["confusion_matrix"])) == report.test_rows == splits["test_rows"]
     evaluation = meta("evaluation_report")
     assert evaluation["accuracy"] == report.metrics["accuracy"]
     assert "| fine-tuned |" in str(evaluation["report"])

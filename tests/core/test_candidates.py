@@ -10,14 +10,16 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from pipelines.core.cleaning import clean, select_examples
+from pipelines.core.cleaning import clean
+from pipelines.core.tasks.classification import select_examples
 from pipelines.core.errors import ModelSourceError
 from pipelines.core.records import BaseModelRecord
 from pipelines.core.selection import select_base_model
 from pipelines.core.sources import read_file
 from pipelines.core.spec import PipelineSpec
 from pipelines.core.splitting import assign_splits
-from pipelines.core.training import ComputeSettings
+from pipelines.core.trainer import ComputeSettings
+from tests.conftest import store
 from tests.tiny_chat import write_tiny_chat_model
 
 FP32 = ComputeSettings("cpu", "fp32", num_threads=2)
@@ -70,7 +72,7 @@ def test_each_constraint_rejects_with_its_reason(tmp_path: Path, tiny_model_dir:
 
     torch.save(load_file(str(pickled / "model.safetensors")), pickled / "pytorch_model.bin")
     (pickled / "model.safetensors").unlink()
-    record = select_base_model(spec_for([licence, remote, pickled, good]), trec_splits, tmp_path, tmp_path / "m",
+    record = select_base_model(spec_for([licence, remote, pickled, good]), trec_splits, store(tmp_path, tmp_path / "m"),
                                FP32, progress=lambda _: None)
     found = rows(record)
     assert record.name == "good" and found["good"]["verdict"] == "selected"
@@ -82,7 +84,7 @@ def test_each_constraint_rejects_with_its_reason(tmp_path: Path, tiny_model_dir:
     # Each rejection goes away when the spec allows it.
     allowed = select_base_model(spec_for([licence, remote, pickled], allowed_licenses=["cc-by-nc-4.0", "apache-2.0"],
                                          trust_remote_code=True, allow_pickle_weights=True),
-                                trec_splits, tmp_path, tmp_path / "m", FP32, progress=lambda _: None)
+                                trec_splits, store(tmp_path, tmp_path / "m"), FP32, progress=lambda _: None)
     assert rows(allowed)["non_commercial"]["verdict"] in ("selected", "ranked")
     assert rows(allowed)["pickle_only"]["weight_format"] == "pickle"
     # Trusted remote code is honoured: loading now looks for the repository's modeling_x.py, which is missing.
@@ -98,7 +100,7 @@ def test_each_constraint_rejects_with_its_reason(tmp_path: Path, tiny_model_dir:
 def test_budgets_reject(tmp_path: Path, tiny_model_dir: Path, trec_splits: pd.DataFrame,
                         constraint: dict[str, Any], reason: str) -> None:
     with pytest.raises(ModelSourceError) as info:
-        select_base_model(spec_for([tiny_model_dir], **constraint), trec_splits, tmp_path, tmp_path / "m", FP32,
+        select_base_model(spec_for([tiny_model_dir], **constraint), trec_splits, store(tmp_path, tmp_path / "m"), FP32,
                           progress=lambda _: None)
     assert "every candidate was rejected" in str(info.value) and reason in str(info.value)
 
@@ -110,8 +112,8 @@ def test_architecture_that_cannot_do_the_task_is_rejected(tmp_path: Path, tiny_m
                            "messages": json.dumps([{"role": "user", "content": f"Question {i}?"},
                                                    {"role": "assistant", "content": f"Answer {i}."}])}
                           for i, split in enumerate(["train"] * 12 + ["validation"] * 4)])
-    record = select_base_model(spec_for([tiny_model_dir, chat], task="instruction_tuning"), frame, tmp_path,
-                               tmp_path / "m", FP32, progress=lambda _: None)
+    record = select_base_model(spec_for([tiny_model_dir, chat], task="instruction_tuning"), frame,
+                               store(tmp_path, tmp_path / "m"), FP32, progress=lambda _: None)
     found = rows(record)
     assert record.name == "tiny_llama" and record.lora_targets == ("q_proj", "v_proj")
     bert = found[tiny_model_dir.name]
@@ -125,7 +127,7 @@ def test_lora_targets_must_exist_in_the_model(tmp_path: Path, tiny_model_dir: Pa
     spec = spec.model_copy(update={"training": spec.training.model_copy(update={
         "lora": spec.training.lora.model_copy(update={"target_modules": ("q_proj", "gate_proj")})})})
     with pytest.raises(ModelSourceError, match=r"none of training.lora.target_modules \['q_proj', 'gate_proj'\]"):
-        select_base_model(spec, trec_splits, tmp_path, tmp_path / "m", FP32, progress=lambda _: None)
+        select_base_model(spec, trec_splits, store(tmp_path, tmp_path / "m"), FP32, progress=lambda _: None)
 
 
 def test_probe_picks_the_clearly_better_model(tmp_path: Path, tiny_model_dir: Path,
@@ -139,7 +141,7 @@ def test_probe_picks_the_clearly_better_model(tmp_path: Path, tiny_model_dir: Pa
     BertModel(BertConfig(vocab_size=30522, hidden_size=2, num_hidden_layers=1, num_attention_heads=1,
                          intermediate_size=4, max_position_embeddings=128)).save_pretrained(str(weak))
     strong = copy_model(tiny_model_dir, tmp_path / "strong")
-    record = select_base_model(spec_for([weak, strong]), trec_splits, tmp_path, tmp_path / "m", FP32,
+    record = select_base_model(spec_for([weak, strong]), trec_splits, store(tmp_path, tmp_path / "m"), FP32,
                                progress=lambda _: None)
     found = rows(record)
     assert record.name == "strong" and found["strong"]["rank"] == 1 and found["weak"]["rank"] == 2
@@ -163,12 +165,14 @@ def test_unreachable_hub_candidate_is_rejected_and_a_local_one_wins(tmp_path: Pa
     code = f"""
 import json
 from pathlib import Path
-from pipelines.core.cleaning import clean, select_examples
+from pipelines.core.cleaning import clean
+from pipelines.core.tasks.classification import select_examples
 from pipelines.core.selection import select_base_model
 from pipelines.core.sources import read_file
 from pipelines.core.splitting import assign_splits
 from pipelines.core.spec import PipelineSpec
-from pipelines.core.training import ComputeSettings
+from pipelines.core.trainer import ComputeSettings
+from tests.conftest import store
 spec = PipelineSpec.model_validate({{
     "name": "sel", "source": {{"kind": "local", "path": "x.csv"}},
     "task": {{"text_column": "question", "label_column": "category"}},
@@ -178,7 +182,7 @@ spec = PipelineSpec.model_validate({{
     "training": {{"epochs": 1, "batch_size": 8, "max_length": 32, "lora": {{"r": 2, "alpha": 4}}}}}})
 raw, _ = read_file(Path({str(trec_slice_csv)!r}), "csv")
 splits = assign_splits(clean(select_examples(raw, spec.task), spec.cleaning).frame, spec.splits).frame
-record = select_base_model(spec, splits, Path("."), Path({str(tmp_path)!r}), ComputeSettings(), progress=lambda _: None)
+record = select_base_model(spec, splits, store(Path("."), Path({str(tmp_path)!r})), ComputeSettings(), progress=lambda _: None)
 print(json.dumps([record.name, [[r["name"], r["verdict"], r["reason"]] for r in record.selection]]))
 """
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "no-hf-cache")}

@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 
 from pipelines.core.chat import (FALLBACK_CHAT_TEMPLATE, clean_conversations, exact_match, render_conversations,
-                                 render_example, role_problem, rouge_l, score_generation, select_conversations,
-                                 token_f1)
+                                 render_example, role_problem, rouge_l, score_generation, token_f1)
 from pipelines.core.errors import SourceError
 from pipelines.core.sources import read_file, read_source
-from pipelines.core.spec import CleaningConfig, InstructionTuningTaskConfig, PackageFileSourceConfig
+from pipelines.core.spec import CleaningConfig, PackageFileSourceConfig
+from pipelines.core.tasks.instruction import InstructionTuningTaskConfig, select_conversations
 from pipelines.core.splitting import assign_splits
 from pipelines.core.spec import SplitsConfig
 from tests.tiny_chat import write_tiny_chat_model

@@ -5,10 +5,12 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from pipelines.core.cleaning import DROP_REASONS, clean, dedup_key, normalise_text, select_examples
+from pipelines.core.cleaning import DROP_REASONS, clean, dedup_key, normalise_text
 from pipelines.core.errors import SourceError
 from pipelines.core.sources import read_source
-from pipelines.core.spec import CleaningConfig, PackageFileSourceConfig, TaskConfig
+from pipelines.core.spec import CleaningConfig, PackageFileSourceConfig
+from pipelines.core.tasks.classification import ClassificationTaskConfig as TaskConfig
+from pipelines.core.tasks.classification import select_examples
 from tests.conftest import PROJECT_ROOT
 
 DEFAULT = CleaningConfig()
@@ -124,5 +126,5 @@ def test_real_trec_file_shows_its_duplicates() -> None:
     assert result.rows_in == len(raw) > 15_000
     assert 5_300 < result.rows_kept < 5_500
     assert result.dropped["exact_duplicate"] > 9_000
-    assert set(result.class_counts()) == {"ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"}
+    assert set(result.counts("label")) == {"ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"}
     assert result.frame["norm_text"].is_unique

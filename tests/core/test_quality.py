@@ -6,8 +6,10 @@ import pandas as pd
 import pytest
 
 from pipelines.core.cleaning import dedup_key
-from pipelines.core.quality import CLEANED_CHECKS, SPLITS_CHECKS, validate_cleaned_dataset, validate_splits
+from pipelines.core.quality import QualityReport
 from pipelines.core.spec import PipelineSpec, parse_spec
+from pipelines.core.tasks import task_for
+from pipelines.core.tasks.classification import CLEANED_CHECKS, SPLITS_CHECKS
 
 BASE = """\
 source: {kind: local, path: x.csv}
@@ -18,6 +20,20 @@ quality: {min_rows: 4, min_rows_per_class: 2, max_imbalance_ratio: 3, imbalance_
 
 def spec(extra: str = "") -> PipelineSpec:
     return parse_spec(BASE + extra, name="q", origin="q.yaml")
+
+
+def validate(asset: str, frame: pd.DataFrame, pipeline: PipelineSpec) -> QualityReport:
+    """The pipeline's task's suite for `asset`, run on `frame`."""
+    suites = {suite.asset: suite for suite in task_for(pipeline).quality_suites(pipeline)}
+    return suites[asset].validate(frame)
+
+
+def validate_cleaned_dataset(frame: pd.DataFrame, pipeline: PipelineSpec) -> QualityReport:
+    return validate("cleaned_dataset", frame, pipeline)
+
+
+def validate_splits(frame: pd.DataFrame, pipeline: PipelineSpec) -> QualityReport:
+    return validate("splits", frame, pipeline)
 
 
 def clean_frame(pairs: list[tuple[str, str]]) -> pd.DataFrame:

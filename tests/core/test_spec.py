@@ -56,12 +56,15 @@ def test_instruction_tuning_gets_its_own_evaluation_defaults() -> None:
 
 @pytest.mark.parametrize(("extra", "expected"), [
     ("task: {type: instruction_tuning}\nevaluation: {primary_metric: macro_f1}\n",
-     "'macro_f1' is a classification metric; task.type instruction_tuning needs one of"),
+     "evaluation.primary_metric 'macro_f1' does not fit task.type instruction_tuning: use one of "
+     "['exact_match', 'rouge_l', 'token_f1']"),
     ("task: {type: instruction_tuning}\nevaluation: {baselines: [linear_probe]}\n",
-     "evaluation.baselines ['linear_probe'] are classification baselines"),
-    ("evaluation: {primary_metric: rouge_l}\n", "'rouge_l' is a generation metric"),
+     "evaluation.baselines ['linear_probe'] do not fit task.type instruction_tuning: it compares with "
+     "['base_model']"),
+    ("evaluation: {primary_metric: rouge_l}\n", "evaluation.primary_metric 'rouge_l' does not fit task.type "
+                                                "text_classification: use one of ['accuracy', 'macro_f1', 'weighted_f1']"),
     ("task: {type: instruction_tuning, label_column: x}\n", "line 8: task.label_column: unknown key"),
-    ("task: {type: summarisation}\n", "task.type must be 'text_classification' or 'instruction_tuning'"),
+    ("task: {type: summarisation}\n", "task.type must be one of 'text_classification', 'instruction_tuning'"),
     ("task: {type: instruction_tuning, overlength: cut}\n", "task.overlength: Input should be 'drop' or 'truncate'"),
 ])
 def test_task_and_evaluation_must_fit(extra: str, expected: str) -> None:

@@ -14,8 +14,9 @@ from pipelines.core.cleaning import dedup_key
 from pipelines.core.errors import CheckpointError
 from pipelines.core.selection import resolve_base_model
 from pipelines.core.spec import parse_spec
-from pipelines.core.training import ComputeSettings, load_classifier, pool, predict_proba, train_classifier
-from tests.conftest import MINILM_PACKAGE, MINILM_PATH, PROJECT_ROOT
+from pipelines.core.tasks.classification import load_classifier, pool, predict_proba, train_classifier
+from pipelines.core.trainer import ComputeSettings
+from tests.conftest import MINILM_PACKAGE, MINILM_PATH, PROJECT_ROOT, store
 
 SPEC = f"""\
 source: {{kind: local, path: unused.csv}}
@@ -60,7 +61,7 @@ def test_pooling_modes() -> None:
 @pytest.mark.real_model
 def test_lora_learns_base_stays_and_checkpoint_reloads(tmp_path: Path, trec_lines: list[str]) -> None:
     spec = parse_spec(SPEC, name="real", origin="real.yaml")
-    base = resolve_base_model(spec.base_model, PROJECT_ROOT)
+    base = resolve_base_model(spec.base_model, store(PROJECT_ROOT))
     assert base.pooling == "mean" and base.license == "apache-2.0" and base.parameter_count == 22_713_728
     splits = small_splits(trec_lines)
     sink = ListSink()
@@ -100,7 +101,7 @@ def test_tampered_checkpoint_is_refused(tmp_path: Path, trec_lines: list[str], t
     spec = parse_spec(SPEC.replace(f"source: package, package: {MINILM_PACKAGE}, path: {MINILM_PATH}, "
                                    "name: all-MiniLM-L6-v2", f"source: local, path: {tiny_model_dir}")
                       .replace("epochs: 2", "epochs: 1"), name="tiny", origin="tiny.yaml")
-    base = resolve_base_model(spec.base_model, PROJECT_ROOT)
+    base = resolve_base_model(spec.base_model, store(PROJECT_ROOT))
     record = train_classifier(small_splits(trec_lines), base, spec, tmp_path / "ckpt",
                               ComputeSettings("cpu", "fp32", 2), progress=lambda _: None)
     with pytest.raises(CheckpointError, match="exists already"):

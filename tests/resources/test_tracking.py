@@ -49,7 +49,7 @@ def test_promotion_rule(candidate: float, champion: float | None, promote: bool,
     baselines = {"majority_class": {"macro_f1": 0.1}, "linear_probe": {"macro_f1": 0.7}}
     decision = decide_promotion({"macro_f1": candidate}, None if champion is None else {"macro_f1": champion},
                                 baselines, "macro_f1", 0.005, "2", None if champion is None else "1")
-    assert (decision["promote"], decision["reason"]) == (promote, reason)
+    assert (decision.promote, decision.reason) == (promote, reason)
 
 
 def test_two_materializations_track_register_and_gate(
@@ -66,7 +66,7 @@ def test_two_materializations_track_register_and_gate(
     champion = client.get_registered_model("tiny").aliases.get("champion")
     # The first model becomes champion exactly when it beats every baseline.
     beats_all = all(report1.beats_baselines.values())
-    assert report1.promotion["promote"] is beats_all and (str(champion) == "1") is beats_all
+    assert report1.promotion.promote is beats_all and (str(champion) == "1") is beats_all
     if not beats_all:  # give the second run a champion to face
         tracking.promote("tiny", "1", "test setup")
 
@@ -77,8 +77,8 @@ def test_two_materializations_track_register_and_gate(
     assert versions == [1, 2]
     # Same data, same seed: the candidate equals the champion, so it is not promoted and the alias stays.
     assert report2.champion_metrics == pytest.approx(report2.metrics)
-    assert report2.promotion["promote"] is False
-    assert report2.promotion["reason"].startswith(f"not promoted: macro_f1 {report2.metrics['macro_f1']:.4f} vs "
+    assert report2.promotion.promote is False
+    assert report2.promotion.reason.startswith(f"not promoted: macro_f1 {report2.metrics['macro_f1']:.4f} vs "
                                                   "champion v1")
     assert str(client.get_registered_model("tiny").aliases["champion"]) == "1"
     version2 = client.get_model_version("tiny", "2")
@@ -181,6 +181,7 @@ def test_bad_tracking_uri_fails_the_materialization(
     assert not result.get_asset_materialization_events()
 
 
+@pytest.mark.server
 def test_logs_to_a_real_mlflow_server_over_http(tmp_path: Path, trec_slice_csv: Path, tiny_model_dir: Path,
                                                 write_spec: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> None:
     port = free_port()

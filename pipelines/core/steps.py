@@ -1,0 +1,200 @@
+"""The pipeline's steps that do not depend on the task, and the records of what each step logs.
+
+Each function returns the step's value (or takes it) plus a StepLog: what the experiment tracker and the
+asset's metadata should show. Assets call one of these, or a method of the pipeline's Task, and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from pipelines.core.evaluation import markdown_table, report_markdown
+from pipelines.core.lineage import frame_digest, value_digest
+from pipelines.core.records import (BaseModelRecord, CheckpointRecord, DatasetLog, EvaluationReport, FilePath,
+                                    Markdown, StepLog)
+from pipelines.core.sources import read_source
+from pipelines.core.spec import PipelineSpec
+from pipelines.core.splitting import SPLITS, assign_splits
+from pipelines.core.tasks import task_for
+from pipelines.core.trainer import ComputeSettings
+
+PROVENANCE = ("source_file", "source_row")
+
+
+def read_raw_data(spec: PipelineSpec, project_root: Path) -> tuple[pd.DataFrame, StepLog]:
+    """Rows read from the spec's source, with the file and row each came from; the data version is the digest
+    of the source's bytes, so re-reading an unchanged source is recognisably the same data."""
+    frame, record = read_source(spec.source, project_root)
+    columns = [c for c in frame.columns if c not in PROVENANCE]
+    sizes = record.sizes or (None,) * len(record.files)
+    metadata = {
+        "dagster/row_count": len(frame),
+        "columns": columns,
+        "source": record.location,
+        "source_kind": record.kind,
+        "sha256": record.sha256,
+        "files": Markdown(markdown_table(["file", "sha256", "bytes"],
+                                         [[f, s, "" if n is None else n] for (f, s), n in zip(record.files, sizes, strict=True)])),
+        # What lineage queries read back: every raw file by content digest and size, as recorded now.
+        "source_files": [{"file": f, "sha256": s, "size": n} for (f, s), n in zip(record.files, sizes, strict=True)],
+        "preview": Markdown(markdown_table(columns, [[str(v)[:80] for v in row]
+                                                     for row in frame[columns].head(5).itertuples(index=False)])),
+    }
+    if "source_split" in frame.columns:
+        metadata["source_splits"] = {str(k): int(v) for k, v in frame["source_split"].value_counts().items()}
+    return frame, StepLog(
+        data_version=record.sha256[:32], message=f"read {len(frame)} rows from {record.location}", metadata=metadata,
+        params={"source": record.location, "source_sha256": record.sha256}, metrics={"rows": len(frame)},
+        datasets=(DatasetLog(frame, f"{spec.name}/raw_data", record.sha256, "raw", record.location),))
+
+
+def split_dataset(cleaned: pd.DataFrame, spec: PipelineSpec) -> tuple[pd.DataFrame, StepLog]:
+    """Every clean row assigned to train, validation or test by a hash of its normalised text (or the source's
+    own splits), stratified by the task's group column."""
+    group = task_for(spec).split_group_column
+    result = assign_splits(cleaned, spec.splits, group_column=group)
+    digest = frame_digest(result.frame)
+    counts = result.counts()
+    table = result.class_table()
+    total = max(sum(counts.values()), 1)
+    parts = [(name, result.frame[result.frame["split"] == name]) for name in SPLITS]
+    return result.frame, StepLog(
+        data_version=digest[:32],
+        message=", ".join(f"{n} {s}" for s, n in counts.items()) + f" rows ({result.origin} split)",
+        metadata={
+            "dagster/row_count": len(result.frame),
+            **{f"{s}_rows": n for s, n in counts.items()},
+            "proportions": {s: round(n / total, 4) for s, n in counts.items()},
+            "origin": "the source's own splits" if result.origin == "source" else f"hash (seed {spec.splits.seed})",
+            "moved_for_stratification": result.moved_for_stratification,
+            "texts_in_several_splits": result.overlapping_texts,
+            f"rows_per_{group}_and_split": Markdown(markdown_table(
+                [group, *SPLITS], [[label, *(int(table.loc[label, s]) for s in SPLITS)] for label in table.index])),
+            "sha256": digest,
+        },
+        params={f"splits.{k}": v for k, v in spec.splits.model_dump().items()},
+        metrics={f"{name}_rows": n for name, n in counts.items()},
+        datasets=tuple(DatasetLog(part, f"{spec.name}/{name}", frame_digest(part), name, "splits")
+                       for name, part in parts))
+
+
+def selection_markdown(rows: tuple[dict[str, object], ...]) -> str:
+    """Every candidate with its figures, verdict and reason, as the base_model asset shows it."""
+    def fmt(value: object, spec: str = "") -> str:
+        return "—" if value is None else format(value, spec) if spec else str(value)
+
+    return markdown_table(
+        ["candidate", "verdict", "probe", "licence", "architecture", "parameters", "weights", "LoRA targets",
+         "est. memory MB", "est. train min", "reason"],
+        [[r["name"], f"**{r['verdict']}**",
+          fmt(r.get("probe_value")) + (f" ({r['probe_metric']})" if r.get("probe_metric") else ""),
+          fmt(r.get("license")), fmt(r.get("architecture")), fmt(r.get("parameter_count"), ","),
+          fmt(r.get("weight_format")), ", ".join(r.get("lora_targets") or []) or "—",  # type: ignore[arg-type]
+          fmt(r.get("estimated_memory_mb"), ",.0f"), fmt(r.get("estimated_train_minutes"), ".1f"),
+          str(r.get("reason", ""))] for r in rows], limit=2000)
+
+
+def base_model_log(record: BaseModelRecord) -> StepLog:
+    """What the base_model asset records: the winner pinned, and every candidate's verdict."""
+    selected = next((r["reason"] for r in record.selection if r["verdict"] == "selected"), "")
+    return StepLog(
+        data_version=record.weights_sha256[:32], message=f"selected {record.name}: {selected}",
+        metadata={
+            "model": record.name,
+            "selection": Markdown(selection_markdown(record.selection)),
+            "candidates": len(record.selection),
+            "source": record.source,
+            "local_path": FilePath(record.local_path),
+            "revision": record.revision or "",
+            "weights_sha256": record.weights_sha256,
+            "weight_format": record.weight_format,
+            "license": record.license or "",
+            "parameter_count": record.parameter_count,
+            "architecture": record.architecture,
+            "lora_targets": list(record.lora_targets),
+            "pooling": f"{record.pooling} (from {record.pooling_declared_by})",
+            **({"gguf_file": FilePath(record.gguf_file)} if record.gguf_file else {}),
+        },
+        params={f"base_model.{k}": v for k, v in record.to_dict().items() if k != "selection"},
+        metrics={f"probe_{row['name'].replace('/', '_')}": row["probe_score"] for row in record.selection
+                 if row.get("probe_score") is not None},
+        texts=((json.dumps(list(record.selection), indent=2), "selection.json"),))
+
+
+def training_params(spec: PipelineSpec, base: BaseModelRecord, compute: ComputeSettings) -> StepLog:
+    """What is known before training starts: the hyperparameters, the base model and the resolved spec."""
+    return StepLog(
+        data_version="", message=f"training {base.name} ({spec.task.type}) with LoRA r={spec.training.lora.r}",
+        params={**{f"training.{k}": v for k, v in spec.training.model_dump().items() if k != "lora"},
+                **{f"lora.{k}": v for k, v in spec.training.lora.model_dump().items()},
+                "precision": compute.precision, "device": compute.device, "trainer": task_for(spec).trainer_name,
+                "base_model": base.name, "base_model_sha256": base.weights_sha256, "spec_hash": spec.spec_hash},
+        texts=((spec.to_yaml(), "spec.yaml"),))
+
+
+def checkpoint_log(spec: PipelineSpec, record: CheckpointRecord) -> StepLog:
+    """What the finetuned_checkpoint asset records: the weights' digest, what made them, and how training went."""
+    task = task_for(spec)
+    return StepLog(
+        data_version=record.sha256[:32],
+        message=f"registered {spec.name} version {record.model_version} in the model registry",
+        metadata={
+            "path": FilePath(record.path),
+            "sha256": record.sha256,
+            "trainer": task.trainer_name,
+            "base_model": record.base_model.name,
+            "base_model_sha256": record.base_model.weights_sha256,
+            "spec_hash": record.spec_hash,
+            "data_sha256": record.data_sha256,
+            **({"labels": list(record.labels)} if record.labels else {}),
+            "train_rows": record.train_rows,
+            "validation_rows": record.validation_rows,
+            "best_epoch": record.best_epoch if record.best_epoch is not None else -1,
+            "trainable_parameters": record.trainable_parameters,
+            "train_seconds": round(record.train_seconds, 1),
+            "tokens_per_second": round(record.tokens_per_second, 1),
+            "precision": record.precision,
+            "validation_by_epoch": Markdown(task.history_table(record)),
+            "peak_memory_mb": round(record.peak_memory_mb, 1),
+            "model_version": f"{spec.name} v{record.model_version}",
+        },
+        metrics={"train_seconds": record.train_seconds, "tokens_per_second": record.tokens_per_second,
+                 "peak_memory_mb": record.peak_memory_mb, "trainable_parameters": record.trainable_parameters})
+
+
+def registry_tags(record: CheckpointRecord, dagster_run_id: str) -> dict[str, str]:
+    """The tags a registered model version carries: what it was trained on and by which run."""
+    return {"tuneline.data_sha256": record.data_sha256, "tuneline.spec_hash": record.spec_hash,
+            "tuneline.checkpoint_sha256": record.sha256, "dagster.run_id": dagster_run_id,
+            "tuneline.base_model_sha256": record.base_model.weights_sha256, "tuneline.task": record.task}
+
+
+def report_log(report: EvaluationReport, checkpoint: CheckpointRecord) -> StepLog:
+    """What the evaluation_report asset records: every metric, the baselines, the champion and the decision."""
+    baseline_metrics = {f"{b}_{k}": v for b, m in report.baselines.items() for k, v in m.items()}
+    scalars = {k: v for k, v in report.details.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+    versus = "; ".join(f"{k} {report.metrics[k]:.4f}" for k in report.metric_names if k in report.metrics)
+    return StepLog(
+        data_version=value_digest(report.to_dict())[:32],
+        message=f"{versus}; {report.promotion.reason}",
+        metadata={
+            **{name: float(value) for name, value in report.metrics.items()},
+            **{k: float(v) for k, v in baseline_metrics.items()},
+            **{f"beats_{b}": won for b, won in report.beats_baselines.items()},
+            "test_rows": report.test_rows,
+            **scalars,
+            "report": Markdown(report_markdown(report)),
+            **{name: FilePath(path) for name, path in report.files.items()},
+            "promoted": report.promotion.promote,
+            "promotion": report.promotion.reason,
+        },
+        metrics={**report.metrics, **baseline_metrics,
+                 **{f"champion_{k}": v for k, v in (report.champion_metrics or {}).items()}},
+        texts=((json.dumps({k: v for k, v in report.details.items() if k not in scalars}, indent=2, default=str,
+                           ensure_ascii=False), "details.json"),),
+        artifacts=tuple((path, "report") for path in report.files.values()),
+        tags={"tuneline.promotion": report.promotion.reason, "tuneline.model_version": checkpoint.model_version or ""})
+

@@ -1,0 +1,699 @@
+"""Text classification: a pre-trained encoder (or decoder) pools its token states the way the model declares,
+a linear head on top, LoRA adapters on its linear layers. The head starts from a logistic regression on the
+frozen embeddings (LP-FT) unless the spec says otherwise, so fine-tuning starts where the linear probe ends.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from pydantic import Field, field_validator
+from torch import nn
+
+from pipelines.core.cleaning import DROP_REASONS, clean, cleaning_log, is_missing
+from pipelines.core.errors import CheckpointError, SourceError
+from pipelines.core.evaluation import build_report, champion_metrics, markdown_table
+from pipelines.core.files import write_bytes_atomic
+from pipelines.core.lineage import frame_digest
+from pipelines.core.quality import ERROR, WARN, QualityReport, QualitySuite, check_def, evaluate_checks, \
+    validate_splits, with_row_id
+from pipelines.core.records import BaseModelRecord, CheckpointRecord, EvaluationReport, Markdown, ReportTable, StepLog
+from pipelines.core.sections import Frozen
+from pipelines.core.splitting import sample_split
+from pipelines.core.tasks.base import CandidateRejected, PreparedData, TaskBase
+from pipelines.core.trainer import (ComputeSettings, MetricsSink, ProgressFn, best_epoch_callback, build_lora_config,
+                                    checkpoint_digest, checkpoint_manifest, common_training_arguments,
+                                    peak_memory_mb, run_trainer, save_checkpoint,
+                                    time_training_steps, trainable_parameters, verified_folder)
+
+if TYPE_CHECKING:
+    from pipelines.core.spec import PipelineSpec
+
+NAME = "text_classification"
+WEIGHT_FILES = ("adapter/adapter_model.safetensors", "head.safetensors")
+METRIC_NAMES = ("accuracy", "macro_precision", "macro_recall", "macro_f1", "weighted_precision",
+                "weighted_recall", "weighted_f1")
+REPORT_METRICS = ("accuracy", "macro_precision", "macro_recall", "macro_f1", "weighted_f1")
+CLEANED_CHECKS = ("cleaned_dataset_has_required_columns", "texts_are_present", "labels_are_known",
+                  "text_lengths_within_bounds", "texts_are_unique", "row_count_within_bounds", "classes_are_balanced")
+SPLITS_CHECKS = ("splits_do_not_overlap", "split_proportions_match_spec", "every_class_in_train_and_test",
+                 "validation_and_test_are_not_empty")
+DESCRIPTIONS = {
+    "cleaned_dataset_has_required_columns": "The text and label columns exist and hold strings.",
+    "texts_are_present": "No text or label is null or blank.",
+    "labels_are_known": "Every label is declared in task.labels (or, without them, frequent enough not to be a typo).",
+    "text_lengths_within_bounds": "Every text length is within quality.min_text_chars and quality.max_text_chars.",
+    "texts_are_unique": "No normalised text occurs twice (within a split, when the source brings splits).",
+    "row_count_within_bounds": "The row count is within quality.min_rows and quality.max_rows.",
+    "classes_are_balanced": "No class is much smaller than the largest (warning, or error when far off).",
+    "splits_do_not_overlap": "No normalised text is in two splits.",
+    "split_proportions_match_spec": "Split shares are within quality.split_tolerance of the spec.",
+    "every_class_in_train_and_test": "Every class has rows in train and in test.",
+    "validation_and_test_are_not_empty": "Validation and test have rows.",
+}
+
+
+# ------------------------------------------------------------------------------------------ spec section
+class ClassificationTaskConfig(Frozen):
+    """What is learned: text classification from one text column to one label column."""
+
+    type: Literal["text_classification"] = "text_classification"
+
+    text_column: str = Field(default="text", description="Column holding the input text.")
+    label_column: str = Field(default="label", description="Column holding the label.")
+    label_pattern: str | None = Field(
+        default=None,
+        description="Regular expression applied to the raw label; its first group becomes the label "
+                    "(e.g. '^([^:]+)' turns TREC's 'LOC:city' into 'LOC').")
+    labels: tuple[str, ...] | None = Field(
+        default=None, description="The declared label set; rows with any other label are an error.")
+
+    @field_validator("label_pattern")
+    @classmethod
+    def _pattern_has_a_group(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            compiled = re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from exc
+        if compiled.groups < 1:
+            raise ValueError("must contain one capturing group, e.g. '^([^:]+)'")
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_unique(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is not None:
+            if len(value) < 2:
+                raise ValueError("a classification task needs at least 2 labels")
+            dupes = sorted({v for v in value if value.count(v) > 1})
+            if dupes:
+                raise ValueError(f"labels are listed more than once: {dupes}")
+        return value
+
+
+# -------------------------------------------------------------------------------------- examples, quality
+def _require_column(raw: pd.DataFrame, column: str, field_name: str) -> None:
+    if column not in raw.columns:
+        files = sorted(set(raw["source_file"].astype(str))) if "source_file" in raw.columns else []
+        available = [c for c in raw.columns if c not in ("source_file", "source_row", "source_split")]
+        raise SourceError(f"has no column {column!r} (named by {field_name}); its columns are {available}",
+                          file=", ".join(files) or None, column=column)
+
+
+def select_examples(raw: pd.DataFrame, task: ClassificationTaskConfig) -> pd.DataFrame:
+    """Pick the spec's text and label columns and derive the label; keep provenance and source splits."""
+    _require_column(raw, task.text_column, "task.text_column")
+    _require_column(raw, task.label_column, "task.label_column")
+    frame = pd.DataFrame({
+        "text": raw[task.text_column].astype(object),
+        "label": raw[task.label_column].astype(object),
+        "source_file": raw["source_file"].astype(str),
+        "source_row": raw["source_row"].astype("int64"),
+    })
+    if "source_split" in raw.columns:
+        frame["source_split"] = raw["source_split"].astype(str)
+    frame["text"] = [None if is_missing(v) else str(v) for v in frame["text"]]
+    frame["label"] = [None if is_missing(v) else str(v).strip() or None for v in frame["label"]]
+    if task.label_pattern is not None:
+        pattern = re.compile(task.label_pattern)
+        derived = []
+        for label, file, row in zip(frame["label"], frame["source_file"], frame["source_row"], strict=True):
+            if label is None:
+                derived.append(None)
+                continue
+            match = pattern.search(label)
+            if match is None or match.group(1) is None:
+                raise SourceError(f"label {label!r} does not match task.label_pattern {task.label_pattern!r}",
+                                  file=file, row=int(row), column=task.label_column)
+            derived.append(match.group(1))
+        frame["label"] = derived
+    return frame
+
+
+def validate_cleaned_examples(frame: pd.DataFrame, spec: PipelineSpec) -> QualityReport:
+    """Run the cleaned_dataset checks of `spec` on the asset's value."""
+    import great_expectations.expectations as gxe
+
+    q = spec.quality
+    rows = with_row_id(frame)
+    present = set(rows.columns)
+    label_counts = rows["label"].value_counts() if "label" in present else pd.Series(dtype=int)
+    classes = pd.DataFrame({"label": label_counts.index.astype(str), "rows": label_counts.to_numpy()})
+    tables = {"rows": rows, "classes": classes}
+    largest = int(label_counts.max()) if len(label_counts) else 0
+
+    checks = [check_def(
+        "cleaned_dataset_has_required_columns", "The text and label columns exist and hold strings.",
+        "make task.text_column and task.label_column name text columns of the source",
+        *[(gxe.ExpectColumnToExist(column=c), "rows", ERROR) for c in ("text", "label")],
+        # pandas 3 stores text as its `str` dtype; GX's type-list expectation does not recognise it, this one does.
+        *[(gxe.ExpectColumnValuesToBeOfType(column=c, type_="str"), "rows", ERROR)
+          for c in ("text", "label") if c in present])]
+    if {"text", "label"} <= present:
+        checks.append(check_def(
+            "texts_are_present", "No text or label is null or blank.",
+            "remove or fill the rows with an empty text or label",
+            (gxe.ExpectColumnValuesToNotBeNull(column="text"), "rows", ERROR),
+            (gxe.ExpectColumnValuesToNotBeNull(column="label"), "rows", ERROR),
+            (gxe.ExpectColumnValuesToNotMatchRegex(column="text", regex=r"^\s*$"), "rows", ERROR)))
+        if spec.task.labels is not None:
+            checks.append(check_def(
+                "labels_are_known", f"Every label is one of task.labels {list(spec.task.labels)}.",
+                "correct the misspelt labels in the source, or add the label to task.labels",
+                (gxe.ExpectColumnValuesToBeInSet(column="label", value_set=list(spec.task.labels)), "rows", ERROR)))
+        else:
+            checks.append(check_def(
+                "labels_are_known", f"Every label occurs at least quality.min_rows_per_class "
+                                    f"({q.min_rows_per_class}) times.",
+                "correct the labels that occur only a few times (often typos), declare task.labels, or lower "
+                "quality.min_rows_per_class",
+                (gxe.ExpectColumnValuesToBeBetween(column="rows", min_value=q.min_rows_per_class), "classes", ERROR)))
+        checks.append(check_def(
+            "text_lengths_within_bounds",
+            f"Every text has between {q.min_text_chars} and {q.max_text_chars} characters.",
+            "shorten or drop over-long texts (cleaning.max_chars), or widen quality.min/max_text_chars",
+            (gxe.ExpectColumnValueLengthsToBeBetween(column="text", min_value=q.min_text_chars,
+                                                     max_value=q.max_text_chars), "rows", ERROR)))
+        unique_within = ["norm_text", "source_split"] if "source_split" in present else ["norm_text"]
+        checks.append(check_def(
+            "texts_are_unique", "No normalised text occurs twice" + (" within a split." if len(unique_within) > 1 else "."),
+            "enable cleaning.drop_duplicates, or remove the duplicated rows from the source",
+            (gxe.ExpectCompoundColumnsToBeUnique(column_list=unique_within) if len(unique_within) > 1
+             else gxe.ExpectColumnValuesToBeUnique(column="norm_text"), "rows", ERROR)))
+        checks.append(check_def(
+            "row_count_within_bounds", f"The clean dataset has between {q.min_rows} and {q.max_rows} rows.",
+            "provide more labelled rows (or fewer are being dropped by cleaning: see the asset's metadata), "
+            "or change quality.min_rows / quality.max_rows",
+            (gxe.ExpectTableRowCountToBeBetween(min_value=q.min_rows, max_value=q.max_rows), "rows", ERROR)))
+        warn_at = largest / q.max_imbalance_ratio if largest else 0
+        error_at = largest / (q.max_imbalance_ratio * q.imbalance_error_factor) if largest else 0
+        checks.append(check_def(
+            "classes_are_balanced",
+            f"No class is more than quality.max_imbalance_ratio ({q.max_imbalance_ratio:g}) times smaller than "
+            f"the largest (warning), or {q.max_imbalance_ratio * q.imbalance_error_factor:g} times (error).",
+            "collect more rows of the small classes, merge them, or raise quality.max_imbalance_ratio",
+            (gxe.ExpectColumnValuesToBeBetween(column="rows", min_value=error_at), "classes", ERROR),
+            (gxe.ExpectColumnValuesToBeBetween(column="rows", min_value=warn_at), "classes", WARN),
+            (gxe.ExpectColumnUniqueValueCountToBeBetween(column="label", min_value=2), "classes", ERROR)))
+    return evaluate_checks("cleaned_dataset", checks, tables)
+
+
+# ------------------------------------------------------------------------------------------ the model
+def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """One vector per row from token states: 'mean' over real tokens, 'cls' (first token), 'max', or 'last'
+    (the last real token, which in a decoder has seen the whole text; works with left or right padding)."""
+    if mode == "cls":
+        return hidden[:, 0]
+    if mode == "last":
+        last = mask.shape[1] - 1 - mask.flip(1).to(torch.long).argmax(dim=1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    keep = mask.unsqueeze(-1).to(hidden.dtype)
+    if mode == "max":
+        return hidden.masked_fill(keep == 0, torch.finfo(hidden.dtype).min).max(dim=1).values
+    return (hidden * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1.0)
+
+
+class PooledClassifier(nn.Module):
+    """Encoder -> pooling -> dropout -> linear head."""
+
+    def __init__(self, encoder: nn.Module, pooling: str, num_labels: int, hidden_size: int,
+                 dropout: float = 0.1, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.label_smoothing = label_smoothing
+        self.encoder = encoder
+        self.pooling = pooling
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(hidden_size, num_labels)
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        extra = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra)
+        return pool(out.last_hidden_state, attention_mask, self.pooling)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> Any:
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        logits = self.head(self.dropout(self.embed(input_ids, attention_mask, token_type_ids)))
+        loss = (F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing if self.training else 0.0)
+                if labels is not None else None)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+def load_encoder(base: BaseModelRecord) -> nn.Module:
+    """The base model's encoder, without the task-specific pooler that sentence encoders never trained."""
+    from transformers import AutoModel
+
+    encoder = AutoModel.from_pretrained(base.local_path, trust_remote_code=base.trust_remote_code)
+    if getattr(encoder, "pooler", None) is not None:
+        encoder.pooler = None
+    return encoder
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+# ------------------------------------------------------------------------------------ embeddings
+def _batches_by_length(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@torch.no_grad()
+def _forward_batches(fn: Callable[[dict[str, torch.Tensor]], torch.Tensor], tokenizer: Any,
+                     texts: Sequence[str], max_length: int, batch_size: int, compute: ComputeSettings,
+                     device: torch.device) -> np.ndarray:
+    encoded = tokenizer(list(texts), truncation=True, max_length=max_length)
+    lengths = [len(ids) for ids in encoded["input_ids"]]
+    outputs: list[np.ndarray | None] = [None] * len(texts)
+    for batch in _batches_by_length(lengths, batch_size):  # length-sorted batches: little padding
+        features = [{k: encoded[k][i] for k in encoded.keys()} for i in batch]
+        padded = tokenizer.pad(features, return_tensors="pt")
+        inputs = {k: v.to(device) for k, v in padded.items()}
+        with compute.autocast():
+            result = fn(inputs).float().cpu().numpy()
+        for row, i in enumerate(batch):
+            outputs[i] = result[row]
+    return np.stack(outputs) if outputs else np.zeros((0, 0), dtype=np.float32)  # type: ignore[arg-type]
+
+
+def embed_texts(encoder: nn.Module, tokenizer: Any, texts: Sequence[str], pooling: str, max_length: int,
+                compute: ComputeSettings, batch_size: int = 128) -> np.ndarray:
+    """Frozen pooled embeddings of `texts` (float32, one row per text, in order)."""
+    device = torch.device(compute.device)
+    encoder.eval().to(device)
+
+    def fn(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return pool(encoder(**inputs).last_hidden_state, inputs["attention_mask"], pooling)
+
+    return _forward_batches(fn, tokenizer, texts, max_length, batch_size, compute, device)
+
+
+def fit_linear_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray | None,
+                     val_y: np.ndarray | None, seed: int) -> Any:
+    """Logistic regression on frozen embeddings; C chosen on validation when there is one."""
+    from sklearn.linear_model import LogisticRegression
+
+    candidates = (0.1, 1.0, 10.0) if val_x is not None and len(val_x) else (1.0,)
+    best, best_score = None, -1.0
+    for c in candidates:
+        probe = LogisticRegression(C=c, max_iter=2000, random_state=seed).fit(train_x, train_y)
+        score = probe.score(val_x, val_y) if len(candidates) > 1 else 0.0
+        if score > best_score:
+            best, best_score = probe, score
+    return best
+
+
+def _head_from_probe(head: nn.Linear, probe: Any, num_labels: int) -> None:
+    coef = torch.tensor(probe.coef_, dtype=head.weight.dtype)
+    bias = torch.tensor(probe.intercept_, dtype=head.bias.dtype)
+    with torch.no_grad():
+        if num_labels == 2 and coef.shape[0] == 1:  # sklearn keeps one row for two classes
+            head.weight.zero_()
+            head.bias.zero_()
+            head.weight[1] = coef[0]
+            head.bias[1] = bias[0]
+        else:
+            head.weight.copy_(coef)
+            head.bias.copy_(bias)
+
+
+# ---------------------------------------------------------------------------------------- training
+def _classification_metrics(eval_pred: Any) -> dict[str, float]:
+    from sklearn.metrics import accuracy_score, f1_score
+
+    logits, labels = eval_pred.predictions, eval_pred.label_ids
+    preds = np.asarray(logits).argmax(-1)
+    return {"accuracy": float(accuracy_score(labels, preds)),
+            "macro_f1": float(f1_score(labels, preds, average="macro", zero_division=0)),
+            "weighted_f1": float(f1_score(labels, preds, average="weighted", zero_division=0))}
+
+
+def _tokenized(tokenizer: Any, texts: Sequence[str], labels: Sequence[int], max_length: int) -> Any:
+    from datasets import Dataset
+
+    encoded = tokenizer(list(texts), truncation=True, max_length=max_length)
+    columns = {k: encoded[k] for k in encoded.keys()}
+    columns["labels"] = list(labels)
+    return Dataset.from_dict(columns)
+
+
+def build_training_arguments(cfg: Any, output_dir: Path, compute: ComputeSettings, has_validation: bool,
+                             eval_batch_size: int) -> Any:
+    """The one place transformers.TrainingArguments are built (the common part comes from the kernel)."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(**common_training_arguments(cfg, output_dir, compute, has_validation, eval_batch_size),
+                             label_names=["labels"])
+
+
+def train_classifier(splits: pd.DataFrame, base: BaseModelRecord, spec: PipelineSpec, out_dir: Path,
+                     compute: ComputeSettings, progress: ProgressFn = print,
+                     sink: MetricsSink | None = None) -> CheckpointRecord:
+    """Fine-tune `base` with LoRA on the train split, pick the best epoch on validation, save to `out_dir`."""
+    from peft import get_peft_model
+    from transformers import DataCollatorWithPadding, Trainer, set_seed
+
+    cfg = spec.training
+    compute.apply()
+    train = splits[splits["split"] == "train"]
+    validation = splits[splits["split"] == "validation"]
+    labels = tuple(sorted(set(splits["label"])))
+    index = {label: i for i, label in enumerate(labels)}
+    set_seed(cfg.seed)
+
+    tokenizer = load_tokenizer(base.local_path)
+    encoder = load_encoder(base)
+    model = PooledClassifier(encoder, base.pooling, len(labels), base.hidden_size, label_smoothing=cfg.label_smoothing)
+
+    if cfg.head_init == "linear_probe":
+        progress(f"linear probe: embedding {len(train) + len(validation)} rows with the frozen base model")
+        train_x = embed_texts(encoder, tokenizer, train["text"].tolist(), base.pooling, cfg.max_length, compute)
+        val_x = (embed_texts(encoder, tokenizer, validation["text"].tolist(), base.pooling, cfg.max_length,
+                             compute) if len(validation) else None)
+        probe = fit_linear_probe(train_x, train["label"].map(index).to_numpy(), val_x,
+                                 validation["label"].map(index).to_numpy() if len(validation) else None, cfg.seed)
+        _head_from_probe(model.head, probe, len(labels))
+        if val_x is not None:
+            progress(f"linear probe: validation accuracy {probe.score(val_x, validation['label'].map(index)):.4f}")
+
+    model.encoder = get_peft_model(encoder, build_lora_config(cfg.lora, base, "FEATURE_EXTRACTION"))
+    trainable, total = trainable_parameters(model)
+    progress(f"LoRA r={cfg.lora.r}: {trainable:,} trainable of {total:,} parameters "
+             f"({trainable / total:.2%}); pooling={base.pooling}; precision={compute.precision}")
+
+    train_ds = _tokenized(tokenizer, train["text"].tolist(), train["label"].map(index).tolist(), cfg.max_length)
+    val_ds = (_tokenized(tokenizer, validation["text"].tolist(), validation["label"].map(index).tolist(),
+                         cfg.max_length) if len(validation) else None)
+    head_ids = {id(p) for p in model.head.parameters()}
+    adapter_params = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
+    optimizer = torch.optim.AdamW([
+        {"params": adapter_params, "lr": cfg.learning_rate, "weight_decay": cfg.weight_decay},
+        {"params": list(model.head.parameters()), "lr": cfg.head_learning_rate or cfg.learning_rate,
+         "weight_decay": cfg.weight_decay},
+    ])
+    select_by = spec.evaluation.primary_metric  # the epoch kept is the best on validation by this metric
+    callback = best_epoch_callback(model, progress, sink, select_by)
+
+    def make_trainer(scratch: Path) -> Any:
+        args = build_training_arguments(cfg, scratch, compute, val_ds is not None, spec.evaluation.batch_size)
+        return Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
+                       data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=_classification_metrics,
+                       optimizers=(optimizer, None), callbacks=[callback])
+
+    outcome = run_trainer(make_trainer, callback, progress, select_by)
+    real_tokens = float(sum(len(ids) for ids in train_ds["input_ids"])) * cfg.epochs
+    model.eval()
+    data_sha256 = frame_digest(splits)  # the same digest the splits asset reports: lineage joins on it
+
+    def write_files(folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        model.encoder.save_pretrained(str(folder / "adapter"))
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in model.head.state_dict().items()},
+                  str(folder / "head.safetensors"))
+        tokenizer.save_pretrained(str(folder / "tokenizer"))
+
+    manifest = checkpoint_manifest(NAME, base, spec.spec_hash, data_sha256, WEIGHT_FILES, labels,
+                                   pooling=model.pooling, hidden_size=model.head.in_features)
+    path = save_checkpoint(out_dir, write_files, manifest, spec.to_yaml(), outcome.history)
+    speed = real_tokens / outcome.train_seconds if outcome.train_seconds > 0 else 0.0
+    progress(f"saved adapter and head to {path} ({speed:.0f} tokens/s, peak memory {peak_memory_mb():.0f} MB)")
+    return CheckpointRecord(
+        path=str(path), task=NAME, sha256=checkpoint_digest(path, WEIGHT_FILES), base_model=base,
+        spec_hash=spec.spec_hash, data_sha256=data_sha256, labels=labels, train_rows=len(train),
+        validation_rows=len(validation), best_epoch=outcome.best_epoch, trainable_parameters=trainable,
+        train_seconds=outcome.train_seconds, tokens_per_second=speed, precision=compute.precision,
+        peak_memory_mb=peak_memory_mb(), history=outcome.history)
+
+
+def load_classifier(record: CheckpointRecord) -> tuple[PooledClassifier, Any]:
+    """Load a checkpoint for inference, after checking its weights against the record's digest."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    path = verified_folder(record, WEIGHT_FILES)
+    encoder = load_encoder(record.base_model)
+    model = PooledClassifier(encoder, record.base_model.pooling, len(record.labels), record.base_model.hidden_size)
+    model.encoder = PeftModel.from_pretrained(encoder, str(path / "adapter"))
+    model.head.load_state_dict(load_file(str(path / "head.safetensors")))
+    model.eval()
+    return model, load_tokenizer(path / "tokenizer")
+
+
+def predict_proba(model: PooledClassifier, tokenizer: Any, texts: Sequence[str], max_length: int,
+                  compute: ComputeSettings, batch_size: int = 128) -> np.ndarray:
+    """Class probabilities for `texts`, one row per text, in order."""
+    device = torch.device(compute.device)
+    model.eval().to(device)
+
+    def fn(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.softmax(model(**inputs).logits.float(), dim=-1)
+
+    return _forward_batches(fn, tokenizer, texts, max_length, batch_size, compute, device)
+
+
+# -------------------------------------------------------------------------------------------- evaluation
+def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], num_labels: int) -> dict[str, float]:
+    """Accuracy, and precision / recall / F1 averaged over classes (macro) and over rows (weighted)."""
+    from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+
+    out = {"accuracy": float(accuracy_score(y_true, y_pred))}
+    for average in ("macro", "weighted"):
+        p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=list(range(num_labels)),
+                                                     average=average, zero_division=0)
+        out.update({f"{average}_precision": float(p), f"{average}_recall": float(r), f"{average}_f1": float(f)})
+    return out
+
+
+def per_class_table(y_true: Sequence[int], y_pred: Sequence[int], labels: Sequence[str]) -> list[dict[str, Any]]:
+    from sklearn.metrics import precision_recall_fscore_support
+
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=list(range(len(labels))),
+                                                 zero_division=0)
+    return [{"label": label, "precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
+             "support": int(s[i])} for i, label in enumerate(labels)]
+
+
+def plot_confusion_matrix(matrix: np.ndarray, labels: Sequence[str], path: Path, title: str) -> None:
+    """A confusion-matrix heat map with counts, rows = true class, columns = predicted class."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    size = max(4.0, 0.55 * len(labels) + 2)
+    fig, ax = plt.subplots(figsize=(size, size * 0.9), dpi=110)
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    threshold = matrix.max() / 2 if matrix.size else 0
+    if len(labels) <= 30:
+        for (i, j), count in np.ndenumerate(matrix):
+            ax.text(j, i, str(count), ha="center", va="center", fontsize=8,
+                    color="white" if count > threshold else "black")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+
+def _predicted_labels(record: CheckpointRecord, texts: list[str], max_length: int, compute: ComputeSettings,
+                      batch_size: int) -> np.ndarray:
+    model, tokenizer = load_classifier(record)
+    return predict_proba(model, tokenizer, texts, max_length, compute, batch_size).argmax(-1)
+
+
+def evaluate_classifier(splits: pd.DataFrame, checkpoint: CheckpointRecord, spec: PipelineSpec, out_dir: Path,
+                        compute: ComputeSettings, champion: CheckpointRecord | None = None,
+                        progress: ProgressFn = print) -> EvaluationReport:
+    """Metrics of the checkpoint, the majority-class and linear-probe baselines and the current champion (if
+    any) on the test split; decides promotion; writes JSON, HTML and the confusion matrix to `out_dir`."""
+    from sklearn.metrics import confusion_matrix
+
+    compute.apply()
+    labels = checkpoint.labels
+    index = {label: i for i, label in enumerate(labels)}
+    train, validation, test = (splits[splits["split"] == s] for s in ("train", "validation", "test"))
+    unknown = sorted(set(test["label"]) - set(labels))
+    if unknown:
+        raise CheckpointError(f"the test split has labels the checkpoint was not trained on: {unknown}")
+    y_test = test["label"].map(index).to_numpy()
+    max_length, batch = spec.training.max_length, spec.evaluation.batch_size
+    y_pred = _predicted_labels(checkpoint, test["text"].tolist(), max_length, compute, batch)
+    metrics = classification_metrics(y_test, y_pred, len(labels))
+    matrix = confusion_matrix(y_test, y_pred, labels=list(range(len(labels))))
+
+    baselines: dict[str, dict[str, float]] = {}
+    if "majority_class" in spec.evaluation.baselines:
+        majority = index[train["label"].value_counts().idxmax()]
+        baselines["majority_class"] = classification_metrics(y_test, np.full(len(y_test), majority), len(labels))
+    if "linear_probe" in spec.evaluation.baselines:
+        base = checkpoint.base_model
+        encoder, base_tokenizer = load_encoder(base), load_tokenizer(base.local_path)
+
+        def embed(frame: pd.DataFrame) -> np.ndarray:
+            return embed_texts(encoder, base_tokenizer, frame["text"].tolist(), base.pooling, max_length, compute, batch)
+
+        probe = fit_linear_probe(embed(train), train["label"].map(index).to_numpy(),
+                                 embed(validation) if len(validation) else None,
+                                 validation["label"].map(index).to_numpy() if len(validation) else None,
+                                 spec.training.seed)
+        baselines["linear_probe"] = classification_metrics(y_test, probe.predict(embed(test)), len(labels))
+
+    def score_champion(record: CheckpointRecord) -> dict[str, float]:
+        missing = sorted(set(test["label"]) - set(record.labels))
+        if missing:
+            raise CheckpointError(f"the champion (v{record.model_version}) does not know the labels {missing} of "
+                                  "this test split")
+        predicted = np.array(record.labels)[_predicted_labels(record, test["text"].tolist(), max_length, compute, batch)]
+        return classification_metrics(y_test, [index.get(label, -1) for label in predicted], len(labels))
+
+    per_class = per_class_table(y_test, y_pred, labels)
+    png = out_dir / "confusion_matrix.png"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot_confusion_matrix(matrix, labels, png, f"{spec.name}: test confusion matrix")
+    return build_report(
+        pipeline=spec.name, task=NAME, checkpoint=checkpoint, test_rows=len(test), headline=f"{len(test)} test rows",
+        metric_names=REPORT_METRICS, metrics=metrics, baselines=baselines, champion=champion,
+        champion_scores=champion_metrics(champion, checkpoint, metrics, score_champion, progress),
+        primary=spec.evaluation.primary_metric, min_improvement=spec.promotion.min_improvement, out_dir=out_dir,
+        tables=(ReportTable("Per class", ("class", "precision", "recall", "F1", "support"),
+                            tuple((r["label"], r["precision"], r["recall"], r["f1"], r["support"]) for r in per_class)),),
+        images=(("Confusion matrix", png.name),),
+        details={"labels": list(labels), "per_class": per_class,
+                 "confusion_matrix": [[int(v) for v in row] for row in matrix]},
+        files={"confusion_matrix": str(png)})
+
+
+# ------------------------------------------------------------------------------------------------ the task
+class ClassificationTask(TaskBase):
+    """Text classification: one text column to one label column."""
+
+    name = NAME
+    config_class = ClassificationTaskConfig
+    evaluation_defaults = {"primary_metric": "macro_f1", "baselines": ("majority_class", "linear_probe")}
+    primary_metrics = ("accuracy", "macro_f1", "weighted_f1")
+    baselines = ("majority_class", "linear_probe")
+    split_group_column = "label"
+    prepared: PreparedData | None = None
+    descriptions = {
+        "cleaned_dataset": "Normalised (text, label) rows without empty, over-long, conflicting or duplicate rows.",
+        "finetuned_checkpoint": "LoRA adapter and classifier head trained on the train split, best epoch chosen "
+                                "on validation.",
+        "evaluation_report": "Test metrics of the checkpoint against two baselines and the champion; promotes it "
+                             "if it wins.",
+    }
+    weight_files = WEIGHT_FILES
+    predicts_tokens = False  # logits over a few classes: no vocabulary-sized term in training memory
+    legacy_metadata_file = "classifier.json"  # what checkpoints of earlier releases hold instead of a manifest
+    report_kinds = frozenset({"sklearn"})
+    auto_model_class = "AutoModel"
+    trainer_name = "transformers.Trainer"
+
+    def clean(self, raw: pd.DataFrame, spec: PipelineSpec) -> tuple[pd.DataFrame, StepLog]:
+        result = clean(select_examples(raw, spec.task), spec.cleaning)  # type: ignore[arg-type]
+        counts = result.counts("label")
+        total = sum(counts.values()) or 1
+        return result.frame, cleaning_log(spec.name, result, spec.cleaning, "rows", {
+            "num_classes": len(counts),
+            "class_distribution": Markdown(markdown_table(["class", "rows", "share"],
+                                                          [[k, v, f"{v / total:.1%}"] for k, v in counts.items()])),
+        })
+
+    def quality_suites(self, spec: PipelineSpec) -> tuple[QualitySuite, ...]:
+        def splits_suite(value: pd.DataFrame) -> QualityReport:
+            return validate_splits(value, spec.splits, spec.quality, "label", every_group_in_train_and_test=True)
+
+        return (QualitySuite("cleaned_dataset", CLEANED_CHECKS, DESCRIPTIONS,
+                             lambda value: validate_cleaned_examples(value, spec)),
+                QualitySuite("splits", SPLITS_CHECKS, DESCRIPTIONS, splits_suite))
+
+    def prepare(self, splits: pd.DataFrame, base: BaseModelRecord, spec: PipelineSpec) -> tuple[pd.DataFrame, StepLog]:
+        raise NotImplementedError("text classification trains on the splits directly; it has no prepared data")
+
+    def model_support(self, config: dict[str, Any]) -> str | None:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+        model_type = config.get("model_type")
+        if model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
+            return f"cannot do {NAME}: transformers has no AutoModelForSequenceClassification for {model_type!r}"
+        return None
+
+    def time_train_step(self, record: BaseModelRecord, spec: PipelineSpec, splits: pd.DataFrame,
+                        compute: ComputeSettings, steps: int) -> float:
+        from peft import get_peft_model
+
+        cfg = spec.training
+        batch_rows = sample_split(splits, "train", cfg.batch_size, cfg.seed)
+        tokenizer = load_tokenizer(record.local_path)
+        encoder = load_encoder(record)
+        model = PooledClassifier(encoder, record.pooling, max(2, splits["label"].nunique()), record.hidden_size)
+        model.encoder = get_peft_model(encoder, build_lora_config(cfg.lora, record, "FEATURE_EXTRACTION"))
+        inputs = dict(tokenizer(batch_rows["text"].tolist(), truncation=True, max_length=cfg.max_length,
+                                padding=True, return_tensors="pt"))
+        inputs["labels"] = torch.zeros(len(batch_rows), dtype=torch.long)
+        return time_training_steps(model, inputs, compute, steps)
+
+    def probe(self, record: BaseModelRecord, spec: PipelineSpec, splits: pd.DataFrame,
+              compute: ComputeSettings) -> tuple[str, float, float]:
+        """A logistic regression on frozen embeddings of a train sample, scored on a validation sample."""
+        probe, seed = spec.base_model.probe, spec.training.seed
+        validation = sample_split(splits, "validation", probe.sample_rows, seed)
+        train = sample_split(splits, "train", 4 * probe.sample_rows, seed)
+        labels = sorted(set(splits["label"]))
+        index = {label: i for i, label in enumerate(labels)}
+        encoder, tokenizer = load_encoder(record), load_tokenizer(record.local_path)
+
+        def embed(frame: pd.DataFrame) -> np.ndarray:
+            return embed_texts(encoder, tokenizer, frame["text"].tolist(), record.pooling, spec.training.max_length,
+                               compute, 64)
+
+        fitted = fit_linear_probe(embed(train), train["label"].map(index).to_numpy(), None, None, seed)
+        metric = spec.evaluation.primary_metric
+        predicted = fitted.predict(embed(validation))
+        value = classification_metrics(validation["label"].map(index).to_numpy(), predicted, len(labels))[metric]
+        return f"linear_probe_{metric}", value, value
+
+    train = staticmethod(train_classifier)
+
+    def history_table(self, record: CheckpointRecord) -> str:
+        epochs = [h for h in record.history if "eval_accuracy" in h]
+        if not epochs:
+            return "no validation split"
+        return markdown_table(["epoch", "validation accuracy", "validation macro-F1", "validation loss"],
+                              [[f"{h['epoch']:g}", h["eval_accuracy"], h["eval_macro_f1"], h["eval_loss"]]
+                               for h in epochs])
+
+    evaluate = staticmethod(evaluate_classifier)
+
+    def predict(self, record: CheckpointRecord, texts: list[str], compute: ComputeSettings,
+                max_new_tokens: int) -> list[dict[str, Any]]:
+        model, tokenizer = load_classifier(record)
+        probs = predict_proba(model, tokenizer, texts, 512, compute)
+        return [{"label": record.labels[int(row.argmax())], "probability": round(float(row.max()), 4), "text": text}
+                for text, row in zip(texts, probs, strict=True)]
+
+    def export(self, record: CheckpointRecord, out_dir: Path) -> Path:
+        raise CheckpointError(f"v{record.model_version} is a {NAME} model (a LoRA adapter with a classifier head); "
+                              "`tuneline export` merges the adapters of instruction-tuned chat models")

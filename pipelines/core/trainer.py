@@ -1,0 +1,300 @@
+"""The training kernel every task shares: compute settings, the metrics sink, the best-epoch callback, the
+arguments common to transformers' TrainingArguments and TRL's SFTConfig, the one LoraConfig builder, and
+checkpoint save / verify / load through one manifest file.
+
+Training code never sees mlflow or Dagster: it reports through a `progress` callable and a metrics sink.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from pipelines.core.errors import CheckpointError
+from pipelines.core.files import atomic_path
+from pipelines.core.records import BaseModelRecord, CheckpointRecord
+from pipelines.core.sections import LoraSettingsConfig, TrainingConfig
+from pipelines.core.sources import combined_digest, sha256_file
+
+ProgressFn = Callable[[str], None]
+MANIFEST = "manifest.json"
+
+
+class MetricsSink(Protocol):
+    """Where training metrics go (an experiment tracker, a list in a test)."""
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class ComputeSettings:
+    """Resolved device, precision and thread count for one piece of work."""
+
+    device: str = "cpu"  # cpu | cuda
+    precision: str = "fp32"  # bf16 | fp32
+    num_threads: int | None = None
+
+    def apply(self) -> None:
+        if self.num_threads:
+            torch.set_num_threads(self.num_threads)
+
+    def autocast(self) -> Any:
+        if self.precision == "bf16":
+            return torch.autocast(device_type=self.device, dtype=torch.bfloat16)
+        return nullcontext()
+
+
+def peak_memory_mb() -> float:
+    """Peak memory of this process: GPU memory on CUDA, else the resident set size."""
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    return (sum(p.numel() for p in model.parameters() if p.requires_grad),
+            sum(p.numel() for p in model.parameters()))
+
+
+# ------------------------------------------------------------------------------------- library objects
+def build_lora_config(cfg: LoraSettingsConfig, base: BaseModelRecord, peft_task_type: str) -> Any:
+    """The one place a peft.LoraConfig is built: the spec's settings on the target modules this base model has
+    (selection found them), for the task's peft TaskType ('FEATURE_EXTRACTION', 'CAUSAL_LM', ...)."""
+    from peft import LoraConfig, TaskType
+
+    targets = base.lora_targets or cfg.target_modules
+    return LoraConfig(task_type=TaskType[peft_task_type], r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                      target_modules=list(targets), bias="none")
+
+
+def common_training_arguments(cfg: TrainingConfig, output_dir: Path, compute: ComputeSettings,
+                              has_validation: bool, eval_batch_size: int) -> dict[str, Any]:
+    """The arguments TrainingArguments and SFTConfig share, from the spec's training section."""
+    return dict(
+        output_dir=str(output_dir),
+        num_train_epochs=cfg.epochs,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=eval_batch_size,
+        learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_fraction,  # a float below 1 is a fraction of all steps
+        lr_scheduler_type="linear",
+        max_grad_norm=1.0,
+        bf16=compute.precision == "bf16",
+        use_cpu=compute.device == "cpu",
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        eval_strategy="epoch" if has_validation else "no",
+        save_strategy="no",
+        logging_strategy="steps",
+        logging_steps=cfg.logging_steps,
+        report_to="none",
+        disable_tqdm=False,
+        dataloader_num_workers=0,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+    )
+
+
+# ------------------------------------------------------------------------------------------ callbacks
+def best_epoch_callback(model: torch.nn.Module, progress: ProgressFn, sink: MetricsSink | None, select_by: str,
+                        higher_is_better: bool = True) -> Any:
+    """A TrainerCallback that reports progress and metrics and keeps the trainable weights of the best epoch
+    (by the validation metric `select_by`)."""
+    from transformers import TrainerCallback
+
+    class ProgressAndBestEpoch(TrainerCallback):
+        """Progress lines and metrics for every log; keeps the trainable weights of the best epoch."""
+
+        def __init__(self) -> None:
+            self.best_score = -math.inf
+            self.best_epoch: float | None = None
+            self.best_state: dict[str, torch.Tensor] | None = None
+            self.started = time.monotonic()
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.started = time.monotonic()
+            progress(f"training: {state.max_steps} steps, {args.num_train_epochs:g} epochs, "
+                     f"batch {args.per_device_train_batch_size}, bf16={args.bf16}")
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None,
+                   **kwargs: Any) -> None:
+            logs = {k: float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float))}
+            if sink is not None and logs:
+                sink.log_metrics(logs, state.global_step)
+            if "loss" in logs:
+                elapsed = time.monotonic() - self.started
+                done = state.global_step / max(state.max_steps, 1)
+                eta = elapsed / done - elapsed if done > 0 else float("nan")
+                progress(f"step {state.global_step}/{state.max_steps} ({done:.0%}) epoch {state.epoch:.2f} "
+                         f"loss {logs['loss']:.4f} lr {logs.get('learning_rate', float('nan')):.2e} "
+                         f"elapsed {elapsed:.0f}s eta {eta:.0f}s")
+
+        def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None,
+                        **kwargs: Any) -> None:
+            metrics = metrics or {}
+            value = float(metrics.get(f"eval_{select_by}", math.nan))
+            score = -math.inf if math.isnan(value) else value if higher_is_better else -value
+            shown = ", ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in metrics.items()
+                              if k in ("eval_accuracy", "eval_macro_f1", "eval_loss") and isinstance(v, (int, float)))
+            progress(f"epoch {state.epoch:.2f}: validation {shown}")
+            if score > self.best_score:
+                self.best_score, self.best_epoch = score, float(state.epoch)
+                self.best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+        @property
+        def best_value(self) -> float:
+            return self.best_score if higher_is_better else -self.best_score
+
+        def restore_best(self) -> None:
+            if self.best_state is None:
+                return
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                for name, value in self.best_state.items():
+                    params[name].copy_(value)
+
+    return ProgressAndBestEpoch()
+
+
+@dataclass(frozen=True)
+class TrainingOutcome:
+    """What a finished Trainer run leaves behind: time, the log history and the epoch whose weights were kept."""
+
+    train_seconds: float
+    history: tuple[dict[str, float], ...]
+    best_epoch: float | None
+
+
+def run_trainer(make_trainer: Callable[[Path], Any], callback: Any, progress: ProgressFn,
+                select_by: str) -> TrainingOutcome:
+    """Train with the Trainer that `make_trainer(scratch_dir)` builds, then restore the best epoch's weights."""
+    with tempfile.TemporaryDirectory(prefix="tuneline-trainer-") as scratch:
+        trainer = make_trainer(Path(scratch))
+        result = trainer.train()
+    callback.restore_best()
+    if callback.best_epoch is not None:
+        progress(f"kept the weights of epoch {callback.best_epoch:g} (best validation {select_by} "
+                 f"{callback.best_value:.4f})")
+    history = tuple({k: float(v) for k, v in entry.items() if isinstance(v, (int, float))}
+                    for entry in trainer.state.log_history)
+    return TrainingOutcome(float(result.metrics.get("train_runtime", 0.0)), history, callback.best_epoch)
+
+
+# ------------------------------------------------------------------------------------------ estimates
+def estimate_training_memory_mb(config: dict[str, Any], parameters: int, batch_size: int, length: int,
+                                precision: str, vocabulary_logits: bool) -> float:
+    """Weights (fp32), activations kept for the backward pass (34·s·b·h + 5·a·s²·b bytes per layer at 16 bit,
+    doubled for fp32) and, for models that predict tokens (`vocabulary_logits`), the logits with their gradient."""
+    hidden = int(config.get("hidden_size") or config.get("d_model") or 0)
+    layers = int(config.get("num_hidden_layers") or config.get("n_layer") or 0)
+    heads = int(config.get("num_attention_heads") or config.get("n_head") or 1)
+    vocab = int(config.get("vocab_size") or 0)
+    scale = 1.0 if precision == "bf16" else 2.0
+    activations = layers * (34 * length * batch_size * hidden + 5 * heads * length * length * batch_size) * scale
+    logits = 3 * 4 * batch_size * length * vocab if vocabulary_logits else 0
+    return (4 * parameters + activations + logits) / 2**20
+
+
+def time_training_steps(model: torch.nn.Module, inputs: dict[str, torch.Tensor], compute: ComputeSettings,
+                        steps: int) -> float:
+    """Median seconds per optimisation step of `model` on one batch (the first, warm-up step not counted)."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    model.train()
+    timings = []
+    for step in range(steps + 1):  # the first step warms up (allocations, kernels) and is not counted
+        started = time.perf_counter()
+        with compute.autocast():
+            loss = model(**inputs).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if step:
+            timings.append(time.perf_counter() - started)
+    return sorted(timings)[len(timings) // 2]
+
+
+# ------------------------------------------------------------------------------------- checkpoint files
+def checkpoint_digest(path: Path, weight_files: tuple[str, ...]) -> str:
+    """Digest over the checkpoint's weight files (named in its manifest)."""
+    return combined_digest([(name, sha256_file(path / name)) for name in weight_files])
+
+
+def save_checkpoint(out_dir: Path, write_files: Callable[[Path], None], manifest: dict[str, Any],
+                    spec_yaml: str, history: tuple[dict[str, float], ...]) -> Path:
+    """Write a checkpoint folder: the task's files (`write_files(folder)`), the manifest, the spec and the
+    training history. Everything goes to a hidden sibling first, then is renamed: a crash never leaves half
+    a checkpoint, and an existing folder is never overwritten."""
+    if out_dir.exists():
+        raise CheckpointError(f"{out_dir} exists already; a checkpoint folder is never overwritten")
+    with atomic_path(out_dir) as tmp:
+        write_files(tmp)
+        missing = [name for name in manifest["weight_files"] if not (tmp / name).is_file()]
+        if missing:
+            raise CheckpointError(f"the checkpoint's manifest names weight files that were not written: {missing}")
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+        (tmp / "spec.yaml").write_text(spec_yaml, encoding="utf-8")
+        (tmp / "history.json").write_text(json.dumps(list(history), indent=2), encoding="utf-8")
+    return out_dir
+
+
+def checkpoint_manifest(task: str, base: BaseModelRecord, spec_hash: str, data_sha256: str,
+                        weight_files: tuple[str, ...], labels: tuple[str, ...] = (),
+                        **extra: Any) -> dict[str, Any]:
+    """The manifest of a checkpoint: which task made it, on which base model and data, and its weight files."""
+    return {"task": task, "base_model": base.to_dict(), "spec_hash": spec_hash, "data_sha256": data_sha256,
+            "weight_files": list(weight_files), "labels": list(labels), **extra}
+
+
+def read_manifest(path: Path, legacy: Mapping[str, tuple[str, tuple[str, ...]]] | None = None) -> dict[str, Any]:
+    """The manifest of a checkpoint folder. `legacy` maps the metadata file of a checkpoint written before
+    manifests (by an earlier release) to its task and weight files, so registered models keep loading."""
+    file = path / MANIFEST
+    if file.is_file():
+        return dict(json.loads(file.read_text(encoding="utf-8")))
+    for name, (task, weights) in (legacy or {}).items():
+        if (path / name).is_file():
+            meta = json.loads((path / name).read_text(encoding="utf-8"))
+            return {"labels": [], **meta, "task": task, "weight_files": list(weights)}
+    raise CheckpointError(f"{path} is not a tuneline checkpoint (no {MANIFEST})")
+
+
+def record_from_folder(path: Path, model_version: str | None = None,
+                       legacy: Mapping[str, tuple[str, tuple[str, ...]]] | None = None) -> CheckpointRecord:
+    """The record of a checkpoint folder copied from elsewhere (e.g. downloaded from the model registry)."""
+    meta = read_manifest(path, legacy)
+    base = BaseModelRecord(**{**meta["base_model"], "lora_targets": tuple(meta["base_model"].get("lora_targets", ())),
+                              "selection": tuple(meta["base_model"].get("selection", ()))})
+    if not Path(base.local_path).is_dir():
+        raise CheckpointError(f"checkpoint {path} needs its base model {base.name} at {base.local_path}, which is "
+                              "not on this machine (materialize the pipeline's base_model asset first)")
+    history = json.loads((path / "history.json").read_text(encoding="utf-8"))
+    return CheckpointRecord(path=str(path), task=meta["task"],
+                            sha256=checkpoint_digest(path, tuple(meta["weight_files"])), base_model=base,
+                            spec_hash=meta["spec_hash"], data_sha256=meta.get("data_sha256", ""),
+                            labels=tuple(meta.get("labels", ())), train_rows=0, validation_rows=0, best_epoch=None,
+                            trainable_parameters=0, train_seconds=0.0, tokens_per_second=0.0, precision="",
+                            history=tuple(history), model_version=model_version)
+
+
+def verified_folder(record: CheckpointRecord, weight_files: tuple[str, ...]) -> Path:
+    """The checkpoint's folder, after checking its weight files against the record's digest."""
+    path = Path(record.path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint folder {path} is missing")
+    digest = checkpoint_digest(path, weight_files)
+    if digest != record.sha256:
+        raise CheckpointError(f"checkpoint {path} has weights with sha256 {digest}, but its record says "
+                              f"{record.sha256}: the files changed after training")
+    return path
