@@ -14,6 +14,7 @@ from tests.test_ui import good_workspace, newest_runs_once_finished, running_dag
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+@pytest.mark.browser
 def test_materialize_all_in_the_browser(good_workspace: dict[str, Path], tmp_path: Path) -> None:  # noqa: F811
     from playwright.sync_api import expect, sync_playwright
 

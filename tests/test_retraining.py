@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -92,6 +94,7 @@ def test_no_sensor_without_retrain_on_new_data(tmp_path: Path, trec_slice_csv: P
     assert list(defs.sensors or []) == []
 
 
+@pytest.mark.server
 def test_a_dropped_file_starts_a_run_by_itself(tmp_path: Path, trec_slice_csv: Path, tiny_model_dir: Path,
                                                write_spec: Callable[..., Path]) -> None:
     """For real: `dagster dev` with its daemon; a file dropped into the watched folder starts a run."""

@@ -101,6 +101,7 @@ def dagster_dev(blocked_run: dict[str, Path], tmp_path: Path) -> Iterator[int]:
         yield port
 
 
+@pytest.mark.server
 def test_ui_shows_failed_blocking_check_and_no_checkpoint(dagster_dev: int) -> None:
     port = dagster_dev
     data = graphql(port, CHECKS_QUERY, {"path": ["gate", "cleaned_dataset"]})
@@ -157,6 +158,7 @@ def good_workspace(tmp_path: Path, tiny_model_dir: Path, write_spec: Callable[..
     return {"home": tmp_path / "home", "workspace": workspace, "data": data}
 
 
+@pytest.mark.server
 def test_materialize_all_from_the_ui_runs_every_step_in_its_own_process(good_workspace: dict[str, Path],
                                                                        tmp_path: Path) -> None:
     """What the UI's "Materialize all" does: launch the job through GraphQL; the daemon-less run launcher
