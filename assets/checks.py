@@ -10,35 +10,11 @@ import dagster as dg
 import pandas as pd
 
 from pipelines.core.files import write_bytes_atomic
-from pipelines.core.quality import CheckOutcome, QualityReport, QualitySuite
+from pipelines.core.quality import QualityReport, QualitySuite, examples_markdown, expectations_markdown
 from pipelines.core.spec import PipelineSpec
 from pipelines.core.tasks import task_for
 from resources.quality import prepare_great_expectations
 from resources.storage import StorageResource
-
-def _cell(value: Any) -> str:
-    text = json.dumps(value, default=str) if not isinstance(value, str) else value
-    text = text.replace("|", "\\|").replace("\n", " ")
-    return text if len(text) <= 120 else text[:117] + "..."
-
-
-def _expectations_md(outcome: CheckOutcome) -> str:
-    lines = ["| expectation | threshold / arguments | observed | passed | severity |", "|---|---|---|---|---|"]
-    for e in outcome.expectations:
-        observed = (f"{e.unexpected_count} unexpected rows" if e.unexpected_count is not None
-                    else "—" if e.observed is None else e.observed)
-        lines.append(f"| {e.expectation} | {_cell(e.kwargs)} | {_cell(observed)} | {'yes' if e.success else 'NO'} "
-                     f"| {e.severity} |")
-    return "\n".join(lines)
-
-
-def _examples_md(rows: list[dict[str, Any]]) -> str:
-    if not rows:
-        return "no offending rows"
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def _results(report: QualityReport, names: tuple[str, ...], key: dg.AssetKey,
@@ -57,9 +33,9 @@ def _results(report: QualityReport, names: tuple[str, ...], key: dg.AssetKey,
             severity=dg.AssetCheckSeverity.WARN if outcome.severity == "WARN" else dg.AssetCheckSeverity.ERROR,
             description=outcome.summary(),
             metadata={
-                "expectations": dg.MetadataValue.md(_expectations_md(outcome)),
+                "expectations": dg.MetadataValue.md(expectations_markdown(outcome)),
                 "failed_expectations": dg.MetadataValue.json([e.expectation for e in outcome.failed_expectations]),
-                "offending_rows": dg.MetadataValue.md(_examples_md(outcome.examples)),
+                "offending_rows": dg.MetadataValue.md(examples_markdown(outcome.examples)),
                 "offending_row_count": sum(e.unexpected_count or 0 for e in outcome.failed_expectations),
                 "to_fix": outcome.fix if not outcome.passed else "",
                 "gx_validation_result": dg.MetadataValue.path(str(gx_path)),

@@ -87,7 +87,8 @@ def build_pipeline_assets(spec: PipelineSpec, project_root: Path) -> list[dg.Ass
                           tracking: TrackingResource, data: pd.DataFrame,
                           finetuned_checkpoint: CheckpointRecord) -> dg.Output[EvaluationReport]:
         with tracking.asset_run(context, spec.name) as run:
-            report = task.evaluate(data, finetuned_checkpoint, spec, storage.run_folder("reports", spec.name, context.run_id),
+            report = task.evaluate(data, finetuned_checkpoint, spec,
+                                   storage.run_folder("reports", spec.name, context.run_id),
                                    compute.settings(spec.training.precision),
                                    champion=tracking.champion_checkpoint(spec.name), progress=context.log.info)
             tracking.apply_promotion(spec.name, report, finetuned_checkpoint)

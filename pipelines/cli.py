@@ -158,7 +158,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     except TunelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"exported {args.pipeline} v{record.model_version} (base {record.base_model.name} + adapter, merged) to {out}")
+    print(f"exported {args.pipeline} v{record.model_version} (base {record.base_model.name} + adapter, merged) "
+          f"to {out}")
     print("load it with: AutoModelForCausalLM.from_pretrained(path); AutoTokenizer.from_pretrained(path)")
     return 0
 

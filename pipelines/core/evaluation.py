@@ -68,7 +68,8 @@ def build_report(*, pipeline: str, task: str, checkpoint: CheckpointRecord, test
         metric_names=tuple(metric_names), metrics=metrics, baselines=baselines, primary_metric=primary,
         beats_baselines=beats, promotion=promotion, champion_metrics=champion_scores, headline=headline,
         tables=tuple(tables), images=tuple(images), details=details or {},
-        files={**(files or {}), "report_json": str(out_dir / "report.json"), "report_html": str(out_dir / "report.html")})
+        files={**(files or {}), "report_json": str(out_dir / "report.json"),
+               "report_html": str(out_dir / "report.html")})
     write_bytes_atomic(Path(report.json_path), json.dumps(report.to_dict(), indent=2, default=str).encode())
     write_bytes_atomic(Path(report.html_path), report_html(report).encode())
     return report

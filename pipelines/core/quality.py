@@ -8,6 +8,7 @@ threshold and observed value shows up in the GX result.
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,11 +16,13 @@ from typing import Any
 
 import pandas as pd
 
+from pipelines.core.evaluation import markdown_table
 from pipelines.core.sections import QualityConfig, SplitsConfig
 
 MAX_EXAMPLES = 20
 ERROR, WARN = "ERROR", "WARN"
-_EXAMPLE_COLUMNS = ("text", "label", "category", "response", "roles_problem", "total_tokens", "split", "source_file", "source_row")
+_EXAMPLE_COLUMNS = ("text", "label", "category", "response", "roles_problem", "total_tokens", "split", "source_file",
+                    "source_row")
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,27 @@ class QualityReport:
 
     def check(self, name: str) -> CheckOutcome:
         return next(c for c in self.checks if c.name == name)
+
+
+def _json_cell(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, default=str)
+
+
+def expectations_markdown(outcome: CheckOutcome) -> str:
+    """Every expectation of a check with its arguments, what was observed and whether it passed."""
+    return markdown_table(["expectation", "threshold / arguments", "observed", "passed", "severity"], [
+        [e.expectation, _json_cell(e.kwargs),
+         _json_cell(f"{e.unexpected_count} unexpected rows" if e.unexpected_count is not None
+                    else "—" if e.observed is None else e.observed),
+         "yes" if e.success else "NO", e.severity] for e in outcome.expectations], limit=120)
+
+
+def examples_markdown(rows: list[dict[str, Any]]) -> str:
+    """The offending rows of a failed check, with their source file and row."""
+    if not rows:
+        return "no offending rows"
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    return markdown_table(columns, [[_json_cell(row.get(c)) for c in columns] for row in rows], limit=120)
 
 
 def _kwargs_text(kwargs: dict[str, Any]) -> str:
@@ -171,8 +195,6 @@ def _plain(value: Any) -> Any:
 
 
 def _signature(kind: str, kwargs: dict[str, Any]) -> str:
-    import json
-
     return kind + json.dumps({k: v for k, v in kwargs.items() if k != "batch_id"}, sort_keys=True, default=str)
 
 

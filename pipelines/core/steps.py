@@ -37,7 +37,8 @@ def read_raw_data(spec: PipelineSpec, project_root: Path) -> tuple[pd.DataFrame,
         "source_kind": record.kind,
         "sha256": record.sha256,
         "files": Markdown(markdown_table(["file", "sha256", "bytes"],
-                                         [[f, s, "" if n is None else n] for (f, s), n in zip(record.files, sizes, strict=True)])),
+                                         [[f, s, "" if n is None else n]
+                                          for (f, s), n in zip(record.files, sizes, strict=True)])),
         # What lineage queries read back: every raw file by content digest and size, as recorded now.
         "source_files": [{"file": f, "sha256": s, "size": n} for (f, s), n in zip(record.files, sizes, strict=True)],
         "preview": Markdown(markdown_table(columns, [[str(v)[:80] for v in row]

@@ -239,10 +239,12 @@ def save_checkpoint(out_dir: Path, write_files: Callable[[Path], None], manifest
     if out_dir.exists():
         raise CheckpointError(f"{out_dir} exists already; a checkpoint folder is never overwritten")
     with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
         write_files(tmp)
         missing = [name for name in manifest["weight_files"] if not (tmp / name).is_file()]
         if missing:
             raise CheckpointError(f"the checkpoint's manifest names weight files that were not written: {missing}")
+        manifest = {**manifest, "sha256": checkpoint_digest(tmp, tuple(manifest["weight_files"]))}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
         (tmp / "spec.yaml").write_text(spec_yaml, encoding="utf-8")
         (tmp / "history.json").write_text(json.dumps(list(history), indent=2), encoding="utf-8")
@@ -252,7 +254,8 @@ def save_checkpoint(out_dir: Path, write_files: Callable[[Path], None], manifest
 def checkpoint_manifest(task: str, base: BaseModelRecord, spec_hash: str, data_sha256: str,
                         weight_files: tuple[str, ...], labels: tuple[str, ...] = (),
                         **extra: Any) -> dict[str, Any]:
-    """The manifest of a checkpoint: which task made it, on which base model and data, and its weight files."""
+    """The manifest of a checkpoint: which task made it, on which base model and data, and its weight files
+    (save_checkpoint adds their digest)."""
     return {"task": task, "base_model": base.to_dict(), "spec_hash": spec_hash, "data_sha256": data_sha256,
             "weight_files": list(weight_files), "labels": list(labels), **extra}
 
@@ -279,9 +282,12 @@ def record_from_folder(path: Path, model_version: str | None = None,
     if not Path(base.local_path).is_dir():
         raise CheckpointError(f"checkpoint {path} needs its base model {base.name} at {base.local_path}, which is "
                               "not on this machine (materialize the pipeline's base_model asset first)")
+    digest = checkpoint_digest(path, tuple(meta["weight_files"]))
+    if meta.get("sha256", digest) != digest:  # checkpoints written before manifests carry no digest
+        raise CheckpointError(f"checkpoint {path} has weights with sha256 {digest}, but its {MANIFEST} says "
+                              f"{meta['sha256']}: the files changed after training")
     history = json.loads((path / "history.json").read_text(encoding="utf-8"))
-    return CheckpointRecord(path=str(path), task=meta["task"],
-                            sha256=checkpoint_digest(path, tuple(meta["weight_files"])), base_model=base,
+    return CheckpointRecord(path=str(path), task=meta["task"], sha256=digest, base_model=base,
                             spec_hash=meta["spec_hash"], data_sha256=meta.get("data_sha256", ""),
                             labels=tuple(meta.get("labels", ())), train_rows=0, validation_rows=0, best_epoch=None,
                             trainable_parameters=0, train_seconds=0.0, tokens_per_second=0.0, precision="",

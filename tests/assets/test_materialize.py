@@ -59,6 +59,7 @@ def test_materialize_whole_graph(tmp_path: Path, trec_slice_csv: Path, tiny_mode
     assert manifest["task"] == checkpoint.task == "text_classification"
     assert manifest["labels"] == list(checkpoint.labels)
     assert manifest["weight_files"] == ["adapter/adapter_model.safetensors", "head.safetensors"]
+    assert manifest["sha256"] == checkpoint.sha256
 
     report: EvaluationReport = result.asset_value(dg.AssetKey(["tiny", "evaluation_report"]))
     stored = json.loads(Path(report.json_path).read_text())

@@ -15,7 +15,8 @@ from pipelines.core.tasks.instruction import _dataset, build_sft_config, load_ca
 from pipelines.core.records import BaseModelRecord
 from pipelines.core.selection import resolve_base_model
 from pipelines.core.spec import BaseModelConfig, LoraSettingsConfig, TrainingConfig
-from pipelines.core.trainer import ComputeSettings
+from pipelines.core.trainer import ComputeSettings, build_lora_config
+from tests.conftest import store
 
 pytestmark = pytest.mark.real_model
 

@@ -1,4 +1,5 @@
-"""The model registry answers "no champion" only when it says so: a store it cannot ask is an error, never a first model.
+"""The model registry answers "no champion" only when it says so: a store it cannot ask is an error, never a
+first model.
 
 Real stores only: the embedded SQLite store and a real `mlflow server` over HTTP.
 """

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
-from pipelines.core.cleaning import DROP_REASONS, clean, cleaning_log, is_missing
+from pipelines.core.cleaning import clean, cleaning_log, is_missing
 from pipelines.core.errors import CheckpointError, SourceError
 from pipelines.core.evaluation import build_report, champion_metrics, markdown_table
 from pipelines.core.files import write_bytes_atomic
@@ -27,7 +27,7 @@ from pipelines.core.quality import ERROR, WARN, QualityReport, QualitySuite, che
 from pipelines.core.records import BaseModelRecord, CheckpointRecord, EvaluationReport, Markdown, ReportTable, StepLog
 from pipelines.core.sections import Frozen
 from pipelines.core.splitting import sample_split
-from pipelines.core.tasks.base import CandidateRejected, PreparedData, TaskBase
+from pipelines.core.tasks.base import PreparedData, TaskBase
 from pipelines.core.trainer import (ComputeSettings, MetricsSink, ProgressFn, best_epoch_callback, build_lora_config,
                                     checkpoint_digest, checkpoint_manifest, common_training_arguments,
                                     peak_memory_mb, run_trainer, save_checkpoint,
@@ -566,7 +566,8 @@ def evaluate_classifier(splits: pd.DataFrame, checkpoint: CheckpointRecord, spec
         if missing:
             raise CheckpointError(f"the champion (v{record.model_version}) does not know the labels {missing} of "
                                   "this test split")
-        predicted = np.array(record.labels)[_predicted_labels(record, test["text"].tolist(), max_length, compute, batch)]
+        predicted = np.array(record.labels)[_predicted_labels(record, test["text"].tolist(), max_length, compute,
+                                                              batch)]
         return classification_metrics(y_test, [index.get(label, -1) for label in predicted], len(labels))
 
     per_class = per_class_table(y_test, y_pred, labels)
@@ -579,7 +580,8 @@ def evaluate_classifier(splits: pd.DataFrame, checkpoint: CheckpointRecord, spec
         champion_scores=champion_metrics(champion, checkpoint, metrics, score_champion, progress),
         primary=spec.evaluation.primary_metric, min_improvement=spec.promotion.min_improvement, out_dir=out_dir,
         tables=(ReportTable("Per class", ("class", "precision", "recall", "F1", "support"),
-                            tuple((r["label"], r["precision"], r["recall"], r["f1"], r["support"]) for r in per_class)),),
+                            tuple((r["label"], r["precision"], r["recall"], r["f1"], r["support"])
+                                  for r in per_class)),),
         images=(("Confusion matrix", png.name),),
         details={"labels": list(labels), "per_class": per_class,
                  "confusion_matrix": [[int(v) for v in row] for row in matrix]},

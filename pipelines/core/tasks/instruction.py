@@ -21,11 +21,11 @@ import pandas as pd
 import torch
 from pydantic import Field
 
-from pipelines.core.chat import (CHAT_DROP_REASONS, RENDER_DROP_REASONS, clean_conversations, ensure_chat_template,
+from pipelines.core.chat import (RENDER_DROP_REASONS, clean_conversations, ensure_chat_template,
                                  render_conversations, render_prompt, role_problem, score_generation)
 from pipelines.core.cleaning import cleaning_log, is_missing
 from pipelines.core.errors import CheckpointError, SourceError
-from pipelines.core.evaluation import build_report, champion_metrics, format_cell, markdown_table
+from pipelines.core.evaluation import build_report, champion_metrics, markdown_table
 from pipelines.core.files import atomic_path, write_bytes_atomic
 from pipelines.core.lineage import frame_digest
 from pipelines.core.quality import ERROR, QualityReport, QualitySuite, check_def, evaluate_checks, validate_splits, \
@@ -259,7 +259,8 @@ def validate_rendered_dataset(frame: pd.DataFrame, spec: PipelineSpec, rows_in: 
             "dropped or truncated to get there.",
             "raise training.max_length (the per-split table shows how many were lost), shorten the long "
             "conversations, or raise quality.max_overlength_fraction",
-            (gxe.ExpectColumnValuesToBeBetween(column="total_tokens", min_value=1, max_value=max_length), "rows", ERROR),
+            (gxe.ExpectColumnValuesToBeBetween(column="total_tokens", min_value=1, max_value=max_length), "rows",
+             ERROR),
             (gxe.ExpectColumnValuesToBeBetween(column="share", max_value=spec.quality.max_overlength_fraction),
              "lost", ERROR)),
         check_def(
@@ -447,7 +448,8 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens:
 
 
 def _score_model(model: Any, tokenizer: Any, rendered: pd.DataFrame, prompts: pd.DataFrame, spec: PipelineSpec,
-                 compute: ComputeSettings, batch_size: int) -> tuple[dict[str, float], list[str], list[dict[str, float]]]:
+                 compute: ComputeSettings,
+                 batch_size: int) -> tuple[dict[str, float], list[str], list[dict[str, float]]]:
     validation = rendered[rendered["split"] == "validation"]
     test = rendered[rendered["split"] == "test"]
     metrics: dict[str, float] = {}
@@ -527,7 +529,8 @@ def rendered_log(pipeline: str, rendered: Any, spec: PipelineSpec, overlength: s
     lengths = frame["total_tokens"]
     max_length = spec.training.max_length
     by_split = [[s, int((frame["split"] == s).sum()), sum(rendered.dropped[w].get(s, 0) for w in RENDER_DROP_REASONS),
-                 rendered.truncated.get(s, 0), int(frame.loc[frame["split"] == s, "total_tokens"].sum())] for s in SPLITS]
+                 rendered.truncated.get(s, 0), int(frame.loc[frame["split"] == s, "total_tokens"].sum())]
+                for s in SPLITS]
     examples = rendered_examples_md(frame, RENDERED_EXAMPLES_SHOWN)
     return StepLog(
         data_version=digest[:32],
