@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Union
 
@@ -126,6 +127,34 @@ def _line_index(text: str) -> dict[tuple[str, ...], int]:
     return index
 
 
+def _duplicate_keys(text: str) -> list[str]:
+    """Keys given twice in one mapping, with both lines (YAML itself silently keeps the last)."""
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return []
+    found: list[str] = []
+
+    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            first: dict[str, int] = {}
+            for key, value in node.value:
+                name, line = str(key.value), key.start_mark.line + 1
+                if name in first:
+                    found.append(f"line {line}: {'.'.join(path + (name,))}: given twice (first at line "
+                                 f"{first[name]}); YAML would keep only the last one, so merge them into one")
+                else:
+                    first[name] = line
+                walk(value, path + (name,))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, path + (str(i),))
+
+    if root is not None:
+        walk(root, ())
+    return found
+
+
 def _problem(error: dict[str, Any], lines: dict[tuple[str, ...], int]) -> str:
     # Discriminated unions add the tag ('package_file', 'hub') to the location; it is not a key in the file.
     loc = [str(part) for part in error["loc"]]
@@ -170,6 +199,9 @@ def parse_spec(text: str, *, name: str, origin: str) -> PipelineSpec:
         raise SpecError(origin, ["the file is empty; expected a mapping with source, base_model, ..."])
     if not isinstance(data, dict):
         raise SpecError(origin, [f"expected a mapping at the top level, got {type(data).__name__}"])
+    duplicates = _duplicate_keys(text)
+    if duplicates:
+        raise SpecError(origin, duplicates)
     if "name" in data:
         raise SpecError(origin, [f"line {_line_index(text).get(('name',), '?')}: name: unknown key "
                                  f"(a pipeline is named by its file: {name!r})"])
@@ -186,23 +218,40 @@ def load_spec(path: Path) -> PipelineSpec:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise SpecError(str(path), [f"not UTF-8 text (byte {exc.start})"]) from exc
+    except OSError as exc:
+        raise SpecError(str(path), [f"cannot be read: {exc.strerror or exc}"]) from exc
     return parse_spec(text, name=path.stem, origin=str(path))
 
 
-def load_specs(folder: Path) -> list[PipelineSpec]:
-    """Load every *.yaml / *.yml spec in a folder, sorted by name; all invalid files are reported together."""
+@dataclass(frozen=True)
+class SpecFolder:
+    """The specs of a folder that validate, and the files that do not (each with all its problems)."""
+
+    specs: tuple[PipelineSpec, ...]
+    broken: tuple[SpecError, ...]
+
+
+def read_specs(folder: Path) -> SpecFolder:
+    """Every *.yaml / *.yml spec in a folder, sorted by name. A broken file never hides the others: it is
+    returned among `broken`, so that every valid pipeline still loads."""
     specs: list[PipelineSpec] = []
-    errors: list[SpecError] = []
-    files = sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")])
-    for path in files:
+    broken: list[SpecError] = []
+    for path in sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")]):
         try:
             specs.append(load_spec(path))
         except SpecError as exc:
-            errors.append(exc)
-    if errors:
-        raise SpecError(str(folder), [str(e) for e in errors])
+            broken.append(exc)
     names = [s.name for s in specs]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise SpecError(str(folder), [f"two spec files define pipeline {d!r} (.yaml and .yml)" for d in dupes])
-    return specs
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        files = [str(folder / f"{name}{suffix}") for suffix in (".yaml", ".yml")]
+        broken.append(SpecError(files[1], [f"{files[0]} defines pipeline {name!r} too: keep one of the two files"]))
+        specs = [s for s in specs if s.name != name]
+    return SpecFolder(tuple(specs), tuple(broken))
+
+
+def load_specs(folder: Path) -> list[PipelineSpec]:
+    """Load every spec in a folder; all invalid files are reported together in one SpecError."""
+    found = read_specs(folder)
+    if found.broken:
+        raise SpecError(str(folder), [str(e) for e in found.broken])
+    return list(found.specs)
