@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from contextlib import nullcontext, redirect_stdout
 from pathlib import Path
@@ -59,17 +60,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     ensure_dagster_home()
     import dagster as dg
 
-    from pipelines.core.errors import TunelineError
     from pipelines.definitions import DATA_DIR, SPECS_DIR, build_definitions
+    from pipelines.terminal import error_block, quiet_libraries, terminal_logger
 
-    try:
-        defs = build_definitions(specs_dir=Path(args.specs_dir) if args.specs_dir else SPECS_DIR,
-                                 data_dir=Path(args.data_dir).resolve() if args.data_dir else DATA_DIR)
-    except TunelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    quiet_libraries()
+    defs = build_definitions(specs_dir=Path(args.specs_dir) if args.specs_dir else SPECS_DIR,
+                             data_dir=Path(args.data_dir).resolve() if args.data_dir else DATA_DIR,
+                             loggers={"console": terminal_logger})
     job_name = f"{args.pipeline}_job"
     jobs = sorted(j.name for j in defs.jobs or [])
+    broken = _broken_spec(Path(args.specs_dir) if args.specs_dir else SPECS_DIR, args.pipeline)
+    if broken is not None:
+        print(f"error: {broken}", file=sys.stderr)
+        return 2
     if job_name not in jobs:
         known = ", ".join(j.removesuffix("_job") for j in jobs)
         print(f"error: no pipeline {args.pipeline!r}; pipelines are: {known}", file=sys.stderr)
@@ -78,22 +81,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     instance = dg.DagsterInstance.get()
     # With --json, stdout carries the JSON object alone; progress goes to stderr.
     with redirect_stdout(sys.stderr) if args.json else nullcontext():
-        # INFO keeps the progress lines and check results and drops Dagster's per-event DEBUG lines.
+        # One line per progress message; failures are summed up below, their details stay in the UI.
         result = job.execute_in_process(instance=instance, raise_on_error=False,
                                         run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}})
     if not result.success:
-        for evaluation in result.get_asset_check_evaluations():
-            if not evaluation.passed:
-                print(f"error: check {evaluation.asset_key.to_user_string()}:{evaluation.check_name} failed "
-                      f"({evaluation.severity.value}): {evaluation.description}", file=sys.stderr)
-        for event in result.all_events:
-            if event.event_type_value == "STEP_FAILURE":
-                error = event.event_specific_data.error  # type: ignore[union-attr]
-                while error is not None and error.cause is not None:  # the user's error, not Dagster's wrapper
-                    error = error.cause
-                print(f"error: step {event.step_key} failed: {error.message.strip() if error else ''}",
-                      file=sys.stderr)
-        print(f"run {result.run_id} failed; see it in the Dagster UI (make ui)", file=sys.stderr)
+        planned = [k.path[-1] for k in defs.resolve_asset_graph().toposorted_asset_keys if k.path[0] == args.pipeline]
+        print("\n".join(error_block(result, args.pipeline, planned)), file=sys.stderr)
         return 1
     report = result.asset_value(dg.AssetKey([args.pipeline, "evaluation_report"]))
     base = result.asset_value(dg.AssetKey([args.pipeline, "base_model"]))
@@ -234,28 +227,49 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _broken_spec(folder: Path, pipeline: str) -> Any:
+    """The SpecError of the pipeline's spec file when it does not validate, else None."""
+    from pipelines.core.spec import read_specs
+
+    return next((e for e in read_specs(folder).broken if Path(e.path).stem == pipeline), None)
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
+    """Validate spec files: every valid one says ok, every broken one lists all its problems with their lines."""
     from pipelines.core.errors import SpecError
-    from pipelines.core.spec import load_spec, load_specs
+    from pipelines.core.spec import SpecFolder, load_spec, read_specs
     from pipelines.definitions import SPECS_DIR
 
-    try:
-        specs = [load_spec(Path(p)) for p in args.files] if args.files else load_specs(SPECS_DIR)
-    except SpecError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    for spec in specs:
+    if args.files:
+        specs, broken = [], []
+        for file in args.files:
+            try:
+                specs.append(load_spec(Path(file)))
+            except SpecError as exc:
+                broken.append(exc)
+        found = SpecFolder(tuple(specs), tuple(broken))
+    else:
+        found = read_specs(SPECS_DIR)
+    for spec in found.specs:
         print(f"ok: {spec.name} (spec hash {spec.spec_hash})")
-    return 0
+    for error in found.broken:
+        print(f"error: {error}", file=sys.stderr)
+    return 2 if found.broken else 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from pipelines.core.spec import load_specs
+    """The pipelines, their task and candidate models; broken spec files are listed with their first problem."""
+    from pipelines.core.spec import read_specs
     from pipelines.definitions import SPECS_DIR
 
-    for spec in load_specs(SPECS_DIR):
-        models = ", ".join(getattr(m, "name", None) or getattr(m, "path", "") for m in spec.base_model.resolved_candidates)
+    found = read_specs(SPECS_DIR)
+    for spec in found.specs:
+        models = ", ".join(getattr(m, "name", None) or getattr(m, "path", "")
+                           for m in spec.base_model.resolved_candidates)
         print(f"{spec.name}\t{spec.task.type}\t{models}")
+    for error in found.broken:
+        more = f" (+{len(error.problems) - 1} more)" if len(error.problems) > 1 else ""
+        print(f"{Path(error.path).stem}\tBROKEN\t{error.path}: {error.problems[0]}{more}; see `tuneline validate`")
     return 0
 
 
@@ -264,12 +278,17 @@ def cmd_ui(args: argparse.Namespace) -> int:
     dagster = Path(sys.executable).with_name("dagster")
     argv = [str(dagster), "dev", "-w", str(project_root() / "workspace.yaml"), "-h", args.host, "-p", str(args.port)]
     os.chdir(project_root())
+    # A script that starts this in the background leaves SIGINT ignored, and dagster dev maps SIGTERM to its
+    # SIGINT handler: with both back to their defaults, `kill PID` stops the webserver, daemon and code server.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.execv(argv[0], argv)
     return 0  # not reached
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tuneline", description="Declarative fine-tuning pipelines on Dagster.")
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="materialize one pipeline end to end and print its evaluation summary")
     run.add_argument("--pipeline", required=True, help="the pipeline's name (its spec file's stem)")
@@ -309,7 +328,18 @@ def main(argv: list[str] | None = None) -> int:
     ui.add_argument("--port", type=int, default=3000)
     ui.set_defaults(func=cmd_ui)
     args = parser.parse_args(argv)
-    return int(args.func(args))
+    from pipelines.core.errors import TunelineError
+
+    try:
+        return int(args.func(args))
+    except TunelineError as exc:  # a user error: one short block; --debug shows where it came from
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

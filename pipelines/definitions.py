@@ -6,9 +6,10 @@ from pathlib import Path
 
 import dagster as dg
 
+from assets.broken import broken_spec_asset
 from assets.checks import build_quality_checks
 from assets.pipeline import build_pipeline_assets
-from pipelines.core.spec import load_specs
+from pipelines.core.spec import read_specs
 from pipelines.jobs import pipeline_job
 from pipelines.schedules import pipeline_schedule
 from pipelines.sensors import pipeline_sensor
@@ -36,9 +37,13 @@ def resources_for(data_dir: Path, *, device: str = "auto", num_threads: int | No
 
 
 def build_definitions(specs_dir: Path = SPECS_DIR, project_root: Path = PROJECT_ROOT,
-                      data_dir: Path = DATA_DIR, resources: dict[str, object] | None = None) -> dg.Definitions:
-    """One asset group with its quality checks, one job and (if declared) one schedule per spec file."""
-    specs = load_specs(specs_dir)
+                      data_dir: Path = DATA_DIR, resources: dict[str, object] | None = None,
+                      loggers: dict[str, dg.LoggerDefinition] | None = None) -> dg.Definitions:
+    """One asset group with its quality checks, one job and (if declared) one schedule per valid spec file; a
+    file that does not validate becomes an asset of the `broken_specs` group that says why, and never keeps the
+    other pipelines from loading."""
+    found = read_specs(specs_dir)
+    specs = found.specs
     assets = {spec.name: build_pipeline_assets(spec, project_root) for spec in specs}
     # Each asset's code version (a hash of the spec sections it depends on), for the "nothing changed" rule.
     code_versions = {name: {key.path[-1]: version for a in defs for key, version in a.code_versions_by_key.items()}
@@ -48,12 +53,13 @@ def build_definitions(specs_dir: Path = SPECS_DIR, project_root: Path = PROJECT_
     sensors = [s for s in (pipeline_sensor(spec, project_root, code_versions[spec.name]) for spec in specs)
                if s is not None]
     return dg.Definitions(
-        assets=[a for spec in specs for a in assets[spec.name]],
+        assets=[a for spec in specs for a in assets[spec.name]] + [broken_spec_asset(e) for e in found.broken],
         asset_checks=[c for spec in specs for c in build_quality_checks(spec)],
         jobs=[pipeline_job(spec) for spec in specs],
         schedules=schedules,
         sensors=sensors,
         resources=resources if resources is not None else resources_for(data_dir, project_root=project_root),
+        loggers=loggers,
     )
 
 

@@ -66,8 +66,15 @@ def test_run_reports_a_failing_step(tmp_path: Path, tiny_model_dir: Path, write_
     out = tuneline("run", "--pipeline", "broken", "--specs-dir", str(specs), "--data-dir", str(tmp_path / "d"),
                    home=tmp_path / "home")
     assert out.returncode == 1
-    assert (f"error: step broken__cleaned_dataset failed: pipelines.core.errors.SourceError: {bad}, column 'text': "
-            "has no column 'text' (named by task.text_column); its columns are ['question', 'category']") in out.stderr
+    # The whole stderr: a progress line, then one short error block (no traceback, no Dagster event dump).
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 4 and lines[0].endswith(f"raw_data: read 1 rows from {bad}"), out.stderr
+    assert lines[1:3] == [
+        f"error: step cleaned_dataset failed: {bad}, column 'text': has no column 'text' (named by "
+        "task.text_column); its columns are ['question', 'category']",
+        "not run, because of the failures above: splits, base_model, finetuned_checkpoint, evaluation_report"]
+    assert lines[3].startswith("broken: Dagster run ") and lines[3].endswith(" failed; its events are in the "
+                                                                              "Dagster UI (make ui)")
     assert not (tmp_path / "d" / "checkpoints").exists()
 
 
@@ -79,3 +86,51 @@ def test_validate_reports_broken_spec(tmp_path: Path) -> None:
     assert "line 3: epochs: unknown key" in out.stderr
     ok = tuneline("validate", home=tmp_path / "home")
     assert ok.returncode == 0 and ok.stdout.splitlines()[0].startswith("ok: chatterbot_instruct") and "ok: trec_questions" in ok.stdout
+
+
+BROKEN_SPECS = {  # realistic mistakes, each in its own file beside a valid spec
+    "sum_too_high": "splits: {train: 0.9, validation: 0.2, test: 0.1}\n",
+    "negative_length": "training: {max_length: -5}\n",
+    "fast": "training: {learning_rate: fast}\n",
+    "misspelt": "trainig: {epochs: 2}\n",
+    "twice": "training: {epochs: 2}\ntraining: {epochs: 3}\n",
+}
+
+
+def test_a_broken_spec_never_takes_the_other_pipelines_down(
+        tmp_path: Path, trec_slice_csv: Path, tiny_model_dir: Path, write_spec: Callable[..., Path]) -> None:
+    import yaml
+
+    specs = write_spec("tiny", tiny_spec(trec_slice_csv, tiny_model_dir))
+    base = yaml.safe_dump({k: v for k, v in tiny_spec(trec_slice_csv, tiny_model_dir).items()
+                           if k in ("source", "task", "base_model")})
+    for name, extra in BROKEN_SPECS.items():
+        (specs / f"{name}.yaml").write_text(base + extra, encoding="utf-8")
+    (specs / "tabs.yaml").write_text(base + "training:\n\tepochs: 2\n", encoding="utf-8")
+    home = tmp_path / "home"
+
+    out = tuneline("validate", *sorted(str(p) for p in specs.glob("*.yaml")), home=home)
+    assert out.returncode == 2 and out.stdout.strip() == f"ok: tiny (spec hash {out.stdout.split()[-1][:-1]})"
+    assert "Traceback" not in out.stderr
+    for name, needle in {"sum_too_high": "must sum to 1", "negative_length": "training.max_length",
+                         "fast": "training.learning_rate", "misspelt": "trainig: unknown key",
+                         "twice": "training: given twice (first at line", "tabs": "not valid YAML"}.items():
+        block = out.stderr.split(f"error: {specs / name}.yaml")[1].split("error: ")[0]
+        assert needle in block, (name, block)
+
+    # The Dagster code location still loads: the valid pipeline, and one asset per broken file that says why.
+    from pipelines.definitions import build_definitions
+
+    defs = build_definitions(specs_dir=specs, data_dir=tmp_path / "data")
+    assert [job.name for job in defs.jobs or []] == ["tiny_job"]
+    graph = defs.resolve_asset_graph()
+    broken = {k.path[-1]: graph.get(k).description for k in graph.get_all_asset_keys() if k.path[0] == "broken_specs"}
+    assert set(broken) == {*BROKEN_SPECS, "tabs"}
+    assert "line" in broken["fast"] and "training.learning_rate" in broken["fast"]
+
+    listed = tuneline("list", home=home)
+    assert listed.returncode == 0 and "Traceback" not in listed.stderr
+    refused = tuneline("run", "--pipeline", "fast", "--specs-dir", str(specs), home=home)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.startswith(f"error: {specs / 'fast'}.yaml: 1 problem in pipeline spec:")
+    assert "training.learning_rate" in refused.stderr

@@ -65,7 +65,17 @@ class CheckOutcome:
             return f"{self.name}: passed ({len(self.expectations)} expectations)"
         parts = [f"{e.expectation}({_kwargs_text(e.kwargs)}) observed {_observed_text(e)}"
                  for e in self.failed_expectations]
-        return f"{self.name} failed: " + "; ".join(parts) + f". To fix: {self.fix}"
+        return f"{self.name} failed: " + "; ".join(parts) + self._where() + f". To fix: {self.fix}"
+
+    def _where(self) -> str:
+        """Where the first offending rows are: their file and row, and the value that broke the rule."""
+        shown = []
+        for row in self.examples[:3]:
+            if row.get("source_file") is None:
+                continue
+            value = next((f"{k} {row[k]!r}" for k in ("label", "category", "split") if row.get(k) is not None), "")
+            shown.append(f"{row['source_file']} row {row.get('source_row')}" + (f" ({value})" if value else ""))
+        return f" — e.g. {'; '.join(shown)}" if shown else ""
 
 
 @dataclass(frozen=True)
