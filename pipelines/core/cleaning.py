@@ -90,18 +90,20 @@ def clean(examples: pd.DataFrame, cfg: CleaningConfig) -> CleaningResult:
 
     alive = reason.isna()
     group = ["norm_text", "source_split"] if "source_split" in frame.columns else ["norm_text"]
-    if cfg.drop_conflicting:
-        labels_per_text = frame[alive].groupby("norm_text")["label"].nunique()
-        conflicting = set(labels_per_text[labels_per_text > 1].index)
-        mark(frame["norm_text"].isin(conflicting), "conflicting_labels")
+    # An official test split kept whole (cleaning.keep_source_test) loses no row to duplicates or conflicts.
+    kept_whole = (frame["source_split"] == "test") if cfg.keep_source_test and "source_split" in frame.columns \
+        else pd.Series(False, index=frame.index)
+    if cfg.drop_conflicting:  # within a split, like duplicates: across splits it is leakage, for the checks
+        labels_per_text = frame[alive].groupby(group)["label"].transform("nunique")
+        mark(alive & ~kept_whole & (labels_per_text.reindex(frame.index) > 1), "conflicting_labels")
     if cfg.drop_duplicates:
         exact = ["text", "label"] + group[1:]
         alive = reason.isna()
-        mark(alive & frame[alive].duplicated(subset=exact, keep="first").reindex(frame.index, fill_value=False),
-             "exact_duplicate")
+        mark(alive & ~kept_whole & frame[alive].duplicated(subset=exact, keep="first")
+             .reindex(frame.index, fill_value=False), "exact_duplicate")
         alive = reason.isna()
-        mark(alive & frame[alive].duplicated(subset=group, keep="first").reindex(frame.index, fill_value=False),
-             "normalised_duplicate")
+        mark(alive & ~kept_whole & frame[alive].duplicated(subset=group, keep="first")
+             .reindex(frame.index, fill_value=False), "normalised_duplicate")
 
     dropped = {why: int((reason == why).sum()) for why in DROP_REASONS}
     examples_by_reason = {

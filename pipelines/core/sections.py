@@ -82,6 +82,10 @@ class CleaningConfig(Frozen):
         default=True, description="Drop every row of a text that occurs with different labels.")
     min_chars: int = Field(default=1, ge=1, description="Shorter texts are dropped as empty.")
     max_chars: int = Field(default=1000, ge=1, description="Longer texts are dropped as over-long.")
+    keep_source_test: bool = Field(
+        default=False, description="When the source brings its own test split (an official benchmark test set), "
+                                   "keep every one of its rows: they are normalised but never dropped as "
+                                   "duplicates or for conflicting labels, so metrics are on the official rows.")
 
     @model_validator(mode="after")
     def _bounds(self) -> CleaningConfig:
@@ -101,6 +105,12 @@ class SplitsConfig(Frozen):
     seed: int = Field(default=13, description="Salt of the row hash: another seed, another split.")
     stratify: bool = Field(
         default=True, description="Make sure every class with at least 3 rows has a row in each split.")
+    overlap: Literal["fail", "drop_from_earlier_splits"] = Field(
+        default="fail",
+        description="A normalised text found in two of the source's own splits is leakage. 'fail': the check "
+                    "splits_do_not_overlap blocks training. 'drop_from_earlier_splits': keep the text in the later "
+                    "split (test over validation over train, so an official test set stays whole) and drop it from "
+                    "the earlier ones, counted in the splits asset's metadata.")
 
     @model_validator(mode="after")
     def _sum_to_one(self) -> SplitsConfig:
@@ -122,9 +132,21 @@ class QualityConfig(Frozen):
     min_text_chars: int = Field(default=1, ge=0, description="Shortest text allowed, in characters.")
     max_text_chars: int = Field(default=2000, ge=1, description="Longest text allowed, in characters.")
     max_imbalance_ratio: float = Field(
-        default=20.0, ge=1, description="Largest class / smallest class above this is a warning.")
-    imbalance_error_factor: float = Field(
-        default=2.0, ge=1, description="... and above max_imbalance_ratio times this factor, an error.")
+        default=20.0, ge=1, description="Largest class / smallest class above this is a warning (it does not block: "
+                                        "imbalance is common in real data).")
+    imbalance_error_factor: float | None = Field(
+        default=None, ge=1, description="Set it to make imbalance block: above max_imbalance_ratio times this "
+                                        "factor is an error. A class with fewer than min_rows_per_class rows "
+                                        "always is.")
+    max_lost_fraction: float = Field(
+        default=0.3, ge=0, le=1,
+        description="Largest share of the source's distinct examples that cleaning may drop (empty, unlabelled, "
+                    "over-long, conflicting; a duplicate is not a loss). More means the columns or the cleaning "
+                    "settings are probably wrong.")
+    max_id_like_fraction: float = Field(
+        default=0.5, ge=0, le=1,
+        description="Largest share of texts that look like ids or numbers (one token with a digit, or no letters "
+                    "at all); more means task.text_column names the wrong column.")
     split_tolerance: float = Field(
         default=0.05, gt=0, lt=1, description="Largest allowed gap between a split's share and the spec's fraction.")
     max_overlength_fraction: float = Field(

@@ -33,6 +33,7 @@ class SplitResult:
     moved_for_stratification: int
     overlapping_texts: int  # normalised texts found in more than one split (only possible with source splits)
     group_column: str = "label"  # the column whose groups are stratified and tabulated (label, or category)
+    dropped_for_overlap: int = 0  # rows dropped from an earlier split because their text is in a later one
 
     def counts(self) -> dict[str, int]:
         return {s: int((self.frame["split"] == s).sum()) for s in SPLITS}
@@ -120,8 +121,16 @@ def assign_splits(clean: pd.DataFrame, cfg: SplitsConfig, group_column: str = "l
         moved = _stratify(frame, targets, group_column)
     splits_per_text = frame.groupby("norm_text")["split"].nunique()
     overlapping = int((splits_per_text > 1).sum())
+    dropped = 0
+    if overlapping and cfg.overlap == "drop_from_earlier_splits":
+        # Test wins over validation, validation over train: an official test set stays whole.
+        rank = frame["split"].map({name: i for i, name in enumerate(SPLITS)})
+        latest = rank.groupby(frame["norm_text"]).transform("max")
+        keep = rank == latest
+        dropped = int((~keep).sum())
+        frame = frame[keep].reset_index(drop=True)
     frame = frame.sort_values(["split", "position"], kind="stable").reset_index(drop=True)
-    return SplitResult(frame, origin, moved, overlapping, group_column)
+    return SplitResult(frame, origin, moved, overlapping, group_column, dropped)
 
 
 def sample_split(frame: pd.DataFrame, split: str, rows: int, seed: int) -> pd.DataFrame:

@@ -64,7 +64,9 @@ def split_dataset(cleaned: pd.DataFrame, spec: PipelineSpec) -> tuple[pd.DataFra
     parts = [(name, result.frame[result.frame["split"] == name]) for name in SPLITS]
     return result.frame, StepLog(
         data_version=digest[:32],
-        message=", ".join(f"{n} {s}" for s, n in counts.items()) + f" rows ({result.origin} split)",
+        message=", ".join(f"{n} {s}" for s, n in counts.items()) + f" rows ({result.origin} split)"
+                + (f"; dropped {result.dropped_for_overlap} rows whose text is in a later split (splits.overlap)"
+                   if result.dropped_for_overlap else ""),
         metadata={
             "dagster/row_count": len(result.frame),
             **{f"{s}_rows": n for s, n in counts.items()},
@@ -72,12 +74,14 @@ def split_dataset(cleaned: pd.DataFrame, spec: PipelineSpec) -> tuple[pd.DataFra
             "origin": "the source's own splits" if result.origin == "source" else f"hash (seed {spec.splits.seed})",
             "moved_for_stratification": result.moved_for_stratification,
             "texts_in_several_splits": result.overlapping_texts,
+            "dropped_for_overlap": result.dropped_for_overlap,
             f"rows_per_{group}_and_split": Markdown(markdown_table(
                 [group, *SPLITS], [[label, *(int(table.loc[label, s]) for s in SPLITS)] for label in table.index])),
             "sha256": digest,
         },
         params={f"splits.{k}": v for k, v in spec.splits.model_dump().items()},
-        metrics={f"{name}_rows": n for name, n in counts.items()},
+        metrics={**{f"{name}_rows": n for name, n in counts.items()},
+                 "dropped_for_overlap": result.dropped_for_overlap},
         datasets=tuple(DatasetLog(part, f"{spec.name}/{name}", frame_digest(part), name, "splits")
                        for name, part in parts))
 

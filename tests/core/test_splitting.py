@@ -102,3 +102,17 @@ def test_overlapping_source_splits_are_counted_not_hidden() -> None:
     data = pd.concat([data.assign(source_split="train"), data.head(3).assign(source_split="test")])
     result = assign_splits(data, SplitsConfig(seed=2))
     assert result.overlapping_texts == 3
+
+
+def test_overlap_can_be_dropped_from_the_earlier_split_keeping_test_whole() -> None:
+    data = clean_frame(30)
+    test_rows = data.head(3).assign(source_split="test", text=lambda f: f["text"].str.upper())  # same normalised
+    validation_rows = data.iloc[3:5].assign(source_split="validation")
+    data = pd.concat([data.assign(source_split="train"), test_rows, validation_rows])
+    result = assign_splits(data, SplitsConfig(seed=2, overlap="drop_from_earlier_splits"))
+    assert result.overlapping_texts == 5 and result.dropped_for_overlap == 5  # 3 train rows (test), 2 (validation)
+    assert result.frame.groupby("norm_text")["split"].nunique().max() == 1
+    assert result.counts()["test"] == 3 and result.counts()["validation"] == 2  # the later splits stay whole
+    assert set(result.frame.loc[result.frame["split"] == "test", "text"]) == set(test_rows["text"])
+    kept = assign_splits(data, SplitsConfig(seed=2))  # the default keeps them, and the check blocks training
+    assert kept.dropped_for_overlap == 0 and len(kept.frame) == len(data)
