@@ -289,7 +289,9 @@ def validate_splits(frame: pd.DataFrame, splits: SplitsConfig, quality: QualityC
 
     checks = [check_def(
         "splits_do_not_overlap", "No normalised text is in more than one split (no leakage).",
-        "remove the shared rows from one of the source's split files (or let tuneline split the data)",
+        "remove the shared rows from one of the source's split files, let tuneline split the data, or set "
+        "splits.overlap: drop_from_earlier_splits to keep the later split (test) whole and drop those rows from "
+        "the earlier ones",
         (gxe.ExpectColumnValuesToBeBetween(column="splits_with_this_text", max_value=1), "rows", ERROR))]
     if own_splits:
         proportions = check_def(
@@ -315,6 +317,23 @@ def validate_splits(frame: pd.DataFrame, splits: SplitsConfig, quality: QualityC
         (gxe.ExpectColumnValuesToBeBetween(column="rows", min_value=1, row_condition=f"split in {needed!r}",
                                            condition_parser="pandas"), "shares", ERROR)))
     return evaluate_checks("splits", checks, tables)
+
+
+def lost_examples_check(raw_keys: pd.Series, kept_keys: pd.Series, max_lost: float) -> tuple[_CheckDef, pd.DataFrame]:
+    """`cleaning_kept_most_rows`: the share of the source's distinct examples (by their keys) that cleaning
+    dropped stays under `max_lost`; duplicates of a kept example are not losses. Returns the check and its table."""
+    import great_expectations.expectations as gxe
+
+    raw = set(raw_keys)
+    lost = len(raw - set(kept_keys))
+    table = pd.DataFrame([{"distinct_in_source": len(raw), "kept": len(raw) - lost, "lost": lost,
+                           "share_lost": lost / max(len(raw), 1)}])
+    return check_def(
+        "cleaning_kept_most_rows",
+        f"Cleaning dropped at most quality.max_lost_fraction ({max_lost:g}) of the source's distinct examples.",
+        "see the cleaned_dataset's dropped_by_reason: point task.*_column at the right columns, fill the empty "
+        "values, raise cleaning.max_chars, or raise quality.max_lost_fraction",
+        (gxe.ExpectColumnValuesToBeBetween(column="share_lost", max_value=max_lost), "lost", ERROR)), table
 
 
 SPLITS_CHECKS = ("splits_do_not_overlap", "split_proportions_match_spec", "every_class_in_train_and_test",

@@ -102,57 +102,40 @@ class PipelineSpec(Frozen):
 
 
 # ---------------------------------------------------------------------------------------- loading
-def _line_index(text: str) -> dict[tuple[str, ...], int]:
-    """Map each key path in a YAML document to its 1-based line number."""
+def _key_lines(text: str) -> tuple[dict[tuple[str, ...], int], list[str]]:
+    """Each key path of a YAML document with its 1-based line number, and the keys given twice in one mapping
+    with both lines (YAML itself silently keeps the last)."""
     index: dict[tuple[str, ...], int] = {}
+    duplicates: list[str] = []
     try:
         root = yaml.compose(text)
     except yaml.YAMLError:
-        return index
+        return index, duplicates
 
     def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
         index[path] = node.start_mark.line + 1
-        if isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                key_path = path + (str(key.value),)
-                index[key_path] = key.start_mark.line + 1
-                walk(value, key_path)
-                index[key_path] = key.start_mark.line + 1
-        elif isinstance(node, yaml.SequenceNode):
-            for i, item in enumerate(node.value):
-                walk(item, path + (str(i),))
-
-    if root is not None:
-        walk(root, ())
-    return index
-
-
-def _duplicate_keys(text: str) -> list[str]:
-    """Keys given twice in one mapping, with both lines (YAML itself silently keeps the last)."""
-    try:
-        root = yaml.compose(text)
-    except yaml.YAMLError:
-        return []
-    found: list[str] = []
-
-    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
         if isinstance(node, yaml.MappingNode):
             first: dict[str, int] = {}
             for key, value in node.value:
                 name, line = str(key.value), key.start_mark.line + 1
                 if name in first:
-                    found.append(f"line {line}: {'.'.join(path + (name,))}: given twice (first at line "
-                                 f"{first[name]}); YAML would keep only the last one, so merge them into one")
-                else:
-                    first[name] = line
+                    duplicates.append(f"line {line}: {'.'.join(path + (name,))}: given twice (first at line "
+                                      f"{first[name]}); YAML would keep only the last one, so merge them into one")
+                first.setdefault(name, line)
+                index[path + (name,)] = line
                 walk(value, path + (name,))
+                index[path + (name,)] = line
         elif isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):
                 walk(item, path + (str(i),))
 
     if root is not None:
         walk(root, ())
-    return found
+    return index, duplicates
+
+
+def _line_index(text: str) -> dict[tuple[str, ...], int]:
+    return _key_lines(text)[0]
 
 
 def _problem(error: dict[str, Any], lines: dict[tuple[str, ...], int]) -> str:
@@ -199,7 +182,7 @@ def parse_spec(text: str, *, name: str, origin: str) -> PipelineSpec:
         raise SpecError(origin, ["the file is empty; expected a mapping with source, base_model, ..."])
     if not isinstance(data, dict):
         raise SpecError(origin, [f"expected a mapping at the top level, got {type(data).__name__}"])
-    duplicates = _duplicate_keys(text)
+    duplicates = _key_lines(text)[1]
     if duplicates:
         raise SpecError(origin, duplicates)
     if "name" in data:

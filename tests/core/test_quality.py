@@ -25,7 +25,8 @@ def spec(extra: str = "") -> PipelineSpec:
 def validate(asset: str, frame: pd.DataFrame, pipeline: PipelineSpec) -> QualityReport:
     """The pipeline's task's suite for `asset`, run on `frame`."""
     suites = {suite.asset: suite for suite in task_for(pipeline).quality_suites(pipeline)}
-    return suites[asset].validate(frame)
+    # The cleaned rows stand in for the raw ones (same columns): cleaning lost nothing.
+    return suites[asset].validate(frame, **{name: frame for name in suites[asset].inputs})
 
 
 def validate_cleaned_dataset(frame: pd.DataFrame, pipeline: PipelineSpec) -> QualityReport:
@@ -47,7 +48,7 @@ GOOD = [(f"question {i}", "AB"[i % 2]) for i in range(10)]
 
 def test_good_frame_passes_every_check() -> None:
     report = validate_cleaned_dataset(clean_frame(GOOD), spec())
-    assert [c.name for c in report.checks] == list(CLEANED_CHECKS)
+    assert [c.name for c in report.checks] == [c for c in CLEANED_CHECKS if c != "declared_labels_have_rows"]
     assert all(c.passed for c in report.checks), [c.summary() for c in report.checks if not c.passed]
 
 
@@ -120,3 +121,48 @@ def test_empty_test_split_and_missing_class_fail() -> None:
     report = validate_splits(splits_frame(assign), spec())
     assert not report.check("validation_and_test_are_not_empty").passed
     assert not report.check("every_class_in_train_and_test").passed
+
+
+def test_a_declared_label_without_rows_blocks() -> None:
+    report = validate_cleaned_dataset(clean_frame(GOOD), spec("task: {labels: [A, B, C]}\n"))
+    check = report.check("declared_labels_have_rows")
+    assert not check.passed and check.severity == "ERROR"
+    assert check.examples == [{"label": "C", "rows": 0}]
+
+
+def test_labels_that_differ_only_in_case_or_spacing_block_naming_the_variants() -> None:
+    pairs = [(f"mail {i}", ["spam", "Spam", "SPAM!", "ham"][i % 4]) for i in range(24)]
+    check = validate_cleaned_dataset(clean_frame(pairs), spec()).check("labels_are_distinct")
+    assert not check.passed and check.severity == "ERROR"
+    assert check.examples == [{"variants": "SPAM! | Spam | spam", "count": 3}]
+
+
+def test_a_text_column_of_ids_or_numbers_blocks() -> None:
+    pairs = [(f"TCK-{1000 + i}", "AB"[i % 2]) for i in range(8)] + [(str(20240101 + i), "AB"[i % 2]) for i in range(4)]
+    check = validate_cleaned_dataset(clean_frame(pairs), spec()).check("texts_look_like_text")
+    assert not check.passed and check.severity == "ERROR"
+    assert check.failed_expectations[0].unexpected_count == 12
+    fine = [(f"What is ticket TCK-{1000 + i} about?", "AB"[i % 2]) for i in range(12)]
+    assert validate_cleaned_dataset(clean_frame(fine), spec()).check("texts_look_like_text").passed
+
+
+def test_cleaning_that_loses_a_large_share_of_the_examples_blocks() -> None:
+    pipeline = spec()
+    kept = clean_frame(GOOD)
+    raw = pd.concat([kept, clean_frame([("", "A")] * 6)], ignore_index=True)  # 6 empty texts were dropped
+    suite = {s.asset: s for s in task_for(pipeline).quality_suites(pipeline)}["cleaned_dataset"]
+    check = suite.validate(kept, raw_data=raw).check("cleaning_kept_most_rows")
+    assert not check.passed and check.severity == "ERROR"
+    assert check.expectations[0].examples == ({"distinct_in_source": 16, "share_lost": 0.375},)
+    duplicates = pd.concat([kept] * 3, ignore_index=True)  # duplicates of kept rows are not losses
+    assert suite.validate(kept, raw_data=duplicates).check("cleaning_kept_most_rows").passed
+
+
+def test_imbalance_alone_warns_and_a_class_too_small_to_learn_blocks() -> None:
+    pipeline = parse_spec(BASE.replace(", imbalance_error_factor: 2", ""), name="q", origin="q.yaml")
+    pairs = [(f"q {label} {i}", label) for label, n in {"A": 70, "B": 2}.items() for i in range(n)]
+    check = validate_cleaned_dataset(clean_frame(pairs), pipeline).check("classes_are_balanced")
+    assert (check.passed, check.severity) == (False, "WARN")  # 35 times smaller: a warning, training goes on
+    tiny = pairs[:-1]  # B has 1 row, under quality.min_rows_per_class (2)
+    check = validate_cleaned_dataset(clean_frame(tiny), pipeline).check("classes_are_balanced")
+    assert (check.passed, check.severity) == (False, "ERROR")

@@ -40,4 +40,5 @@ def checkpoint_from_folder(path: Path, model_version: str | None = None) -> Chec
     return record_from_folder(path, model_version, legacy)
 
 
-__all__ = ["checkpoint_from_folder", "DEFAULT_TASK", "TASKS", "CandidateRejected", "PreparedData", "Task", "task_for", "task_named"]
+__all__ = ["DEFAULT_TASK", "TASKS", "CandidateRejected", "PreparedData", "Task", "checkpoint_from_folder", "task_for",
+           "task_named"]

@@ -17,13 +17,13 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
-from pipelines.core.cleaning import clean, cleaning_log, is_missing
+from pipelines.core.cleaning import clean, cleaning_log, dedup_key, is_missing
 from pipelines.core.errors import CheckpointError, SourceError
 from pipelines.core.evaluation import build_report, champion_metrics, markdown_table
 from pipelines.core.files import write_bytes_atomic
 from pipelines.core.lineage import frame_digest
 from pipelines.core.quality import ERROR, WARN, QualityReport, QualitySuite, check_def, evaluate_checks, \
-    validate_splits, with_row_id
+    lost_examples_check, validate_splits, with_row_id
 from pipelines.core.records import BaseModelRecord, CheckpointRecord, EvaluationReport, Markdown, ReportTable, StepLog
 from pipelines.core.sections import Frozen
 from pipelines.core.splitting import sample_split
@@ -42,6 +42,7 @@ METRIC_NAMES = ("accuracy", "macro_precision", "macro_recall", "macro_f1", "weig
                 "weighted_recall", "weighted_f1")
 REPORT_METRICS = ("accuracy", "macro_precision", "macro_recall", "macro_f1", "weighted_f1")
 CLEANED_CHECKS = ("cleaned_dataset_has_required_columns", "texts_are_present", "labels_are_known",
+                  "declared_labels_have_rows", "labels_are_distinct", "texts_look_like_text", "cleaning_kept_most_rows",
                   "text_lengths_within_bounds", "texts_are_unique", "row_count_within_bounds", "classes_are_balanced")
 SPLITS_CHECKS = ("splits_do_not_overlap", "split_proportions_match_spec", "every_class_in_train_and_test",
                  "validation_and_test_are_not_empty")
@@ -52,7 +53,12 @@ DESCRIPTIONS = {
     "text_lengths_within_bounds": "Every text length is within quality.min_text_chars and quality.max_text_chars.",
     "texts_are_unique": "No normalised text occurs twice (within a split, when the source brings splits).",
     "row_count_within_bounds": "The row count is within quality.min_rows and quality.max_rows.",
-    "classes_are_balanced": "No class is much smaller than the largest (warning, or error when far off).",
+    "classes_are_balanced": "Every class has enough rows to learn from (error); none is much smaller than the largest "
+                            "(warning).",
+    "declared_labels_have_rows": "Every label declared in task.labels has rows.",
+    "labels_are_distinct": "No two labels differ only in case, spacing or punctuation.",
+    "texts_look_like_text": "The text column holds text, not mostly ids or numbers.",
+    "cleaning_kept_most_rows": "Cleaning dropped at most quality.max_lost_fraction of the source's distinct examples.",
     "splits_do_not_overlap": "No normalised text is in two splits.",
     "split_proportions_match_spec": "Split shares are within quality.split_tolerance of the spec.",
     "every_class_in_train_and_test": "Every class has rows in train and in test.",
@@ -139,8 +145,19 @@ def select_examples(raw: pd.DataFrame, task: ClassificationTaskConfig) -> pd.Dat
     return frame
 
 
-def validate_cleaned_examples(frame: pd.DataFrame, spec: PipelineSpec) -> QualityReport:
-    """Run the cleaned_dataset checks of `spec` on the asset's value."""
+ID_LIKE = r"^(?:[\W\d_]*|\S*\d\S*)$"  # no letters at all, or one token with a digit: 42, TCK-00123, 2024-01-05
+
+
+def _example_keys(examples: pd.DataFrame) -> pd.Series:
+    """One key per distinct example: its normalised text (an empty text is its own example)."""
+    return pd.Series([dedup_key(t) if isinstance(t, str) and t.strip() else f"#empty-row-{i}"
+                      for i, t in enumerate(examples["text"])], dtype=object)
+
+
+def validate_cleaned_examples(frame: pd.DataFrame, spec: PipelineSpec,
+                              raw_data: pd.DataFrame | None = None) -> QualityReport:
+    """Run the cleaned_dataset checks of `spec` on the asset's value (and, given the raw rows, how much cleaning
+    lost)."""
     import great_expectations.expectations as gxe
 
     q = spec.quality
@@ -170,6 +187,13 @@ def validate_cleaned_examples(frame: pd.DataFrame, spec: PipelineSpec) -> Qualit
                 "labels_are_known", f"Every label is one of task.labels {list(spec.task.labels)}.",
                 "correct the misspelt labels in the source, or add the label to task.labels",
                 (gxe.ExpectColumnValuesToBeInSet(column="label", value_set=list(spec.task.labels)), "rows", ERROR)))
+            tables["declared"] = pd.DataFrame({"label": list(spec.task.labels),
+                                               "rows": [int(label_counts.get(x, 0)) for x in spec.task.labels]})
+            checks.append(check_def(
+                "declared_labels_have_rows", "Every label declared in task.labels has rows in the clean data.",
+                "add rows of the listed labels, or remove them from task.labels (a model cannot learn a class it "
+                "never sees)",
+                (gxe.ExpectColumnValuesToBeBetween(column="rows", min_value=1), "declared", ERROR)))
         else:
             checks.append(check_def(
                 "labels_are_known", f"Every label occurs at least quality.min_rows_per_class "
@@ -177,17 +201,41 @@ def validate_cleaned_examples(frame: pd.DataFrame, spec: PipelineSpec) -> Qualit
                 "correct the labels that occur only a few times (often typos), declare task.labels, or lower "
                 "quality.min_rows_per_class",
                 (gxe.ExpectColumnValuesToBeBetween(column="rows", min_value=q.min_rows_per_class), "classes", ERROR)))
+        variants = classes.assign(key=[dedup_key(x) for x in classes["label"]]).groupby("key")["label"]
+        tables["label_variants"] = pd.DataFrame({"variants": variants.agg(lambda s: " | ".join(sorted(s))),
+                                                 "count": variants.nunique()}).reset_index(drop=True)
+        checks.append(check_def(
+            "labels_are_distinct", "No two labels differ only in case, spacing or punctuation ('spam' / 'Spam ').",
+            "spell each label one way in the source (the listed variants would train as separate classes), or "
+            "declare task.labels",
+            (gxe.ExpectColumnValuesToBeBetween(column="count", max_value=1), "label_variants", ERROR)))
+        checks.append(check_def(
+            "texts_look_like_text",
+            f"At most quality.max_id_like_fraction ({q.max_id_like_fraction:g}) of the texts look like ids or "
+            "numbers.",
+            "point task.text_column at the column that holds the text (this one looks like ids or numbers), or "
+            "raise quality.max_id_like_fraction",
+            (gxe.ExpectColumnValuesToNotMatchRegex(column="text", regex=ID_LIKE,
+                                                   mostly=1 - q.max_id_like_fraction), "rows", ERROR)))
+        if raw_data is not None:
+            lost, tables["lost"] = lost_examples_check(_example_keys(select_examples(raw_data, spec.task)),
+                                                       _example_keys(frame), q.max_lost_fraction)
+            checks.append(lost)
         checks.append(check_def(
             "text_lengths_within_bounds",
             f"Every text has between {q.min_text_chars} and {q.max_text_chars} characters.",
             "shorten or drop over-long texts (cleaning.max_chars), or widen quality.min/max_text_chars",
             (gxe.ExpectColumnValueLengthsToBeBetween(column="text", min_value=q.min_text_chars,
                                                      max_value=q.max_text_chars), "rows", ERROR)))
-        unique_within = ["norm_text", "source_split"] if "source_split" in present else ["norm_text"]
+        own_splits = "source_split" in present
+        # The source's test split kept whole (cleaning.keep_source_test) may hold the duplicates it came with.
+        condition = ({"row_condition": 'source_split != "test"', "condition_parser": "pandas"}
+                     if own_splits and spec.cleaning.keep_source_test else {})
         checks.append(check_def(
-            "texts_are_unique", "No normalised text occurs twice" + (" within a split." if len(unique_within) > 1 else "."),
+            "texts_are_unique", "No normalised text occurs twice" + (" within a split" if own_splits else "")
+            + (" (the source's test split is kept whole)." if condition else "."),
             "enable cleaning.drop_duplicates, or remove the duplicated rows from the source",
-            (gxe.ExpectCompoundColumnsToBeUnique(column_list=unique_within) if len(unique_within) > 1
+            (gxe.ExpectCompoundColumnsToBeUnique(column_list=["norm_text", "source_split"], **condition) if own_splits
              else gxe.ExpectColumnValuesToBeUnique(column="norm_text"), "rows", ERROR)))
         checks.append(check_def(
             "row_count_within_bounds", f"The clean dataset has between {q.min_rows} and {q.max_rows} rows.",
@@ -195,13 +243,21 @@ def validate_cleaned_examples(frame: pd.DataFrame, spec: PipelineSpec) -> Qualit
             "or change quality.min_rows / quality.max_rows",
             (gxe.ExpectTableRowCountToBeBetween(min_value=q.min_rows, max_value=q.max_rows), "rows", ERROR)))
         warn_at = largest / q.max_imbalance_ratio if largest else 0
-        error_at = largest / (q.max_imbalance_ratio * q.imbalance_error_factor) if largest else 0
+        blocking = [(gxe.ExpectColumnValuesToBeBetween(column="rows", min_value=q.min_rows_per_class), "classes",
+                     ERROR)]
+        if q.imbalance_error_factor is not None:
+            blocking.append((gxe.ExpectColumnValuesToBeBetween(
+                column="rows", min_value=largest / (q.max_imbalance_ratio * q.imbalance_error_factor)), "classes",
+                ERROR))
         checks.append(check_def(
             "classes_are_balanced",
             f"No class is more than quality.max_imbalance_ratio ({q.max_imbalance_ratio:g}) times smaller than "
-            f"the largest (warning), or {q.max_imbalance_ratio * q.imbalance_error_factor:g} times (error).",
-            "collect more rows of the small classes, merge them, or raise quality.max_imbalance_ratio",
-            (gxe.ExpectColumnValuesToBeBetween(column="rows", min_value=error_at), "classes", ERROR),
+            f"the largest (a warning: imbalance is common), and every class has at least quality.min_rows_per_class "
+            f"({q.min_rows_per_class}) rows to train and evaluate on (an error)"
+            + (f"; over {q.max_imbalance_ratio * q.imbalance_error_factor:g} times is an error too."
+               if q.imbalance_error_factor is not None else "."),
+            "collect more rows of the small classes, merge them, or lower quality.min_rows_per_class",
+            *blocking,
             (gxe.ExpectColumnValuesToBeBetween(column="rows", min_value=warn_at), "classes", WARN),
             (gxe.ExpectColumnUniqueValueCountToBeBetween(column="label", min_value=2), "classes", ERROR)))
     return evaluate_checks("cleaned_dataset", checks, tables)
@@ -553,7 +609,8 @@ def evaluate_classifier(splits: pd.DataFrame, checkpoint: CheckpointRecord, spec
         encoder, base_tokenizer = load_encoder(base), load_tokenizer(base.local_path)
 
         def embed(frame: pd.DataFrame) -> np.ndarray:
-            return embed_texts(encoder, base_tokenizer, frame["text"].tolist(), base.pooling, max_length, compute, batch)
+            return embed_texts(encoder, base_tokenizer, frame["text"].tolist(), base.pooling, max_length, compute,
+                               batch)
 
         probe = fit_linear_probe(embed(train), train["label"].map(index).to_numpy(),
                                  embed(validation) if len(validation) else None,
@@ -627,8 +684,10 @@ class ClassificationTask(TaskBase):
         def splits_suite(value: pd.DataFrame) -> QualityReport:
             return validate_splits(value, spec.splits, spec.quality, "label", every_group_in_train_and_test=True)
 
-        return (QualitySuite("cleaned_dataset", CLEANED_CHECKS, DESCRIPTIONS,
-                             lambda value: validate_cleaned_examples(value, spec)),
+        cleaned = tuple(c for c in CLEANED_CHECKS if c != "declared_labels_have_rows" or spec.task.labels is not None)
+        return (QualitySuite("cleaned_dataset", cleaned, DESCRIPTIONS,
+                             lambda value, raw_data: validate_cleaned_examples(value, spec, raw_data),
+                             inputs=("raw_data",)),
                 QualitySuite("splits", SPLITS_CHECKS, DESCRIPTIONS, splits_suite))
 
     def prepare(self, splits: pd.DataFrame, base: BaseModelRecord, spec: PipelineSpec) -> tuple[pd.DataFrame, StepLog]:

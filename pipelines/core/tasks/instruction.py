@@ -23,13 +23,13 @@ from pydantic import Field
 
 from pipelines.core.chat import (RENDER_DROP_REASONS, clean_conversations, ensure_chat_template,
                                  render_conversations, render_prompt, role_problem, score_generation)
-from pipelines.core.cleaning import cleaning_log, is_missing
+from pipelines.core.cleaning import cleaning_log, dedup_key, is_missing
 from pipelines.core.errors import CheckpointError, SourceError
 from pipelines.core.evaluation import build_report, champion_metrics, markdown_table
 from pipelines.core.files import atomic_path, write_bytes_atomic
 from pipelines.core.lineage import frame_digest
-from pipelines.core.quality import ERROR, QualityReport, QualitySuite, check_def, evaluate_checks, validate_splits, \
-    with_row_id
+from pipelines.core.quality import ERROR, QualityReport, QualitySuite, check_def, evaluate_checks, \
+    lost_examples_check, validate_splits, with_row_id
 from pipelines.core.records import (BaseModelRecord, CheckpointRecord, DatasetLog, EvaluationReport, Markdown,
                                     ReportTable, StepLog)
 from pipelines.core.sections import Frozen
@@ -50,7 +50,7 @@ REPORT_METRICS = ("validation_loss", "validation_perplexity", "test_loss", "test
                   "token_f1", "rouge_l")
 RENDERED_EXAMPLES_SHOWN = 3
 CLEANED_CHECKS = ("cleaned_dataset_has_required_columns", "responses_are_present", "roles_alternate",
-                  "examples_are_unique", "row_count_within_bounds")
+                  "examples_are_unique", "row_count_within_bounds", "cleaning_kept_most_rows")
 SPLITS_CHECKS = ("splits_do_not_overlap", "split_proportions_match_spec", "validation_and_test_are_not_empty")
 RENDERED_CHECKS = ("rendered_lengths_within_max_length", "prompt_tokens_carry_no_loss")
 DESCRIPTIONS = {
@@ -59,6 +59,7 @@ DESCRIPTIONS = {
     "roles_alternate": "Every conversation is (system), user, assistant, ... alternating and ends with the assistant.",
     "examples_are_unique": "No instruction occurs twice with the same response.",
     "row_count_within_bounds": "The row count is within quality.min_rows and quality.max_rows.",
+    "cleaning_kept_most_rows": "Cleaning dropped at most quality.max_lost_fraction of the source's distinct examples.",
     "splits_do_not_overlap": "No normalised instruction is in two splits.",
     "split_proportions_match_spec": "Split shares are within quality.split_tolerance of the spec.",
     "validation_and_test_are_not_empty": "Validation and test have rows.",
@@ -185,7 +186,16 @@ def select_conversations(raw: pd.DataFrame, task: InstructionTuningTaskConfig) -
     return frame
 
 
-def validate_cleaned_conversations(frame: pd.DataFrame, spec: PipelineSpec) -> QualityReport:
+def _conversation_keys(conversations: pd.DataFrame) -> pd.Series:
+    """One key per distinct example: instruction and response normalised (an empty side makes it its own)."""
+    return pd.Series([f"{dedup_key(i)}\x1f{dedup_key(r)}" if isinstance(i, str) and i.strip() and isinstance(r, str)
+                      and r.strip() else f"#incomplete-row-{n}"
+                      for n, (i, r) in enumerate(zip(conversations["text"], conversations["response"], strict=True))],
+                     dtype=object)
+
+
+def validate_cleaned_conversations(frame: pd.DataFrame, spec: PipelineSpec,
+                                   raw_data: pd.DataFrame | None = None) -> QualityReport:
     """The cleaned_dataset checks of an instruction-tuning spec: columns, responses, roles, duplicates, size."""
     import great_expectations.expectations as gxe
 
@@ -229,7 +239,12 @@ def validate_cleaned_conversations(frame: pd.DataFrame, spec: PipelineSpec) -> Q
             "provide more conversations (or fewer are being dropped by cleaning: see the asset's metadata), or "
             "change quality.min_rows / quality.max_rows",
             (gxe.ExpectTableRowCountToBeBetween(min_value=q.min_rows, max_value=q.max_rows), "rows", ERROR)))
-    return evaluate_checks("cleaned_dataset", checks, tables={"rows": rows})
+    tables = {"rows": rows}
+    if raw_data is not None:
+        lost, tables["lost"] = lost_examples_check(_conversation_keys(select_conversations(raw_data, spec.task)),
+                                                   _conversation_keys(frame), q.max_lost_fraction)
+        checks.append(lost)
+    return evaluate_checks("cleaned_dataset", checks, tables=tables)
 
 
 def validate_rendered_dataset(frame: pd.DataFrame, spec: PipelineSpec, rows_in: int) -> QualityReport:
@@ -639,7 +654,8 @@ class InstructionTuningTask(TaskBase):
             return validate_rendered_dataset(value, spec, rows_in=len(splits))  # dropped rows are not in `value`
 
         return (QualitySuite("cleaned_dataset", CLEANED_CHECKS, DESCRIPTIONS,
-                             lambda value: validate_cleaned_conversations(value, spec)),
+                             lambda value, raw_data: validate_cleaned_conversations(value, spec, raw_data),
+                             inputs=("raw_data",)),
                 QualitySuite("splits", SPLITS_CHECKS, DESCRIPTIONS, splits_suite),
                 QualitySuite("rendered_dataset", RENDERED_CHECKS, DESCRIPTIONS, rendered_suite, inputs=("splits",)))
 
