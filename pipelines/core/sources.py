@@ -6,10 +6,12 @@ Parquet) so that later errors and checks can point at the exact place in the use
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import importlib.metadata
 import io
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -70,24 +72,50 @@ def _read_label_text_lines(data: bytes, file: str) -> pd.DataFrame:
     return pd.DataFrame({"label": labels, "text": texts, "source_row": rows})
 
 
+DELIMITERS = ",;\t|"
+
+
+def _delimiter(text: str) -> str:
+    """The field delimiter of a CSV text: the one of , ; tab | that the header line uses most (comma on a tie);
+    Excel in many locales writes ';'."""
+    header = next((line for line in text.splitlines() if line.strip()), "")
+    counts = {d: header.count(d) for d in DELIMITERS}
+    best = max(DELIMITERS, key=lambda d: (counts[d], d == ","))
+    return best if counts[best] else ","
+
+
+def _record_lines(text: str, delimiter: str) -> list[int]:
+    """The line in the file where each data record starts (quoted fields may span lines; blank lines skipped)."""
+    starts, previous = [], 0
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter)
+    for record in reader:
+        if record and not (len(record) == 1 and not record[0].strip()):  # pandas skips blank lines too
+            starts.append(previous + 1)
+        previous = reader.line_num
+    return starts[1:]  # the first record is the header
+
+
 def _read_csv(data: bytes, file: str) -> pd.DataFrame:
     text = _decode(data, file)
     if "\0" in text:
         raise SourceError("contains NUL bytes: this is not a CSV text file", file=file)
+    delimiter = _delimiter(text)
+    shown = {",": "','", ";": "';'", "\t": "a tab", "|": "'|'"}[delimiter]
     try:
         # index_col=False: a row with extra fields is an error, not silently shifted into an index.
-        frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_values=[""],
+        frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_values=[""], sep=delimiter,
                             on_bad_lines="error", index_col=False)
     except pd.errors.EmptyDataError:
         raise SourceError("has no header row (the file is empty)", file=file) from None
     except pd.errors.ParserError as exc:
-        raise SourceError(f"is not a well-formed CSV file: {exc}", file=file) from None
+        raise SourceError(f"is not a well-formed CSV file with {shown} between fields (the delimiter its header "
+                          f"line uses): {exc}", file=file) from None
     unnamed = [c for c in frame.columns if str(c).startswith("Unnamed: ")]
     if unnamed:
         raise SourceError(f"has {len(unnamed)} column(s) with an empty header (expected every column "
                           f"of the first row to be named); header is {list(frame.columns)}", file=file, row=1)
-    # Line numbers: the header is line 1; this is exact unless quoted fields span lines.
-    frame["source_row"] = range(2, len(frame) + 2)
+    starts = _record_lines(text, delimiter)
+    frame["source_row"] = starts if len(starts) == len(frame) else range(2, len(frame) + 2)
     return frame
 
 
@@ -252,14 +280,39 @@ def _read_package_file(cfg: PackageFileSourceConfig) -> tuple[pd.DataFrame, Sour
     return frame, SourceRecord("package_file", location, sha, ((location, sha),), (path.stat().st_size,))
 
 
+def _link_problem(path: Path) -> str | None:
+    """Why a symbolic link cannot be read (a loop, or a missing target), or None."""
+    if not path.is_symlink():
+        return None
+    try:
+        path.resolve(strict=True)
+    except RuntimeError:
+        return "is a symbolic link loop (it points back to itself): replace it with the file"
+    except FileNotFoundError:
+        return f"is a symbolic link to {os.readlink(path)}, which does not exist: restore the file or remove the link"
+    return None
+
+
 def _data_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in DATA_EXTENSIONS
-                  and not p.name.startswith("."))
+    """The data files of a folder; a data file that cannot be read is an error, never silently skipped."""
+    found = []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or path.suffix.lower() not in DATA_EXTENSIONS:
+            continue
+        problem = _link_problem(path)
+        if problem:
+            raise SourceError(problem, file=str(path))
+        if path.is_file():
+            found.append(path)
+    return found
 
 
 def _read_local(cfg: LocalSourceConfig, project_root: Path) -> tuple[pd.DataFrame, SourceRecord]:
     root = Path(cfg.path)
     root = root if root.is_absolute() else project_root / root
+    problem = _link_problem(root)
+    if problem:
+        raise SourceError(f"source.path {cfg.path!r} {problem}", file=str(root))
     if not root.exists():
         raise SourceError(f"source.path {cfg.path!r} does not exist (looked at {root})")
     frames: list[pd.DataFrame] = []

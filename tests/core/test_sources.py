@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from pipelines.core.errors import SourceError
-from pipelines.core.sources import read_source, sha256_file
+from pipelines.core.sources import read_file, read_source, sha256_file
 from pipelines.core.spec import HubSourceConfig, LocalSourceConfig, PackageFileSourceConfig
 from tests.conftest import PROJECT_ROOT
 
@@ -118,7 +118,8 @@ def test_bad_split_value_names_file_row_and_column(tmp_path: Path) -> None:
     ("latin1.csv", b"text,label\nok,A\ncaf\xe9,B\n", r"latin1.csv, row 3: not valid UTF-8: byte 0xe9 at offset 19 \(save the file as UTF-8\)"),
     ("binary.csv", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", r"binary.csv, row 1: not valid UTF-8"),
     ("nul.csv", b"text,label\na\x00b,A\n", r"nul.csv: contains NUL bytes: this is not a CSV text file"),
-    ("ragged.csv", b"text,label\na,A\nb,B,extra,more\n", r"ragged.csv: is not a well-formed CSV file: Error tokenizing data. C error: Expected 2 fields in line 3, saw 4"),
+    ("ragged.csv", b"text,label\na,A\nb,B,extra,more\n", r"ragged.csv: is not a well-formed CSV file with ',' between fields \(the delimiter its header line uses\): "
+     r"Error tokenizing data. C error: Expected 2 fields in line 3, saw 4"),
     ("bad.jsonl", b'{"text": "a", "label": "A"}\n{"text": "b", label: B}\n',
      r"bad.jsonl, row 2: not valid JSON \(Expecting property name enclosed in double quotes at character 15\)"),
     ("list.jsonl", b'["a", "A"]\n', r"list.jsonl, row 1: expected a JSON object, got list"),
@@ -154,3 +155,35 @@ def test_hub_dataset_offline_fails_fast_with_a_clear_message() -> None:
                                  "at revision 'main'"), out.stdout + out.stderr
     assert "otherwise download it once and use source.kind: local" in out.stdout
     assert HubSourceConfig(kind="hub", dataset="x").revision == "main"
+
+
+def test_a_semicolon_csv_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "excel.csv"
+    path.write_bytes("\ufefftext;label\nWhere is it?;LOC\nWho, then?;HUM\n".encode("utf-8"))
+    frame, _ = read_file(path, "csv")
+    assert {"text", "label"} <= set(frame.columns) and frame["text"].tolist() == ["Where is it?", "Who, then?"]
+    assert frame["label"].tolist() == ["LOC", "HUM"]
+
+
+def test_rows_are_numbered_by_their_line_in_the_file_after_multi_line_fields(tmp_path: Path) -> None:
+    path = tmp_path / "multi.csv"
+    path.write_text('text,label\n"first\nspans two lines",A\n\nsecond,B\n"third ""quoted""",C\n', encoding="utf-8")
+    frame, _ = read_file(path, "csv")
+    assert frame["source_row"].tolist() == [2, 5, 6]
+
+
+@pytest.mark.parametrize("kind", ["broken", "loop"])
+def test_a_folder_source_with_an_unreadable_link_fails_naming_it(tmp_path: Path, kind: str) -> None:
+    from pipelines.core.spec import LocalSourceConfig
+
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    (folder / "good.csv").write_text("text,label\na,A\n", encoding="utf-8")
+    link = folder / "gone.csv"
+    link.symlink_to(tmp_path / "missing.csv" if kind == "broken" else link)
+    with pytest.raises(SourceError) as info:
+        read_source(LocalSourceConfig(kind="local", path=str(folder)), tmp_path)
+    expected = ("is a symbolic link to" if kind == "broken" else "is a symbolic link loop")
+    assert str(info.value).startswith(f"{link}: {expected}")
+    with pytest.raises(SourceError, match=expected):  # a link as the source path itself
+        read_source(LocalSourceConfig(kind="local", path=str(link)), tmp_path)
