@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 from tests.conftest import PROJECT_ROOT, tiny_spec
 
@@ -134,3 +136,41 @@ def test_a_broken_spec_never_takes_the_other_pipelines_down(
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert refused.stderr.startswith(f"error: {specs / 'fast'}.yaml: 1 problem in pipeline spec:")
     assert "training.learning_rate" in refused.stderr
+
+
+BAD = PROJECT_ROOT / "tests" / "fixtures" / "bad_inputs"
+
+
+@pytest.mark.parametrize(("data", "labels", "expected"), [
+    ("label_case_variants.csv", None,
+     "error: check gate/cleaned_dataset:labels_are_distinct failed (ERROR): labels_are_distinct failed: "
+     "expect_column_values_to_be_between(column='count', max_value=1.0) observed 1 unexpected row(s) — e.g. "
+     "count 2, variants 'LOC | loc'. To fix: spell each label one way"),
+    ("ticket_ids.csv", None, "error: check gate/cleaned_dataset:texts_look_like_text failed (ERROR)"),
+    ("half_empty.csv", None, "error: check gate/cleaned_dataset:cleaning_kept_most_rows failed (ERROR): "
+                             "cleaning_kept_most_rows failed: expect_column_values_to_be_between(column='share_lost', "
+                             "max_value=0.3)"),
+    ("good.csv", ["DESC", "ENTY", "HUM", "LOC", "NUM"],
+     "error: check gate/cleaned_dataset:declared_labels_have_rows failed (ERROR): declared_labels_have_rows failed: "
+     "expect_column_values_to_be_between(column='rows', min_value=1.0) observed 1 unexpected row(s) — e.g. rows 0, "
+     "label 'ENTY'. To fix: add rows of the listed labels"),
+])
+def test_data_that_would_train_silently_wrong_stops_with_one_short_block(
+        tmp_path: Path, tiny_model_dir: Path, write_spec: Callable[..., Path], data: str,
+        labels: list[str] | None, expected: str) -> None:
+    spec = tiny_spec(BAD / data, tiny_model_dir)
+    spec["task"] = {"text_column": "text", "label_column": "label", **({"labels": labels} if labels else {})}
+    specs = write_spec("gate", spec)
+    out = tuneline("run", "--pipeline", "gate", "--specs-dir", str(specs), "--data-dir", str(tmp_path / "d"),
+                   home=tmp_path / "home")
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    progress = re.compile(r"^\d\d:\d\d:\d\d [a-z_]+: ")
+    block = [line for line in out.stderr.strip().splitlines() if not progress.match(line)]
+    assert 3 <= len(block) <= 15, out.stderr
+    assert any(line.startswith(expected) for line in block), block
+    assert block[-2] == "not run, because of the failures above: splits, base_model, finetuned_checkpoint, " \
+                        "evaluation_report"
+    assert block[-1].startswith("gate: Dagster run ") and all(
+        line.startswith("error: check gate/cleaned_dataset:") for line in block[:-2])
+    assert not (tmp_path / "d" / "checkpoints").exists()

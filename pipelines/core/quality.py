@@ -71,7 +71,8 @@ class CheckOutcome:
         """Where the first offending rows are: their file and row, and the value that broke the rule."""
         shown = []
         for row in self.examples[:3]:
-            if row.get("source_file") is None:
+            if row.get("source_file") is None:  # a row of a derived table (per class, per split): its values
+                shown.append(", ".join(f"{k} {v!r}" for k, v in row.items() if k != "row_id"))
                 continue
             value = next((f"{k} {row[k]!r}" for k in ("label", "category", "split") if row.get(k) is not None), "")
             shown.append(f"{row['source_file']} row {row.get('source_row')}" + (f" ({value})" if value else ""))
