@@ -87,6 +87,8 @@ def _delimiter(text: str) -> str:
 def _record_lines(text: str, delimiter: str) -> list[int]:
     """The line in the file where each data record starts (quoted fields may span lines; blank lines skipped)."""
     starts, previous = [], 0
+    # The csv module refuses fields over 128 KiB by default; pandas reads them (the quality checks judge them).
+    csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
     reader = csv.reader(io.StringIO(text), delimiter=delimiter)
     for record in reader:
         if record and not (len(record) == 1 and not record[0].strip()):  # pandas skips blank lines too
