@@ -17,7 +17,7 @@ from pipelines.core.selection import select_base_model
 from pipelines.core.spec import PipelineSpec
 from pipelines.core.steps import base_model_log, checkpoint_log, read_raw_data, report_log, split_dataset, \
     training_params
-from pipelines.core.tasks import task_for
+from pipelines.core.tasks import Task, task_for
 from resources.compute import ComputeResource
 from resources.models import ModelStoreResource
 from resources.storage import StorageResource
@@ -95,19 +95,18 @@ def build_pipeline_assets(spec: PipelineSpec, project_root: Path) -> list[dg.Ass
             return run.output(report, report_log(report, finetuned_checkpoint))
 
     assets = [raw_data, cleaned_dataset, splits, base_model, finetuned_checkpoint, evaluation_report]
-    return assets + ([prepared_asset(spec, task.prepared.name, task.prepared.description,
-                                     task.prepared.spec_sections)] if task.prepared else [])
+    return assets + ([prepared_asset(spec, task)] if task.prepared else [])
 
 
-def prepared_asset(spec: PipelineSpec, name: str, description: str,
-                   sections: tuple[str, ...]) -> dg.AssetsDefinition:
+def prepared_asset(spec: PipelineSpec, task: Task) -> dg.AssetsDefinition:
     """The task's own asset between splits and training, made from the splits and the chosen base model."""
-    task = task_for(spec)
+    assert task.prepared is not None
     key = {"splits": dg.AssetIn(dg.AssetKey([spec.name, "splits"])),
            "base_model": dg.AssetIn(dg.AssetKey([spec.name, BASE_MODEL]))}
 
-    @dg.asset(name=name, key_prefix=[spec.name], group_name=spec.name, ins=key,
-              code_version=spec.section_hash(*sections), kinds={"huggingface"}, description=description)
+    @dg.asset(name=task.prepared.name, key_prefix=[spec.name], group_name=spec.name, ins=key,
+              code_version=spec.section_hash(*task.prepared.spec_sections), kinds={"huggingface"},
+              description=task.prepared.description)
     def prepared(context: dg.AssetExecutionContext, tracking: TrackingResource, splits: pd.DataFrame,
                  base_model: BaseModelRecord) -> dg.Output[pd.DataFrame]:
         with tracking.asset_run(context, spec.name) as run:

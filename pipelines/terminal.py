@@ -58,18 +58,7 @@ def _user_message(error: Any) -> str:
         error = error.cause
     if error is None:
         return "unknown error"
-    message = error.message.strip()
-    own = {cls.__name__ for cls in _subclasses(TunelineError)}
-    if error.cls_name in own:
-        message = message.split(": ", 1)[-1] if message.startswith("pipelines.") else message
-    return message
-
-
-def _subclasses(cls: type) -> set[type]:
-    found = {cls}
-    for sub in cls.__subclasses__():
-        found |= _subclasses(sub)
-    return found
+    return error.message.strip().removeprefix(f"{TunelineError.__module__}.{error.cls_name}: ")
 
 
 def error_block(result: dg.ExecuteInProcessResult, pipeline: str, planned: list[str]) -> list[str]:
