@@ -34,7 +34,7 @@ def test_default_definitions_list_both_pipelines() -> None:
 
 
 CHECKS = {
-    "cleaned_dataset": ["cleaned_dataset_has_required_columns", "texts_are_present", "labels_are_known",
+    "cleaned_dataset": ["labels_are_known",
                         "declared_labels_have_rows", "labels_are_distinct", "texts_look_like_text",
                         "cleaning_kept_most_rows", "text_lengths_within_bounds", "texts_are_unique",
                         "row_count_within_bounds", "classes_are_balanced"],
@@ -44,7 +44,7 @@ CHECKS = {
 
 
 CHAT_CHECKS = {
-    "cleaned_dataset": ["cleaned_dataset_has_required_columns", "responses_are_present", "roles_alternate",
+    "cleaned_dataset": ["roles_alternate",
                         "examples_are_unique", "row_count_within_bounds", "cleaning_kept_most_rows"],
     "splits": ["splits_do_not_overlap", "split_proportions_match_spec", "validation_and_test_are_not_empty"],
     "rendered_dataset": ["rendered_lengths_within_max_length", "prompt_tokens_carry_no_loss"],

@@ -320,20 +320,26 @@ def validate_splits(frame: pd.DataFrame, splits: SplitsConfig, quality: QualityC
     return evaluate_checks("splits", checks, tables)
 
 
-def lost_examples_check(raw_keys: pd.Series, kept_keys: pd.Series, max_lost: float) -> tuple[_CheckDef, pd.DataFrame]:
+def lost_examples_check(raw_keys: pd.Series, kept_keys: pd.Series, max_lost: float,
+                        dropped: dict[str, int]) -> tuple[_CheckDef, pd.DataFrame]:
     """`cleaning_kept_most_rows`: the share of the source's distinct examples (by their keys) that cleaning
-    dropped stays under `max_lost`; duplicates of a kept example are not losses. Returns the check and its table."""
+    dropped stays under `max_lost`; duplicates of a kept example are not losses. `dropped` is cleaning's count of
+    rows per reason; the reasons that lose examples are shown beside the share. Returns the check and its table."""
     import great_expectations.expectations as gxe
 
     raw = set(raw_keys)
     lost = len(raw - set(kept_keys))
-    table = pd.DataFrame([{"distinct_in_source": len(raw), "kept": len(raw) - lost, "lost": lost,
-                           "share_lost": lost / max(len(raw), 1)}])
+    why = ", ".join(f"{why} {n}" for why, n in dropped.items() if n and not why.endswith("duplicate")) or "none"
+    # The first column is what a failure's example shows beside the share: why the examples were lost.
+    table = pd.DataFrame([{"rows_dropped_by_reason": why, "distinct_in_source": len(raw), "kept": len(raw) - lost,
+                           "lost": lost, "share_lost": lost / max(len(raw), 1)}])
     return check_def(
         "cleaning_kept_most_rows",
-        f"Cleaning dropped at most quality.max_lost_fraction ({max_lost:g}) of the source's distinct examples.",
-        "see the cleaned_dataset's dropped_by_reason: point task.*_column at the right columns, fill the empty "
-        "values, raise cleaning.max_chars, or raise quality.max_lost_fraction",
+        f"Cleaning dropped at most quality.max_lost_fraction ({max_lost:g}) of the source's distinct examples "
+        "(rows with an empty text, a missing label or response, over-long or with conflicting labels; duplicates "
+        "are not losses).",
+        "see rows_dropped_by_reason and the cleaned_dataset's dropped examples: point task.*_column at the right "
+        "columns, fill the empty values, raise cleaning.max_chars, or raise quality.max_lost_fraction",
         (gxe.ExpectColumnValuesToBeBetween(column="share_lost", max_value=max_lost), "lost", ERROR)), table
 
 

@@ -7,15 +7,16 @@ once, each with its dotted path in the file and its line number.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import Discriminator, Field, Tag, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from pipelines.core.errors import SpecError
 from pipelines.core.sections import *  # noqa: F403 (the shared sections are part of the spec's schema)
@@ -159,17 +160,58 @@ def _problem(error: dict[str, Any], lines: dict[tuple[str, ...], int]) -> str:
             break
     message = error["msg"]
     if error["type"] == "extra_forbidden":
-        message = "unknown key (not part of the spec schema; check its spelling and indentation)"
+        close = difflib.get_close_matches(loc[-1], _known_keys(loc), n=1, cutoff=0.6)
+        message = (f"unknown key; did you mean {close[0]!r}?" if close else
+                   "unknown key (not part of the spec schema; check its spelling and indentation)")
     elif error["type"] == "missing":
         message = "required key is missing"
     elif message.startswith("Value error, "):
         message = message[len("Value error, "):]
+    elif isinstance(error.get("input"), str | int | float) and not isinstance(error.get("input"), bool):
+        message += f" (got {error['input']!r})"  # the value as YAML read it: `fast`, -5
     where = f"line {line}: " if line is not None else ""
     return f"{where}{path}: {message}"
 
 
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models an annotation can hold: itself, the members of a union, the items of a list."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in get_args(annotation) if arg is not Ellipsis for m in _models_in(arg)]
+
+
+def _known_keys(loc: list[str]) -> list[str]:
+    """The keys the schema allows beside the unknown key at `loc` (pydantic's location, union tags included)."""
+    current: Any = PipelineSpec
+    for part in loc[:-1]:
+        models = _models_in(current)
+        if part.isdigit():  # an item of a list: the same models
+            continue
+        tagged = [m for m in models if any(part in get_args(f.annotation) for f in m.model_fields.values()
+                                           if get_origin(f.annotation) is Literal)]
+        if tagged:  # a union member, named by its tag
+            current = tagged[0]
+            continue
+        fields = [m.model_fields[part].annotation for m in models if part in m.model_fields]
+        if not fields:
+            return []
+        current = fields[0]
+    return sorted({key for model in _models_in(current) for key in model.model_fields} - {"name"})
+
+
 _UNION_FIELDS = {"source", "model", "task", "candidates"}
 _UNION_TAGS = {"package_file", "local", "hub", "package", "catalog", *TASKS}
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML syntax error in one line: where, what, and for the usual mistake (a tab) what to do."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    problem = " ".join(str(p) for p in (getattr(exc, "context", None), getattr(exc, "problem", None)) if p) \
+        or str(exc)
+    if "'\\t'" in problem:
+        problem += " (YAML indents with spaces, never tabs: replace the tab with spaces)"
+    return f"{where}not valid YAML: {problem}"
 
 
 def parse_spec(text: str, *, name: str, origin: str) -> PipelineSpec:
@@ -177,7 +219,7 @@ def parse_spec(text: str, *, name: str, origin: str) -> PipelineSpec:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise SpecError(origin, [f"not valid YAML: {exc}"]) from exc
+        raise SpecError(origin, [_yaml_problem(exc)]) from None
     if data is None:
         raise SpecError(origin, ["the file is empty; expected a mapping with source, base_model, ..."])
     if not isinstance(data, dict):

@@ -51,7 +51,7 @@ def test_instruction_pipeline_end_to_end_then_export(tmp_path: Path, tiny_chat_d
         "evaluation_report"}
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks == {name: True for name in (
-        "cleaned_dataset_has_required_columns", "responses_are_present", "roles_alternate", "examples_are_unique",
+        "roles_alternate", "examples_are_unique",
         "row_count_within_bounds", "cleaning_kept_most_rows", "splits_do_not_overlap", "split_proportions_match_spec",
         "validation_and_test_are_not_empty", "rendered_lengths_within_max_length", "prompt_tokens_carry_no_loss")}
 

@@ -153,7 +153,7 @@ def test_cleaning_that_loses_a_large_share_of_the_examples_blocks() -> None:
     suite = {s.asset: s for s in task_for(pipeline).quality_suites(pipeline)}["cleaned_dataset"]
     check = suite.validate(kept, raw_data=raw).check("cleaning_kept_most_rows")
     assert not check.passed and check.severity == "ERROR"
-    assert check.expectations[0].examples == ({"distinct_in_source": 16, "share_lost": 0.375},)
+    assert check.expectations[0].examples == ({"rows_dropped_by_reason": "empty_text 6", "share_lost": 0.375},)
     duplicates = pd.concat([kept] * 3, ignore_index=True)  # duplicates of kept rows are not losses
     assert suite.validate(kept, raw_data=duplicates).check("cleaning_kept_most_rows").passed
 

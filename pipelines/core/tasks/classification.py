@@ -41,14 +41,12 @@ WEIGHT_FILES = ("adapter/adapter_model.safetensors", "head.safetensors")
 METRIC_NAMES = ("accuracy", "macro_precision", "macro_recall", "macro_f1", "weighted_precision",
                 "weighted_recall", "weighted_f1")
 REPORT_METRICS = ("accuracy", "macro_precision", "macro_recall", "macro_f1", "weighted_f1")
-CLEANED_CHECKS = ("cleaned_dataset_has_required_columns", "texts_are_present", "labels_are_known",
+CLEANED_CHECKS = ("labels_are_known",
                   "declared_labels_have_rows", "labels_are_distinct", "texts_look_like_text", "cleaning_kept_most_rows",
                   "text_lengths_within_bounds", "texts_are_unique", "row_count_within_bounds", "classes_are_balanced")
 SPLITS_CHECKS = ("splits_do_not_overlap", "split_proportions_match_spec", "every_class_in_train_and_test",
                  "validation_and_test_are_not_empty")
 DESCRIPTIONS = {
-    "cleaned_dataset_has_required_columns": "The text and label columns exist and hold strings.",
-    "texts_are_present": "No text or label is null or blank.",
     "labels_are_known": "Every label is declared in task.labels (or, without them, frequent enough not to be a typo).",
     "text_lengths_within_bounds": "Every text length is within quality.min_text_chars and quality.max_text_chars.",
     "texts_are_unique": "No normalised text occurs twice (within a split, when the source brings splits).",
@@ -93,6 +91,25 @@ class ClassificationTaskConfig(Frozen):
         if compiled.groups < 1:
             raise ValueError("must contain one capturing group, e.g. '^([^:]+)'")
         return value
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels_as_text(cls, value: Any) -> Any:
+        """Whole numbers are labels as a CSV spells them (`0`, `1`); YAML's booleans and floats are mistakes."""
+        if not isinstance(value, list | tuple):
+            return value
+        labels = []
+        for item in value:
+            if isinstance(item, bool):
+                raise ValueError(f"YAML reads {str(item).lower()!r} (and yes/no/on/off) as true/false, not as a "
+                                 "label: quote each label, e.g. labels: ['yes', 'no']")
+            if isinstance(item, int):
+                item = str(item)
+            elif not isinstance(item, str):
+                raise ValueError(f"{item!r} is not a label: write each label as the data spells it, in quotes "
+                                 f"(e.g. '{item}')")
+            labels.append(item)
+        return labels
 
     @field_validator("labels")
     @classmethod
@@ -168,98 +185,86 @@ def validate_cleaned_examples(frame: pd.DataFrame, spec: PipelineSpec,
     tables = {"rows": rows, "classes": classes}
     largest = int(label_counts.max()) if len(label_counts) else 0
 
-    checks = [check_def(
-        "cleaned_dataset_has_required_columns", "The text and label columns exist and hold strings.",
-        "make task.text_column and task.label_column name text columns of the source",
-        *[(gxe.ExpectColumnToExist(column=c), "rows", ERROR) for c in ("text", "label")],
-        # pandas 3 stores text as its `str` dtype; GX's type-list expectation does not recognise it, this one does.
-        *[(gxe.ExpectColumnValuesToBeOfType(column=c, type_="str"), "rows", ERROR)
-          for c in ("text", "label") if c in present])]
-    if {"text", "label"} <= present:
+    checks: list[Any] = []
+    if spec.task.labels is not None:
         checks.append(check_def(
-            "texts_are_present", "No text or label is null or blank.",
-            "remove or fill the rows with an empty text or label",
-            (gxe.ExpectColumnValuesToNotBeNull(column="text"), "rows", ERROR),
-            (gxe.ExpectColumnValuesToNotBeNull(column="label"), "rows", ERROR),
-            (gxe.ExpectColumnValuesToNotMatchRegex(column="text", regex=r"^\s*$"), "rows", ERROR)))
-        if spec.task.labels is not None:
-            checks.append(check_def(
-                "labels_are_known", f"Every label is one of task.labels {list(spec.task.labels)}.",
-                "correct the misspelt labels in the source, or add the label to task.labels",
-                (gxe.ExpectColumnValuesToBeInSet(column="label", value_set=list(spec.task.labels)), "rows", ERROR)))
-            tables["declared"] = pd.DataFrame({"label": list(spec.task.labels),
-                                               "rows": [int(label_counts.get(x, 0)) for x in spec.task.labels]})
-            checks.append(check_def(
-                "declared_labels_have_rows", "Every label declared in task.labels has rows in the clean data.",
-                "add rows of the listed labels, or remove them from task.labels (a model cannot learn a class it "
-                "never sees)",
-                (gxe.ExpectColumnValuesToBeBetween(column="rows", min_value=1), "declared", ERROR)))
-        else:
-            checks.append(check_def(
-                "labels_are_known", f"Every label occurs at least quality.min_rows_per_class "
-                                    f"({q.min_rows_per_class}) times.",
-                "correct the labels that occur only a few times (often typos), declare task.labels, or lower "
-                "quality.min_rows_per_class",
-                (gxe.ExpectColumnValuesToBeBetween(column="rows", min_value=q.min_rows_per_class), "classes", ERROR)))
-        variants = classes.assign(key=[dedup_key(x) for x in classes["label"]]).groupby("key")["label"]
-        tables["label_variants"] = pd.DataFrame({"variants": variants.agg(lambda s: " | ".join(sorted(s))),
-                                                 "count": variants.nunique()}).reset_index(drop=True)
+            "labels_are_known", f"Every label is one of task.labels {list(spec.task.labels)}.",
+            "correct the misspelt labels in the source, or add the label to task.labels",
+            (gxe.ExpectColumnValuesToBeInSet(column="label", value_set=list(spec.task.labels)), "rows", ERROR)))
+        tables["declared"] = pd.DataFrame({"label": list(spec.task.labels),
+                                           "rows": [int(label_counts.get(x, 0)) for x in spec.task.labels]})
         checks.append(check_def(
-            "labels_are_distinct", "No two labels differ only in case, spacing or punctuation ('spam' / 'Spam ').",
-            "spell each label one way in the source (the listed variants would train as separate classes), or "
-            "declare task.labels",
-            (gxe.ExpectColumnValuesToBeBetween(column="count", max_value=1), "label_variants", ERROR)))
+            "declared_labels_have_rows", "Every label declared in task.labels has rows in the clean data.",
+            "add rows of the listed labels, or remove them from task.labels (a model cannot learn a class it "
+            "never sees)",
+            (gxe.ExpectColumnValuesToBeBetween(column="rows", min_value=1), "declared", ERROR)))
+    else:
         checks.append(check_def(
-            "texts_look_like_text",
-            f"At most quality.max_id_like_fraction ({q.max_id_like_fraction:g}) of the texts look like ids or "
-            "numbers.",
-            "point task.text_column at the column that holds the text (this one looks like ids or numbers), or "
-            "raise quality.max_id_like_fraction",
-            (gxe.ExpectColumnValuesToNotMatchRegex(column="text", regex=ID_LIKE,
-                                                   mostly=1 - q.max_id_like_fraction), "rows", ERROR)))
-        if raw_data is not None:
-            lost, tables["lost"] = lost_examples_check(_example_keys(select_examples(raw_data, spec.task)),
-                                                       _example_keys(frame), q.max_lost_fraction)
-            checks.append(lost)
-        checks.append(check_def(
-            "text_lengths_within_bounds",
-            f"Every text has between {q.min_text_chars} and {q.max_text_chars} characters.",
-            "shorten or drop over-long texts (cleaning.max_chars), or widen quality.min/max_text_chars",
-            (gxe.ExpectColumnValueLengthsToBeBetween(column="text", min_value=q.min_text_chars,
-                                                     max_value=q.max_text_chars), "rows", ERROR)))
-        own_splits = "source_split" in present
-        # The source's test split kept whole (cleaning.keep_source_test) may hold the duplicates it came with.
-        condition = ({"row_condition": 'source_split != "test"', "condition_parser": "pandas"}
-                     if own_splits and spec.cleaning.keep_source_test else {})
-        checks.append(check_def(
-            "texts_are_unique", "No normalised text occurs twice" + (" within a split" if own_splits else "")
-            + (" (the source's test split is kept whole)." if condition else "."),
-            "enable cleaning.drop_duplicates, or remove the duplicated rows from the source",
-            (gxe.ExpectCompoundColumnsToBeUnique(column_list=["norm_text", "source_split"], **condition) if own_splits
-             else gxe.ExpectColumnValuesToBeUnique(column="norm_text"), "rows", ERROR)))
-        checks.append(check_def(
-            "row_count_within_bounds", f"The clean dataset has between {q.min_rows} and {q.max_rows} rows.",
-            "provide more labelled rows (or fewer are being dropped by cleaning: see the asset's metadata), "
-            "or change quality.min_rows / quality.max_rows",
-            (gxe.ExpectTableRowCountToBeBetween(min_value=q.min_rows, max_value=q.max_rows), "rows", ERROR)))
-        warn_at = largest / q.max_imbalance_ratio if largest else 0
-        blocking = [(gxe.ExpectColumnValuesToBeBetween(column="rows", min_value=q.min_rows_per_class), "classes",
-                     ERROR)]
-        if q.imbalance_error_factor is not None:
-            blocking.append((gxe.ExpectColumnValuesToBeBetween(
-                column="rows", min_value=largest / (q.max_imbalance_ratio * q.imbalance_error_factor)), "classes",
-                ERROR))
-        checks.append(check_def(
-            "classes_are_balanced",
-            f"No class is more than quality.max_imbalance_ratio ({q.max_imbalance_ratio:g}) times smaller than "
-            f"the largest (a warning: imbalance is common), and every class has at least quality.min_rows_per_class "
-            f"({q.min_rows_per_class}) rows to train and evaluate on (an error)"
-            + (f"; over {q.max_imbalance_ratio * q.imbalance_error_factor:g} times is an error too."
-               if q.imbalance_error_factor is not None else "."),
-            "collect more rows of the small classes, merge them, or lower quality.min_rows_per_class",
-            *blocking,
-            (gxe.ExpectColumnValuesToBeBetween(column="rows", min_value=warn_at), "classes", WARN),
-            (gxe.ExpectColumnUniqueValueCountToBeBetween(column="label", min_value=2), "classes", ERROR)))
+            "labels_are_known", f"Every label occurs at least quality.min_rows_per_class "
+                                f"({q.min_rows_per_class}) times.",
+            "correct the labels that occur only a few times (often typos), declare task.labels, or lower "
+            "quality.min_rows_per_class",
+            (gxe.ExpectColumnValuesToBeBetween(column="rows", min_value=q.min_rows_per_class), "classes", ERROR)))
+    variants = classes.assign(key=[dedup_key(x) for x in classes["label"]]).groupby("key")["label"]
+    tables["label_variants"] = pd.DataFrame({"variants": variants.agg(lambda s: " | ".join(sorted(s))),
+                                             "count": variants.nunique()}).reset_index(drop=True)
+    checks.append(check_def(
+        "labels_are_distinct", "No two labels differ only in case, spacing or punctuation ('spam' / 'Spam ').",
+        "spell each label one way in the source (the listed variants would train as separate classes), or "
+        "declare task.labels",
+        (gxe.ExpectColumnValuesToBeBetween(column="count", max_value=1), "label_variants", ERROR)))
+    checks.append(check_def(
+        "texts_look_like_text",
+        f"At most quality.max_id_like_fraction ({q.max_id_like_fraction:g}) of the texts look like ids or "
+        "numbers.",
+        "point task.text_column at the column that holds the text (this one looks like ids or numbers), or "
+        "raise quality.max_id_like_fraction",
+        (gxe.ExpectColumnValuesToNotMatchRegex(column="text", regex=ID_LIKE,
+                                               mostly=1 - q.max_id_like_fraction), "rows", ERROR)))
+    if raw_data is not None:
+        selected = select_examples(raw_data, spec.task)
+        lost, tables["lost"] = lost_examples_check(_example_keys(selected), _example_keys(frame), q.max_lost_fraction,
+                                                   clean(selected, spec.cleaning).dropped)
+        checks.append(lost)
+    checks.append(check_def(
+        "text_lengths_within_bounds",
+        f"Every text has between {q.min_text_chars} and {q.max_text_chars} characters.",
+        "shorten or drop over-long texts (cleaning.max_chars), or widen quality.min/max_text_chars",
+        (gxe.ExpectColumnValueLengthsToBeBetween(column="text", min_value=q.min_text_chars,
+                                                 max_value=q.max_text_chars), "rows", ERROR)))
+    own_splits = "source_split" in present
+    # The source's test split kept whole (cleaning.keep_source_test) may hold the duplicates it came with.
+    condition = ({"row_condition": 'source_split != "test"', "condition_parser": "pandas"}
+                 if own_splits and spec.cleaning.keep_source_test else {})
+    checks.append(check_def(
+        "texts_are_unique", "No normalised text occurs twice" + (" within a split" if own_splits else "")
+        + (" (the source's test split is kept whole)." if condition else "."),
+        "enable cleaning.drop_duplicates, or remove the duplicated rows from the source",
+        (gxe.ExpectCompoundColumnsToBeUnique(column_list=["norm_text", "source_split"], **condition) if own_splits
+         else gxe.ExpectColumnValuesToBeUnique(column="norm_text"), "rows", ERROR)))
+    checks.append(check_def(
+        "row_count_within_bounds", f"The clean dataset has between {q.min_rows} and {q.max_rows} rows.",
+        "provide more labelled rows (or fewer are being dropped by cleaning: see the asset's metadata), "
+        "or change quality.min_rows / quality.max_rows",
+        (gxe.ExpectTableRowCountToBeBetween(min_value=q.min_rows, max_value=q.max_rows), "rows", ERROR)))
+    warn_at = largest / q.max_imbalance_ratio if largest else 0
+    blocking = [(gxe.ExpectColumnValuesToBeBetween(column="rows", min_value=q.min_rows_per_class), "classes",
+                 ERROR)]
+    if q.imbalance_error_factor is not None:
+        blocking.append((gxe.ExpectColumnValuesToBeBetween(
+            column="rows", min_value=largest / (q.max_imbalance_ratio * q.imbalance_error_factor)), "classes",
+            ERROR))
+    checks.append(check_def(
+        "classes_are_balanced",
+        f"No class is more than quality.max_imbalance_ratio ({q.max_imbalance_ratio:g}) times smaller than "
+        f"the largest (a warning: imbalance is common), and every class has at least quality.min_rows_per_class "
+        f"({q.min_rows_per_class}) rows to train and evaluate on (an error)"
+        + (f"; over {q.max_imbalance_ratio * q.imbalance_error_factor:g} times is an error too."
+           if q.imbalance_error_factor is not None else "."),
+        "collect more rows of the small classes, merge them, or lower quality.min_rows_per_class",
+        *blocking,
+        (gxe.ExpectColumnValuesToBeBetween(column="rows", min_value=warn_at), "classes", WARN),
+        (gxe.ExpectColumnUniqueValueCountToBeBetween(column="label", min_value=2), "classes", ERROR)))
     return evaluate_checks("cleaned_dataset", checks, tables)
 
 

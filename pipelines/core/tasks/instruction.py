@@ -49,13 +49,10 @@ GENERATION_METRICS = ("exact_match", "token_f1", "rouge_l")
 REPORT_METRICS = ("validation_loss", "validation_perplexity", "test_loss", "test_perplexity", "exact_match",
                   "token_f1", "rouge_l")
 RENDERED_EXAMPLES_SHOWN = 3
-CLEANED_CHECKS = ("cleaned_dataset_has_required_columns", "responses_are_present", "roles_alternate",
-                  "examples_are_unique", "row_count_within_bounds", "cleaning_kept_most_rows")
+CLEANED_CHECKS = ("roles_alternate", "examples_are_unique", "row_count_within_bounds", "cleaning_kept_most_rows")
 SPLITS_CHECKS = ("splits_do_not_overlap", "split_proportions_match_spec", "validation_and_test_are_not_empty")
 RENDERED_CHECKS = ("rendered_lengths_within_max_length", "prompt_tokens_carry_no_loss")
 DESCRIPTIONS = {
-    "cleaned_dataset_has_required_columns": "The messages, instruction text and response columns exist.",
-    "responses_are_present": "No instruction or response is null or blank.",
     "roles_alternate": "Every conversation is (system), user, assistant, ... alternating and ends with the assistant.",
     "examples_are_unique": "No instruction occurs twice with the same response.",
     "row_count_within_bounds": "The row count is within quality.min_rows and quality.max_rows.",
@@ -201,48 +198,36 @@ def validate_cleaned_conversations(frame: pd.DataFrame, spec: PipelineSpec,
 
     q = spec.quality
     rows = with_row_id(frame)
-    present = set(rows.columns)
-    required = ("messages", "text", "response")
-    checks = [check_def(
-        "cleaned_dataset_has_required_columns", "The messages, instruction text and response columns exist.",
-        "give the source instruction and response columns (task.instruction_column / task.response_column) or "
-        "a messages column (task.messages_column)",
-        *[(gxe.ExpectColumnToExist(column=c), "rows", ERROR) for c in required],
-        *[(gxe.ExpectColumnValuesToBeOfType(column=c, type_="str"), "rows", ERROR) for c in required if c in present])]
-    if set(required) <= present:
-        def problem(value: str) -> str | None:
-            try:
-                return role_problem(json.loads(value))
-            except (TypeError, ValueError) as exc:
-                return f"messages are not valid JSON: {exc}"
+    checks: list[Any] = []
 
-        rows["roles_problem"] = pd.Series([problem(v) for v in rows["messages"]], dtype=object)
-        checks.append(check_def(
-            "responses_are_present", "No instruction or response is null or blank.",
-            "remove or fill the rows with an empty instruction or response",
-            (gxe.ExpectColumnValuesToNotBeNull(column="text"), "rows", ERROR),
-            (gxe.ExpectColumnValuesToNotBeNull(column="response"), "rows", ERROR),
-            (gxe.ExpectColumnValuesToNotMatchRegex(column="text", regex=r"^\s*$"), "rows", ERROR),
-            (gxe.ExpectColumnValuesToNotMatchRegex(column="response", regex=r"^\s*$"), "rows", ERROR)))
-        checks.append(check_def(
-            "roles_alternate", "Every conversation is an optional system message, then user and assistant turns "
-                               "alternating, ending with the assistant's response.",
-            "fix the roles of the listed conversations (roles_problem says what is wrong); roles are system, user "
-            "and assistant",
-            (gxe.ExpectColumnValuesToBeNull(column="roles_problem"), "rows", ERROR)))
-        checks.append(check_def(
-            "examples_are_unique", "No instruction occurs twice with the same response.",
-            "enable cleaning.drop_duplicates, or remove the duplicated rows from the source",
-            (gxe.ExpectCompoundColumnsToBeUnique(column_list=["norm_text", "norm_response"]), "rows", ERROR)))
-        checks.append(check_def(
-            "row_count_within_bounds", f"The clean dataset has between {q.min_rows} and {q.max_rows} rows.",
-            "provide more conversations (or fewer are being dropped by cleaning: see the asset's metadata), or "
-            "change quality.min_rows / quality.max_rows",
-            (gxe.ExpectTableRowCountToBeBetween(min_value=q.min_rows, max_value=q.max_rows), "rows", ERROR)))
+    def problem(value: str) -> str | None:
+        try:
+            return role_problem(json.loads(value))
+        except (TypeError, ValueError) as exc:
+            return f"messages are not valid JSON: {exc}"
+
+    rows["roles_problem"] = pd.Series([problem(v) for v in rows["messages"]], dtype=object)
+    checks.append(check_def(
+        "roles_alternate", "Every conversation is an optional system message, then user and assistant turns "
+                           "alternating, ending with the assistant's response.",
+        "fix the roles of the listed conversations (roles_problem says what is wrong); roles are system, user "
+        "and assistant",
+        (gxe.ExpectColumnValuesToBeNull(column="roles_problem"), "rows", ERROR)))
+    checks.append(check_def(
+        "examples_are_unique", "No instruction occurs twice with the same response.",
+        "enable cleaning.drop_duplicates, or remove the duplicated rows from the source",
+        (gxe.ExpectCompoundColumnsToBeUnique(column_list=["norm_text", "norm_response"]), "rows", ERROR)))
+    checks.append(check_def(
+        "row_count_within_bounds", f"The clean dataset has between {q.min_rows} and {q.max_rows} rows.",
+        "provide more conversations (or fewer are being dropped by cleaning: see the asset's metadata), or "
+        "change quality.min_rows / quality.max_rows",
+        (gxe.ExpectTableRowCountToBeBetween(min_value=q.min_rows, max_value=q.max_rows), "rows", ERROR)))
     tables = {"rows": rows}
     if raw_data is not None:
-        lost, tables["lost"] = lost_examples_check(_conversation_keys(select_conversations(raw_data, spec.task)),
-                                                   _conversation_keys(frame), q.max_lost_fraction)
+        selected = select_conversations(raw_data, spec.task)
+        lost, tables["lost"] = lost_examples_check(_conversation_keys(selected), _conversation_keys(frame),
+                                                   q.max_lost_fraction,
+                                                   clean_conversations(selected, spec.cleaning).dropped)
         checks.append(lost)
     return evaluate_checks("cleaned_dataset", checks, tables=tables)
 
