@@ -61,7 +61,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import dagster as dg
 
     from pipelines.definitions import DATA_DIR, SPECS_DIR, build_definitions
-    from pipelines.terminal import error_block, quiet_libraries, terminal_logger
+    from pipelines.terminal import error_block, quiet_libraries, terminal_logger, warning_lines
 
     quiet_libraries()
     defs = build_definitions(specs_dir=Path(args.specs_dir) if args.specs_dir else SPECS_DIR,
@@ -88,6 +88,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         planned = [k.path[-1] for k in defs.resolve_asset_graph().toposorted_asset_keys if k.path[0] == args.pipeline]
         print("\n".join(error_block(result, args.pipeline, planned)), file=sys.stderr)
         return 1
+    for line in warning_lines(result):
+        print(line, file=sys.stderr)
     report = result.asset_value(dg.AssetKey([args.pipeline, "evaluation_report"]))
     base = result.asset_value(dg.AssetKey([args.pipeline, "base_model"]))
     summary = {**report.summary(), "base_model": base.name, "selection": list(base.selection)}
@@ -249,7 +251,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 broken.append(exc)
         found = SpecFolder(tuple(specs), tuple(broken))
     else:
-        found = read_specs(SPECS_DIR)
+        found = read_specs(Path(args.specs_dir) if args.specs_dir else SPECS_DIR)
     for spec in found.specs:
         print(f"ok: {spec.name} (spec hash {spec.spec_hash})")
     for error in found.broken:
@@ -262,7 +264,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     from pipelines.core.spec import read_specs
     from pipelines.definitions import SPECS_DIR
 
-    found = read_specs(SPECS_DIR)
+    found = read_specs(Path(args.specs_dir) if args.specs_dir else SPECS_DIR)
     for spec in found.specs:
         models = ", ".join(getattr(m, "name", None) or getattr(m, "path", "")
                            for m in spec.base_model.resolved_candidates)
@@ -321,8 +323,12 @@ def main(argv: list[str] | None = None) -> int:
     lineage.set_defaults(func=cmd_lineage)
     validate = sub.add_parser("validate", help="validate spec files (default: every spec in pipelines/specs)")
     validate.add_argument("files", nargs="*")
+    validate.add_argument("--specs-dir", help="folder of spec files validated when no file is named "
+                                              "(default: pipelines/specs)")
     validate.set_defaults(func=cmd_validate)
-    sub.add_parser("list", help="list the pipelines").set_defaults(func=cmd_list)
+    listing = sub.add_parser("list", help="list the pipelines")
+    listing.add_argument("--specs-dir", help="folder of spec files (default: pipelines/specs)")
+    listing.set_defaults(func=cmd_list)
     ui = sub.add_parser("ui", help="start the Dagster UI (dagster dev) on the shared instance")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=3000)

@@ -44,12 +44,20 @@ def terminal_logger(init_context: dg.InitLoggerContext) -> logging.Logger:
 
 def quiet_libraries() -> None:
     """Warnings that say nothing about the user's data or spec (schema hints, beta APIs) stay out of the run's
-    output, and so do MLflow's store-migration INFO lines."""
+    output, and so do MLflow's store-migration INFO lines and the libraries' progress bars."""
     warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
     warnings.filterwarnings("ignore", category=dg.BetaWarning)
     warnings.filterwarnings("ignore", category=dg.PreviewWarning)
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is first imported
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    # Progress bars would interleave with the progress lines, which say the same; HF_HUB_DISABLE_PROGRESS_BARS=0
+    # brings them back. transformers reads the variable when first imported; it may be imported already.
+    if os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1") == "1":
+        from huggingface_hub.utils import disable_progress_bars
+        from transformers.utils import logging as hf_logging
+
+        disable_progress_bars()
+        hf_logging.disable_progress_bar()
 
 
 def _user_message(error: Any) -> str:
@@ -59,6 +67,13 @@ def _user_message(error: Any) -> str:
     if error is None:
         return "unknown error"
     return error.message.strip().removeprefix(f"{TunelineError.__module__}.{error.cls_name}: ")
+
+
+def warning_lines(result: dg.ExecuteInProcessResult) -> list[str]:
+    """The checks that failed with WARN severity: they did not block, but the user should read them."""
+    return [f"warning: check {e.asset_key.to_user_string()}:{e.check_name} ({e.severity.value}): {e.description}"
+            for e in result.get_asset_check_evaluations()
+            if not e.passed and e.severity == dg.AssetCheckSeverity.WARN]
 
 
 def error_block(result: dg.ExecuteInProcessResult, pipeline: str, planned: list[str]) -> list[str]:

@@ -82,6 +82,8 @@ def build_lora_config(cfg: LoraSettingsConfig, base: BaseModelRecord, peft_task_
 def common_training_arguments(cfg: TrainingConfig, output_dir: Path, compute: ComputeSettings,
                               has_validation: bool, eval_batch_size: int) -> dict[str, Any]:
     """The arguments TrainingArguments and SFTConfig share, from the spec's training section."""
+    from transformers.utils import logging as hf_logging
+
     return dict(
         output_dir=str(output_dir),
         num_train_epochs=cfg.epochs,
@@ -100,7 +102,8 @@ def common_training_arguments(cfg: TrainingConfig, output_dir: Path, compute: Co
         logging_strategy="steps",
         logging_steps=cfg.logging_steps,
         report_to="none",
-        disable_tqdm=False,
+        # One switch for every progress bar: `tuneline run` turns them off (its progress lines say the same).
+        disable_tqdm=not hf_logging.is_progress_bar_enabled(),
         dataloader_num_workers=0,
         seed=cfg.seed,
         data_seed=cfg.seed,
@@ -182,6 +185,10 @@ def run_trainer(make_trainer: Callable[[Path], Any], callback: Any, progress: Pr
     """Train with the Trainer that `make_trainer(scratch_dir)` builds, then restore the best epoch's weights."""
     with tempfile.TemporaryDirectory(prefix="tuneline-trainer-") as scratch:
         trainer = make_trainer(Path(scratch))
+        if trainer.args.disable_tqdm:  # without bars the Trainer prints every log dict; `callback` reports them
+            from transformers.trainer_callback import PrinterCallback
+
+            trainer.remove_callback(PrinterCallback)
         result = trainer.train()
     callback.restore_best()
     if callback.best_epoch is not None:

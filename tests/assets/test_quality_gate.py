@@ -148,7 +148,7 @@ def test_good_data_goes_through_every_check(tmp_path: Path, write_spec: Callable
     result, _, data_dir = run_pipeline(tmp_path, write_spec, tiny_model_dir, local(BAD / "good.csv"))
     assert result.success
     evaluations = result.get_asset_check_evaluations()
-    assert len(evaluations) == 15 and all(e.passed for e in evaluations)
+    assert len(evaluations) == 13 and all(e.passed for e in evaluations)
     assert {"finetuned_checkpoint", "evaluation_report"} <= materialized(result)
     assert (data_dir / "checkpoints" / "gate").is_dir()
 

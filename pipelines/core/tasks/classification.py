@@ -181,6 +181,8 @@ def validate_cleaned_examples(frame: pd.DataFrame, spec: PipelineSpec,
     rows = with_row_id(frame)
     present = set(rows.columns)
     label_counts = rows["label"].value_counts() if "label" in present else pd.Series(dtype=int)
+    if spec.task.labels is not None:  # an undeclared label is a typo for labels_are_known, not a tiny class
+        label_counts = label_counts[label_counts.index.isin(spec.task.labels)]
     classes = pd.DataFrame({"label": label_counts.index.astype(str), "rows": label_counts.to_numpy()})
     tables = {"rows": rows, "classes": classes}
     largest = int(label_counts.max()) if len(label_counts) else 0
