@@ -76,7 +76,8 @@ def build_pipeline_assets(spec: PipelineSpec, project_root: Path) -> list[dg.Ass
         with tracking.asset_run(context, spec.name) as run:
             run.record(training_params(spec, base_model, settings))
             record = task.train(data, base_model, spec, storage.run_folder("checkpoints", spec.name, context.run_id),
-                                settings, progress=context.log.info, sink=run)
+                                settings, progress=context.log.info, sink=run,
+                                scratch=storage.scratch_folder(spec.name))
             record = tracking.register_checkpoint(run, spec.name, record, context.run_id)
             return run.output(record, checkpoint_log(spec, record))
 

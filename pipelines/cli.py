@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import sys
 from contextlib import nullcontext, redirect_stdout
 from pathlib import Path
@@ -79,10 +80,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     job = defs.resolve_job_def(job_name)
     instance = dg.DagsterInstance.get()
+    _fail_abandoned_runs(instance, job_name)
     # With --json, stdout carries the JSON object alone; progress goes to stderr.
     with redirect_stdout(sys.stderr) if args.json else nullcontext():
         # One line per progress message; failures are summed up below, their details stay in the UI.
-        result = job.execute_in_process(instance=instance, raise_on_error=False,
+        result = job.execute_in_process(instance=instance, raise_on_error=False, tags=_process_tags(),
                                         run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}})
     if not result.success:
         planned = [k.path[-1] for k in defs.resolve_asset_graph().toposorted_asset_keys if k.path[0] == args.pipeline]
@@ -98,6 +100,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         _print_summary(summary, result.run_id)
     return 0
+
+
+def _process_tags() -> dict[str, str]:
+    return {"tuneline/host": socket.gethostname(), "tuneline/pid": str(os.getpid())}
+
+
+def _fail_abandoned_runs(instance: Any, job_name: str) -> None:
+    """Runs of `job_name` that `tuneline run` started on this machine and whose process is gone (killed, crashed)
+    are still STARTED in the instance: report them failed, so the UI does not show them running forever."""
+    import dagster as dg
+
+    from pipelines.core.files import process_alive
+
+    host = socket.gethostname()
+    for run in instance.get_runs(filters=dg.RunsFilter(job_name=job_name, statuses=[dg.DagsterRunStatus.STARTED],
+                                                       tags={"tuneline/host": host})):
+        pid = int(run.tags.get("tuneline/pid", "0") or 0)
+        if pid and not process_alive(pid):
+            instance.report_run_failed(run, message=f"the process that ran it (pid {pid} on {host}) ended without "
+                                                    "finishing it: killed or crashed")
+            print(f"note: Dagster run {run.run_id} was left running by process {pid}, which is gone: marked failed",
+                  file=sys.stderr)
 
 
 def _tracking(args: argparse.Namespace) -> Any:

@@ -61,12 +61,22 @@ def quiet_libraries() -> None:
 
 
 def _user_message(error: Any) -> str:
-    """The innermost error of a step failure; tuneline's own errors without their module path."""
-    while error is not None and error.cause is not None:  # the user's error, not Dagster's wrapper
-        error = error.cause
-    if error is None:
+    """The error a user can act on: the outermost tuneline error in the chain (it says what to do; its causes
+    are details), else the innermost error (the user's, not Dagster's wrapper); without tuneline's module path."""
+    names, stack = set(), [TunelineError]
+    while stack:
+        cls = stack.pop()
+        names.add(cls.__name__)
+        stack.extend(cls.__subclasses__())
+    innermost = error
+    while error is not None:
+        if error.cls_name in names:
+            innermost = error
+            break
+        innermost, error = error, error.cause
+    if innermost is None:
         return "unknown error"
-    return error.message.strip().removeprefix(f"{TunelineError.__module__}.{error.cls_name}: ")
+    return innermost.message.strip().removeprefix(f"{TunelineError.__module__}.{innermost.cls_name}: ")
 
 
 def warning_lines(result: dg.ExecuteInProcessResult) -> list[str]:

@@ -25,6 +25,10 @@ class StorageResource(dg.ConfigurableResource):
         """A fresh folder for an artifact made by one Dagster run, e.g. checkpoints/<pipeline>/<run id>."""
         return self.root / kind / pipeline / run_id
 
+    def scratch_folder(self, pipeline: str) -> Path:
+        """Where a pipeline's training keeps resumable checkpoints until its result is saved."""
+        return self.root / "scratch" / pipeline
+
     def asset_folder(self, pipeline: str) -> Path:
         return self.root / "assets" / pipeline
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import os
+import socket
 import tempfile
 import time
 import urllib.error
@@ -25,6 +26,7 @@ import dagster as dg
 import pandas as pd
 
 from pipelines.core.errors import TunelineError
+from pipelines.core.files import process_alive
 from pipelines.core.records import CheckpointRecord, EvaluationReport, FilePath, Markdown, StepLog
 from pipelines.core.steps import registry_tags
 from pipelines.core.tasks import checkpoint_from_folder
@@ -214,14 +216,34 @@ class TrackingResource(dg.ConfigurableResource):
             client.set_terminated(run.info.run_id, "FINISHED")
             return str(run.info.run_id)
 
+    @staticmethod
+    def _close_abandoned_runs(client: Any, experiment_id: str, warn: Callable[[str], None]) -> None:
+        """Runs left RUNNING by a process of this machine that is gone (killed, crashed, machine restarted) are
+        marked KILLED, with a tag that says so: nothing stays RUNNING forever."""
+        host = socket.gethostname()
+        for found in client.search_runs([experiment_id], filter_string=(
+                f"attributes.status = 'RUNNING' and tags.`tuneline.host` = '{host}'"), max_results=1000):
+            pid = int(found.data.tags.get("tuneline.pid", "0") or 0)
+            if pid and process_alive(pid):
+                continue
+            client.set_tag(found.info.run_id, "tuneline.error",
+                           f"the process that ran it (pid {pid} on {host}) ended without closing it: killed or "
+                           "crashed; closed by the next materialization")
+            client.set_terminated(found.info.run_id, "KILLED")
+            warn(f"MLflow run {found.info.run_id} ({found.info.run_name}) was left RUNNING by process {pid}, which "
+                 "is gone: marked KILLED")
+
     @contextmanager
     def asset_run(self, context: dg.AssetExecutionContext, pipeline: str) -> Iterator[AssetRun]:
         """An MLflow run for this materialization: FINISHED when the body returns, FAILED when it raises."""
         client = self.client()
         experiment_id = self.experiment_id(client, pipeline)
+        self._close_abandoned_runs(client, experiment_id, context.log.warning)
         parent = self._parent_run(client, experiment_id, context.run_id, pipeline)
         key = context.asset_key
         run = client.create_run(experiment_id, run_name=key.path[-1], tags={
+            "tuneline.host": socket.gethostname(),
+            "tuneline.pid": str(os.getpid()),
             "mlflow.parentRunId": parent,
             "dagster.run_id": context.run_id,
             "dagster.asset_key": key.to_user_string(),

@@ -30,3 +30,14 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` through a temporary sibling."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this machine (a process that was killed or crashed does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by another user
+        return True
+    return True

@@ -6,6 +6,7 @@ Every model is frozen, rejects unknown keys and describes its fields.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -324,6 +325,37 @@ class TrainingConfig(Frozen):
     seed: int = Field(default=13, description="Seed of initialisation and data order.")
     lora: LoraSettingsConfig = Field(default_factory=LoraSettingsConfig)
     logging_steps: int = Field(default=20, ge=1, description="Log loss and progress every N steps.")
+    checkpoint_every: int | str = Field(
+        default="5m",
+        description="How often training saves a resumable checkpoint (weights, optimizer, scheduler, RNG and data "
+                    "order): a number of optimisation steps (200) or a time ('90s', '5m', '1h'); 0 turns it off. "
+                    "A materialization after a crash resumes from the newest one made for the same spec, data and "
+                    "base model.")
+
+    @field_validator("checkpoint_every", mode="before")
+    @classmethod
+    def _interval(cls, value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, int | str) or (isinstance(value, int) and value < 0):
+            raise ValueError(f"expected a number of steps (0 or more) or a time like '5m', got {value!r}")
+        if isinstance(value, str) and not _INTERVAL.fullmatch(value.strip()):
+            raise ValueError(f"expected a time like '90s', '5m' or '1h' (or a number of steps), got {value!r}")
+        return value
+
+    @property
+    def checkpoint_steps(self) -> int | None:
+        """Save every this many steps (None: by time, or never)."""
+        return self.checkpoint_every if isinstance(self.checkpoint_every, int) and self.checkpoint_every else None
+
+    @property
+    def checkpoint_seconds(self) -> float | None:
+        """Save when this many seconds have passed since the last save (None: by steps, or never)."""
+        if not isinstance(self.checkpoint_every, str):
+            return None
+        number, unit = _INTERVAL.fullmatch(self.checkpoint_every.strip()).groups()  # type: ignore[union-attr]
+        return float(number) * {"s": 1, "m": 60, "h": 3600}[unit] or None
+
+
+_INTERVAL = re.compile(r"(\d+(?:\.\d+)?)\s*([smh])")
 
 
 # ----------------------------------------------------------------------------------------- evaluation

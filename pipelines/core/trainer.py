@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -156,6 +157,14 @@ def best_epoch_callback(model: torch.nn.Module, progress: ProgressFn, sink: Metr
                 self.best_score, self.best_epoch = score, float(state.epoch)
                 self.best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
+        def state_dict(self) -> dict[str, Any]:
+            """What a resumed run needs to keep choosing the best epoch as the uninterrupted run would."""
+            return {"best_score": self.best_score, "best_epoch": self.best_epoch, "best_state": self.best_state}
+
+        def load_state_dict(self, state: dict[str, Any]) -> None:
+            self.best_score, self.best_epoch, self.best_state = (state["best_score"], state["best_epoch"],
+                                                                 state["best_state"])
+
         @property
         def best_value(self) -> float:
             return self.best_score if higher_is_better else -self.best_score
@@ -180,16 +189,126 @@ class TrainingOutcome:
     best_epoch: float | None
 
 
+RESUMABLE_PREFIX = "resumable-"
+CALLBACK_STATE = "tuneline_callback.pt"
+
+
+@dataclass(frozen=True)
+class Resumable:
+    """Where and how often a training run saves resumable checkpoints.
+
+    `folder` is the pipeline's scratch folder; checkpoints go to `folder/<key>/`, where the key digests what
+    determines the result (spec hash, data digest, base model digest): only a run with the same key resumes.
+    The Trainer writes `checkpoint-<step>` there; once complete (with this callback's state) it is renamed to
+    `resumable-<step>`, so a folder of that name is always whole, and a crash mid-save leaves nothing usable.
+    """
+
+    folder: Path
+    key: str
+    every_steps: int | None = None
+    every_seconds: float | None = None
+
+    @staticmethod
+    def for_run(scratch: Path | None, cfg: TrainingConfig, spec_hash: str, data_sha256: str,
+                base_sha256: str) -> Resumable | None:
+        if scratch is None or (cfg.checkpoint_steps is None and cfg.checkpoint_seconds is None):
+            return None
+        key = combined_digest([("spec", spec_hash), ("data", data_sha256), ("base_model", base_sha256)])[:16]
+        return Resumable(scratch, key, cfg.checkpoint_steps, cfg.checkpoint_seconds)
+
+    @property
+    def key_folder(self) -> Path:
+        return self.folder / self.key
+
+    def latest(self) -> Path | None:
+        found = sorted(self.key_folder.glob(f"{RESUMABLE_PREFIX}*"), key=lambda p: int(p.name.split("-")[-1]))
+        return found[-1] if found else None
+
+    def prepare(self, progress: ProgressFn) -> Path | None:
+        """The newest complete checkpoint of this key, or None; says why training starts fresh, and removes what
+        can never be resumed (other keys' folders, a save cut short)."""
+        others = [p for p in self.folder.glob("*") if p.is_dir() and p.name != self.key]
+        for other in others:
+            shutil.rmtree(other, ignore_errors=True)
+        for partial in self.key_folder.glob("checkpoint-*"):
+            shutil.rmtree(partial, ignore_errors=True)
+        latest = self.latest()
+        if latest is None:
+            progress("starting fresh: " + (f"the checkpoint in {self.folder} was made for another spec, data or base "
+                                           "model (removed)" if others else "no resumable checkpoint of an "
+                                           "interrupted run"))
+        return latest
+
+    def discard(self) -> None:
+        """Training finished and its result is saved: nothing is left to resume."""
+        shutil.rmtree(self.key_folder, ignore_errors=True)
+
+
+def _checkpoint_callback(resumable: Resumable, best: Any, progress: ProgressFn) -> Any:
+    """A TrainerCallback that asks for a save every N steps or M seconds and makes each saved folder whole."""
+    from transformers import TrainerCallback
+
+    class ResumableCheckpoints(TrainerCallback):
+        def __init__(self) -> None:
+            self.last = time.monotonic()
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.last = time.monotonic()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step >= state.max_steps:
+                return  # the run ends here: its result is saved, not a checkpoint
+            by_steps = resumable.every_steps is not None and state.global_step % resumable.every_steps == 0
+            by_time = resumable.every_seconds is not None and time.monotonic() - self.last >= resumable.every_seconds
+            if by_steps or by_time:
+                control.should_save = True
+
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            written = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            torch.save(best.state_dict(), written / CALLBACK_STATE)
+            older = list(resumable.key_folder.glob(f"{RESUMABLE_PREFIX}*"))
+            written.rename(resumable.key_folder / f"{RESUMABLE_PREFIX}{state.global_step}")  # now whole
+            for folder in older:
+                shutil.rmtree(folder, ignore_errors=True)
+            self.last = time.monotonic()
+            progress(f"saved a resumable checkpoint at step {state.global_step} of {state.max_steps}")
+
+    return ResumableCheckpoints()
+
+
 def run_trainer(make_trainer: Callable[[Path], Any], callback: Any, progress: ProgressFn,
-                select_by: str) -> TrainingOutcome:
-    """Train with the Trainer that `make_trainer(scratch_dir)` builds, then restore the best epoch's weights."""
-    with tempfile.TemporaryDirectory(prefix="tuneline-trainer-") as scratch:
-        trainer = make_trainer(Path(scratch))
+                select_by: str, resumable: Resumable | None = None) -> TrainingOutcome:
+    """Train with the Trainer that `make_trainer(output_dir)` builds, then restore the best epoch's weights.
+
+    With `resumable`, checkpoints are saved as it says, and training resumes from the newest complete one of the
+    same key (weights, optimizer, scheduler, RNG and the position in the data order, as the Trainer restores
+    them; the best epoch so far from `callback`'s saved state)."""
+    with (nullcontext(str(resumable.key_folder)) if resumable
+          else tempfile.TemporaryDirectory(prefix="tuneline-trainer-")) as output_dir:
+        start = resumable.prepare(progress) if resumable else None
+        trainer = make_trainer(Path(output_dir))
         if trainer.args.disable_tqdm:  # without bars the Trainer prints every log dict; `callback` reports them
             from transformers.trainer_callback import PrinterCallback
 
             trainer.remove_callback(PrinterCallback)
-        result = trainer.train()
+        if resumable:
+            resumable.key_folder.mkdir(parents=True, exist_ok=True)
+            trainer.add_callback(_checkpoint_callback(resumable, callback, progress))
+        if start is not None:
+            saved = json.loads((start / "trainer_state.json").read_text())
+            callback.load_state_dict(torch.load(start / CALLBACK_STATE, weights_only=True))
+            progress(f"resuming from step {saved['global_step']} of {saved['max_steps']} ({start})")
+        try:
+            result = trainer.train(resume_from_checkpoint=str(start) if start is not None else None)
+        except Exception as exc:
+            partial = sorted(resumable.key_folder.glob("checkpoint-*")) if resumable else []
+            if not partial:
+                raise
+            for folder in partial:  # a save that failed half-way: never resumed, so never kept
+                shutil.rmtree(folder, ignore_errors=True)
+            raise CheckpointError(f"could not write a resumable checkpoint to {partial[-1]}: {write_failure(exc)}; "
+                                  "nothing of it was kept. Free space there, point --data-dir at another disk, or "
+                                  "set training.checkpoint_every: 0") from exc
     callback.restore_best()
     if callback.best_epoch is not None:
         progress(f"kept the weights of epoch {callback.best_epoch:g} (best validation {select_by} "
@@ -245,17 +364,42 @@ def save_checkpoint(out_dir: Path, write_files: Callable[[Path], None], manifest
     a checkpoint, and an existing folder is never overwritten."""
     if out_dir.exists():
         raise CheckpointError(f"{out_dir} exists already; a checkpoint folder is never overwritten")
-    with atomic_path(out_dir) as tmp:
-        tmp.mkdir()
-        write_files(tmp)
-        missing = [name for name in manifest["weight_files"] if not (tmp / name).is_file()]
-        if missing:
-            raise CheckpointError(f"the checkpoint's manifest names weight files that were not written: {missing}")
-        manifest = {**manifest, "sha256": checkpoint_digest(tmp, tuple(manifest["weight_files"]))}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-        (tmp / "spec.yaml").write_text(spec_yaml, encoding="utf-8")
-        (tmp / "history.json").write_text(json.dumps(list(history), indent=2), encoding="utf-8")
+    try:
+        with atomic_path(out_dir) as tmp:
+            tmp.mkdir()
+            write_files(tmp)
+            missing = [name for name in manifest["weight_files"] if not (tmp / name).is_file()]
+            if missing:
+                raise CheckpointError(f"the checkpoint's manifest names weight files that were not written: "
+                                      f"{missing}")
+            manifest = {**manifest, "sha256": checkpoint_digest(tmp, tuple(manifest["weight_files"]))}
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+            (tmp / "spec.yaml").write_text(spec_yaml, encoding="utf-8")
+            (tmp / "history.json").write_text(json.dumps(list(history), indent=2), encoding="utf-8")
+    except CheckpointError:
+        raise
+    except Exception as exc:  # disk full, a file size limit, no permission: nothing of it is left behind
+        raise CheckpointError(f"could not write the checkpoint to {out_dir}: {write_failure(exc)}; nothing was "
+                              "kept. Free space there or point --data-dir at another disk") from exc
     return out_dir
+
+
+def save_trained(out_dir: Path, write_files: Callable[[Path], None], manifest: dict[str, Any], spec_yaml: str,
+                 outcome: TrainingOutcome, resumable: Resumable | None) -> Path:
+    """Save a finished training's result as a checkpoint; then its resumable checkpoints are no longer needed."""
+    path = save_checkpoint(out_dir, write_files, manifest, spec_yaml, outcome.history)
+    if resumable:
+        resumable.discard()
+    return path
+
+
+def write_failure(exc: BaseException) -> str:
+    """Why a write failed, in words: the OS error (disk full, file too large, read-only) where there is one."""
+    while exc is not None and not isinstance(exc, OSError) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror + (f" ({exc.filename})" if exc.filename else "")
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def checkpoint_manifest(task: str, base: BaseModelRecord, spec_hash: str, data_sha256: str,

@@ -63,9 +63,10 @@ def test_a_crash_while_writing_leaves_no_checkpoint(tmp_path: Path) -> None:
         raise OSError("disk full")
 
     manifest = checkpoint_manifest("text_classification", base_record(tmp_path), "s", "d", WEIGHTS)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match=f"could not write the checkpoint to {tmp_path / 'ckpt'}: disk full"):
         save_checkpoint(tmp_path / "ckpt", crash, manifest, "", ())
     assert not (tmp_path / "ckpt").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ckpt")]  # no temporary sibling either
 
 
 def test_a_checkpoint_from_before_manifests_still_loads(tmp_path: Path) -> None:
@@ -79,3 +80,34 @@ def test_a_checkpoint_from_before_manifests_still_loads(tmp_path: Path) -> None:
     record = checkpoint_from_folder(folder)
     assert record.task == "text_classification" and record.labels == ("A", "B")
     assert verified_folder(record, WEIGHTS) == folder
+
+
+def test_resumable_checkpoints_resume_only_their_own_key_and_never_a_partial_save(tmp_path: Path) -> None:
+    from pipelines.core.sections import TrainingConfig
+    from pipelines.core.trainer import Resumable
+
+    cfg = TrainingConfig(checkpoint_every=50)
+    plan = Resumable.for_run(tmp_path, cfg, "spec", "data", "base")
+    assert plan is not None and plan.every_steps == 50 and plan.every_seconds is None
+    assert Resumable.for_run(tmp_path, TrainingConfig(checkpoint_every=0), "spec", "data", "base") is None
+    assert Resumable.for_run(None, cfg, "spec", "data", "base") is None
+    other = Resumable.for_run(tmp_path, cfg, "spec", "other data", "base")
+    assert other is not None and other.key != plan.key
+
+    said: list[str] = []
+    (other.key_folder / "resumable-40").mkdir(parents=True)  # made for other data: can never be resumed
+    assert plan.prepare(said.append) is None
+    assert not other.key_folder.exists()
+    assert said == [f"starting fresh: the checkpoint in {tmp_path} was made for another spec, data or base model "
+                    "(removed)"]
+
+    (plan.key_folder / "resumable-40").mkdir(parents=True)
+    (plan.key_folder / "resumable-120").mkdir()
+    (plan.key_folder / "checkpoint-160").mkdir()  # a save cut short by the crash: never renamed, so never used
+    said.clear()
+    assert plan.prepare(said.append) == plan.key_folder / "resumable-120" and said == []
+    assert not (plan.key_folder / "checkpoint-160").exists()
+    plan.discard()
+    assert not plan.key_folder.exists()
+    assert plan.prepare(said.append) is None
+    assert said == ["starting fresh: no resumable checkpoint of an interrupted run"]

@@ -142,7 +142,27 @@ BROKEN = [
     pytest.param(VALID + "training:\n  epochs: 2\n  epochs: 3\n",
                  ["line 10: training.epochs: given twice (first at line 9); YAML would keep only the last one, so "
                   "merge them into one"], id="duplicate-nested-key"),
+    pytest.param(VALID + "task:\n  lable_column: category\n",
+                 ["line 9: task.lable_column: unknown key; did you mean 'label_column'?"], id="misspelt-nested-key"),
+    pytest.param(VALID + "training:\n\tepochs: 2\n",
+                 ["line 9, column 1: not valid YAML: while scanning for the next token found character '\\t' that "
+                  "cannot start any token (YAML indents with spaces, never tabs: replace the tab with spaces)"],
+                 id="tab-indent"),
+    pytest.param(VALID + "task:\n  labels: [yes, no]\n",
+                 ["line 9: task.labels: YAML reads 'true' (and yes/no/on/off) as true/false, not as a label: quote "
+                  "each label, e.g. labels: ['yes', 'no']"], id="yaml-booleans-as-labels"),
+    pytest.param(VALID + "task:\n  labels: [0.5, 1]\n",
+                 ["line 9: task.labels: 0.5 is not a label: write each label as the data spells it, in quotes "
+                  "(e.g. '0.5')"], id="float-label"),
+    pytest.param(VALID + "training:\n  checkpoint_every: often\n",
+                 ["line 9: training.checkpoint_every: expected a time like '90s', '5m' or '1h' (or a number of "
+                  "steps), got 'often'"], id="checkpoint-interval"),
 ]
+
+
+def test_whole_number_labels_are_the_labels_a_csv_spells() -> None:
+    spec = parse_spec(VALID + "task:\n  labels: [0, 1, 2]\n", name="demo", origin="demo.yaml")
+    assert spec.task.labels == ("0", "1", "2")
 
 
 @pytest.mark.parametrize(("text", "expected"), BROKEN)

@@ -91,8 +91,10 @@ class Task(Protocol):
 
     def train(self, data: pd.DataFrame, base: BaseModelRecord, spec: PipelineSpec, out_dir: Path,
               compute: ComputeSettings, progress: ProgressFn = print,
-              sink: MetricsSink | None = None) -> CheckpointRecord:
-        """LoRA fine-tuning on the train rows of `data`; the best epoch on validation is saved to `out_dir`."""
+              sink: MetricsSink | None = None, scratch: Path | None = None) -> CheckpointRecord:
+        """LoRA fine-tuning on the train rows of `data`; the best epoch on validation is saved to `out_dir`.
+        With `scratch` (the pipeline's scratch folder), resumable checkpoints are saved there as
+        training.checkpoint_every says, and a run interrupted with the same spec, data and base model resumes."""
         ...
 
     def history_table(self, record: CheckpointRecord) -> str:

@@ -28,9 +28,9 @@ from pipelines.core.records import BaseModelRecord, CheckpointRecord, Evaluation
 from pipelines.core.sections import Frozen
 from pipelines.core.splitting import sample_split
 from pipelines.core.tasks.base import PreparedData, TaskBase
-from pipelines.core.trainer import (ComputeSettings, MetricsSink, ProgressFn, best_epoch_callback, build_lora_config,
-                                    checkpoint_digest, checkpoint_manifest, common_training_arguments,
-                                    peak_memory_mb, run_trainer, save_checkpoint,
+from pipelines.core.trainer import (ComputeSettings, MetricsSink, ProgressFn, Resumable, best_epoch_callback,
+                                    build_lora_config, checkpoint_digest, checkpoint_manifest, common_training_arguments,
+                                    peak_memory_mb, run_trainer, save_trained,
                                     time_training_steps, trainable_parameters, verified_folder)
 
 if TYPE_CHECKING:
@@ -425,8 +425,9 @@ def build_training_arguments(cfg: Any, output_dir: Path, compute: ComputeSetting
 
 def train_classifier(splits: pd.DataFrame, base: BaseModelRecord, spec: PipelineSpec, out_dir: Path,
                      compute: ComputeSettings, progress: ProgressFn = print,
-                     sink: MetricsSink | None = None) -> CheckpointRecord:
-    """Fine-tune `base` with LoRA on the train split, pick the best epoch on validation, save to `out_dir`."""
+                     sink: MetricsSink | None = None, scratch: Path | None = None) -> CheckpointRecord:
+    """Fine-tune `base` with LoRA on the train split, pick the best epoch on validation, save to `out_dir`.
+    With `scratch`, resumable checkpoints go there (training.checkpoint_every) and an interrupted run resumes."""
     from peft import get_peft_model
     from transformers import DataCollatorWithPadding, Trainer, set_seed
 
@@ -477,10 +478,11 @@ def train_classifier(splits: pd.DataFrame, base: BaseModelRecord, spec: Pipeline
                        data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=_classification_metrics,
                        optimizers=(optimizer, None), callbacks=[callback])
 
-    outcome = run_trainer(make_trainer, callback, progress, select_by)
+    data_sha256 = frame_digest(splits)  # the same digest the splits asset reports: lineage joins on it
+    resumable = Resumable.for_run(scratch, cfg, spec.spec_hash, data_sha256, base.weights_sha256)
+    outcome = run_trainer(make_trainer, callback, progress, select_by, resumable)
     real_tokens = float(sum(len(ids) for ids in train_ds["input_ids"])) * cfg.epochs
     model.eval()
-    data_sha256 = frame_digest(splits)  # the same digest the splits asset reports: lineage joins on it
 
     def write_files(folder: Path) -> None:
         from safetensors.torch import save_file
@@ -492,7 +494,7 @@ def train_classifier(splits: pd.DataFrame, base: BaseModelRecord, spec: Pipeline
 
     manifest = checkpoint_manifest(NAME, base, spec.spec_hash, data_sha256, WEIGHT_FILES, labels,
                                    pooling=model.pooling, hidden_size=model.head.in_features)
-    path = save_checkpoint(out_dir, write_files, manifest, spec.to_yaml(), outcome.history)
+    path = save_trained(out_dir, write_files, manifest, spec.to_yaml(), outcome, resumable)
     speed = real_tokens / outcome.train_seconds if outcome.train_seconds > 0 else 0.0
     progress(f"saved adapter and head to {path} ({speed:.0f} tokens/s, peak memory {peak_memory_mb():.0f} MB)")
     return CheckpointRecord(

@@ -35,9 +35,9 @@ from pipelines.core.records import (BaseModelRecord, CheckpointRecord, DatasetLo
 from pipelines.core.sections import Frozen
 from pipelines.core.splitting import SPLITS, sample_split
 from pipelines.core.tasks.base import CandidateRejected, PreparedData, TaskBase
-from pipelines.core.trainer import (ComputeSettings, MetricsSink, ProgressFn, best_epoch_callback, build_lora_config,
-                                    checkpoint_digest, checkpoint_manifest, common_training_arguments,
-                                    peak_memory_mb, run_trainer, save_checkpoint,
+from pipelines.core.trainer import (ComputeSettings, MetricsSink, ProgressFn, Resumable, best_epoch_callback,
+                                    build_lora_config, checkpoint_digest, checkpoint_manifest, common_training_arguments,
+                                    peak_memory_mb, run_trainer, save_trained,
                                     time_training_steps, trainable_parameters, verified_folder)
 
 if TYPE_CHECKING:
@@ -340,9 +340,10 @@ def build_sft_config(cfg: Any, output_dir: Path, compute: ComputeSettings, has_v
 
 def train_causal_lm(rendered: pd.DataFrame, base: BaseModelRecord, spec: PipelineSpec, out_dir: Path,
                     compute: ComputeSettings, progress: ProgressFn = print,
-                    sink: MetricsSink | None = None) -> CheckpointRecord:
+                    sink: MetricsSink | None = None, scratch: Path | None = None) -> CheckpointRecord:
     """LoRA on the train split's rendered examples, loss on responses only; keeps the epoch with the lowest
-    validation loss; saves the adapter and tokenizer (with its chat template) to `out_dir`."""
+    validation loss; saves the adapter and tokenizer (with its chat template) to `out_dir`. With `scratch`,
+    resumable checkpoints go there (training.checkpoint_every) and an interrupted run resumes."""
     from peft import get_peft_model
     from transformers import set_seed
     from trl import SFTTrainer
@@ -368,17 +369,18 @@ def train_causal_lm(rendered: pd.DataFrame, base: BaseModelRecord, spec: Pipelin
         return SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
                           processing_class=tokenizer, callbacks=[callback])
 
-    outcome = run_trainer(make_trainer, callback, progress, "loss")
+    data_sha256 = frame_digest(rendered)
+    resumable = Resumable.for_run(scratch, cfg, spec.spec_hash, data_sha256, base.weights_sha256)
+    outcome = run_trainer(make_trainer, callback, progress, "loss", resumable)
     real_tokens = float(train["total_tokens"].sum()) * cfg.epochs
     model.eval()
-    data_sha256 = frame_digest(rendered)
 
     def write_files(folder: Path) -> None:
         model.save_pretrained(str(folder / "adapter"))
         tokenizer.save_pretrained(str(folder / "tokenizer"))
 
     manifest = checkpoint_manifest(NAME, base, spec.spec_hash, data_sha256, WEIGHT_FILES)
-    path = save_checkpoint(out_dir, write_files, manifest, spec.to_yaml(), outcome.history)
+    path = save_trained(out_dir, write_files, manifest, spec.to_yaml(), outcome, resumable)
     speed = real_tokens / outcome.train_seconds if outcome.train_seconds > 0 else 0.0
     progress(f"saved the adapter to {path} ({speed:.0f} tokens/s, peak memory {peak_memory_mb():.0f} MB)")
     return CheckpointRecord(
