@@ -24,12 +24,16 @@ from resources.storage import StorageResource
 from resources.tracking import TrackingResource
 
 BASE_MODEL = "base_model"  # the one asset of the graph that is a model, not data (lineage walks around it)
+# A step retried after a tracking-server outage (the tracking resource lets nothing else be retried: bad data,
+# bad specs and bugs fail at once); waits of about 2 s, then 4 s.
+OUTAGE_RETRIES = dg.RetryPolicy(max_retries=2, delay=2, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
+TRAINING_POOL = "training"  # Dagster concurrency pool of finetuned_checkpoint (the instance limits it to 1)
 
 
 def build_pipeline_assets(spec: PipelineSpec, project_root: Path) -> list[dg.AssetsDefinition]:
     """The assets of `spec`, keyed `<spec name>/<asset>` and grouped under the spec's name."""
     task = task_for(spec)
-    common: dict[str, Any] = {"key_prefix": [spec.name], "group_name": spec.name}
+    common: dict[str, Any] = {"key_prefix": [spec.name], "group_name": spec.name, "retry_policy": OUTAGE_RETRIES}
     data_asset = task.prepared.name if task.prepared else "splits"  # what training and evaluation read
 
     def ins(**names: str) -> dict[str, dg.AssetIn]:
@@ -68,7 +72,7 @@ def build_pipeline_assets(spec: PipelineSpec, project_root: Path) -> list[dg.Ass
             return run.output(record, base_model_log(record))
 
     @dg.asset(**common, ins=ins(data=data_asset, base_model=BASE_MODEL), code_version=spec.section_hash("training"),
-              kinds={"pytorch"}, description=task.descriptions["finetuned_checkpoint"])
+              kinds={"pytorch"}, description=task.descriptions["finetuned_checkpoint"], pool=TRAINING_POOL)
     def finetuned_checkpoint(context: dg.AssetExecutionContext, storage: StorageResource, compute: ComputeResource,
                              tracking: TrackingResource, data: pd.DataFrame,
                              base_model: BaseModelRecord) -> dg.Output[CheckpointRecord]:
@@ -87,12 +91,14 @@ def build_pipeline_assets(spec: PipelineSpec, project_root: Path) -> list[dg.Ass
     def evaluation_report(context: dg.AssetExecutionContext, storage: StorageResource, compute: ComputeResource,
                           tracking: TrackingResource, data: pd.DataFrame,
                           finetuned_checkpoint: CheckpointRecord) -> dg.Output[EvaluationReport]:
-        with tracking.asset_run(context, spec.name) as run:
+        # One promotion decision at a time: a second run compares itself with the champion the first one set.
+        with tracking.asset_run(context, spec.name) as run, tracking.promotion_lock(spec.name):
+            champion = tracking.champion_checkpoint(spec.name)
             report = task.evaluate(data, finetuned_checkpoint, spec,
                                    storage.run_folder("reports", spec.name, context.run_id),
-                                   compute.settings(spec.training.precision),
-                                   champion=tracking.champion_checkpoint(spec.name), progress=context.log.info)
-            tracking.apply_promotion(spec.name, report, finetuned_checkpoint)
+                                   compute.settings(spec.training.precision), champion=champion,
+                                   progress=context.log.info)
+            report = tracking.apply_promotion(spec.name, report, finetuned_checkpoint, champion)
             return run.output(report, report_log(report, finetuned_checkpoint))
 
     assets = [raw_data, cleaned_dataset, splits, base_model, finetuned_checkpoint, evaluation_report]

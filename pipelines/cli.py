@@ -15,6 +15,13 @@ from typing import Any
 DAGSTER_YAML = """# Written by tuneline: the Dagster instance shared by `tuneline run` and `make ui`.
 telemetry:
   enabled: false
+concurrency:
+  runs:
+    # Runs started from the UI, schedules and sensors queue beyond this many (sized to this machine's cores).
+    max_concurrent_runs: {runs}
+  pools:
+    # The `training` pool (finetuned_checkpoint): one training at a time, so two never fight for the cores.
+    default_limit: 1
 """
 
 
@@ -28,9 +35,26 @@ def ensure_dagster_home() -> Path:
     home.mkdir(parents=True, exist_ok=True)
     config = home / "dagster.yaml"
     if not config.exists():
-        config.write_text(DAGSTER_YAML, encoding="utf-8")
+        config.write_text(DAGSTER_YAML.format(runs=max(1, min(4, (os.cpu_count() or 2) // 2))), encoding="utf-8")
     os.environ["DAGSTER_HOME"] = str(home)
     return home
+
+
+def shared_instance() -> Any:
+    """The Dagster instance at $DAGSTER_HOME. Its SQLite storage is created (and migrated) under a file lock: two
+    `tuneline run`s started together on a fresh instance would otherwise both stamp its schema."""
+    import fcntl
+
+    import dagster as dg
+
+    home = ensure_dagster_home()
+    with (home / ".tuneline-init.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        instance = dg.DagsterInstance.get()
+        instance.get_runs(limit=1)  # the run, event log and schedule storages exist and are migrated
+        instance.get_asset_keys(limit=1)
+        instance.all_instigator_state()
+        return instance
 
 
 def _print_summary(summary: dict[str, Any], run_id: str) -> None:
@@ -79,7 +103,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"error: no pipeline {args.pipeline!r}; pipelines are: {known}", file=sys.stderr)
         return 2
     job = defs.resolve_job_def(job_name)
-    instance = dg.DagsterInstance.get()
+    instance = shared_instance()
     _fail_abandoned_runs(instance, job_name)
     # With --json, stdout carries the JSON object alone; progress goes to stderr.
     with redirect_stdout(sys.stderr) if args.json else nullcontext():
@@ -186,8 +210,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_lineage(args: argparse.Namespace) -> int:
     """Which bytes produced a model version, or which versions a data file went into (from the records)."""
     ensure_dagster_home()
-    import dagster as dg
-
     from pipelines.core.sources import sha256_file
     from pipelines.definitions import SPECS_DIR, build_definitions
     from pipelines.lineage import LineageError, data_chains, format_lineage, version_lineage
@@ -197,7 +219,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     if args.pipeline and args.pipeline not in tasks:
         print(f"error: no pipeline {args.pipeline!r}; pipelines are: {', '.join(sorted(tasks))}", file=sys.stderr)
         return 2
-    instance = dg.DagsterInstance.get()
+    instance = shared_instance()
     if args.data:
         path = Path(args.data)
         if not path.is_file():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 import warnings
@@ -76,7 +77,10 @@ def _user_message(error: Any) -> str:
         innermost, error = error, error.cause
     if innermost is None:
         return "unknown error"
-    return innermost.message.strip().removeprefix(f"{TunelineError.__module__}.{innermost.cls_name}: ")
+    message = innermost.message.strip()
+    if innermost.cls_name in names:  # "pipelines.core.errors.SourceError: ..." -> "..."
+        message = re.sub(rf"^[\w.]*{re.escape(innermost.cls_name)}: ", "", message, count=1)
+    return message
 
 
 def warning_lines(result: dg.ExecuteInProcessResult) -> list[str]:

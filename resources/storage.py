@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import dagster as dg
 import pandas as pd
 
-from pipelines.core.files import atomic_path, write_bytes_atomic
+from pipelines.core.files import atomic_path
+
+RUNS_FOLDER = ".runs"  # each run's own asset values, beside the latest
 
 
 class StorageResource(dg.ConfigurableResource):
@@ -34,36 +38,57 @@ class StorageResource(dg.ConfigurableResource):
 
 
 class PipelineIOManager(dg.ConfigurableIOManager):
-    """Stores DataFrames as Parquet and other values as pickle under <data_dir>/assets/<asset key>."""
+    """Stores DataFrames as Parquet and other values as pickle under <data_dir>/assets/<asset key>.
+
+    That file is the latest value (what a later run, the UI and lineage read). Each run also keeps its own value
+    under <data_dir>/assets/<pipeline>/.runs/<run id>/ (a hard link: no second copy), and a step reads its
+    upstream value from the run that produced it: two runs of one pipeline at the same time never read each
+    other's data. The values of the last KEPT_RUNS runs are kept.
+    """
 
     data_dir: str
+    KEPT_RUNS: ClassVar[int] = 20
 
     def _path(self, key: dg.AssetKey, suffix: str) -> Path:
         return Path(self.data_dir, "assets", *key.path).with_suffix(suffix)
+
+    def _run_path(self, key: dg.AssetKey, run_id: str, suffix: str) -> Path:
+        return Path(self.data_dir, "assets", *key.path[:-1], RUNS_FOLDER, run_id, key.path[-1]).with_suffix(suffix)
 
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
         if obj is None:
             return
         key = context.asset_key
-        if isinstance(obj, pd.DataFrame):
-            path = self._path(key, ".parquet")
-            with atomic_path(path) as tmp:
+        suffix, stale = (".parquet", ".pkl") if isinstance(obj, pd.DataFrame) else (".pkl", ".parquet")
+        path, own = self._path(key, suffix), self._run_path(key, context.run_id, suffix)
+        own.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            if isinstance(obj, pd.DataFrame):
                 obj.to_parquet(tmp, index=False)
-            stale = self._path(key, ".pkl")
-        else:
-            path = self._path(key, ".pkl")
-            write_bytes_atomic(path, pickle.dumps(obj))
-            stale = self._path(key, ".parquet")
-        if stale.exists():
-            stale.unlink()
+            else:
+                tmp.write_bytes(pickle.dumps(obj))
+            own.unlink(missing_ok=True)  # a retried step writes its value again
+            os.link(tmp, own)  # this run's value, before another run can replace the latest
+        self._path(key, stale).unlink(missing_ok=True)
+        self._prune(own.parent.parent)
         context.add_output_metadata({"stored_at": dg.MetadataValue.path(str(path))})
 
+    def _prune(self, runs: Path) -> None:
+        folders = sorted((p for p in runs.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+        for folder in folders[:-self.KEPT_RUNS]:
+            shutil.rmtree(folder, ignore_errors=True)
+
     def load_input(self, context: dg.InputContext) -> Any:
-        key = context.upstream_output.asset_key if context.upstream_output else context.asset_key
+        upstream = context.upstream_output
+        key = upstream.asset_key if upstream else context.asset_key
+        try:
+            run_id = upstream.run_id if upstream else None
+        except dg.DagsterInvariantViolationError:  # loaded from an earlier materialization
+            run_id = None
+        candidates = [self._run_path(key, run_id, s) for s in (".parquet", ".pkl")] if run_id else []
         parquet, pkl = self._path(key, ".parquet"), self._path(key, ".pkl")
-        if parquet.exists():
-            return pd.read_parquet(parquet)
-        if pkl.exists():
-            return pickle.loads(pkl.read_bytes())
+        for path in [*candidates, parquet, pkl]:
+            if path.exists():
+                return pd.read_parquet(path) if path.suffix == ".parquet" else pickle.loads(path.read_bytes())
         raise FileNotFoundError(f"asset {key.to_user_string()} has not been materialized yet "
                                 f"(no {parquet.name} or {pkl.name} under {parquet.parent}); materialize it first")

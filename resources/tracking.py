@@ -39,6 +39,24 @@ class TrackingError(TunelineError):
     """The tracking store cannot be used."""
 
 
+class TrackingUnavailable(TrackingError):
+    """The tracking server did not answer (refused, reset, timed out): an outage, worth a retry."""
+
+
+def is_outage(exc: BaseException | None) -> bool:
+    """Whether `exc`, or an error it wraps, says the tracking server could not be reached or did not answer in
+    time (MLflow raises its own exception from inside the `requests` error)."""
+    import requests
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, TrackingUnavailable | requests.exceptions.ConnectionError | requests.exceptions.Timeout):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def dagster_value(value: Any) -> Any:
     """A step's metadata value as Dagster shows it: Markdown, paths, JSON for lists and dicts, plain scalars."""
     if isinstance(value, Markdown):
@@ -159,7 +177,7 @@ class TrackingResource(dg.ConfigurableResource):
                 with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10) as response:
                     response.read()
             except (urllib.error.URLError, OSError, ValueError) as exc:
-                raise TrackingError(f"the MLflow tracking server at {uri} (from ${self.uri_env_var}) does not "
+                raise TrackingUnavailable(f"the MLflow tracking server at {uri} (from ${self.uri_env_var}) does not "
                                     f"answer: {exc}. Start it, fix the URI, or unset ${self.uri_env_var} to use "
                                     f"the embedded store in {Path(self.data_dir) / 'mlflow'}") from None
         else:
@@ -234,8 +252,33 @@ class TrackingResource(dg.ConfigurableResource):
                  "is gone: marked KILLED")
 
     @contextmanager
+    def _only_outages_retried(self) -> Iterator[None]:
+        """A tracking-server outage fails the step as TrackingUnavailable, which the assets' RetryPolicy retries;
+        any other error (bad data, a bad spec, a full disk, a bug) fails it for good, without retries."""
+        try:
+            yield
+        except (dg.Failure, dg.RetryRequested):
+            raise
+        except Exception as exc:
+            if isinstance(exc, TrackingUnavailable):
+                raise
+            if is_outage(exc):
+                raise TrackingUnavailable(
+                    f"the MLflow tracking server at {self.tracking_uri()} stopped answering: "
+                    f"{str(exc).splitlines()[0][:300]}. The step is retried; once the server is back, materialize "
+                    "again (training resumes from its last checkpoint)") from exc
+            raise dg.Failure(description=str(exc), allow_retries=False) from exc
+
+    @contextmanager
     def asset_run(self, context: dg.AssetExecutionContext, pipeline: str) -> Iterator[AssetRun]:
-        """An MLflow run for this materialization: FINISHED when the body returns, FAILED when it raises."""
+        """An MLflow run for this materialization: FINISHED when the body returns, FAILED when it raises (or left
+        to the next materialization to close, when the server is gone)."""
+        with self._only_outages_retried():
+            with self._tracked(context, pipeline) as tracked:
+                yield tracked
+
+    @contextmanager
+    def _tracked(self, context: dg.AssetExecutionContext, pipeline: str) -> Iterator[AssetRun]:
         client = self.client()
         experiment_id = self.experiment_id(client, pipeline)
         self._close_abandoned_runs(client, experiment_id, context.log.warning)
@@ -255,9 +298,10 @@ class TrackingResource(dg.ConfigurableResource):
         try:
             yield tracked
         except BaseException as exc:
-            client.set_tag(run.info.run_id, "tuneline.error", f"{type(exc).__name__}: {exc}"[:5000])
-            client.set_terminated(run.info.run_id, "FAILED")
-            client.set_terminated(parent, "FAILED")
+            if not is_outage(exc):  # a server that is gone cannot be told; the next materialization closes the run
+                client.set_tag(run.info.run_id, "tuneline.error", f"{type(exc).__name__}: {exc}"[:5000])
+                client.set_terminated(run.info.run_id, "FAILED")
+                client.set_terminated(parent, "FAILED")
             raise
         client.set_terminated(run.info.run_id, "FINISHED")
 
@@ -371,7 +415,31 @@ class TrackingResource(dg.ConfigurableResource):
         found = self.champion(pipeline)
         return checkpoint_from_folder(found[1], model_version=found[0]) if found else None
 
-    def apply_promotion(self, pipeline: str, report: EvaluationReport, checkpoint: CheckpointRecord) -> None:
-        """Move the champion alias to the checkpoint when the report says it should."""
-        if report.promotion.promote and checkpoint.model_version:
-            self.promote(pipeline, checkpoint.model_version, report.promotion.reason)
+    @contextmanager
+    def promotion_lock(self, pipeline: str) -> Iterator[None]:
+        """Held from reading the champion to moving the alias, so that two runs of a pipeline on this machine
+        decide one after the other (the second against the champion the first may have set)."""
+        lock_dir = Path(self.data_dir) / "mlflow" / "locks"
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        with (lock_dir / f"{pipeline}.promotion.lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def apply_promotion(self, pipeline: str, report: EvaluationReport, checkpoint: CheckpointRecord,
+                        evaluated_against: CheckpointRecord | None) -> EvaluationReport:
+        """Move the champion alias to the checkpoint when the report says it should, and only if the champion is
+        still the one the report compared with (compare-and-set: another machine may have moved it meanwhile);
+        otherwise the report says it was not promoted, and why. Returns the report as applied."""
+        if not (report.promotion.promote and checkpoint.model_version):
+            return report
+        current = self._champion_version(self.client(), pipeline)
+        now = None if current is None else str(current.version)
+        expected = evaluated_against.model_version if evaluated_against else None
+        if now != expected:
+            reason = (f"not promoted: the champion moved to v{now} while this run compared itself with "
+                      f"{'v' + str(expected) if expected else 'no champion'}; materialize evaluation_report again "
+                      "to compare with the new one")
+            return dataclasses.replace(report, promotion=dataclasses.replace(report.promotion, promote=False,
+                                                                             reason=reason))
+        self.promote(pipeline, checkpoint.model_version, report.promotion.reason)
+        return report

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 from tests.conftest import PROJECT_ROOT, tiny_spec
 from tests.test_bad_inputs import SPECS
@@ -112,3 +113,17 @@ def test_a_broken_spec_never_takes_the_other_pipelines_down(tmp_path: Path) -> N
     listed = tuneline("list", "--specs-dir", str(SPECS), home=tmp_path / "home")
     assert listed.returncode == 0 and "Traceback" not in listed.stderr
     assert "valid" in listed.stdout and all(name in listed.stdout + listed.stderr for name in broken)
+
+
+def test_the_instance_tuneline_creates_queues_runs_and_pools_training(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+
+    from pipelines.cli import ensure_dagster_home
+
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    home = ensure_dagster_home()
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
+        config = instance.get_concurrency_config()  # what the run queue daemon and the pools go by
+        assert config.run_queue_config.max_concurrent_runs == max(1, min(4, (os.cpu_count() or 2) // 2))
+        assert config.pool_config.default_pool_limit == 1

@@ -12,8 +12,8 @@ import math
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -220,6 +220,25 @@ class Resumable:
     def key_folder(self) -> Path:
         return self.folder / self.key
 
+    @contextmanager
+    def claimed(self) -> Iterator[bool]:
+        """Hold the key's lock while training (a second training of the same key at the same time must not use,
+        or remove, this one's checkpoints): yields False when another one holds it. A killed process's lock is
+        released by the system."""
+        import fcntl
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with (self.folder / f"{self.key}.lock").open("w") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
     def latest(self) -> Path | None:
         found = sorted(self.key_folder.glob(f"{RESUMABLE_PREFIX}*"), key=lambda p: int(p.name.split("-")[-1]))
         return found[-1] if found else None
@@ -227,9 +246,10 @@ class Resumable:
     def prepare(self, progress: ProgressFn) -> Path | None:
         """The newest complete checkpoint of this key, or None; says why training starts fresh, and removes what
         can never be resumed (other keys' folders, a save cut short)."""
-        others = [p for p in self.folder.glob("*") if p.is_dir() and p.name != self.key]
+        others = [p for p in self.folder.glob("*") if p.is_dir() and p.name != self.key and not _locked(p)]
         for other in others:
             shutil.rmtree(other, ignore_errors=True)
+            other.with_name(f"{other.name}.lock").unlink(missing_ok=True)
         for partial in self.key_folder.glob("checkpoint-*"):
             shutil.rmtree(partial, ignore_errors=True)
         latest = self.latest()
@@ -242,6 +262,23 @@ class Resumable:
     def discard(self) -> None:
         """Training finished and its result is saved: nothing is left to resume."""
         shutil.rmtree(self.key_folder, ignore_errors=True)
+        (self.folder / f"{self.key}.lock").unlink(missing_ok=True)
+
+
+def _locked(key_folder: Path) -> bool:
+    """Whether a training in another process holds the lock of this key folder (it is in use: not removable)."""
+    import fcntl
+
+    lock = key_folder.with_name(f"{key_folder.name}.lock")
+    if not lock.exists():
+        return False
+    with lock.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
 
 
 def _checkpoint_callback(resumable: Resumable, best: Any, progress: ProgressFn) -> Any:
@@ -250,7 +287,7 @@ def _checkpoint_callback(resumable: Resumable, best: Any, progress: ProgressFn) 
 
     class ResumableCheckpoints(TrainerCallback):
         def __init__(self) -> None:
-            self.last = time.monotonic()
+            self.last = self.requested = time.monotonic()
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             self.last = time.monotonic()
@@ -262,6 +299,7 @@ def _checkpoint_callback(resumable: Resumable, best: Any, progress: ProgressFn) 
             by_time = resumable.every_seconds is not None and time.monotonic() - self.last >= resumable.every_seconds
             if by_steps or by_time:
                 control.should_save = True
+                self.requested = time.monotonic()
 
         def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             written = Path(args.output_dir) / f"checkpoint-{state.global_step}"
@@ -271,7 +309,8 @@ def _checkpoint_callback(resumable: Resumable, best: Any, progress: ProgressFn) 
             for folder in older:
                 shutil.rmtree(folder, ignore_errors=True)
             self.last = time.monotonic()
-            progress(f"saved a resumable checkpoint at step {state.global_step} of {state.max_steps}")
+            progress(f"saved a resumable checkpoint at step {state.global_step} of {state.max_steps} "
+                     f"({self.last - self.requested:.2f} s)")
 
     return ResumableCheckpoints()
 
@@ -283,8 +322,13 @@ def run_trainer(make_trainer: Callable[[Path], Any], callback: Any, progress: Pr
     With `resumable`, checkpoints are saved as it says, and training resumes from the newest complete one of the
     same key (weights, optimizer, scheduler, RNG and the position in the data order, as the Trainer restores
     them; the best epoch so far from `callback`'s saved state)."""
-    with (nullcontext(str(resumable.key_folder)) if resumable
-          else tempfile.TemporaryDirectory(prefix="tuneline-trainer-")) as output_dir:
+    with ExitStack() as stack:
+        if resumable and not stack.enter_context(resumable.claimed()):
+            progress(f"another training of the same spec, data and base model is using {resumable.key_folder}; "
+                     "this one keeps no resumable checkpoints")
+            resumable = None
+        output_dir = stack.enter_context(nullcontext(str(resumable.key_folder)) if resumable
+                                         else tempfile.TemporaryDirectory(prefix="tuneline-trainer-"))
         start = resumable.prepare(progress) if resumable else None
         trainer = make_trainer(Path(output_dir))
         if trainer.args.disable_tqdm:  # without bars the Trainer prints every log dict; `callback` reports them

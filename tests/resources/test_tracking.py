@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -86,6 +87,19 @@ def test_two_materializations_track_register_and_gate(
     checkpoint2 = second.asset_value(dg.AssetKey(["tiny", "finetuned_checkpoint"]))
     assert version2.tags["tuneline.data_sha256"] == checkpoint2.data_sha256
     assert version2.tags["tuneline.checkpoint_sha256"] == checkpoint2.sha256
+
+    # Moving the alias is a compare-and-set on the champion the report compared with: a decision made against
+    # "no champion" (or an older one) never overwrites a champion set meanwhile.
+    forced = dataclasses.replace(report2, promotion=dataclasses.replace(report2.promotion, promote=True))
+    stale = tracking.apply_promotion("tiny", forced, checkpoint2, evaluated_against=None)
+    assert stale.promotion.promote is False
+    assert stale.promotion.reason.startswith("not promoted: the champion moved to v1 while this run compared itself "
+                                             "with no champion")
+    assert str(client.get_registered_model("tiny").aliases["champion"]) == "1"
+    checkpoint1 = first.asset_value(dg.AssetKey(["tiny", "finetuned_checkpoint"]))
+    assert tracking.apply_promotion("tiny", forced, checkpoint2, evaluated_against=checkpoint1).promotion.promote
+    assert str(client.get_registered_model("tiny").aliases["champion"]) == "2"
+    tracking.promote("tiny", "1", "back to the first, for the checks below")
 
     # One parent run per Dagster run, one FINISHED child per materialization, with the expected tags.
     experiment = client.get_experiment_by_name("tuneline/tiny")

@@ -1,0 +1,39 @@
+"""The IO manager: the latest value of each asset, and each run's own value, so that two runs of one pipeline at
+the same time never read each other's data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+
+from resources.storage import PipelineIOManager
+
+
+def load(manager: PipelineIOManager, key: dg.AssetKey, run_id: str | None) -> object:
+    upstream = dg.build_output_context(asset_key=key, run_id=run_id) if run_id else None
+    return manager.load_input(dg.build_input_context(asset_key=key, upstream_output=upstream))
+
+
+def test_each_run_reads_the_value_it_produced_and_others_read_the_latest(tmp_path: Path) -> None:
+    manager = PipelineIOManager(data_dir=str(tmp_path))
+    splits, record = dg.AssetKey(["p", "splits"]), dg.AssetKey(["p", "base_model"])
+    for run_id, rows in (("run-a", 3), ("run-b", 5)):  # run b finishes its write last: it is the latest
+        manager.handle_output(dg.build_output_context(asset_key=splits, run_id=run_id), pd.DataFrame({"x": range(rows)}))
+        manager.handle_output(dg.build_output_context(asset_key=record, run_id=run_id), {"rows": rows})
+    assert len(load(manager, splits, "run-a")) == 3 and load(manager, record, "run-a") == {"rows": 3}  # type: ignore
+    assert len(load(manager, splits, "run-b")) == 5 and load(manager, record, "run-b") == {"rows": 5}  # type: ignore
+    assert len(load(manager, splits, None)) == 5  # type: ignore[arg-type]
+    latest = tmp_path / "assets" / "p" / "splits.parquet"
+    own = tmp_path / "assets" / "p" / ".runs" / "run-a" / "splits.parquet"
+    assert latest.stat().st_ino != own.stat().st_ino and own.stat().st_nlink == 1  # a's value outlived b's write
+
+
+def test_only_the_last_runs_values_are_kept(tmp_path: Path) -> None:
+    manager = PipelineIOManager(data_dir=str(tmp_path))
+    key = dg.AssetKey(["p", "splits"])
+    for n in range(PipelineIOManager.KEPT_RUNS + 3):
+        manager.handle_output(dg.build_output_context(asset_key=key, run_id=f"run-{n:02d}"), pd.DataFrame({"x": [n]}))
+    kept = sorted(p.name for p in (tmp_path / "assets" / "p" / ".runs").iterdir())
+    assert kept == [f"run-{n:02d}" for n in range(3, PipelineIOManager.KEPT_RUNS + 3)]
