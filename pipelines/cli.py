@@ -132,7 +132,8 @@ def _process_tags() -> dict[str, str]:
 
 def _fail_abandoned_runs(instance: Any, job_name: str) -> None:
     """Runs of `job_name` that `tuneline run` started on this machine and whose process is gone (killed, crashed)
-    are still STARTED in the instance: report them failed, so the UI does not show them running forever."""
+    are still STARTED in the instance: report them failed, so the UI does not show them running forever, and free
+    the concurrency-pool slots they held."""
     import dagster as dg
 
     from pipelines.core.files import process_alive
@@ -144,6 +145,8 @@ def _fail_abandoned_runs(instance: Any, job_name: str) -> None:
         if pid and not process_alive(pid):
             instance.report_run_failed(run, message=f"the process that ran it (pid {pid} on {host}) ended without "
                                                     "finishing it: killed or crashed")
+            # Its claim on the `training` pool died with it: free the slot, or no training would start again.
+            instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
             print(f"note: Dagster run {run.run_id} was left running by process {pid}, which is gone: marked failed",
                   file=sys.stderr)
 
