@@ -59,7 +59,7 @@ def main() -> None:
         try:
             started = time.perf_counter()
             record = train_classifier(frame, base, run_spec, out / "ckpt", compute,
-                                      progress=lambda m: saves.append(m) if "resumable checkpoint" in m else None,
+                                      progress=lambda m: saves.append(m) if m.startswith("saved a resumable") else None,
                                       scratch=out / "scratch")
             wall = time.perf_counter() - started
         finally:
