@@ -82,6 +82,9 @@ def test_run_reports_a_failing_step(tmp_path: Path, tiny_model_dir: Path, write_
     assert lines[3].startswith("broken: Dagster run ") and lines[3].endswith(" failed; its events are in the "
                                                                               "Dagster UI (make ui)")
     assert not (tmp_path / "d" / "checkpoints").exists()
+    with dg.DagsterInstance.from_config(str(tmp_path / "home")) as instance:  # bad data is never retried
+        [run] = instance.get_runs()
+        assert not instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_UP_FOR_RETRY)
 
 
 def test_validate_reports_broken_spec(tmp_path: Path) -> None:

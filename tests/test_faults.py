@@ -146,24 +146,3 @@ def test_a_tracking_server_that_stops_during_training_fails_the_run_clearly_and_
     finally:
         stop(server)
 
-
-def test_bad_data_is_never_retried(tmp_path: Path, tiny_model_dir: Path, write_spec: Callable[..., Path]) -> None:
-    bad = tmp_path / "bad.csv"
-    bad.write_text("question,category\nwhat?,A\n")
-    spec = tiny_spec(bad, tiny_model_dir)
-    spec["task"] = {"text_column": "text", "label_column": "category"}
-    specs = write_spec("gate", spec)
-    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "home")}
-    env.pop("TUNELINE_TRACKING_URI", None)
-    out = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", "--pipeline", "gate", "--specs-dir",
-                          str(specs), "--data-dir", str(tmp_path / "d")], cwd=PROJECT_ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 1
-
-    import dagster as dg
-
-    with dg.DagsterInstance.from_config(str(tmp_path / "home")) as instance:
-        [run] = instance.get_runs()
-        assert not instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_UP_FOR_RETRY)
-        [failure] = instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_FAILURE)
-        assert failure.dagster_event.step_key == "gate__cleaned_dataset"

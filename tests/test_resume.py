@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from tests.assets.test_instruct import chat_spec
 from tests.conftest import PROJECT_ROOT, tiny_spec
 from tests.tiny_chat import tiny_chat_pairs, write_pairs_jsonl, write_tiny_chat_model
 
@@ -71,19 +72,11 @@ def classification_case(tmp_path: Path, trec_slice_csv: Path, tiny_model_dir: Pa
 
 
 def instruction_case(tmp_path: Path, trec_slice_csv: Path, tiny_model_dir: Path) -> dict[str, Any]:
-    data = write_pairs_jsonl(tmp_path / "raw" / "pairs.jsonl", tiny_chat_pairs())
-    model = write_tiny_chat_model(tmp_path / "tiny-chat")
-    return {
-        "source": {"kind": "local", "path": str(data)},
-        "task": {"type": "instruction_tuning"},
-        "splits": {"train": 0.7, "validation": 0.15, "test": 0.15, "seed": 3},
-        "quality": {"min_rows": 20, "split_tolerance": 0.1},
-        "base_model": {"model": {"source": "local", "path": str(model), "name": "tiny-chat"}},
-        "training": {"epochs": 4, "batch_size": 2, "learning_rate": 1e-2, "max_length": 64, "precision": "fp32",
-                     "logging_steps": 20, "checkpoint_every": 20,
-                     "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}},
-        "evaluation": {"max_new_tokens": 8, "sample_generations": 2},
-    }
+    # The instruction test's spec, in batches of 2: about 170 steps, checkpoints every 20.
+    spec = chat_spec(write_pairs_jsonl(tmp_path / "raw" / "pairs.jsonl", tiny_chat_pairs()),
+                     write_tiny_chat_model(tmp_path / "tiny-chat"))
+    spec["training"] = {**spec["training"], "epochs": 4, "batch_size": 2, "logging_steps": 20, "checkpoint_every": 20}
+    return spec
 
 
 CASES = {
