@@ -30,7 +30,7 @@ def resources_for(data_dir: Path, *, device: str = "auto", num_threads: int | No
         "io_manager": PipelineIOManager(data_dir=str(data_dir)),
         "storage": StorageResource(data_dir=str(data_dir)),
         "models": models or ModelStoreResource(project_root=str(project_root), cache_dir=str(data_dir / "models")),
-        "compute": ComputeResource(device=device, num_threads=num_threads),
+        "compute": ComputeResource(device=device, num_threads=num_threads, cache_dir=str(data_dir / "cache")),
         # The embedded MLflow store under data_dir, unless $TUNELINE_TRACKING_URI names another.
         "tracking": TrackingResource(data_dir=str(data_dir)),
     }

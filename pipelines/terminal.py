@@ -59,6 +59,11 @@ def quiet_libraries() -> None:
 
         disable_progress_bars()
         hf_logging.disable_progress_bar()
+        try:  # the datasets library (TRL maps its datasets) has bars of its own
+            from datasets.utils.logging import disable_progress_bar as disable_datasets_bars
+        except ImportError:
+            return
+        disable_datasets_bars()
 
 
 def _user_message(error: Any) -> str:

@@ -27,6 +27,7 @@ class ComputeResource(dg.ConfigurableResource):
 
     device: str = "auto"  # auto | cpu | cuda
     num_threads: int | None = None  # None: torch's default (all cores)
+    cache_dir: str | None = None  # where frozen-model embeddings are kept for reuse across steps (None: not kept)
 
     def settings(self, precision: str) -> ComputeSettings:
         device = self.device
@@ -37,4 +38,5 @@ class ComputeResource(dg.ConfigurableResource):
         if precision == "auto":
             supported = torch.cuda.is_bf16_supported() if device == "cuda" else cpu_supports_bf16()
             precision = "bf16" if supported else "fp32"
-        return ComputeSettings(device=device, precision=precision, num_threads=self.num_threads)
+        return ComputeSettings(device=device, precision=precision, num_threads=self.num_threads,
+                               cache_dir=self.cache_dir)

@@ -109,3 +109,19 @@ def write_spec(tmp_path: Path) -> Callable[..., Path]:
         return folder
 
     return write
+
+
+@pytest.fixture
+def trec_splits(trec_slice_csv: Path) -> Any:
+    """The TREC slice as the splits asset makes it (cleaned, split 80/10/10) for a classification spec."""
+    from pipelines.core.cleaning import clean
+    from pipelines.core.sources import read_file
+    from pipelines.core.spec import PipelineSpec
+    from pipelines.core.splitting import assign_splits
+    from pipelines.core.tasks.classification import select_examples
+
+    spec = PipelineSpec.model_validate({"name": "sel", "source": {"kind": "local", "path": "x.csv"},
+                                        "base_model": {"model": {"source": "local", "path": "unused"}},
+                                        "task": {"text_column": "question", "label_column": "category"}})
+    raw, _ = read_file(trec_slice_csv, "csv")
+    return assign_splits(clean(select_examples(raw, spec.task), spec.cleaning).frame, spec.splits).frame

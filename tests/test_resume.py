@@ -67,8 +67,10 @@ def weights(data_dir: Path, summary: dict[str, Any], files: tuple[str, ...]) -> 
 
 def classification_case(tmp_path: Path, trec_slice_csv: Path, tiny_model_dir: Path) -> dict[str, Any]:
     # Batches of 2 over ~280 training rows: about 420 steps, a few seconds on the tiny model, checkpoints every 20.
+    # Adapters on the top block only: training reads the lower block's cached outputs, and so does the resumed run.
     return tiny_spec(trec_slice_csv, tiny_model_dir, training={"batch_size": 2, "epochs": 3, "checkpoint_every": 20,
-                                                               "logging_steps": 20})
+                                                               "logging_steps": 20,
+                                                               "lora": {"r": 4, "alpha": 8, "top_layers": 1}})
 
 
 def instruction_case(tmp_path: Path, trec_slice_csv: Path, tiny_model_dir: Path) -> dict[str, Any]:

@@ -67,6 +67,7 @@ class CheckpointRecord:
     precision: str
     peak_memory_mb: float = 0.0
     history: tuple[dict[str, float], ...] = field(default_factory=tuple)
+    mfu: float = 0.0  # model FLOPs per second of training over this machine's measured matmul peak
     model_version: str | None = None  # the registry version, once registered
 
     def to_dict(self) -> dict[str, Any]:

@@ -302,6 +302,11 @@ class LoraSettingsConfig(Frozen):
     target_modules: tuple[str, ...] = Field(
         default=("query", "key", "value", "dense"),
         description="Names of the linear layers that get adapters.")
+    top_layers: int | None = Field(
+        default=None, ge=1,
+        description="Adapters on the top N transformer blocks only (None: every block). The blocks below stay "
+                    "frozen, so text classification computes them once per training run and trains on their "
+                    "cached outputs: each step is cheaper by about the frozen share of the model.")
 
 
 class TrainingConfig(Frozen):
@@ -319,6 +324,11 @@ class TrainingConfig(Frozen):
     precision: Literal["auto", "bf16", "fp32"] = Field(
         default="auto", description="'auto': bf16 autocast where the CPU or GPU supports it, else fp32.")
     group_by_length: bool = Field(default=True, description="Batch rows of similar length together.")
+    padding_free: bool = Field(
+        default=True, description="Instruction tuning: a batch's examples are concatenated into one row, each "
+                                  "with its own position ids and attention kept within it (TRL's padding_free), "
+                                  "so no step computes on padding. Text classification pads length-grouped "
+                                  "batches instead.")
     head_init: Literal["linear_probe", "random"] = Field(
         default="linear_probe",
         description="'linear_probe' starts the head from a logistic regression on frozen embeddings (LP-FT).")

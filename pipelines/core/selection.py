@@ -22,7 +22,7 @@ from pipelines.core.sections import BaseModelConfig, HubModelConfig, LocalModelC
 from pipelines.core.sources import combined_digest, sha256_file
 from pipelines.core.spec import PipelineSpec
 from pipelines.core.tasks import CandidateRejected, task_for
-from pipelines.core.trainer import ComputeSettings, ProgressFn
+from pipelines.core.trainer import STEP_EFFICIENCY, ComputeSettings, ProgressFn, matmul_rate, training_step_flops
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.pt", "*.pth")
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl"}
@@ -205,15 +205,21 @@ def resolve_base_model(cfg: BaseModelConfig, models: ModelAcquirer) -> BaseModel
 
 # ------------------------------------------------------------------------------------------- selection
 def linear_layer_names(folder: Path, auto_class: str, trust_remote_code: bool) -> set[str]:
-    """The names (last component) of every linear layer of the model, from a skeleton on the meta device
-    built by transformers' `auto_class` (AutoModel, AutoModelForCausalLM, ...)."""
+    """The full names of every linear layer of the model ('encoder.layer.0.attention.self.query'), from a
+    skeleton on the meta device built by transformers' `auto_class` (AutoModel, AutoModelForCausalLM, ...)."""
     import torch
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = getattr(transformers, auto_class).from_config(config, trust_remote_code=trust_remote_code)
-    return {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    return {name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+
+
+def names_a_layer(target: str, layer_names: set[str]) -> bool:
+    """Whether a LoRA target names one of the layers as peft matches it: the whole name or its last components
+    ('query', 'attention.output.dense')."""
+    return any(name == target or name.endswith("." + target) for name in layer_names)
 
 
 def select_base_model(spec: PipelineSpec, splits: pd.DataFrame, models: ModelAcquirer, compute: ComputeSettings,
@@ -232,7 +238,8 @@ def select_base_model(spec: PipelineSpec, splits: pd.DataFrame, models: ModelAcq
                                "reason": "", "license": None, "architecture": None, "task_supported": None,
                                "lora_targets": [], "parameter_count": None, "weight_format": None,
                                "weights_sha256": None, "estimated_memory_mb": None,
-                               "estimated_train_minutes": None, "seconds_per_step": None, "probe_metric": None, "probe_value": None,
+                               "estimated_train_minutes": None, "seconds_per_step": None, "train_minutes_from": None,
+                               "probe_metric": None, "probe_value": None,
                                "probe_score": None}
         rows.append(row)
         try:
@@ -245,11 +252,12 @@ def select_base_model(spec: PipelineSpec, splits: pd.DataFrame, models: ModelAcq
             if unsupported:
                 raise CandidateRejected(unsupported)
             found = linear_layer_names(Path(record.local_path), task.auto_model_class, record.trust_remote_code)
-            targets = tuple(t for t in training.lora.target_modules if t in found)
+            targets = tuple(t for t in training.lora.target_modules if names_a_layer(t, found))
             row["lora_targets"] = list(targets)
             if not targets:
                 raise CandidateRejected(f"none of training.lora.target_modules {list(training.lora.target_modules)} "
-                                        f"is a linear layer of this model; it has {sorted(found)}")
+                                        f"is a linear layer of this model; it has "
+                                        f"{sorted({n.rsplit('.', 1)[-1] for n in found})}")
             if cfg.max_parameters is not None and record.parameter_count > cfg.max_parameters:
                 raise CandidateRejected(f"{record.parameter_count:,} parameters exceed base_model.max_parameters "
                                         f"({cfg.max_parameters:,})")
@@ -261,15 +269,34 @@ def select_base_model(spec: PipelineSpec, splits: pd.DataFrame, models: ModelAcq
                                         f"memory_budget_mb ({cfg.memory_budget_mb:,.0f} MB) at batch "
                                         f"{training.batch_size} x {training.max_length} tokens")
             record = dataclasses.replace(record, lora_targets=targets)
-            progress(f"candidate {row['name']}: timing {cfg.probe.timed_steps} training steps")
-            seconds = task.time_train_step(record, spec, splits, compute, cfg.probe.timed_steps)
-            minutes = seconds * steps_per_epoch * training.epochs / 60
-            row["estimated_train_minutes"] = float(f"{minutes:.3g}")
-            row["seconds_per_step"] = float(f"{seconds:.3g}")
-            if cfg.max_train_minutes is not None and minutes > cfg.max_train_minutes:
+            steps = steps_per_epoch * training.epochs
+            tokens = task.mean_tokens(record, spec, splits)
+            flops = training_step_flops(config, record.parameter_count, training.batch_size, tokens,
+                                        task.predicts_tokens)
+            rate = matmul_rate(compute)
+            fastest, slowest = (flops / (rate * share) for share in reversed(STEP_EFFICIENCY))
+            limit = cfg.max_train_minutes
+            if limit is not None and fastest * steps / 60 > limit:
+                row.update(estimated_train_minutes=float(f"{fastest * steps / 60:.3g}"),
+                           seconds_per_step=float(f"{fastest:.3g}"), train_minutes_from="estimate (at least)")
+                raise CandidateRejected(
+                    f"estimated training time of at least {fastest * steps / 60:.1f} min ({flops / 1e9:,.1f} GFLOP "
+                    f"per step of {training.batch_size} x {tokens:.0f} tokens at {STEP_EFFICIENCY[1]:.0%} of this "
+                    f"machine's {rate / 1e9:,.0f} GFLOP/s, x {steps:,.0f} steps) exceeds base_model.max_train_minutes "
+                    f"({limit:g}); rejected from the estimate, without timing a step")
+            if limit is None or slowest * steps / 60 <= limit:  # within the limit even at the pessimistic rate
+                seconds, source = slowest, "estimate (at most)"
+            else:
+                progress(f"candidate {row['name']}: timing {cfg.probe.timed_steps} training steps (estimated "
+                         f"{fastest * steps / 60:.1f}-{slowest * steps / 60:.1f} min, the limit is {limit:g})")
+                seconds, source = task.time_train_step(record, spec, splits, compute, cfg.probe.timed_steps), "timed"
+            minutes = seconds * steps / 60
+            row.update(estimated_train_minutes=float(f"{minutes:.3g}"), seconds_per_step=float(f"{seconds:.3g}"),
+                       train_minutes_from=source)
+            if limit is not None and minutes > limit:
                 raise CandidateRejected(f"estimated training time {minutes:.1f} min ({seconds:.2f} s/step x "
-                                        f"{steps_per_epoch} steps x {training.epochs:g} epochs) exceeds "
-                                        f"base_model.max_train_minutes ({cfg.max_train_minutes:g})")
+                                        f"{steps_per_epoch} steps x {training.epochs:g} epochs, {source}) exceeds "
+                                        f"base_model.max_train_minutes ({limit:g})")
             row["verdict"] = "passed"
             passed.append((row, record))
         except (ModelSourceError, CandidateRejected) as exc:

@@ -161,12 +161,14 @@ def checkpoint_log(spec: PipelineSpec, record: CheckpointRecord) -> StepLog:
             "trainable_parameters": record.trainable_parameters,
             "train_seconds": round(record.train_seconds, 1),
             "tokens_per_second": round(record.tokens_per_second, 1),
+            "mfu": round(record.mfu, 4),  # model FLOPs/s over the machine's measured matmul peak
             "precision": record.precision,
             "validation_by_epoch": Markdown(task.history_table(record)),
             "peak_memory_mb": round(record.peak_memory_mb, 1),
             "model_version": f"{spec.name} v{record.model_version}",
         },
         metrics={"train_seconds": record.train_seconds, "tokens_per_second": record.tokens_per_second,
+                 "mfu": record.mfu,
                  "peak_memory_mb": record.peak_memory_mb, "trainable_parameters": record.trainable_parameters})
 
 

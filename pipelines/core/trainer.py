@@ -43,6 +43,7 @@ class ComputeSettings:
     device: str = "cpu"  # cpu | cuda
     precision: str = "fp32"  # bf16 | fp32
     num_threads: int | None = None
+    cache_dir: str | None = None  # where results worth reusing across steps are kept (frozen embeddings); None: not
 
     def apply(self) -> None:
         if self.num_threads:
@@ -69,15 +70,55 @@ def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
             sum(p.numel() for p in model.parameters()))
 
 
+def store_frozen_weights_for(model: torch.nn.Module, compute: ComputeSettings) -> int:
+    """Under bf16 autocast every matmul casts its fp32 weight to bf16, every step; the frozen weights never change,
+    so they are stored in bf16 once instead (the same values the matmuls saw; ~15% faster here). Trainable
+    weights (adapters, head) stay fp32 for the optimizer. Returns the number of parameters converted."""
+    if compute.precision != "bf16":
+        return 0
+    converted = 0
+    for parameter in model.parameters():
+        if not parameter.requires_grad and parameter.dtype == torch.float32:
+            parameter.data = parameter.data.to(torch.bfloat16)
+            converted += parameter.numel()
+    return converted
+
+
 # ------------------------------------------------------------------------------------- library objects
-def build_lora_config(cfg: LoraSettingsConfig, base: BaseModelRecord, peft_task_type: str) -> Any:
+def transformer_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    """The model's stack of transformer blocks (the module list as long as its config's num_hidden_layers) and
+    its name ('encoder.layer', 'layers')."""
+    config = model.config
+    count = int(getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 0) or 0)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == count and count > 0:
+            return name, module
+    raise CheckpointError(f"cannot find the {count} transformer blocks of {type(model).__name__} (training.lora."
+                          "top_layers needs them); leave top_layers unset for this model")
+
+
+def lora_layers(cfg: LoraSettingsConfig, num_layers: int) -> list[int] | None:
+    """The transformer blocks that get adapters: the top `cfg.top_layers` of `num_layers` (None: all)."""
+    if cfg.top_layers is None or cfg.top_layers >= num_layers:
+        return None
+    return list(range(num_layers - cfg.top_layers, num_layers))
+
+
+def build_lora_config(cfg: LoraSettingsConfig, base: BaseModelRecord, peft_task_type: str,
+                      model: torch.nn.Module | None = None) -> Any:
     """The one place a peft.LoraConfig is built: the spec's settings on the target modules this base model has
-    (selection found them), for the task's peft TaskType ('FEATURE_EXTRACTION', 'CAUSAL_LM', ...)."""
+    (selection found them), in the blocks of `model` that `lora.top_layers` names, for the task's peft TaskType
+    ('FEATURE_EXTRACTION', 'CAUSAL_LM', ...)."""
     from peft import LoraConfig, TaskType
 
     targets = base.lora_targets or cfg.target_modules
+    layers, pattern = None, None
+    if cfg.top_layers is not None and model is not None:
+        name, blocks = transformer_blocks(model)
+        layers, pattern = lora_layers(cfg, len(blocks)), name.rsplit(".", 1)[-1]
     return LoraConfig(task_type=TaskType[peft_task_type], r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                      target_modules=list(targets), bias="none")
+                      target_modules=list(targets), bias="none", layers_to_transform=layers,
+                      layers_pattern=pattern if layers else None)
 
 
 def common_training_arguments(cfg: TrainingConfig, output_dir: Path, compute: ComputeSettings,
@@ -393,6 +434,55 @@ def time_training_steps(model: torch.nn.Module, inputs: dict[str, torch.Tensor],
         if step:
             timings.append(time.perf_counter() - started)
     return sorted(timings)[len(timings) // 2]
+
+
+# The share of this machine's matmul peak (matmul_rate) a LoRA training step reaches: at least the first (small
+# models on short texts spend most of a step on per-operation overhead; ~10% measured for SmolLM2-135M and ~20% for
+# MiniLM-L6 before the speed levers), at most the second. Between the two bounds a few steps are timed.
+STEP_EFFICIENCY = (0.03, 0.6)
+_MATMUL_RATE: dict[tuple[str, str], float] = {}
+
+
+def matmul_rate(compute: ComputeSettings) -> float:
+    """This machine's matmul peak in FLOP/s: the best of a few 2048^3 products in the compute's precision (bf16 or
+    fp32 tensors, no autocast casts), measured once per process."""
+    key = (compute.device, compute.precision)
+    if key not in _MATMUL_RATE:
+        compute.apply()
+        dtype = torch.bfloat16 if compute.precision == "bf16" else torch.float32
+        a = torch.randn(2048, 2048, device=compute.device, dtype=dtype)
+        b = torch.randn(2048, 2048, device=compute.device, dtype=dtype)
+        best = math.inf
+        for _ in range(4):
+            started = time.perf_counter()
+            (a @ b).sum().item()
+            best = min(best, time.perf_counter() - started)
+        _MATMUL_RATE[key] = 2 * 2048**3 / best
+    return _MATMUL_RATE[key]
+
+
+def training_step_flops(config: dict[str, Any], parameters: int, batch_size: int, tokens: float,
+                        vocabulary_logits: bool, body_share: float = 1.0) -> float:
+    """FLOPs of one LoRA training step: forward and the backward pass for activations (frozen weights need no
+    weight gradients) through the non-embedding weights (`body_share` of them, when only some blocks run),
+    attention scores, and the vocabulary logits of a model that predicts tokens."""
+    hidden = int(config.get("hidden_size") or config.get("d_model") or 0)
+    layers = int(config.get("num_hidden_layers") or config.get("n_layer") or 0)
+    vocab = int(config.get("vocab_size") or 0)
+    body = max(parameters - vocab * hidden, parameters // 2) * body_share
+    per_token = (4 * body + 8 * layers * body_share * tokens * hidden
+                 + (4 * vocab * hidden if vocabulary_logits else 0))
+    return per_token * tokens * batch_size
+
+
+def model_flops_utilization(config: dict[str, Any], parameters: int, tokens: float, examples: int, seconds: float,
+                            vocabulary_logits: bool, compute: ComputeSettings, share: float = 1.0) -> float:
+    """MFU of a training run: the FLOPs its `tokens` (in `examples` examples) needed (training_step_flops, with
+    `share` of the transformer body run per step) per second, over this machine's matmul peak (matmul_rate)."""
+    if seconds <= 0 or examples <= 0 or tokens <= 0:
+        return 0.0
+    per_example = training_step_flops(config, parameters, 1, tokens / examples, vocabulary_logits, share)
+    return per_example * examples / seconds / matmul_rate(compute)
 
 
 # ------------------------------------------------------------------------------------- checkpoint files

@@ -10,14 +10,10 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from pipelines.core.cleaning import clean
-from pipelines.core.tasks.classification import select_examples
 from pipelines.core.errors import ModelSourceError
 from pipelines.core.records import BaseModelRecord
 from pipelines.core.selection import select_base_model
-from pipelines.core.sources import read_file
 from pipelines.core.spec import PipelineSpec
-from pipelines.core.splitting import assign_splits
 from pipelines.core.trainer import ComputeSettings
 from tests.conftest import store
 from tests.tiny_chat import write_tiny_chat_model
@@ -40,13 +36,6 @@ def spec_for(candidates: list[Path], task: str = "text_classification", **base: 
         data["training"]["max_length"] = 96
         data["training"]["lora"]["target_modules"] = ["query", "value", "q_proj", "v_proj"]
     return PipelineSpec.model_validate(data)
-
-
-@pytest.fixture
-def trec_splits(trec_slice_csv: Path) -> pd.DataFrame:
-    raw, _ = read_file(trec_slice_csv, "csv")
-    spec = spec_for([Path("unused")])
-    return assign_splits(clean(select_examples(raw, spec.task), spec.cleaning).frame, spec.splits).frame
 
 
 def copy_model(src: Path, dst: Path) -> Path:

@@ -71,24 +71,33 @@ def test_a_few_steps_change_only_lora_weights_and_prompts_carry_no_loss(smollm2:
     assert args.completion_only_loss and not args.gradient_checkpointing and not args.bf16
     trainer = SFTTrainer(model=peft_model, args=args, train_dataset=_dataset(rendered), processing_class=tokenizer)
 
-    # The batch the trainer builds: labels are -100 on every prompt token, the token ids on every response token.
+    # The batch the trainer builds is padding-free (the default): one row of the four examples, each starting at
+    # position 0; labels are -100 on every prompt token, the token ids on every response token.
+    assert args.padding_free
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
-    for i in range(4):
+    assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
+    starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
+    assert len(starts) == 4
+    for i, start in enumerate(starts):
         row = rendered.iloc[i]
         n_prompt, n_total = int(row["prompt_tokens"]), int(row["total_tokens"])
-        labels, ids = batch["labels"][i], batch["input_ids"][i]
+        labels, ids = batch["labels"][0][start:start + n_total], batch["input_ids"][0][start:start + n_total]
         assert (labels[:n_prompt] == -100).all()
         assert torch.equal(labels[n_prompt:n_total], ids[n_prompt:n_total])
         assert tokenizer.decode(ids[n_prompt:n_total]) == row["completion_rendered"]
-    # The model's loss on that batch is the mean over response tokens only.
+    # The model's loss on that batch is the mean over response tokens only, each example on its own.
     with torch.no_grad():
-        loss = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                          labels=batch["labels"]).loss
-        logits = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    shifted = batch["labels"][:, 1:]
-    manual = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), shifted.reshape(-1),
-                                               ignore_index=-100)
-    assert loss.item() == pytest.approx(manual.item(), rel=1e-4)
+        loss = peft_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                          labels=batch["labels"], use_cache=False).loss
+        manual_sum, count = 0.0, 0
+        for i, start in enumerate(starts):
+            n_total = int(rendered.iloc[i]["total_tokens"])
+            ids, labels = batch["input_ids"][:, start:start + n_total], batch["labels"][0, start:start + n_total]
+            logits = peft_model(input_ids=ids, use_cache=False).logits[0]
+            manual_sum += torch.nn.functional.cross_entropy(logits[:-1], labels[1:], ignore_index=-100,
+                                                            reduction="sum").item()
+            count += int((labels[1:] != -100).sum())
+    assert loss.item() == pytest.approx(manual_sum / count, rel=1e-4)
 
     result = trainer.train()
     assert result.global_step == 2 and result.training_loss > 0

@@ -133,7 +133,8 @@ def test_two_materializations_track_register_and_gate(
     assert by_asset["tiny/base_model"].data.params["base_model.name"] == "tiny-bert"
     train_run = by_asset["tiny/finetuned_checkpoint"]
     assert len(client.get_metric_history(train_run.info.run_id, "loss")) >= 2
-    assert {"eval_loss", "eval_accuracy", "tokens_per_second", "peak_memory_mb"} <= set(train_run.data.metrics)
+    assert {"eval_loss", "eval_accuracy", "tokens_per_second", "peak_memory_mb", "mfu"} <= set(train_run.data.metrics)
+    assert 0 < train_run.data.metrics["mfu"] < 1
     assert train_run.data.params["lora.r"] == "4"
     artifacts = {a.path for a in client.list_artifacts(train_run.info.run_id, "checkpoint")}
     assert "checkpoint/head.safetensors" in artifacts

@@ -79,6 +79,10 @@ class Task(Protocol):
         """Estimated training memory for one batch."""
         ...
 
+    def mean_tokens(self, record: BaseModelRecord, spec: PipelineSpec, splits: pd.DataFrame) -> float:
+        """Mean tokens per training example with this model's tokenizer (a train sample, at most max_length)."""
+        ...
+
     def time_train_step(self, record: BaseModelRecord, spec: PipelineSpec, splits: pd.DataFrame,
                         compute: ComputeSettings, steps: int) -> float:
         """Median seconds per LoRA training step of the real model on real rows."""

@@ -5,8 +5,11 @@ frozen embeddings (LP-FT) unless the spec says otherwise, so fine-tuning starts 
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -29,8 +32,9 @@ from pipelines.core.sections import Frozen
 from pipelines.core.splitting import sample_split
 from pipelines.core.tasks.base import PreparedData, TaskBase
 from pipelines.core.trainer import (ComputeSettings, MetricsSink, ProgressFn, Resumable, best_epoch_callback,
-                                    build_lora_config, checkpoint_digest, checkpoint_manifest, common_training_arguments,
-                                    peak_memory_mb, run_trainer, save_trained,
+                                    build_lora_config, checkpoint_digest, lora_layers, model_flops_utilization,
+                                    transformer_blocks, checkpoint_manifest, common_training_arguments,
+                                    peak_memory_mb, run_trainer, save_trained, store_frozen_weights_for,
                                     time_training_steps, trainable_parameters, verified_folder)
 
 if TYPE_CHECKING:
@@ -296,6 +300,7 @@ class PooledClassifier(nn.Module):
         self.pooling = pooling
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(hidden_size, num_labels)
+        self.frozen_lower: FrozenLowerBlocks | None = None
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
               token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -304,13 +309,136 @@ class PooledClassifier(nn.Module):
         return pool(out.last_hidden_state, attention_mask, self.pooling)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> Any:
+                token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                rows: torch.Tensor | None = None) -> Any:
+        """`rows`: the batch's row numbers, while training on cached frozen blocks (FrozenLowerBlocks)."""
         from transformers.modeling_outputs import SequenceClassifierOutput
+
+        if rows is not None and self.frozen_lower is not None:
+            self.frozen_lower.select(rows, attention_mask)
 
         logits = self.head(self.dropout(self.embed(input_ids, attention_mask, token_type_ids)))
         loss = (F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing if self.training else 0.0)
                 if labels is not None else None)
         return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+class _PassThrough(nn.Module):
+    """Stands in for a frozen block whose output is cached: returns its input hidden states."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
+
+
+class FrozenLowerBlocks:
+    """The outputs of the frozen blocks below the first adapted one, computed once for every row and fed to that
+    block during training instead of recomputing them at every step.
+
+    The blocks below `cut` have no trainable weights, so their output for a text is the same every epoch (in eval
+    mode: the frozen blocks' dropout is off). `compute` runs them once over the rows (length-sorted batches);
+    `attached()` swaps them for pass-throughs and makes block `cut` read the cached states of the rows the model
+    is given (`select(rows, attention_mask)`), placed at the mask's real-token positions (left or right padding).
+    """
+
+    def __init__(self, encoder: nn.Module, cut: int) -> None:
+        self.blocks = transformer_blocks(encoder)[1]
+        self.cut = cut
+        self.states: list[torch.Tensor] = []
+        self.batch: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @contextmanager
+    def _capturing(self, encoder: nn.Module, upper_too: bool) -> Iterator[list[torch.Tensor]]:
+        """Collects the output of block cut-1 at every forward pass (the blocks above are skipped unless
+        `upper_too`: then the pass also yields the model's own output, e.g. embeddings)."""
+        captured: list[torch.Tensor] = []
+        hook = self.blocks[self.cut - 1].register_forward_hook(
+            lambda module, args, output: captured.append(output[0] if isinstance(output, tuple) else output))
+        upper = list(self.blocks[self.cut:])
+        try:
+            if not upper_too:
+                for i in range(self.cut, len(self.blocks)):
+                    self.blocks[i] = _PassThrough()
+            yield captured
+        finally:
+            hook.remove()
+            for offset, block in enumerate(upper):
+                self.blocks[self.cut + offset] = block
+
+    def _keep(self, captured: list[torch.Tensor], masks: list[torch.Tensor], lengths: Sequence[int],
+              batch_size: int, compute: ComputeSettings) -> None:
+        dtype = torch.bfloat16 if compute.precision == "bf16" else torch.float32
+        states: list[torch.Tensor | None] = [None] * len(lengths)
+        for batch, hidden, mask in zip(_batches_by_length(lengths, batch_size), captured, masks, strict=True):
+            for row, i in enumerate(batch):
+                states[i] = hidden[row][mask[row].to(hidden.device)].to(dtype).cpu()
+        self.states.extend(states)  # type: ignore[arg-type]
+
+    @torch.no_grad()
+    def append(self, encoder: nn.Module, tokenizer: Any, texts: Sequence[str], max_length: int,
+               compute: ComputeSettings, batch_size: int = 128) -> None:
+        """Compute the frozen blocks' outputs for `texts` (the next rows) and keep them."""
+        masks: list[torch.Tensor] = []
+
+        def fn(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+            encoder(**inputs)
+            masks.append(inputs["attention_mask"].bool())
+            return inputs["attention_mask"][:, :1].float()
+
+        encoder.eval().to(torch.device(compute.device))
+        with self._capturing(encoder, upper_too=False) as captured:
+            _forward_batches(fn, tokenizer, texts, max_length, batch_size, compute, torch.device(compute.device))
+        lengths = [len(ids) for ids in tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]]
+        self._keep(captured, masks, lengths, batch_size, compute)
+
+    @torch.no_grad()
+    def embed_and_append(self, encoder: nn.Module, tokenizer: Any, texts: Sequence[str], pooling: str,
+                         max_length: int, compute: ComputeSettings, batch_size: int = 128) -> np.ndarray:
+        """`embed_texts` (the same batches, so the same values) that keeps the frozen blocks' outputs on the way."""
+        masks: list[torch.Tensor] = []
+
+        def fn(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+            masks.append(inputs["attention_mask"].bool())
+            return pool(encoder(**inputs).last_hidden_state, inputs["attention_mask"], pooling)
+
+        encoder.eval().to(torch.device(compute.device))
+        with self._capturing(encoder, upper_too=True) as captured:
+            result = _forward_batches(fn, tokenizer, texts, max_length, batch_size, compute,
+                                      torch.device(compute.device))
+        lengths = [len(ids) for ids in tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]]
+        self._keep(captured, masks, lengths, batch_size, compute)
+        return result
+
+    @property
+    def megabytes(self) -> float:
+        return sum(t.numel() * t.element_size() for t in self.states) / 2**20
+
+    def select(self, rows: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        self.batch = (rows, attention_mask)
+
+    def _feed(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self.batch is None:
+            raise RuntimeError("FrozenLowerBlocks: the model was called without the rows of the batch")
+        rows, mask = self.batch
+        hidden = args[0] if args else kwargs["hidden_states"]
+        fed = torch.zeros(mask.shape[0], mask.shape[1], hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
+        fed[mask.bool()] = torch.cat([self.states[int(r)] for r in rows]).to(hidden.device, hidden.dtype)
+        if args:
+            return (fed, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": fed}
+
+    @contextmanager
+    def attached(self) -> Iterator[None]:
+        lower = list(self.blocks[:self.cut])
+        for i in range(self.cut):
+            self.blocks[i] = _PassThrough()
+        hook = self.blocks[self.cut].register_forward_pre_hook(self._feed, with_kwargs=True)
+        try:
+            yield
+        finally:
+            hook.remove()
+            for i, block in enumerate(lower):
+                self.blocks[i] = block
+            self.batch = None
 
 
 def load_encoder(base: BaseModelRecord) -> nn.Module:
@@ -365,6 +493,58 @@ def embed_texts(encoder: nn.Module, tokenizer: Any, texts: Sequence[str], poolin
     return _forward_batches(fn, tokenizer, texts, max_length, batch_size, compute, device)
 
 
+EMBEDDING_CACHE_FILES = 32  # the newest files kept in the embedding cache
+
+
+def frozen_embeddings(base: BaseModelRecord, texts: Sequence[str], max_length: int, compute: ComputeSettings,
+                      batch_size: int = 128, load: Callable[[], tuple[nn.Module, Any]] | None = None,
+                      pooling: str | None = None, lower: FrozenLowerBlocks | None = None) -> np.ndarray:
+    """Pooled embeddings of `texts` by the frozen base model, kept in compute.cache_dir so that the steps which
+    need the same ones (the linear-probe head of training, the linear-probe baseline of evaluation) compute them
+    once. The cache key is everything the result depends on (weights digest, pooling, length, precision, device,
+    batch size, torch version and the texts in order), so a hit returns exactly what computing would.
+    `load` returns the (encoder, tokenizer), called on a miss only (default: load them from the base model).
+    With `lower`, the outputs of its frozen blocks for `texts` are kept too (from the same pass on a miss)."""
+    import hashlib
+
+    from pipelines.core.files import write_bytes_atomic
+
+    pooling = pooling or base.pooling
+    cache = Path(compute.cache_dir) / "embeddings" if compute.cache_dir else None
+    path = None
+    if cache is not None:
+        digest = hashlib.sha256("\0".join([base.weights_sha256, pooling, str(max_length), compute.precision,
+                                           compute.device, str(batch_size), torch.__version__]).encode())
+        digest.update(b"\1".join(t.encode("utf-8", "surrogatepass") for t in texts))
+        path = cache / f"{digest.hexdigest()[:32]}.npy"
+        if path.is_file():
+            try:
+                found = np.load(path, allow_pickle=False)
+                if found.shape[0] == len(texts):
+                    path.touch()
+                    if lower is not None:
+                        encoder, tokenizer = load() if load else (load_encoder(base), load_tokenizer(base.local_path))
+                        lower.append(encoder, tokenizer, texts, max_length, compute, batch_size)
+                    return found
+            except (OSError, ValueError):  # a damaged file is recomputed and replaced
+                pass
+    encoder, tokenizer = load() if load else (load_encoder(base), load_tokenizer(base.local_path))
+    result = (lower.embed_and_append(encoder, tokenizer, texts, pooling, max_length, compute, batch_size) if lower
+              else embed_texts(encoder, tokenizer, texts, pooling, max_length, compute, batch_size))
+    if path is not None:
+        import io
+
+        buffer = io.BytesIO()
+        np.save(buffer, result, allow_pickle=False)
+        try:
+            write_bytes_atomic(path, buffer.getvalue())
+            for old in sorted(cache.glob("*.npy"), key=lambda p: p.stat().st_mtime)[:-EMBEDDING_CACHE_FILES]:
+                old.unlink(missing_ok=True)
+        except OSError:  # a cache that cannot be written costs time, never the result
+            pass
+    return result
+
+
 def fit_linear_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray | None,
                      val_y: np.ndarray | None, seed: int) -> Any:
     """Logistic regression on frozen embeddings; C chosen on validation when there is one."""
@@ -405,12 +585,14 @@ def _classification_metrics(eval_pred: Any) -> dict[str, float]:
             "weighted_f1": float(f1_score(labels, preds, average="weighted", zero_division=0))}
 
 
-def _tokenized(tokenizer: Any, texts: Sequence[str], labels: Sequence[int], max_length: int) -> Any:
+def _tokenized(tokenizer: Any, texts: Sequence[str], labels: Sequence[int], max_length: int,
+               rows: Sequence[int]) -> Any:
     from datasets import Dataset
 
     encoded = tokenizer(list(texts), truncation=True, max_length=max_length)
     columns = {k: encoded[k] for k in encoded.keys()}
     columns["labels"] = list(labels)
+    columns["rows"] = list(rows)  # where the row's cached frozen-block states are (FrozenLowerBlocks)
     return Dataset.from_dict(columns)
 
 
@@ -443,25 +625,44 @@ def train_classifier(splits: pd.DataFrame, base: BaseModelRecord, spec: Pipeline
     encoder = load_encoder(base)
     model = PooledClassifier(encoder, base.pooling, len(labels), base.hidden_size, label_smoothing=cfg.label_smoothing)
 
+    num_layers = len(transformer_blocks(encoder)[1]) if cfg.lora.top_layers else None
+    adapted = lora_layers(cfg.lora, num_layers) if num_layers else None
+    # The blocks below the adapters never change: their outputs are computed once (with the linear probe's
+    # embeddings, in the same pass), not at every step of every epoch.
+    lower = FrozenLowerBlocks(encoder, adapted[0]) if adapted else None
+    started = time.monotonic()
     if cfg.head_init == "linear_probe":
         progress(f"linear probe: embedding {len(train) + len(validation)} rows with the frozen base model")
-        train_x = embed_texts(encoder, tokenizer, train["text"].tolist(), base.pooling, cfg.max_length, compute)
-        val_x = (embed_texts(encoder, tokenizer, validation["text"].tolist(), base.pooling, cfg.max_length,
-                             compute) if len(validation) else None)
+        train_x = frozen_embeddings(base, train["text"].tolist(), cfg.max_length, compute,
+                                    load=lambda: (encoder, tokenizer), lower=lower)
+        val_x = (frozen_embeddings(base, validation["text"].tolist(), cfg.max_length, compute,
+                                   load=lambda: (encoder, tokenizer), lower=lower) if len(validation) else None)
         probe = fit_linear_probe(train_x, train["label"].map(index).to_numpy(), val_x,
                                  validation["label"].map(index).to_numpy() if len(validation) else None, cfg.seed)
         _head_from_probe(model.head, probe, len(labels))
         if val_x is not None:
             progress(f"linear probe: validation accuracy {probe.score(val_x, validation['label'].map(index)):.4f}")
 
-    model.encoder = get_peft_model(encoder, build_lora_config(cfg.lora, base, "FEATURE_EXTRACTION"))
+    elif lower is not None:
+        lower.append(encoder, tokenizer, train["text"].tolist() + validation["text"].tolist(), cfg.max_length,
+                     compute)
+    if lower is not None:
+        progress(f"frozen blocks 0-{lower.cut - 1}: computed once for {len(lower.states)} rows "
+                 f"({lower.megabytes:.0f} MB; {time.monotonic() - started:.1f} s with the linear probe); each step "
+                 f"runs blocks {lower.cut}-{num_layers - 1}")
+    model.encoder = get_peft_model(encoder, build_lora_config(cfg.lora, base, "FEATURE_EXTRACTION", encoder))
+    store_frozen_weights_for(model, compute)
     trainable, total = trainable_parameters(model)
-    progress(f"LoRA r={cfg.lora.r}: {trainable:,} trainable of {total:,} parameters "
-             f"({trainable / total:.2%}); pooling={base.pooling}; precision={compute.precision}")
+    progress(f"LoRA r={cfg.lora.r}" + (f" on blocks {adapted[0]}-{adapted[-1]} of {num_layers}" if adapted else "")
+             + f": {trainable:,} trainable of {total:,} parameters ({trainable / total:.2%}); pooling={base.pooling}; "
+             f"precision={compute.precision}")
 
-    train_ds = _tokenized(tokenizer, train["text"].tolist(), train["label"].map(index).tolist(), cfg.max_length)
+    model.frozen_lower = lower
+    rows = list(range(len(train) + len(validation)))
+    train_ds = _tokenized(tokenizer, train["text"].tolist(), train["label"].map(index).tolist(), cfg.max_length,
+                          rows[:len(train)])
     val_ds = (_tokenized(tokenizer, validation["text"].tolist(), validation["label"].map(index).tolist(),
-                         cfg.max_length) if len(validation) else None)
+                         cfg.max_length, rows[len(train):]) if len(validation) else None)
     head_ids = {id(p) for p in model.head.parameters()}
     adapter_params = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
     optimizer = torch.optim.AdamW([
@@ -480,7 +681,9 @@ def train_classifier(splits: pd.DataFrame, base: BaseModelRecord, spec: Pipeline
 
     data_sha256 = frame_digest(splits)  # the same digest the splits asset reports: lineage joins on it
     resumable = Resumable.for_run(scratch, cfg, spec.spec_hash, data_sha256, base.weights_sha256)
-    outcome = run_trainer(make_trainer, callback, progress, select_by, resumable)
+    with model.frozen_lower.attached() if model.frozen_lower else nullcontext():
+        outcome = run_trainer(make_trainer, callback, progress, select_by, resumable)
+    model.frozen_lower = None  # the whole model again, for saving and inference
     real_tokens = float(sum(len(ids) for ids in train_ds["input_ids"])) * cfg.epochs
     model.eval()
 
@@ -496,13 +699,17 @@ def train_classifier(splits: pd.DataFrame, base: BaseModelRecord, spec: Pipeline
                                    pooling=model.pooling, hidden_size=model.head.in_features)
     path = save_trained(out_dir, write_files, manifest, spec.to_yaml(), outcome, resumable)
     speed = real_tokens / outcome.train_seconds if outcome.train_seconds > 0 else 0.0
-    progress(f"saved adapter and head to {path} ({speed:.0f} tokens/s, peak memory {peak_memory_mb():.0f} MB)")
+    mfu = model_flops_utilization(encoder.config.to_dict(), base.parameter_count, real_tokens,
+                                  int(len(train) * cfg.epochs), outcome.train_seconds, False, compute,
+                                  share=len(adapted) / num_layers if adapted and num_layers else 1.0)
+    progress(f"saved adapter and head to {path} ({speed:.0f} tokens/s, MFU {mfu:.1%}, peak memory "
+             f"{peak_memory_mb():.0f} MB)")
     return CheckpointRecord(
         path=str(path), task=NAME, sha256=checkpoint_digest(path, WEIGHT_FILES), base_model=base,
         spec_hash=spec.spec_hash, data_sha256=data_sha256, labels=labels, train_rows=len(train),
         validation_rows=len(validation), best_epoch=outcome.best_epoch, trainable_parameters=trainable,
         train_seconds=outcome.train_seconds, tokens_per_second=speed, precision=compute.precision,
-        peak_memory_mb=peak_memory_mb(), history=outcome.history)
+        peak_memory_mb=peak_memory_mb(), history=outcome.history, mfu=mfu)
 
 
 def load_classifier(record: CheckpointRecord) -> tuple[PooledClassifier, Any]:
@@ -615,11 +822,13 @@ def evaluate_classifier(splits: pd.DataFrame, checkpoint: CheckpointRecord, spec
         baselines["majority_class"] = classification_metrics(y_test, np.full(len(y_test), majority), len(labels))
     if "linear_probe" in spec.evaluation.baselines:
         base = checkpoint.base_model
-        encoder, base_tokenizer = load_encoder(base), load_tokenizer(base.local_path)
 
-        def embed(frame: pd.DataFrame) -> np.ndarray:
-            return embed_texts(encoder, base_tokenizer, frame["text"].tolist(), base.pooling, max_length, compute,
-                               batch)
+        @functools.cache
+        def frozen() -> tuple[nn.Module, Any]:  # loaded once, and only if an embedding is not cached
+            return load_encoder(base), load_tokenizer(base.local_path)
+
+        def embed(frame: pd.DataFrame) -> np.ndarray:  # train and validation as training embedded them: cached
+            return frozen_embeddings(base, frame["text"].tolist(), max_length, compute, load=frozen)
 
         probe = fit_linear_probe(embed(train), train["label"].map(index).to_numpy(),
                                  embed(validation) if len(validation) else None,
@@ -709,6 +918,12 @@ class ClassificationTask(TaskBase):
         if model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
             return f"cannot do {NAME}: transformers has no AutoModelForSequenceClassification for {model_type!r}"
         return None
+
+    def mean_tokens(self, record: BaseModelRecord, spec: PipelineSpec, splits: pd.DataFrame) -> float:
+        sample = sample_split(splits, "train", 256, spec.training.seed)
+        encoded = load_tokenizer(record.local_path)(sample["text"].tolist(), truncation=True,
+                                                    max_length=spec.training.max_length)
+        return float(np.mean([len(ids) for ids in encoded["input_ids"]])) if len(sample) else 1.0
 
     def time_train_step(self, record: BaseModelRecord, spec: PipelineSpec, splits: pd.DataFrame,
                         compute: ComputeSettings, steps: int) -> float:

@@ -37,8 +37,9 @@ from pipelines.core.splitting import SPLITS, sample_split
 from pipelines.core.tasks.base import CandidateRejected, PreparedData, TaskBase
 from pipelines.core.trainer import (ComputeSettings, MetricsSink, ProgressFn, Resumable, best_epoch_callback,
                                     build_lora_config, checkpoint_digest, checkpoint_manifest, common_training_arguments,
-                                    peak_memory_mb, run_trainer, save_trained,
-                                    time_training_steps, trainable_parameters, verified_folder)
+                                    lora_layers, model_flops_utilization, peak_memory_mb, run_trainer, save_trained,
+                                    store_frozen_weights_for, time_training_steps, trainable_parameters,
+                                    verified_folder)
 
 if TYPE_CHECKING:
     from pipelines.core.spec import PipelineSpec
@@ -335,7 +336,31 @@ def build_sft_config(cfg: Any, output_dir: Path, compute: ComputeSettings, has_v
     return SFTConfig(**common_training_arguments(cfg, output_dir, compute, has_validation, eval_batch_size),
                      gradient_checkpointing=False,  # a 135M model fits; checkpointing would cost ~30% speed
                      completion_only_loss=True,  # loss on the response tokens only (completion_mask)
-                     max_length=cfg.max_length, packing=False)
+                     # Padding-free batches: one row of concatenated examples with per-example position ids; the
+                     # model keeps attention within each example (TRL turns the KV cache off for it, which would
+                     # otherwise let packed examples see each other). Rendering already dropped or truncated
+                     # examples over max_length, which TRL does not enforce in this mode.
+                     padding_free=cfg.padding_free, max_length=None if cfg.padding_free else cfg.max_length,
+                     packing=False)
+
+
+def _sft_trainer_with_plain_loss() -> type:
+    """SFTTrainer whose loss is the model's own cross-entropy on the labels (prompt tokens masked by TRL's data
+    preparation), without TRL's chunked log-probability head and its per-token entropy and accuracy metrics.
+
+    The chunked head saves GPU memory on the logits; on a CPU, with memory to spare, it and its metrics were a
+    quarter of each step (profiled on SmolLM2-135M), so CPU training uses the plain loss."""
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    class PlainLossSFTTrainer(SFTTrainer):  # type: ignore[misc]
+        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            # The KV cache stays off: with it, examples packed into one row would attend to each other.
+            return Trainer.compute_loss(self, model, {**inputs, "use_cache": False}, return_outputs,
+                                        num_items_in_batch)
+
+    return PlainLossSFTTrainer
 
 
 def train_causal_lm(rendered: pd.DataFrame, base: BaseModelRecord, spec: PipelineSpec, out_dir: Path,
@@ -355,7 +380,8 @@ def train_causal_lm(rendered: pd.DataFrame, base: BaseModelRecord, spec: Pipelin
     validation = rendered[rendered["split"] == "validation"]
     model, tokenizer = load_causal_lm(base.local_path, base.trust_remote_code)
     ensure_chat_template(tokenizer)
-    model = get_peft_model(model, build_lora_config(cfg.lora, base, "CAUSAL_LM"))
+    model = get_peft_model(model, build_lora_config(cfg.lora, base, "CAUSAL_LM", model))
+    store_frozen_weights_for(model, compute)
     trainable, total = trainable_parameters(model)
     progress(f"LoRA r={cfg.lora.r} on {list(base.lora_targets or cfg.lora.target_modules)}: {trainable:,} trainable "
              f"of {total:,} parameters ({trainable / total:.2%}); precision={compute.precision}; {len(train)} train "
@@ -364,10 +390,12 @@ def train_causal_lm(rendered: pd.DataFrame, base: BaseModelRecord, spec: Pipelin
     val_ds = _dataset(validation) if len(validation) else None
     callback = best_epoch_callback(model, progress, sink, "loss", higher_is_better=False)
 
+    trainer_class = SFTTrainer if compute.device == "cuda" else _sft_trainer_with_plain_loss()
+
     def make_trainer(scratch: Path) -> Any:
         args = build_sft_config(cfg, scratch, compute, val_ds is not None, spec.evaluation.batch_size)
-        return SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-                          processing_class=tokenizer, callbacks=[callback])
+        return trainer_class(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
+                             processing_class=tokenizer, callbacks=[callback])
 
     data_sha256 = frame_digest(rendered)
     resumable = Resumable.for_run(scratch, cfg, spec.spec_hash, data_sha256, base.weights_sha256)
@@ -382,13 +410,19 @@ def train_causal_lm(rendered: pd.DataFrame, base: BaseModelRecord, spec: Pipelin
     manifest = checkpoint_manifest(NAME, base, spec.spec_hash, data_sha256, WEIGHT_FILES)
     path = save_trained(out_dir, write_files, manifest, spec.to_yaml(), outcome, resumable)
     speed = real_tokens / outcome.train_seconds if outcome.train_seconds > 0 else 0.0
-    progress(f"saved the adapter to {path} ({speed:.0f} tokens/s, peak memory {peak_memory_mb():.0f} MB)")
+    blocks = model.get_base_model().config.num_hidden_layers
+    adapted = len(lora_layers(cfg.lora, blocks) or range(blocks)) / blocks  # backward stops below the adapters
+    mfu = model_flops_utilization(model.get_base_model().config.to_dict(), base.parameter_count, real_tokens,
+                                  int(len(train) * cfg.epochs), outcome.train_seconds, True, compute,
+                                  share=(1 + adapted) / 2)
+    progress(f"saved the adapter to {path} ({speed:.0f} tokens/s, MFU {mfu:.1%}, peak memory {peak_memory_mb():.0f} "
+             "MB)")
     return CheckpointRecord(
         path=str(path), task=NAME, sha256=checkpoint_digest(path, WEIGHT_FILES), base_model=base,
         spec_hash=spec.spec_hash, data_sha256=data_sha256, labels=(), train_rows=len(train),
         validation_rows=len(validation), best_epoch=outcome.best_epoch, trainable_parameters=trainable,
         train_seconds=outcome.train_seconds, tokens_per_second=speed, precision=compute.precision,
-        peak_memory_mb=peak_memory_mb(), history=outcome.history)
+        peak_memory_mb=peak_memory_mb(), history=outcome.history, mfu=mfu)
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -663,6 +697,15 @@ class InstructionTuningTask(TaskBase):
             return (f"cannot do {NAME}: {architectures or config.get('model_type')} is not a causal language model "
                     "(no AutoModelForCausalLM head in its weights)")
         return None
+
+    def mean_tokens(self, record: BaseModelRecord, spec: PipelineSpec, splits: pd.DataFrame) -> float:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(record.local_path, trust_remote_code=record.trust_remote_code)
+        ensure_chat_template(tokenizer)
+        sample = sample_split(splits, "train", 256, spec.training.seed)
+        rendered = render_conversations(sample, tokenizer, spec.training.max_length, "truncate").frame
+        return float(rendered["total_tokens"].mean()) if len(rendered) else float(spec.training.max_length)
 
     def time_train_step(self, record: BaseModelRecord, spec: PipelineSpec, splits: pd.DataFrame,
                         compute: ComputeSettings, steps: int) -> float:

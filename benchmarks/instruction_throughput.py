@@ -1,0 +1,91 @@
+"""Instruction tuning throughput: the chatterbot pipeline trained as tuneline trained it before this benchmark's
+levers (the reference: padded length-grouped batches, LoRA dropout 0.05 on every block, fp32 frozen weights under
+bf16 autocast, TRL's chunked log-probability loss), then as the spec trains it now, in one process on the same
+splits.
+
+Prints real (non-padding) tokens per second, the best validation loss, MFU (model FLOPs per second over this
+machine's measured matmul peak) and the ratios.
+
+    .venv/bin/python benchmarks/instruction_throughput.py [--epochs 1] [--spec pipelines/specs/chatterbot_instruct.yaml]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.recipe_vs_tuneline import with_overrides  # noqa: E402
+from pipelines.core.selection import resolve_base_model  # noqa: E402
+from pipelines.core.sources import read_source  # noqa: E402
+from pipelines.core.spec import load_spec  # noqa: E402
+from pipelines.core.steps import split_dataset  # noqa: E402
+from pipelines.core.tasks import instruction, task_for  # noqa: E402
+from pipelines.core.trainer import ComputeSettings  # noqa: E402
+from resources.models import ModelStoreResource  # noqa: E402
+
+
+def main() -> None:
+    from pipelines.terminal import quiet_libraries
+
+    quiet_libraries()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--spec", default=str(ROOT / "pipelines" / "specs" / "chatterbot_instruct.yaml"))
+    parser.add_argument("--epochs", type=float, default=None, help="override training.epochs (default: the spec's)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    spec = load_spec(Path(args.spec))
+    if args.epochs:
+        spec = with_overrides(spec, [f"training.epochs={args.epochs}"])
+    task = task_for(spec)
+    raw, _ = read_source(spec.source, ROOT)
+    cleaned, _ = task.clean(raw, spec)
+    splits, _ = split_dataset(cleaned, spec)
+    models = ModelStoreResource(project_root=str(ROOT), cache_dir=str(ROOT / "data" / "models"))
+    base = resolve_base_model(spec.base_model, models)
+    rendered, _ = task.prepare(splits, base, spec)
+    compute = ComputeSettings("cpu", "bf16", args.threads)
+    from trl import SFTTrainer
+
+    lora = spec.training.lora
+    runs = [("before: padded, dropout 0.05, all blocks (reference)",
+             ["training.padding_free=false", "training.lora.dropout=0.05", "training.lora.top_layers=null"], True),
+            (f"now: padding-free, dropout {lora.dropout:g}, "
+             + (f"top {lora.top_layers} blocks" if lora.top_layers else "all blocks"), [], False)]
+    results = []
+    store, plain = instruction.store_frozen_weights_for, instruction._sft_trainer_with_plain_loss
+    for name, overrides, before in runs:
+        run_spec = with_overrides(spec, overrides)
+        if before:  # the kernel as it was: fp32 frozen weights, TRL's own loss
+            instruction.store_frozen_weights_for = lambda model, compute: 0
+            instruction._sft_trainer_with_plain_loss = lambda: SFTTrainer
+        out = Path(tempfile.mkdtemp(prefix="tuneline-bench-"))
+        try:
+            record = instruction.train_causal_lm(rendered, base, run_spec, out / "ckpt", compute,
+                                                 progress=lambda m: print(f"  {m}", file=sys.stderr, flush=True))
+        finally:
+            instruction.store_frozen_weights_for, instruction._sft_trainer_with_plain_loss = store, plain
+            shutil.rmtree(out, ignore_errors=True)
+        losses = [h["eval_loss"] for h in record.history if "eval_loss" in h]
+        results.append((name, record.tokens_per_second, record.train_seconds, min(losses) if losses else float("nan"),
+                        record.mfu))
+        print(f"{name}: {record.tokens_per_second:.0f} real tokens/s in {record.train_seconds:.1f} s", flush=True)
+
+    train_rows = int((rendered["split"] == "train").sum())
+    print(f"\n{spec.name}: {train_rows} train examples x {spec.training.epochs:g} epochs, "
+          f"batch {spec.training.batch_size}, {args.threads} threads")
+    print(f"{'run':56s} {'tokens/s':>9s} {'train s':>8s} {'val loss':>9s} {'MFU':>6s}")
+    for name, tps, seconds, loss, mfu in results:
+        print(f"{name:56s} {tps:9.0f} {seconds:8.1f} {loss:9.4f} {mfu:6.1%}")
+    (_, ref_tps, ref_s, ref_loss, _), (_, tps, seconds, loss, _) = results
+    print(f"{'ratio now / before':56s} {tps / ref_tps:8.2f}x {seconds / ref_s:7.2f}x {loss - ref_loss:+9.4f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Side by side, in one process, on the same splits: the Hugging Face documentation's LoRA recipe for sequence
+classification against tuneline's training of a spec, printing samples/s, wall seconds, test accuracy and
+macro-F1 of both and their ratios.
+
+The recipe (PEFT quicktour / sequence-classification guide): AutoModelForSequenceClassification with its
+default pooler head, LoRA r=8, alpha 16, dropout 0.1 on query/value (PEFT's default targets for BERT), AdamW at
+1e-3, weight decay 0.01, batch 32, 3 epochs, fp32, random order, DataCollatorWithPadding, evaluation each epoch,
+the last epoch's weights. tuneline: `train_classifier` exactly as the finetuned_checkpoint asset calls it, on the
+spec's own train and validation splits (the test split is never seen by either until scoring).
+
+samples/s = train rows x epochs / wall seconds of the whole training call (model loading, tokenizing, the
+linear-probe head and every per-epoch validation included), for both.
+
+    .venv/bin/python benchmarks/recipe_vs_tuneline.py                       # the default TREC pipeline
+    .venv/bin/python benchmarks/recipe_vs_tuneline.py --spec benchmarks/specs/banking77.yaml
+    .venv/bin/python benchmarks/recipe_vs_tuneline.py --set training.epochs=3 --skip-recipe
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
+
+from pipelines.core.selection import resolve_base_model  # noqa: E402
+from pipelines.core.sources import read_source  # noqa: E402
+from pipelines.core.spec import PipelineSpec, load_spec  # noqa: E402
+from pipelines.core.steps import split_dataset  # noqa: E402
+from pipelines.core.tasks import task_for  # noqa: E402
+from pipelines.core.tasks.classification import (classification_metrics, load_classifier, predict_proba,  # noqa: E402
+                                                 train_classifier)
+from pipelines.core.trainer import ComputeSettings  # noqa: E402
+from resources.models import ModelStoreResource  # noqa: E402
+
+RECIPE = {"r": 8, "alpha": 16, "dropout": 0.1, "targets": ["query", "value"], "learning_rate": 1e-3,
+          "weight_decay": 0.01, "batch_size": 32, "epochs": 3}
+
+
+def with_overrides(spec: PipelineSpec, overrides: list[str]) -> PipelineSpec:
+    """The spec with `section.key=value` overrides applied (values read as YAML), validated again."""
+    data = spec.model_dump(mode="json", exclude_none=True)
+    for item in overrides:
+        dotted, _, value = item.partition("=")
+        *parents, leaf = dotted.split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return PipelineSpec.model_validate({**data, "name": spec.name})
+
+
+def run_recipe(frame: pd.DataFrame, model_dir: str, max_length: int, threads: int, seed: int) -> dict[str, Any]:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
+                              TrainingArguments, set_seed)
+
+    torch.set_num_threads(threads)
+    set_seed(seed)
+    started = time.perf_counter()
+    labels = sorted(set(frame["label"]))
+    index = {label: i for i, label in enumerate(labels)}
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+
+    def dataset(part: pd.DataFrame) -> Any:
+        encoded = tokenizer(part["text"].tolist(), truncation=True, max_length=max_length)
+        return Dataset.from_dict({**{k: encoded[k] for k in encoded.keys()},
+                                  "labels": part["label"].map(index).tolist()})
+
+    train, validation = (frame[frame["split"] == s] for s in ("train", "validation"))
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=len(labels))
+    model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=RECIPE["r"], lora_alpha=RECIPE["alpha"],
+                                             lora_dropout=RECIPE["dropout"], target_modules=RECIPE["targets"]))
+    with tempfile.TemporaryDirectory(prefix="tuneline-recipe-") as out:
+        args = TrainingArguments(output_dir=out, learning_rate=RECIPE["learning_rate"],
+                                 per_device_train_batch_size=RECIPE["batch_size"], per_device_eval_batch_size=128,
+                                 num_train_epochs=RECIPE["epochs"], weight_decay=RECIPE["weight_decay"],
+                                 eval_strategy="epoch", save_strategy="no", report_to="none", use_cpu=True,
+                                 disable_tqdm=True, logging_strategy="no", seed=seed)
+        trainer = Trainer(model=model, args=args, train_dataset=dataset(train), eval_dataset=dataset(validation),
+                          data_collator=DataCollatorWithPadding(tokenizer))
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # no printed log dicts between the figures
+        trainer.train()
+    wall = time.perf_counter() - started
+    test = frame[frame["split"] == "test"]
+    model.eval()
+    predictions = trainer.predict(dataset(test)).predictions.argmax(-1)
+    metrics = classification_metrics(test["label"].map(index).to_numpy(), predictions, len(labels))
+    return {"name": "HF docs recipe (r=8 q/v, fp32, 3 epochs)", "rows": len(train), "epochs": RECIPE["epochs"],
+            "seconds": wall, **metrics}
+
+
+def run_tuneline(frame: pd.DataFrame, spec: PipelineSpec, threads: int) -> dict[str, Any]:
+    models = ModelStoreResource(project_root=str(ROOT), cache_dir=str(ROOT / "data" / "models"))
+    base = resolve_base_model(spec.base_model, models)
+    cfg = spec.training
+    compute = ComputeSettings("cpu", "fp32" if cfg.precision == "fp32" else "bf16", threads)
+    out = Path(tempfile.mkdtemp(prefix="tuneline-bench-"))
+    try:
+        started = time.perf_counter()
+        record = train_classifier(frame[frame["split"] != "test"], base, spec, out / "ckpt", compute,
+                                  progress=lambda m: print(f"  {m}", file=sys.stderr, flush=True))
+        wall = time.perf_counter() - started
+        test = frame[frame["split"] == "test"]
+        model, tokenizer = load_classifier(record)
+        predicted = predict_proba(model, tokenizer, test["text"].tolist(), cfg.max_length, compute).argmax(-1)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    index = {label: i for i, label in enumerate(record.labels)}
+    metrics = classification_metrics(test["label"].map(index).to_numpy(), predicted, len(record.labels))
+    lora = cfg.lora
+    return {"name": f"tuneline (r={lora.r}, {compute.precision}, {cfg.epochs:g} epochs, batch {cfg.batch_size})",
+            "rows": record.train_rows, "epochs": cfg.epochs, "seconds": wall, "trainer_seconds": record.train_seconds,
+            **metrics}
+
+
+def main() -> None:
+    from pipelines.terminal import quiet_libraries
+
+    quiet_libraries()  # no library progress bars or printed log dicts between the figures
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--spec", default=str(ROOT / "pipelines" / "specs" / "trec_questions.yaml"))
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a spec value for tuneline's run, e.g. training.epochs=3 (may repeat)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip-recipe", action="store_true", help="run tuneline only (no ratios)")
+    args = parser.parse_args()
+
+    spec = with_overrides(load_spec(Path(args.spec)), args.set)
+    task = task_for(spec)
+    raw, _ = read_source(spec.source, ROOT)
+    cleaned, _ = task.clean(raw, spec)
+    frame, _ = split_dataset(cleaned, spec)
+    counts = frame["split"].value_counts()
+    print(f"{spec.name}: train {counts.get('train', 0)}, validation {counts.get('validation', 0)}, "
+          f"test {counts.get('test', 0)} rows; {args.threads} threads", flush=True)
+
+    results = []
+    if not args.skip_recipe:
+        model_dir = resolve_base_model(spec.base_model, ModelStoreResource(
+            project_root=str(ROOT), cache_dir=str(ROOT / "data" / "models"))).local_path
+        results.append(run_recipe(frame, model_dir, spec.training.max_length, args.threads, spec.training.seed))
+        print(f"  recipe done in {results[-1]['seconds']:.1f} s", file=sys.stderr, flush=True)
+    results.append(run_tuneline(frame, spec, args.threads))
+
+    print(f"\n{'run':58s} {'samples/s':>9s} {'wall s':>7s} {'accuracy':>8s} {'macro-F1':>8s}")
+    for r in results:
+        r["samples_per_second"] = r["rows"] * r["epochs"] / r["seconds"]
+        print(f"{r['name']:58s} {r['samples_per_second']:9.1f} {r['seconds']:7.1f} {r['accuracy']:8.4f} "
+              f"{r['macro_f1']:8.4f}")
+    if len(results) == 2:
+        ref, ours = results
+        print(f"{'ratio tuneline / recipe':58s} {ours['samples_per_second'] / ref['samples_per_second']:8.2f}x "
+              f"{ours['seconds'] / ref['seconds']:6.2f}x {ours['accuracy'] - ref['accuracy']:+8.4f} "
+              f"{ours['macro_f1'] - ref['macro_f1']:+8.4f}")
+    tuned = results[-1]
+    print(f"(tuneline's Trainer alone: {tuned['trainer_seconds']:.1f} s; accuracy and macro-F1 differences are "
+          "absolute)")
+    if not np.isfinite(tuned["accuracy"]):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

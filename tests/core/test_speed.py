@@ -1,0 +1,198 @@
+"""What makes training fast must not change what it computes: cached frozen blocks give the model's own outputs,
+cached embeddings are the ones computing would give, padding-free batches give the padded batches' loss, and
+selection rejects from an estimate only what cannot fit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pipelines.core.errors import ModelSourceError
+from pipelines.core.sections import LoraSettingsConfig
+from pipelines.core.selection import resolve_base_model, select_base_model
+from pipelines.core.spec import parse_spec
+from pipelines.core.tasks.classification import (FrozenLowerBlocks, PooledClassifier, embed_texts, frozen_embeddings,
+                                                 load_classifier, load_encoder, load_tokenizer, predict_proba,
+                                                 train_classifier)
+from pipelines.core.trainer import ComputeSettings, build_lora_config, lora_layers, store_frozen_weights_for
+from tests.conftest import store
+from tests.core.test_candidates import rows, spec_for
+from tests.tiny_chat import write_tiny_chat_model
+
+FP32 = ComputeSettings("cpu", "fp32", 2)
+TEXTS = ["What is the capital of France?", "Who wrote Hamlet?", "How many legs does a spider have?",
+         "Where is the Eiffel Tower?", "Why is the sky blue?", "When did the war end?", "What does NASA stand for?"]
+
+
+def _spec(model_dir: Path, **training: object) -> object:
+    import json
+
+    return parse_spec(f"""\
+source: {{kind: local, path: unused.csv}}
+base_model:
+  model: {{source: local, path: {model_dir}}}
+training: {json.dumps({"epochs": 2, "batch_size": 4, "learning_rate": 5e-3, "max_length": 32, "precision": "fp32",
+                       "logging_steps": 2, "checkpoint_every": 0, **training})}
+""", name="speed", origin="speed.yaml")
+
+
+@pytest.mark.parametrize("decoder", [False, True], ids=["bert", "llama"])
+def test_cached_frozen_blocks_give_the_models_own_outputs(tmp_path: Path, tiny_model_dir: Path, decoder: bool) -> None:
+    from peft import get_peft_model
+
+    folder = write_tiny_chat_model(tmp_path / "llama") if decoder else tiny_model_dir
+    base = resolve_base_model(_spec(folder).base_model, store(tmp_path))  # type: ignore[attr-defined]
+    tokenizer = load_tokenizer(base.local_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    encoder = load_encoder(base)
+    model = PooledClassifier(encoder, base.pooling, 3, base.hidden_size)
+    lora = LoraSettingsConfig(r=4, alpha=8, dropout=0.0, target_modules=("query", "value", "q_proj", "v_proj"),
+                              top_layers=1)
+    assert lora_layers(lora, 2) == [1]
+    model.encoder = get_peft_model(encoder, build_lora_config(lora, base, "FEATURE_EXTRACTION", encoder))
+    with torch.no_grad():  # adapters that do something (peft starts B at zero)
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)
+    adapted = {name.split(".layer")[-1].split(".")[1] for name, p in model.named_parameters()
+               if p.requires_grad and "lora_" in name}
+    assert adapted == {"1"}, "only the top block has adapters"
+    model.eval()
+    batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    expected = model(**batch).logits
+
+    lower = FrozenLowerBlocks(model.encoder, 1)
+    lower.append(model.encoder, tokenizer, TEXTS[:4], 32, FP32, batch_size=3)  # other batches, other padding
+    lower.append(model.encoder, tokenizer, TEXTS[4:], 32, FP32, batch_size=3)
+    assert len(lower.states) == len(TEXTS) and lower.megabytes > 0
+    # The linear probe's embedding pass keeps the same states on the way, and embeds as embed_texts does.
+    both = FrozenLowerBlocks(model.encoder, 1)
+    embedded = both.embed_and_append(model.encoder, tokenizer, TEXTS, base.pooling, 32, FP32, batch_size=3)
+    assert np.array_equal(embedded, embed_texts(model.encoder, tokenizer, TEXTS, base.pooling, 32, FP32, 3))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(both.states, lower.states, strict=True))
+    assert type(both.blocks[1]).__name__ != "_PassThrough"
+    model.frozen_lower = lower
+    order = torch.tensor([4, 0, 6, 2, 1, 5, 3])  # rows in another order than they were computed
+    shuffled = tokenizer([TEXTS[i] for i in order], padding=True, return_tensors="pt")
+    with lower.attached():
+        assert all(type(b).__name__ == "_PassThrough" for b in list(lower.blocks)[:1])
+        cached = model(**shuffled, rows=order).logits
+        model.train()
+        loss = model(**shuffled, rows=order, labels=torch.zeros(len(TEXTS), dtype=torch.long)).loss
+        loss.backward()
+    assert torch.allclose(cached, expected[order], atol=1e-5), (cached - expected[order]).abs().max()
+    assert type(lower.blocks[0]).__name__ != "_PassThrough", "the frozen blocks are back after training"
+    grads = [p.grad for n, p in model.named_parameters() if p.requires_grad and "lora_A" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_training_on_the_top_blocks_saves_a_checkpoint_of_the_whole_model(tmp_path: Path, tiny_model_dir: Path,
+                                                                          trec_splits: pd.DataFrame) -> None:
+    spec = _spec(tiny_model_dir, lora={"r": 4, "alpha": 8, "dropout": 0.0, "top_layers": 1})
+    base = resolve_base_model(spec.base_model, store(tmp_path))  # type: ignore[attr-defined]
+    said: list[str] = []
+    record = train_classifier(trec_splits, base, spec, tmp_path / "ckpt", FP32, progress=said.append)  # type: ignore[arg-type]
+    assert any(m.startswith("frozen blocks 0-0: computed once for") for m in said), said
+    assert any("LoRA r=4 on blocks 1-1 of 2" in m for m in said)
+    assert record.mfu > 0 and record.history
+    from safetensors import safe_open
+
+    with safe_open(str(Path(record.path) / "adapter" / "adapter_model.safetensors"), "pt") as handle:
+        keys = list(handle.keys())
+    assert keys and all(".layer.1." in k for k in keys), keys
+    model, tokenizer = load_classifier(record)  # the whole model, the frozen block computed as usual
+    probabilities = predict_proba(model, tokenizer, TEXTS, 32, FP32)
+    assert probabilities.shape == (len(TEXTS), len(record.labels))
+    assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_frozen_embeddings_are_computed_once_and_keyed_by_what_they_depend_on(tmp_path: Path,
+                                                                              tiny_model_dir: Path) -> None:
+    base = resolve_base_model(_spec(tiny_model_dir).base_model, store(tmp_path))  # type: ignore[attr-defined]
+    compute = ComputeSettings("cpu", "fp32", 2, cache_dir=str(tmp_path / "cache"))
+    loads: list[int] = []
+
+    def load() -> tuple[object, object]:
+        loads.append(1)
+        return load_encoder(base), load_tokenizer(base.local_path)
+
+    first = frozen_embeddings(base, TEXTS, 32, compute, load=load)  # type: ignore[arg-type]
+    again = frozen_embeddings(base, TEXTS, 32, compute, load=load)  # type: ignore[arg-type]
+    assert len(loads) == 1 and np.array_equal(first, again)
+    assert len(list((tmp_path / "cache" / "embeddings").glob("*.npy"))) == 1
+    uncached = frozen_embeddings(base, TEXTS, 32, FP32)  # no cache folder: computed, nothing written
+    assert np.allclose(first, uncached, atol=1e-6)
+    frozen_embeddings(base, TEXTS[:-1], 32, compute, load=load)  # other texts
+    frozen_embeddings(base, TEXTS, 16, compute, load=load)  # another length
+    assert len(loads) == 3 and len(list((tmp_path / "cache" / "embeddings").glob("*.npy"))) == 3
+    damaged = next((tmp_path / "cache" / "embeddings").glob("*.npy"))
+    damaged.write_bytes(b"not an array")
+    frozen_embeddings(base, TEXTS, 32, compute, load=load)
+    frozen_embeddings(base, TEXTS[:-1], 32, compute, load=load)
+    frozen_embeddings(base, TEXTS, 16, compute, load=load)
+    assert len(loads) == 4, "only the damaged file is recomputed"
+
+
+def test_padding_free_batches_give_the_padded_batches_loss(tmp_path: Path) -> None:
+    """TRL's padding-free collation (one row, per-example position ids, no KV cache) keeps examples apart."""
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    folder = write_tiny_chat_model(tmp_path / "llama")
+    model = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    rng = np.random.default_rng(0)
+    examples = [{"input_ids": rng.integers(5, 300, size=n).tolist()} for n in (5, 11, 3, 8)]
+    padded = DataCollatorForLanguageModeling(pad_token_id=0)(examples)
+    flat = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(examples)
+    assert flat["input_ids"].shape == (1, 27) and "attention_mask" not in flat
+    flat["labels"][flat["position_ids"] == 0] = -100  # as padded: the first token of each example predicts nothing
+    with torch.no_grad():
+        padded_loss = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"],
+                            labels=padded["labels"], use_cache=False).loss
+        flat_loss = model(input_ids=flat["input_ids"], position_ids=flat["position_ids"], labels=flat["labels"],
+                          use_cache=False).loss
+        one_row = model(input_ids=flat["input_ids"], labels=flat["labels"], use_cache=False).loss  # no boundaries
+    assert torch.allclose(padded_loss, flat_loss, atol=1e-5), (padded_loss, flat_loss)
+    assert not torch.allclose(padded_loss, one_row, atol=1e-3), "without position ids the examples see each other"
+
+
+def test_bf16_frozen_weights_leave_trainable_ones_in_fp32(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from peft import get_peft_model
+
+    base = resolve_base_model(_spec(tiny_model_dir).base_model, store(tmp_path))  # type: ignore[attr-defined]
+    model = PooledClassifier(load_encoder(base), base.pooling, 3, base.hidden_size)
+    model.encoder = get_peft_model(model.encoder, build_lora_config(LoraSettingsConfig(r=4), base,
+                                                                    "FEATURE_EXTRACTION"))
+    assert store_frozen_weights_for(model, FP32) == 0
+    converted = store_frozen_weights_for(model, ComputeSettings("cpu", "bf16", 2))
+    assert converted == sum(p.numel() for p in model.parameters() if not p.requires_grad) > 0
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
+
+
+def test_selection_estimates_first_and_times_only_when_the_estimate_cannot_decide(
+        tmp_path: Path, tiny_model_dir: Path, trec_splits: pd.DataFrame) -> None:
+    said: list[str] = []
+    record = select_base_model(spec_for([tiny_model_dir]), trec_splits, store(tmp_path, tmp_path / "m"), FP32,
+                               progress=said.append)
+    row = rows(record)[tiny_model_dir.name]
+    assert row["train_minutes_from"] == "estimate (at most)" and row["estimated_train_minutes"] > 0
+    assert not any("timing 3 training steps" in m for m in said), "no limit: nothing to time"
+    at_most = row["estimated_train_minutes"]
+
+    said.clear()  # a limit between the optimistic and pessimistic estimates: the steps are timed
+    record = select_base_model(spec_for([tiny_model_dir], max_train_minutes=at_most / 2), trec_splits,
+                               store(tmp_path, tmp_path / "m"), FP32, progress=said.append)
+    row = rows(record)[tiny_model_dir.name]
+    assert row["train_minutes_from"] == "timed" and any("timing 3 training steps" in m for m in said)
+
+    said.clear()  # a limit below even the optimistic estimate: rejected without timing
+    with pytest.raises(ModelSourceError, match="rejected from the estimate, without timing a step"):
+        select_base_model(spec_for([tiny_model_dir], max_train_minutes=at_most / 1000), trec_splits,
+                          store(tmp_path, tmp_path / "m"), FP32, progress=said.append)
+    assert not any("timing 3 training steps" in m for m in said)
