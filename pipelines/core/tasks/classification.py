@@ -494,6 +494,7 @@ def embed_texts(encoder: nn.Module, tokenizer: Any, texts: Sequence[str], poolin
 
 
 EMBEDDING_CACHE_FILES = 32  # the newest files kept in the embedding cache
+FROZEN_STATES_BUDGET_MB = 4096  # the most memory the cached outputs of frozen blocks may take
 
 
 def frozen_embeddings(base: BaseModelRecord, texts: Sequence[str], max_length: int, compute: ComputeSettings,
@@ -630,6 +631,14 @@ def train_classifier(splits: pd.DataFrame, base: BaseModelRecord, spec: Pipeline
     # The blocks below the adapters never change: their outputs are computed once (with the linear probe's
     # embeddings, in the same pass), not at every step of every epoch.
     lower = FrozenLowerBlocks(encoder, adapted[0]) if adapted else None
+    if lower is not None:
+        tokens = sum(len(ids) for ids in tokenizer(train["text"].tolist() + validation["text"].tolist(),
+                                                   truncation=True, max_length=cfg.max_length)["input_ids"])
+        needed = tokens * base.hidden_size * (2 if compute.precision == "bf16" else 4) / 2**20
+        if needed > FROZEN_STATES_BUDGET_MB:
+            progress(f"frozen blocks 0-{lower.cut - 1}: not cached (their outputs would take {needed:,.0f} MB, over "
+                     f"{FROZEN_STATES_BUDGET_MB:,} MB); each step runs them")
+            lower = None
     started = time.monotonic()
     if cfg.head_init == "linear_probe":
         progress(f"linear probe: embedding {len(train) + len(validation)} rows with the frozen base model")
