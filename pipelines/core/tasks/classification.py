@@ -651,14 +651,14 @@ def train_classifier(splits: pd.DataFrame, base: BaseModelRecord, spec: Pipeline
         _head_from_probe(model.head, probe, len(labels))
         if val_x is not None:
             progress(f"linear probe: validation accuracy {probe.score(val_x, validation['label'].map(index)):.4f}")
-
     elif lower is not None:
         lower.append(encoder, tokenizer, train["text"].tolist() + validation["text"].tolist(), cfg.max_length,
                      compute)
     if lower is not None:
         progress(f"frozen blocks 0-{lower.cut - 1}: computed once for {len(lower.states)} rows "
-                 f"({lower.megabytes:.0f} MB; {time.monotonic() - started:.1f} s with the linear probe); each step "
-                 f"runs blocks {lower.cut}-{num_layers - 1}")
+                 f"({lower.megabytes:.0f} MB; {time.monotonic() - started:.1f} s"
+                 + (" with the linear probe" if cfg.head_init == "linear_probe" else "")
+                 + f"); each step runs blocks {lower.cut}-{num_layers - 1}")
     model.encoder = get_peft_model(encoder, build_lora_config(cfg.lora, base, "FEATURE_EXTRACTION", encoder))
     store_frozen_weights_for(model, compute)
     trainable, total = trainable_parameters(model)
