@@ -22,7 +22,8 @@ from pipelines.core.sections import BaseModelConfig, HubModelConfig, LocalModelC
 from pipelines.core.sources import combined_digest, sha256_file
 from pipelines.core.spec import PipelineSpec
 from pipelines.core.tasks import CandidateRejected, task_for
-from pipelines.core.trainer import STEP_EFFICIENCY, ComputeSettings, ProgressFn, matmul_rate, training_step_flops
+from pipelines.core.trainer import (STEP_EFFICIENCY, ComputeSettings, ProgressFn, matmul_rate, model_dimensions,
+                                    training_step_flops)
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.pt", "*.pth")
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl"}
@@ -189,7 +190,7 @@ def _record(folder: Path, name: str, source: str, revision: str | None, sha: str
     return BaseModelRecord(
         name=name, source=source, local_path=str(folder), revision=revision, weights_sha256=sha,
         license=license_id, parameter_count=parameters, architecture=str(architectures[0]), pooling=pooling,
-        pooling_declared_by=declared_by, hidden_size=int(config.get("hidden_size") or config.get("d_model") or 0),
+        pooling_declared_by=declared_by, hidden_size=model_dimensions(config)[0],
         max_position_embeddings=int(config.get("max_position_embeddings") or 512), gguf_file=gguf_file,
         weight_format=weight_format, model_type=str(config.get("model_type", "")),
         trust_remote_code=bool(remote) and cfg.trust_remote_code)

@@ -43,7 +43,7 @@ class ComputeSettings:
     device: str = "cpu"  # cpu | cuda
     precision: str = "fp32"  # bf16 | fp32
     num_threads: int | None = None
-    cache_dir: str | None = None  # where results worth reusing across steps are kept (frozen embeddings); None: not
+    cache_dir: str | None = None  # where results worth reusing across steps are kept (frozen embeddings); None: none
 
     def apply(self) -> None:
         if self.num_threads:
@@ -404,14 +404,19 @@ def run_trainer(make_trainer: Callable[[Path], Any], callback: Any, progress: Pr
 
 
 # ------------------------------------------------------------------------------------------ estimates
+def model_dimensions(config: dict[str, Any]) -> tuple[int, int, int, int]:
+    """(hidden size, layers, attention heads, vocabulary) of a config.json, under the names architectures use."""
+    return (int(config.get("hidden_size") or config.get("d_model") or 0),
+            int(config.get("num_hidden_layers") or config.get("n_layer") or 0),
+            int(config.get("num_attention_heads") or config.get("n_head") or 1),
+            int(config.get("vocab_size") or 0))
+
+
 def estimate_training_memory_mb(config: dict[str, Any], parameters: int, batch_size: int, length: int,
                                 precision: str, vocabulary_logits: bool) -> float:
     """Weights (fp32), activations kept for the backward pass (34·s·b·h + 5·a·s²·b bytes per layer at 16 bit,
     doubled for fp32) and, for models that predict tokens (`vocabulary_logits`), the logits with their gradient."""
-    hidden = int(config.get("hidden_size") or config.get("d_model") or 0)
-    layers = int(config.get("num_hidden_layers") or config.get("n_layer") or 0)
-    heads = int(config.get("num_attention_heads") or config.get("n_head") or 1)
-    vocab = int(config.get("vocab_size") or 0)
+    hidden, layers, heads, vocab = model_dimensions(config)
     scale = 1.0 if precision == "bf16" else 2.0
     activations = layers * (34 * length * batch_size * hidden + 5 * heads * length * length * batch_size) * scale
     logits = 3 * 4 * batch_size * length * vocab if vocabulary_logits else 0
@@ -466,9 +471,7 @@ def training_step_flops(config: dict[str, Any], parameters: int, batch_size: int
     """FLOPs of one LoRA training step: forward and the backward pass for activations (frozen weights need no
     weight gradients) through the non-embedding weights (`body_share` of them, when only some blocks run),
     attention scores, and the vocabulary logits of a model that predicts tokens."""
-    hidden = int(config.get("hidden_size") or config.get("d_model") or 0)
-    layers = int(config.get("num_hidden_layers") or config.get("n_layer") or 0)
-    vocab = int(config.get("vocab_size") or 0)
+    hidden, layers, _, vocab = model_dimensions(config)
     body = max(parameters - vocab * hidden, parameters // 2) * body_share
     per_token = (4 * body + 8 * layers * body_share * tokens * hidden
                  + (4 * vocab * hidden if vocabulary_logits else 0))

@@ -67,12 +67,12 @@ def test_cached_frozen_blocks_give_the_models_own_outputs(tmp_path: Path, tiny_m
     expected = model(**batch).logits
 
     lower = FrozenLowerBlocks(model.encoder, 1)
-    lower.append(model.encoder, tokenizer, TEXTS[:4], 32, FP32, batch_size=3)  # other batches, other padding
+    assert lower.append(model.encoder, tokenizer, TEXTS[:4], 32, FP32, batch_size=3) is None  # other batches
     lower.append(model.encoder, tokenizer, TEXTS[4:], 32, FP32, batch_size=3)
     assert len(lower.states) == len(TEXTS) and lower.megabytes > 0
     # The linear probe's embedding pass keeps the same states on the way, and embeds as embed_texts does.
     both = FrozenLowerBlocks(model.encoder, 1)
-    embedded = both.embed_and_append(model.encoder, tokenizer, TEXTS, base.pooling, 32, FP32, batch_size=3)
+    embedded = both.append(model.encoder, tokenizer, TEXTS, 32, FP32, batch_size=3, pooling=base.pooling)
     assert np.array_equal(embedded, embed_texts(model.encoder, tokenizer, TEXTS, base.pooling, 32, FP32, 3))
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(both.states, lower.states, strict=True))
     assert type(both.blocks[1]).__name__ != "_PassThrough"

@@ -335,9 +335,10 @@ class FrozenLowerBlocks:
     block during training instead of recomputing them at every step.
 
     The blocks below `cut` have no trainable weights, so their output for a text is the same every epoch (in eval
-    mode: the frozen blocks' dropout is off). `compute` runs them once over the rows (length-sorted batches);
-    `attached()` swaps them for pass-throughs and makes block `cut` read the cached states of the rows the model
-    is given (`select(rows, attention_mask)`), placed at the mask's real-token positions (left or right padding).
+    mode: the frozen blocks' dropout is off). `append` runs them once over the next rows (length-sorted batches,
+    alone or within the linear probe's embedding pass); `attached()` swaps them for pass-throughs and makes block
+    `cut` read the cached states of the rows the model is given (`select(rows, attention_mask)`), placed at the
+    mask's real-token positions (left or right padding).
     """
 
     def __init__(self, encoder: nn.Module, cut: int) -> None:
@@ -346,67 +347,41 @@ class FrozenLowerBlocks:
         self.states: list[torch.Tensor] = []
         self.batch: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    @contextmanager
-    def _capturing(self, encoder: nn.Module, upper_too: bool) -> Iterator[list[torch.Tensor]]:
-        """Collects the output of block cut-1 at every forward pass (the blocks above are skipped unless
-        `upper_too`: then the pass also yields the model's own output, e.g. embeddings)."""
+    @torch.no_grad()
+    def append(self, encoder: nn.Module, tokenizer: Any, texts: Sequence[str], max_length: int,
+               compute: ComputeSettings, batch_size: int = 128, pooling: str | None = None) -> np.ndarray | None:
+        """Compute the frozen blocks' outputs for `texts` (the next rows) and keep them. With `pooling`, the whole
+        model runs and its pooled embeddings are returned, exactly as `embed_texts` computes them (same batches);
+        without, the blocks above are skipped."""
         captured: list[torch.Tensor] = []
+        masks: list[torch.Tensor] = []
         hook = self.blocks[self.cut - 1].register_forward_hook(
             lambda module, args, output: captured.append(output[0] if isinstance(output, tuple) else output))
         upper = list(self.blocks[self.cut:])
+
+        def fn(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+            masks.append(inputs["attention_mask"].bool())
+            return pool(encoder(**inputs).last_hidden_state, inputs["attention_mask"], pooling or "mean")
+
+        device = torch.device(compute.device)
+        encoder.eval().to(device)
         try:
-            if not upper_too:
+            if pooling is None:
                 for i in range(self.cut, len(self.blocks)):
                     self.blocks[i] = _PassThrough()
-            yield captured
+            result = _forward_batches(fn, tokenizer, texts, max_length, batch_size, compute, device)
         finally:
             hook.remove()
             for offset, block in enumerate(upper):
                 self.blocks[self.cut + offset] = block
-
-    def _keep(self, captured: list[torch.Tensor], masks: list[torch.Tensor], lengths: Sequence[int],
-              batch_size: int, compute: ComputeSettings) -> None:
+        lengths = [len(ids) for ids in tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]]
         dtype = torch.bfloat16 if compute.precision == "bf16" else torch.float32
-        states: list[torch.Tensor | None] = [None] * len(lengths)
+        states: list[torch.Tensor | None] = [None] * len(texts)
         for batch, hidden, mask in zip(_batches_by_length(lengths, batch_size), captured, masks, strict=True):
-            for row, i in enumerate(batch):
+            for row, i in enumerate(batch):  # the batches _forward_batches ran, in its order
                 states[i] = hidden[row][mask[row].to(hidden.device)].to(dtype).cpu()
         self.states.extend(states)  # type: ignore[arg-type]
-
-    @torch.no_grad()
-    def append(self, encoder: nn.Module, tokenizer: Any, texts: Sequence[str], max_length: int,
-               compute: ComputeSettings, batch_size: int = 128) -> None:
-        """Compute the frozen blocks' outputs for `texts` (the next rows) and keep them."""
-        masks: list[torch.Tensor] = []
-
-        def fn(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-            encoder(**inputs)
-            masks.append(inputs["attention_mask"].bool())
-            return inputs["attention_mask"][:, :1].float()
-
-        encoder.eval().to(torch.device(compute.device))
-        with self._capturing(encoder, upper_too=False) as captured:
-            _forward_batches(fn, tokenizer, texts, max_length, batch_size, compute, torch.device(compute.device))
-        lengths = [len(ids) for ids in tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]]
-        self._keep(captured, masks, lengths, batch_size, compute)
-
-    @torch.no_grad()
-    def embed_and_append(self, encoder: nn.Module, tokenizer: Any, texts: Sequence[str], pooling: str,
-                         max_length: int, compute: ComputeSettings, batch_size: int = 128) -> np.ndarray:
-        """`embed_texts` (the same batches, so the same values) that keeps the frozen blocks' outputs on the way."""
-        masks: list[torch.Tensor] = []
-
-        def fn(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-            masks.append(inputs["attention_mask"].bool())
-            return pool(encoder(**inputs).last_hidden_state, inputs["attention_mask"], pooling)
-
-        encoder.eval().to(torch.device(compute.device))
-        with self._capturing(encoder, upper_too=True) as captured:
-            result = _forward_batches(fn, tokenizer, texts, max_length, batch_size, compute,
-                                      torch.device(compute.device))
-        lengths = [len(ids) for ids in tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]]
-        self._keep(captured, masks, lengths, batch_size, compute)
-        return result
+        return result if pooling is not None else None
 
     @property
     def megabytes(self) -> float:
@@ -511,6 +486,7 @@ def frozen_embeddings(base: BaseModelRecord, texts: Sequence[str], max_length: i
     from pipelines.core.files import write_bytes_atomic
 
     pooling = pooling or base.pooling
+    load = load or (lambda: (load_encoder(base), load_tokenizer(base.local_path)))
     cache = Path(compute.cache_dir) / "embeddings" if compute.cache_dir else None
     path = None
     if cache is not None:
@@ -523,14 +499,13 @@ def frozen_embeddings(base: BaseModelRecord, texts: Sequence[str], max_length: i
                 found = np.load(path, allow_pickle=False)
                 if found.shape[0] == len(texts):
                     path.touch()
-                    if lower is not None:
-                        encoder, tokenizer = load() if load else (load_encoder(base), load_tokenizer(base.local_path))
-                        lower.append(encoder, tokenizer, texts, max_length, compute, batch_size)
+                    if lower is not None:  # the embeddings are known; the frozen blocks still run for their states
+                        lower.append(*load(), texts, max_length, compute, batch_size)
                     return found
             except (OSError, ValueError):  # a damaged file is recomputed and replaced
                 pass
-    encoder, tokenizer = load() if load else (load_encoder(base), load_tokenizer(base.local_path))
-    result = (lower.embed_and_append(encoder, tokenizer, texts, pooling, max_length, compute, batch_size) if lower
+    encoder, tokenizer = load()
+    result = (lower.append(encoder, tokenizer, texts, max_length, compute, batch_size, pooling) if lower
               else embed_texts(encoder, tokenizer, texts, pooling, max_length, compute, batch_size))
     if path is not None:
         import io
