@@ -95,19 +95,86 @@ def _parameter_count(weights: list[Path]) -> int:
     return total
 
 
-def gguf_metadata(path: Path) -> tuple[dict[str, Any], int]:
-    """The GGUF file's general.* metadata and its number of parameters."""
-    from gguf import GGUFReader
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
+                 12: "<d"}  # GGUF value types; 8 is a string, 9 an array
 
-    reader = GGUFReader(str(path))
-    meta: dict[str, Any] = {}
-    for key, value in reader.fields.items():
-        if key.startswith("general."):
-            try:
-                meta[key] = value.contents()
-            except Exception:  # an unreadable field is not needed here
-                continue
-    return meta, int(sum(int(t.n_elements) for t in reader.tensors))
+
+def gguf_metadata(path: Path) -> tuple[dict[str, Any], int]:
+    """The GGUF file's general.* metadata and its number of parameters, read from the header alone.
+
+    GGUF (v2/v3) is: magic, version, tensor count, key-value count, the key-value pairs, then one record per tensor
+    (name, dimensions, type, offset). Arrays that are not general.* (the tokenizer's 49k strings) are skipped over
+    rather than decoded, which is what made a general-purpose reader take seconds."""
+    import mmap
+    import struct
+
+    def fail(why: str) -> ModelSourceError:
+        return ModelSourceError(f"{path}: not a readable GGUF file ({why})")
+
+    with path.open("rb") as handle:
+        try:
+            data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        except ValueError as exc:  # an empty file
+            raise fail(str(exc)) from None
+    with data:
+        pos = 0
+
+        def take(fmt: str) -> Any:
+            nonlocal pos
+            size = struct.calcsize(fmt)
+            if pos + size > len(data):
+                raise fail(f"truncated at byte {pos}")
+            value = struct.unpack_from(fmt, data, pos)[0]
+            pos += size
+            return value
+
+        def text() -> str:
+            nonlocal pos
+            length = take("<Q")
+            if pos + length > len(data):
+                raise fail(f"truncated string at byte {pos}")
+            value = bytes(data[pos:pos + length]).decode("utf-8", errors="replace")
+            pos += length
+            return value
+
+        def value(kind: int, keep: bool) -> Any:
+            nonlocal pos
+            if kind in _GGUF_SCALARS:
+                return take(_GGUF_SCALARS[kind])
+            if kind == 8:
+                return text()
+            if kind == 9:
+                item, count = take("<I"), take("<Q")
+                if not keep and item in _GGUF_SCALARS:  # fixed-size items: skip the whole array at once
+                    pos += struct.calcsize(_GGUF_SCALARS[item]) * count
+                    return None
+                items = [value(item, keep) for _ in range(count)]
+                return items if keep else None
+            raise fail(f"unknown value type {kind} at byte {pos}")
+
+        if bytes(data[:4]) != b"GGUF":
+            raise fail("it does not start with the GGUF magic bytes")
+        pos = 4
+        version = take("<I")
+        if version < 2:
+            raise fail(f"version {version}; versions 2 and 3 are supported")
+        tensors, fields = take("<Q"), take("<Q")
+        meta: dict[str, Any] = {}
+        for _ in range(fields):
+            key = text()
+            keep = key.startswith("general.")
+            found = value(take("<I"), keep)
+            if keep:
+                meta[key] = found
+        parameters = 0
+        for _ in range(tensors):
+            text()
+            count = 1
+            for _ in range(take("<I")):
+                count *= take("<Q")
+            pos += 12  # the tensor's type (uint32) and offset (uint64)
+            parameters += count
+    return meta, parameters
 
 
 def _check_license(license_id: str | None, cfg: BaseModelConfig, where: str) -> str:

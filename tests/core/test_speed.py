@@ -213,3 +213,83 @@ def test_selection_estimates_first_and_times_only_when_the_estimate_cannot_decid
         select_base_model(spec_for([tiny_model_dir], max_train_minutes=at_most / 1000), trec_splits,
                           store(tmp_path, tmp_path / "m"), FP32, progress=said.append)
     assert not any("timing 3 training steps" in m for m in said)
+
+
+def test_gguf_header_reader_gives_what_the_gguf_library_reads(tmp_path: Path) -> None:
+    """Selection reads a GGUF file's licence and size from its header, skipping the tokenizer's arrays: the result
+    is the gguf library's own, and a damaged file is refused with its path."""
+    from gguf import GGUFReader, GGUFWriter
+
+    from pipelines.core.selection import gguf_metadata
+
+    path = tmp_path / "model.gguf"
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_name("Tiny")
+    writer.add_license("apache-2.0")
+    writer.add_uint32("general.quantization_version", 2)
+    writer.add_array("general.languages", ["en", "fr"])
+    writer.add_array("tokenizer.ggml.tokens", [f"tok{i}" for i in range(500)])
+    writer.add_array("tokenizer.ggml.scores", [float(i) for i in range(500)])
+    writer.add_bool("llama.use_parallel_residual", True)
+    writer.add_tensor("token_embd.weight", np.zeros((500, 8), dtype=np.float32))
+    writer.add_tensor("output_norm.weight", np.ones(8, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    meta, parameters = gguf_metadata(path)
+    reader = GGUFReader(str(path))
+    expected = {k: v.contents() for k, v in reader.fields.items() if k.startswith("general.")}
+    assert meta == expected and meta["general.license"] == "apache-2.0" and meta["general.languages"] == ["en", "fr"]
+    assert parameters == sum(int(t.n_elements) for t in reader.tensors) == 500 * 8 + 8
+
+    path.write_bytes(path.read_bytes()[:200])  # cut inside the tokenizer's strings
+    with pytest.raises(ModelSourceError, match=r"model\.gguf: not a readable GGUF file \(truncated"):
+        gguf_metadata(path)
+    path.write_bytes(b"PK\x03\x04 a zip file")
+    with pytest.raises(ModelSourceError, match="does not start with the GGUF magic bytes"):
+        gguf_metadata(path)
+
+
+@pytest.mark.parametrize("classes", [2, 4])
+def test_linear_probe_head_computes_the_probes_decision(classes: int) -> None:
+    """The probe is fitted on standardized embeddings; the head that starts from it works on raw embeddings, with
+    the scaler folded into its weights, and gives the probe's own scores."""
+    from pipelines.core.tasks.classification import _head_from_probe, fit_linear_probe
+
+    rng = np.random.default_rng(0)
+    scale = np.array([300.0, 1.0, 0.01, 5.0, 1.0, 50.0])  # a few huge dimensions, as decoders' hidden states have
+    y = rng.integers(0, classes, 300)
+    x = (rng.normal(size=(300, 6)) + y[:, None] * 0.7) * scale + 3.0
+    probe = fit_linear_probe(x[:200], y[:200], x[200:250], y[200:250], seed=0)
+    assert probe.score(x[250:], y[250:]) > 1 / classes + 0.2
+    head = torch.nn.Linear(6, classes)
+    _head_from_probe(head, probe, classes)
+    with torch.no_grad():
+        logits = head(torch.tensor(x[250:], dtype=torch.float32)).double().numpy()
+    decision = probe.decision_function(x[250:])
+    if classes == 2:  # sklearn keeps one score for two classes: the head's second logit minus its first
+        assert np.allclose(logits[:, 1] - logits[:, 0], decision, atol=1e-3)
+    else:
+        assert np.allclose(logits, decision, atol=1e-3)
+    assert (logits.argmax(1) == probe.predict(x[250:])).all()
+
+
+def test_selection_probe_embeddings_are_cached(tmp_path: Path, tiny_model_dir: Path, trec_splits: pd.DataFrame,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Selecting again on the same data probes from the embedding cache: no candidate is loaded to embed."""
+    import pipelines.core.tasks.classification as classification
+
+    compute = ComputeSettings("cpu", "fp32", 2, cache_dir=str(tmp_path / "cache"))
+    first = rows(select_base_model(spec_for([tiny_model_dir]), trec_splits, store(tmp_path, tmp_path / "m"),
+                                   compute))[tiny_model_dir.name]
+    assert len(list((tmp_path / "cache" / "embeddings").glob("*.npy"))) == 2  # the train and validation samples
+
+    def no_loading(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the probe loaded the model although its embeddings are cached")
+
+    monkeypatch.setattr(classification, "load_encoder", no_loading)
+    again = rows(select_base_model(spec_for([tiny_model_dir]), trec_splits, store(tmp_path, tmp_path / "m"),
+                                   compute))[tiny_model_dir.name]
+    assert again["probe_value"] == first["probe_value"] and again["verdict"] == "selected"
