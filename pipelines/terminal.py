@@ -54,6 +54,9 @@ def quiet_libraries() -> None:
     # Progress bars would interleave with the progress lines, which say the same; HF_HUB_DISABLE_PROGRESS_BARS=0
     # brings them back. transformers reads the variable when first imported; it may be imported already.
     if os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1") == "1":
+        # Bars that no switch reaches (transformers' GGUF de-quantization) follow TQDM_DISABLE, which tqdm reads
+        # when it is first imported.
+        os.environ.setdefault("TQDM_DISABLE", "1")
         from huggingface_hub.utils import disable_progress_bars
         from transformers.utils import logging as hf_logging
 
