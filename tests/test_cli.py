@@ -130,3 +130,16 @@ def test_the_instance_tuneline_creates_queues_runs_and_pools_training(tmp_path: 
         config = instance.get_concurrency_config()  # what the run queue daemon and the pools go by
         assert config.run_queue_config.max_concurrent_runs == max(1, min(4, (os.cpu_count() or 2) // 2))
         assert config.pool_config.default_pool_limit == 1
+
+
+@pytest.mark.parametrize("bars", ["1", "0"], ids=["quiet", "verbose"])
+def test_quiet_libraries_also_silences_bars_that_no_library_switch_reaches(bars: str) -> None:
+    """transformers' GGUF de-quantization draws a plain tqdm bar: quiet_libraries keeps it out of the run's output,
+    and HF_HUB_DISABLE_PROGRESS_BARS=0 brings it back with the others."""
+    script = ("from pipelines.terminal import quiet_libraries\nquiet_libraries()\n"
+              "import transformers.modeling_gguf_pytorch_utils as gguf_utils\n"
+              "for _ in gguf_utils.tqdm(range(3), desc='Converting and de-quantizing GGUF tensors'):\n    pass\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    done = subprocess.run([sys.executable, "-c", script], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                          timeout=120, env={**env, "HF_HUB_DISABLE_PROGRESS_BARS": bars}, check=True)
+    assert ("Converting and de-quantizing GGUF tensors" in done.stderr) == (bars == "0"), done.stderr[-500:]
