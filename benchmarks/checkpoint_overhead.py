@@ -27,7 +27,7 @@ from pipelines.core.spec import TrainingConfig, load_spec  # noqa: E402
 from pipelines.core.splitting import assign_splits  # noqa: E402
 from pipelines.core.tasks.classification import select_examples, train_classifier  # noqa: E402
 from pipelines.core.trainer import ComputeSettings  # noqa: E402
-from resources.models import ModelStoreResource  # noqa: E402
+from resources.model_store import ModelStore  # noqa: E402
 
 
 def main() -> None:
@@ -42,7 +42,7 @@ def main() -> None:
     raw, _ = read_source(spec.source, ROOT)
     frame = assign_splits(clean(select_examples(raw, spec.task), spec.cleaning).frame, spec.splits).frame
     frame = frame[frame["split"].isin(["train", "validation"])]
-    models = ModelStoreResource(project_root=str(ROOT), cache_dir=str(ROOT / "data" / "models"))
+    models = ModelStore(project_root=str(ROOT), cache_dir=str(ROOT / "data" / "models"))
     base = resolve_base_model(spec.base_model, models)
     default = TrainingConfig.model_fields["checkpoint_every"].default
     settings = [("off (reference)", 0), (f"every {default} (default)", default)]

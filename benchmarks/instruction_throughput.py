@@ -7,6 +7,7 @@ Prints real (non-padding) tokens per second, the best validation loss, MFU (mode
 machine's measured matmul peak) and the ratios.
 
     .venv/bin/python benchmarks/instruction_throughput.py [--epochs 1] [--spec pipelines/specs/chatterbot_instruct.yaml]
+    python benchmarks/instruction_throughput.py --device cuda    # on a GPU machine
 """
 
 from __future__ import annotations
@@ -20,24 +21,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.recipe_vs_tuneline import with_overrides  # noqa: E402
+from benchmarks.recipe_vs_tuneline import device_name, with_overrides  # noqa: E402
 from pipelines.core.selection import resolve_base_model  # noqa: E402
 from pipelines.core.sources import read_source  # noqa: E402
 from pipelines.core.spec import load_spec  # noqa: E402
 from pipelines.core.steps import split_dataset  # noqa: E402
 from pipelines.core.tasks import instruction, task_for  # noqa: E402
-from pipelines.core.trainer import ComputeSettings  # noqa: E402
-from resources.models import ModelStoreResource  # noqa: E402
+from pipelines.core.trainer import ComputeSettings, matmul_rate  # noqa: E402
+from resources.model_store import ModelStore  # noqa: E402
 
 
 def main() -> None:
-    from pipelines.terminal import quiet_libraries
+    from pipelines.quiet import quiet_libraries
 
     quiet_libraries()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spec", default=str(ROOT / "pipelines" / "specs" / "chatterbot_instruct.yaml"))
     parser.add_argument("--epochs", type=float, default=None, help="override training.epochs (default: the spec's)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args()
 
     spec = load_spec(Path(args.spec))
@@ -47,10 +49,10 @@ def main() -> None:
     raw, _ = read_source(spec.source, ROOT)
     cleaned, _ = task.clean(raw, spec)
     splits, _ = split_dataset(cleaned, spec)
-    models = ModelStoreResource(project_root=str(ROOT), cache_dir=str(ROOT / "data" / "models"))
+    models = ModelStore(project_root=str(ROOT), cache_dir=str(ROOT / "data" / "models"))
     base = resolve_base_model(spec.base_model, models)
     rendered, _ = task.prepare(splits, base, spec)
-    compute = ComputeSettings("cpu", "bf16", args.threads)
+    compute = ComputeSettings(args.device, "bf16", args.threads)
     from trl import SFTTrainer
 
     lora = spec.training.lora
@@ -79,7 +81,8 @@ def main() -> None:
 
     train_rows = int((rendered["split"] == "train").sum())
     print(f"\n{spec.name}: {train_rows} train examples x {spec.training.epochs:g} epochs, "
-          f"batch {spec.training.batch_size}, {args.threads} threads")
+          f"batch {spec.training.batch_size}, {args.threads} threads; {device_name(args.device)}; MFU over the measured "
+          f"{matmul_rate(compute) / 1e12:.1f} TFLOP/s bf16 matmul peak")
     print(f"{'run':56s} {'tokens/s':>9s} {'train s':>8s} {'val loss':>9s} {'MFU':>6s}")
     for name, tps, seconds, loss, mfu in results:
         print(f"{name:56s} {tps:9.0f} {seconds:8.1f} {loss:9.4f} {mfu:6.1%}")

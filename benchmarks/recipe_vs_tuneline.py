@@ -3,7 +3,8 @@ classification against tuneline's training of a spec, printing samples/s, wall s
 macro-F1 of both and their ratios.
 
 The recipe (PEFT quicktour / sequence-classification guide): AutoModelForSequenceClassification with its
-default pooler head, LoRA r=8, alpha 16, dropout 0.1 on query/value (PEFT's default targets for BERT), AdamW at
+default pooler head, LoRA r=8, alpha 16, dropout 0.1 on PEFT's default targets for the architecture (query/value
+for BERT, q_proj/v_proj for Llama), AdamW at
 1e-3, weight decay 0.01, batch 32, 3 epochs, fp32, random order, DataCollatorWithPadding, evaluation each epoch,
 the last epoch's weights. tuneline: `train_classifier` exactly as the finetuned_checkpoint asset calls it, on the
 spec's own train and validation splits (the test split is never seen by either until scoring).
@@ -15,6 +16,9 @@ Trainer.train() alone, which is how the Trainer itself reports samples/s.
     .venv/bin/python benchmarks/recipe_vs_tuneline.py                       # the default TREC pipeline
     .venv/bin/python benchmarks/recipe_vs_tuneline.py --spec benchmarks/specs/banking77.yaml
     .venv/bin/python benchmarks/recipe_vs_tuneline.py --set training.epochs=3 --skip-recipe
+    python benchmarks/recipe_vs_tuneline.py --device cuda     # on a GPU machine (the recipe stays fp32, as documented)
+
+MFU: model FLOPs per second of training over the machine's measured bf16 (or fp32) matmul peak, for both runs.
 """
 
 from __future__ import annotations
@@ -41,11 +45,20 @@ from pipelines.core.steps import split_dataset  # noqa: E402
 from pipelines.core.tasks import task_for  # noqa: E402
 from pipelines.core.tasks.classification import (classification_metrics, load_classifier, predict_proba,  # noqa: E402
                                                  train_classifier)
-from pipelines.core.trainer import ComputeSettings  # noqa: E402
-from resources.models import ModelStoreResource  # noqa: E402
+from pipelines.core.trainer import ComputeSettings, matmul_rate, model_flops_utilization  # noqa: E402
+from resources.model_store import ModelStore  # noqa: E402
 
-RECIPE = {"r": 8, "alpha": 16, "dropout": 0.1, "targets": ["query", "value"], "learning_rate": 1e-3,
+RECIPE = {"r": 8, "alpha": 16, "dropout": 0.1, "targets": None, "learning_rate": 1e-3,
           "weight_decay": 0.01, "batch_size": 32, "epochs": 3}
+
+
+def device_name(device: str) -> str:
+    """What the run computes on, for the table's heading."""
+    import torch
+
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
+    return f"CPU (torch {torch.__version__})"
 
 
 def with_overrides(spec: PipelineSpec, overrides: list[str]) -> PipelineSpec:
@@ -61,7 +74,8 @@ def with_overrides(spec: PipelineSpec, overrides: list[str]) -> PipelineSpec:
     return PipelineSpec.model_validate({**data, "name": spec.name})
 
 
-def run_recipe(frame: pd.DataFrame, model_dir: str, max_length: int, threads: int, seed: int) -> dict[str, Any]:
+def run_recipe(frame: pd.DataFrame, model_dir: str, max_length: int, threads: int, seed: int,
+               device: str = "cpu") -> dict[str, Any]:
     import torch
     from datasets import Dataset
     from peft import LoraConfig, TaskType, get_peft_model
@@ -81,14 +95,18 @@ def run_recipe(frame: pd.DataFrame, model_dir: str, max_length: int, threads: in
                                   "labels": part["label"].map(index).tolist()})
 
     train, validation = (frame[frame["split"] == s] for s in ("train", "validation"))
+    if tokenizer.pad_token is None:  # decoders (Llama) come without one; the docs reuse end-of-sequence
+        tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=len(labels))
+    model.config.pad_token_id = tokenizer.pad_token_id
     model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=RECIPE["r"], lora_alpha=RECIPE["alpha"],
                                              lora_dropout=RECIPE["dropout"], target_modules=RECIPE["targets"]))
     with tempfile.TemporaryDirectory(prefix="tuneline-recipe-") as out:
         args = TrainingArguments(output_dir=out, learning_rate=RECIPE["learning_rate"],
                                  per_device_train_batch_size=RECIPE["batch_size"], per_device_eval_batch_size=128,
                                  num_train_epochs=RECIPE["epochs"], weight_decay=RECIPE["weight_decay"],
-                                 eval_strategy="epoch", save_strategy="no", report_to="none", use_cpu=True,
+                                 eval_strategy="epoch", save_strategy="no", report_to="none",
+                                 use_cpu=device == "cpu",
                                  disable_tqdm=True, logging_strategy="no", seed=seed)
         trainer = Trainer(model=model, args=args, train_dataset=dataset(train), eval_dataset=dataset(validation),
                           data_collator=DataCollatorWithPadding(tokenizer))
@@ -97,19 +115,27 @@ def run_recipe(frame: pd.DataFrame, model_dir: str, max_length: int, threads: in
         trainer.remove_callback(PrinterCallback)  # no printed log dicts between the figures
         trainer_seconds = float(trainer.train().metrics["train_runtime"])
     wall = time.perf_counter() - started
+    train_tokens = sum(len(ids) for ids in tokenizer(train["text"].tolist(), truncation=True,
+                                                      max_length=max_length)["input_ids"])
     test = frame[frame["split"] == "test"]
     model.eval()
     predictions = trainer.predict(dataset(test)).predictions.argmax(-1)
     metrics = classification_metrics(test["label"].map(index).to_numpy(), predictions, len(labels))
-    return {"name": "HF docs recipe (r=8 q/v, fp32, 3 epochs)", "rows": len(train), "epochs": RECIPE["epochs"],
-            "seconds": wall, "trainer_seconds": trainer_seconds, **metrics}
+    # The recipe computes on padding too; its MFU counts only the real tokens, as tuneline's does, over the same
+    # (bf16) peak, so that the column compares the two.
+    mfu = model_flops_utilization(model.get_base_model().config.to_dict(),
+                                  sum(p.numel() for p in model.get_base_model().parameters()),
+                                  train_tokens * RECIPE["epochs"], len(train) * RECIPE["epochs"], trainer_seconds,
+                                  False, ComputeSettings(device, "bf16", threads))
+    return {"name": "HF docs recipe (r=8, fp32, 3 epochs)", "rows": len(train), "epochs": RECIPE["epochs"],
+            "seconds": wall, "trainer_seconds": trainer_seconds, "mfu": mfu, **metrics}
 
 
-def run_tuneline(frame: pd.DataFrame, spec: PipelineSpec, threads: int) -> dict[str, Any]:
-    models = ModelStoreResource(project_root=str(ROOT), cache_dir=str(ROOT / "data" / "models"))
+def run_tuneline(frame: pd.DataFrame, spec: PipelineSpec, threads: int, device: str = "cpu") -> dict[str, Any]:
+    models = ModelStore(project_root=str(ROOT), cache_dir=str(ROOT / "data" / "models"))
     base = resolve_base_model(spec.base_model, models)
     cfg = spec.training
-    compute = ComputeSettings("cpu", "fp32" if cfg.precision == "fp32" else "bf16", threads)
+    compute = ComputeSettings(device, "fp32" if cfg.precision == "fp32" else "bf16", threads)
     out = Path(tempfile.mkdtemp(prefix="tuneline-bench-"))
     try:
         started = time.perf_counter()
@@ -126,11 +152,11 @@ def run_tuneline(frame: pd.DataFrame, spec: PipelineSpec, threads: int) -> dict[
     lora = cfg.lora
     return {"name": f"tuneline (r={lora.r}, {compute.precision}, {cfg.epochs:g} epochs, batch {cfg.batch_size})",
             "rows": record.train_rows, "epochs": cfg.epochs, "seconds": wall, "trainer_seconds": record.train_seconds,
-            **metrics}
+            "mfu": record.mfu, **metrics}
 
 
 def main() -> None:
-    from pipelines.terminal import quiet_libraries
+    from pipelines.quiet import quiet_libraries
 
     quiet_libraries()  # no library progress bars or printed log dicts between the figures
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -139,6 +165,7 @@ def main() -> None:
                         help="override a spec value for tuneline's run, e.g. training.epochs=3 (may repeat)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-recipe", action="store_true", help="run tuneline only (no ratios)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args()
 
     spec = with_overrides(load_spec(Path(args.spec)), args.set)
@@ -148,24 +175,25 @@ def main() -> None:
     frame, _ = split_dataset(cleaned, spec)
     counts = frame["split"].value_counts()
     print(f"{spec.name}: train {counts.get('train', 0)}, validation {counts.get('validation', 0)}, "
-          f"test {counts.get('test', 0)} rows; {args.threads} threads", flush=True)
+          f"test {counts.get('test', 0)} rows; {args.threads} threads; {device_name(args.device)}", flush=True)
 
     results = []
     if not args.skip_recipe:
-        model_dir = resolve_base_model(spec.base_model, ModelStoreResource(
+        model_dir = resolve_base_model(spec.base_model, ModelStore(
             project_root=str(ROOT), cache_dir=str(ROOT / "data" / "models"))).local_path
-        results.append(run_recipe(frame, model_dir, spec.training.max_length, args.threads, spec.training.seed))
+        results.append(run_recipe(frame, model_dir, spec.training.max_length, args.threads, spec.training.seed,
+                                  args.device))
         print(f"  recipe done in {results[-1]['seconds']:.1f} s", file=sys.stderr, flush=True)
-    results.append(run_tuneline(frame, spec, args.threads))
+    results.append(run_tuneline(frame, spec, args.threads, args.device))
 
     print(f"\n{'run':58s} {'samples/s':>9s} {'wall s':>7s} {'Trainer samples/s':>17s} {'Trainer s':>9s} "
-          f"{'accuracy':>8s} {'macro-F1':>8s}")
+          f"{'accuracy':>8s} {'macro-F1':>8s} {'MFU':>6s}")
     for r in results:
         r["samples_per_second"] = r["rows"] * r["epochs"] / r["seconds"]
         r["trainer_samples_per_second"] = r["rows"] * r["epochs"] / r["trainer_seconds"]
         print(f"{r['name']:58s} {r['samples_per_second']:9.1f} {r['seconds']:7.1f} "
               f"{r['trainer_samples_per_second']:17.1f} {r['trainer_seconds']:9.1f} {r['accuracy']:8.4f} "
-              f"{r['macro_f1']:8.4f}")
+              f"{r['macro_f1']:8.4f} {r['mfu']:6.1%}")
     if len(results) == 2:
         ref, ours = results
         print(f"{'ratio tuneline / recipe':58s} {ours['samples_per_second'] / ref['samples_per_second']:8.2f}x "
@@ -175,7 +203,9 @@ def main() -> None:
               f"{ours['macro_f1'] - ref['macro_f1']:+8.4f}")
     tuned = results[-1]
     print("samples/s and wall s: the whole training call (loading, tokenizing, the linear-probe head, frozen blocks, "
-          "validation); Trainer: Trainer.train() alone. Accuracy and macro-F1 differences are absolute.")
+          "validation); Trainer: Trainer.train() alone. Accuracy and macro-F1 differences are absolute. MFU: over "
+          f"the measured {matmul_rate(ComputeSettings(args.device, 'bf16', args.threads)) / 1e12:.1f} TFLOP/s bf16 "
+          "matmul peak for both (the recipe trains in fp32).")
     if not np.isfinite(tuned["accuracy"]):
         sys.exit(1)
 

@@ -24,7 +24,7 @@ from pipelines.core.spec import TrainingConfig, load_spec  # noqa: E402
 from pipelines.core.splitting import assign_splits  # noqa: E402
 from pipelines.core.tasks.classification import select_examples, train_classifier  # noqa: E402
 from pipelines.core.trainer import ComputeSettings  # noqa: E402
-from resources.models import ModelStoreResource  # noqa: E402
+from resources.model_store import ModelStore  # noqa: E402
 
 SETTINGS = [  # (name, precision, group_by_length); the first is the reference
     ("fp32, random order (reference)", "fp32", False),
@@ -45,7 +45,7 @@ def main() -> None:
     raw, _ = read_source(spec.source, ROOT)
     frame = assign_splits(clean(select_examples(raw, spec.task), spec.cleaning).frame, spec.splits).frame
     train = frame[frame["split"] == "train"].head(args.rows)  # no validation: time training alone
-    models = ModelStoreResource(project_root=str(ROOT), cache_dir=str(ROOT / "data" / "models"))
+    models = ModelStore(project_root=str(ROOT), cache_dir=str(ROOT / "data" / "models"))
     base = resolve_base_model(spec.base_model, models)
     results = []
     for name, precision, grouped in SETTINGS:

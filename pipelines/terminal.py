@@ -5,16 +5,15 @@ instance (the UI shows them); the terminal is not a second event log."""
 from __future__ import annotations
 
 import logging
-import os
 import re
 import sys
 import time
-import warnings
 from typing import Any
 
 import dagster as dg
 
 from pipelines.core.errors import TunelineError
+from pipelines.quiet import quiet_libraries  # noqa: F401  (re-exported: the CLI's one import)
 
 # Failures are summed up once at the end (error_block); their stack traces are in the UI.
 _SUMMED_UP = logging.ERROR
@@ -41,32 +40,6 @@ def terminal_logger(init_context: dg.InitLoggerContext) -> logging.Logger:
     if not any(isinstance(h, _TerminalHandler) for h in logger.handlers):
         logger.addHandler(_TerminalHandler())
     return logger
-
-
-def quiet_libraries() -> None:
-    """Warnings that say nothing about the user's data or spec (schema hints, beta APIs) stay out of the run's
-    output, and so do MLflow's store-migration INFO lines and the libraries' progress bars."""
-    warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
-    warnings.filterwarnings("ignore", category=dg.BetaWarning)
-    warnings.filterwarnings("ignore", category=dg.PreviewWarning)
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is first imported
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-    # Progress bars would interleave with the progress lines, which say the same; HF_HUB_DISABLE_PROGRESS_BARS=0
-    # brings them back. transformers reads the variable when first imported; it may be imported already.
-    if os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1") == "1":
-        # Bars that no switch reaches (transformers' GGUF de-quantization) follow TQDM_DISABLE, which tqdm reads
-        # when it is first imported.
-        os.environ.setdefault("TQDM_DISABLE", "1")
-        from huggingface_hub.utils import disable_progress_bars
-        from transformers.utils import logging as hf_logging
-
-        disable_progress_bars()
-        hf_logging.disable_progress_bar()
-        try:  # the datasets library (TRL maps its datasets) has bars of its own
-            from datasets.utils.logging import disable_progress_bar as disable_datasets_bars
-        except ImportError:
-            return
-        disable_datasets_bars()
 
 
 def _user_message(error: Any) -> str:

@@ -449,20 +449,28 @@ _MATMUL_RATE: dict[tuple[str, str], float] = {}
 
 
 def matmul_rate(compute: ComputeSettings) -> float:
-    """This machine's matmul peak in FLOP/s: the best of a few 2048^3 products in the compute's precision (bf16 or
-    fp32 tensors, no autocast casts), measured once per process."""
+    """This machine's matmul peak in FLOP/s: the best of a few n^3 products in the compute's precision (bf16 or
+    fp32 tensors, no autocast casts), measured once per process; n = 2048 on a CPU, 8192 on a GPU (smaller products
+    leave a GPU's units idle), each timed between device synchronizations."""
     key = (compute.device, compute.precision)
     if key not in _MATMUL_RATE:
         compute.apply()
+        gpu = compute.device == "cuda"
+        n, repeats = (8192, 10) if gpu else (2048, 4)
         dtype = torch.bfloat16 if compute.precision == "bf16" else torch.float32
-        a = torch.randn(2048, 2048, device=compute.device, dtype=dtype)
-        b = torch.randn(2048, 2048, device=compute.device, dtype=dtype)
+        a = torch.randn(n, n, device=compute.device, dtype=dtype)
+        b = torch.randn(n, n, device=compute.device, dtype=dtype)
+        sync = torch.cuda.synchronize if gpu else (lambda: None)
+        (a @ b).sum().item()  # warm-up: the first product pays for kernel selection
         best = math.inf
-        for _ in range(4):
+        for _ in range(repeats):
+            sync()
             started = time.perf_counter()
-            (a @ b).sum().item()
+            a @ b
+            sync()
             best = min(best, time.perf_counter() - started)
-        _MATMUL_RATE[key] = 2 * 2048**3 / best
+        _MATMUL_RATE[key] = 2 * n**3 / best
+        del a, b
     return _MATMUL_RATE[key]
 
 
