@@ -175,6 +175,38 @@ def test_padding_free_batches_give_the_padded_batches_loss(tmp_path: Path) -> No
     assert not torch.allclose(padded_loss, one_row, atol=1e-3), "without position ids the examples see each other"
 
 
+@pytest.mark.parametrize("num_items", [None, 9])
+def test_response_only_logits_give_the_models_own_loss_and_gradients(tmp_path: Path, num_items: int | None) -> None:
+    """The CPU trainer computes vocabulary logits only where a label is; loss and gradients are the model's own
+    (shifted cross-entropy over the labelled positions: the mean, or the sum over the Trainer's item count)."""
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from pipelines.core.tasks.instruction import _sft_trainer_with_plain_loss
+
+    folder = write_tiny_chat_model(tmp_path / "llama")
+    model = AutoModelForCausalLM.from_pretrained(str(folder))
+    rng = np.random.default_rng(1)
+    examples = []
+    for n, k in ((7, 3), (12, 5), (4, 1)):  # n tokens, of which the last k are the response (labelled)
+        ids = rng.integers(5, 300, size=n).tolist()
+        examples.append({"input_ids": ids, "labels": [-100] * (n - k) + ids[n - k:]})
+    batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(examples)
+    assert (batch["labels"] == -100).sum() > 0 and (batch["labels"] != -100).sum() == 9
+    kwargs = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
+    own = model(**batch, use_cache=False, **kwargs).loss
+    own.backward()
+    own_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compute_loss = _sft_trainer_with_plain_loss().compute_loss
+    ours = compute_loss(None, model, dict(batch), num_items_in_batch=kwargs.get("num_items_in_batch"))
+    ours.backward()
+    assert torch.allclose(own, ours, atol=1e-6), (own, ours)
+    assert all(torch.allclose(a, p.grad, atol=1e-6) for a, p in zip(own_grads, model.parameters(), strict=True))
+    loss, outputs = compute_loss(None, model, dict(batch), return_outputs=True)
+    assert outputs.logits.shape[0] == 9, "logits only where a label is"
+
+
 def test_bf16_frozen_weights_leave_trainable_ones_in_fp32(tiny_model_dir: Path, tmp_path: Path) -> None:
     from peft import get_peft_model
 

@@ -349,16 +349,33 @@ def _sft_trainer_with_plain_loss() -> type:
     preparation), without TRL's chunked log-probability head and its per-token entropy and accuracy metrics.
 
     The chunked head saves GPU memory on the logits; on a CPU, with memory to spare, it and its metrics were a
-    quarter of each step (profiled on SmolLM2-135M), so CPU training uses the plain loss."""
-    from transformers import Trainer
+    quarter of each step (profiled on SmolLM2-135M), so CPU training uses the plain loss.
+
+    Vocabulary logits are computed only where a label is (the response tokens; transformers' `logits_to_keep`
+    mask): the prompt's positions never reach the 49k-wide output layer and its softmax. The loss is the model's
+    own (shifted cross-entropy in fp32, summed over `num_items_in_batch` when the Trainer gives it, else the mean),
+    on exactly the positions it would have counted."""
+    import torch.nn.functional as F
     from trl import SFTTrainer
 
     class PlainLossSFTTrainer(SFTTrainer):  # type: ignore[misc]
         def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                          num_items_in_batch: Any = None) -> Any:
+            labels = inputs["labels"]
+            targets = labels[:, 1:]  # position i predicts token i + 1
+            keep = torch.zeros_like(labels, dtype=torch.bool)
+            keep[:, :-1] = targets != -100
             # The KV cache stays off: with it, examples packed into one row would attend to each other.
-            return Trainer.compute_loss(self, model, {**inputs, "use_cache": False}, return_outputs,
-                                        num_items_in_batch)
+            outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False,
+                            logits_to_keep=keep)
+            logits, wanted = outputs.logits.float(), targets[targets != -100]
+            if not len(wanted):  # nothing to learn in this batch (no response token): a zero loss, not NaN
+                loss = logits.sum() * 0.0
+            elif num_items_in_batch is not None:
+                loss = F.cross_entropy(logits, wanted, reduction="sum") / num_items_in_batch
+            else:
+                loss = F.cross_entropy(logits, wanted)
+            return (loss, outputs) if return_outputs else loss
 
     return PlainLossSFTTrainer
 
