@@ -12,10 +12,13 @@ from contextlib import nullcontext, redirect_stdout
 from pathlib import Path
 from typing import Any
 
-DAGSTER_YAML = """# Written by tuneline: the Dagster instance shared by `tuneline run` and `make ui`.
+POSTGRES_URL_VARIABLE = "TUNELINE_DAGSTER_POSTGRES_URL"
+TUNELINE_MARK = "# Written by tuneline"
+DAGSTER_YAML = """# Written by tuneline: the Dagster instance shared by `tuneline run` and `make ui`. tuneline rewrites this file
+# when TUNELINE_DAGSTER_POSTGRES_URL is set or unset; delete these two lines to keep edits of your own.
 telemetry:
   enabled: false
-concurrency:
+{storage}concurrency:
   runs:
     # Runs started from the UI, schedules and sensors queue beyond this many (sized to this machine's cores).
     max_concurrent_runs: {runs}
@@ -23,6 +26,35 @@ concurrency:
     # The `training` pool (finetuned_checkpoint): one training at a time, so two never fight for the cores.
     default_limit: 1
 """
+POSTGRES_STORAGE = f"""storage:
+  # Runs, event logs, schedules, asset checks and concurrency slots in PostgreSQL. The URL (with its password)
+  # is read from the environment when the instance starts, never written here.
+  postgres:
+    postgres_url:
+      env: {POSTGRES_URL_VARIABLE}
+"""
+
+
+def postgres_url_for_dagster(url: str) -> str:
+    """The instance's PostgreSQL URL with the driver named: SQLAlchemy 2.1 maps a bare `postgresql://` to psycopg 3,
+    which dagster-postgres does not use (it brings psycopg2). Anything but a PostgreSQL URL is refused, naming the
+    variable (never the URL: it may hold a password)."""
+    from pipelines.core.errors import InstanceError
+
+    scheme, sep, rest = url.strip().partition("://")
+    if not sep or scheme not in ("postgresql", "postgres", "postgresql+psycopg2") or not rest:
+        raise InstanceError(f"{POSTGRES_URL_VARIABLE} must be a PostgreSQL URL, "
+                         "postgresql://USER:PASSWORD@HOST:PORT/DATABASE (it starts with "
+                         f"{scheme + '://' if sep else 'something else'})")
+    return f"postgresql+psycopg2://{rest}"
+
+
+def dagster_yaml() -> str:
+    """The dagster.yaml tuneline writes: SQLite files in the home folder (the default), or PostgreSQL when
+    TUNELINE_DAGSTER_POSTGRES_URL is set; the run queue and the `training` pool in both."""
+    postgres = bool(os.environ.get(POSTGRES_URL_VARIABLE))
+    return DAGSTER_YAML.format(runs=max(1, min(4, (os.cpu_count() or 2) // 2)),
+                               storage=POSTGRES_STORAGE if postgres else "")
 
 
 def project_root() -> Path:
@@ -30,12 +62,20 @@ def project_root() -> Path:
 
 
 def ensure_dagster_home() -> Path:
-    """Use $DAGSTER_HOME, or <project>/.dagster_home, creating it with telemetry switched off."""
+    """Use $DAGSTER_HOME, or <project>/.dagster_home, with the dagster.yaml of dagster_yaml(): written when missing,
+    rewritten when tuneline wrote it for the other storage; a dagster.yaml of the user's own is left as it is."""
+    from pipelines.core.files import write_bytes_atomic
+
+    url = os.environ.get(POSTGRES_URL_VARIABLE)
+    if url:
+        os.environ[POSTGRES_URL_VARIABLE] = postgres_url_for_dagster(url)  # what the instance (and its children) read
     home = Path(os.environ.get("DAGSTER_HOME") or project_root() / ".dagster_home").resolve()
     home.mkdir(parents=True, exist_ok=True)
     config = home / "dagster.yaml"
-    if not config.exists():
-        config.write_text(DAGSTER_YAML.format(runs=max(1, min(4, (os.cpu_count() or 2) // 2))), encoding="utf-8")
+    wanted = dagster_yaml()
+    current = config.read_text(encoding="utf-8") if config.exists() else None
+    if current is None or (current.startswith(TUNELINE_MARK) and current != wanted):
+        write_bytes_atomic(config, wanted.encode("utf-8"))
     os.environ["DAGSTER_HOME"] = str(home)
     return home
 
@@ -50,11 +90,31 @@ def shared_instance() -> Any:
     home = ensure_dagster_home()
     with (home / ".tuneline-init.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        instance = dg.DagsterInstance.get()
-        instance.get_runs(limit=1)  # the run, event log and schedule storages exist and are migrated
-        instance.get_asset_keys(limit=1)
-        instance.all_instigator_state()
+        try:
+            instance = dg.DagsterInstance.get()
+            instance.get_runs(limit=1)  # the run, event log and schedule storages exist and are migrated
+            instance.get_asset_keys(limit=1)
+            instance.all_instigator_state()
+        except Exception as exc:
+            url = os.environ.get(POSTGRES_URL_VARIABLE)
+            if not url:
+                raise
+            from urllib.parse import urlsplit
+
+            from pipelines.core.errors import InstanceError
+
+            where = urlsplit(url)
+            cause = exc.__cause__ or exc
+            raise InstanceError(
+                f"the Dagster instance's PostgreSQL database {where.path.lstrip('/')!r} at "
+                f"{where.hostname}:{where.port or 5432} ({POSTGRES_URL_VARIABLE}) cannot be used: "
+                f"{type(cause).__name__}: {_without_password(str(cause).strip().splitlines()[0], where.password)}"
+            ) from None
         return instance
+
+
+def _without_password(text: str, password: str | None) -> str:
+    return text.replace(password, "***") if password else text
 
 
 def _print_summary(summary: dict[str, Any], run_id: str) -> None:

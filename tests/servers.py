@@ -98,8 +98,10 @@ class PostgresServer:
         self.log = folder / "postgres.log"
         self.log.touch()
         self._as, self.user = _as_unprivileged(folder)
-        subprocess.run([postgres_binary("initdb"), "-D", str(folder / "data"), "-U", self.user, "-A", "trust",
-                        "-E", "UTF8", "--no-sync"], check=True, capture_output=True, **self._as)  # type: ignore[arg-type]
+        done = subprocess.run([postgres_binary("initdb"), "-D", str(folder / "data"), "-U", self.user, "-A", "trust",
+                               "-E", "UTF8", "--no-sync"], capture_output=True, text=True, **self._as)  # type: ignore[arg-type]
+        if done.returncode != 0:
+            raise AssertionError(f"initdb failed in {folder}:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
         self.process = subprocess.Popen(
             [postgres_binary("postgres"), "-D", str(folder / "data"), "-p", str(self.port), "-h", "127.0.0.1",
              "-k", str(folder / "socket"), "-c", "fsync=off"],
@@ -147,4 +149,10 @@ class PostgresServer:
             connection.close()
 
     def stop(self) -> None:
+        """Fast shutdown (SIGINT: open connections are closed, not waited for), then stop()'s escalation."""
+        try:
+            os.killpg(self.process.pid, signal.SIGINT)
+            self.process.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
         stop(self.process)

@@ -138,3 +138,21 @@ def test_only_the_tracking_resource_imports_mlflow() -> None:
         for path in (PROJECT_ROOT / folder).rglob("*.py")
         if any(line.strip().startswith(("import mlflow", "from mlflow")) for line in path.read_text().splitlines()))
     assert importers == ["resources/tracking.py"]
+
+
+def test_every_installed_dagster_package_belongs_to_one_release() -> None:
+    """Core, webserver and the integration libraries pin each other exactly (core 1.X.Y goes with libraries
+    0.(X+16).Y); an unpinned library install silently picks an ancient release instead, so drift is caught here."""
+    from importlib import metadata
+
+    versions = {}
+    for dist in metadata.distributions():
+        name = (dist.metadata["Name"] or "").lower().replace("_", "-")
+        if name == "dagster" or name.startswith("dagster-"):
+            versions[name] = dist.version
+    major, minor, patch = versions["dagster"].split(".")[:3]
+    library = f"0.{int(minor) + 16}.{patch}"
+    core = {"dagster", "dagster-graphql", "dagster-pipes", "dagster-shared", "dagster-webserver"}
+    wrong = {n: v for n, v in versions.items() if v != (versions["dagster"] if n in core else library)}
+    assert not wrong, f"dagster {versions['dagster']} needs its libraries at {library}: {wrong}"
+    assert "dagster-postgres" in versions

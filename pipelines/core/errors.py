@@ -41,3 +41,8 @@ class ModelSourceError(TunelineError):
 
 class CheckpointError(TunelineError):
     """A fine-tuned checkpoint on disk does not match its record."""
+
+
+class InstanceError(TunelineError):
+    """The Dagster instance's settings (environment variables, dagster.yaml) are wrong, or its database cannot be
+    reached. Never carries a password."""
