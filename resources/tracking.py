@@ -32,6 +32,9 @@ from pipelines.core.steps import registry_tags
 from pipelines.core.tasks import checkpoint_from_folder
 
 URI_ENV_VAR = "TUNELINE_TRACKING_URI"
+# A team server's credentials (MLflow's basic-auth app): the MLflow client reads these variables itself; tuneline
+# checks them once per client and never writes them anywhere.
+USER_ENV_VAR, PASSWORD_ENV_VAR = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
 CHAMPION = "champion"
 
 
@@ -173,6 +176,12 @@ class TrackingResource(dg.ConfigurableResource):
             for name, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
                                 ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")):
                 os.environ.setdefault(name, value)
+            from urllib.parse import urlsplit
+
+            if urlsplit(uri).password is not None or urlsplit(uri).username is not None:
+                raise TrackingError(f"${self.uri_env_var} holds credentials; URIs end up in logs and run metadata. "
+                                    f"Give the server's address alone and the credentials in ${USER_ENV_VAR} and "
+                                    f"${PASSWORD_ENV_VAR}")
             try:  # MLflow's own client retries for minutes; a tracking server answers /health at once
                 with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10) as response:
                     response.read()
@@ -180,12 +189,36 @@ class TrackingResource(dg.ConfigurableResource):
                 raise TrackingUnavailable(f"the MLflow tracking server at {uri} (from ${self.uri_env_var}) does not "
                                     f"answer: {exc}. Start it, fix the URI, or unset ${self.uri_env_var} to use "
                                     f"the embedded store in {Path(self.data_dir) / 'mlflow'}") from None
+            self._check_credentials(uri)
         else:
             raise TrackingError(f"unsupported MLflow tracking URI {uri!r} (from ${self.uri_env_var}): expected "
                                 "http(s)://host:port or sqlite:///absolute/path.db")
         from mlflow import MlflowClient
 
         return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+    def _check_credentials(self, uri: str) -> None:
+        """A server behind MLflow's basic-auth app answers 401 without (or with wrong) credentials: say which
+        variables to set, naming the user but never the password. The MLflow client reads the same variables."""
+        import base64
+
+        user = dg.EnvVar(USER_ENV_VAR).get_value()
+        password = dg.EnvVar(PASSWORD_ENV_VAR).get_value()
+        request = urllib.request.Request(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1")
+        if user is not None and password is not None:
+            token = base64.b64encode(f"{user}:{password}".encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                response.read()
+        except urllib.error.HTTPError as exc:
+            if exc.code in (401, 403):
+                given = (f"refused the credentials of user {user!r} (${USER_ENV_VAR} / ${PASSWORD_ENV_VAR})"
+                         if user is not None and password is not None else
+                         f"requires credentials: set ${USER_ENV_VAR} and ${PASSWORD_ENV_VAR}")
+                raise TrackingError(f"the MLflow tracking server at {uri} {given} (HTTP {exc.code})") from None
+        except (urllib.error.URLError, OSError, ValueError):
+            pass  # answered /health a moment ago; MLflow's own client reports what goes wrong next
 
     def _embedded_client(self, uri: str) -> Any:
         """A client of the SQLite store; the first one creates the database under a file lock, because steps

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -125,3 +125,20 @@ def trec_splits(trec_slice_csv: Path) -> Any:
                                         "task": {"text_column": "question", "label_column": "category"}})
     raw, _ = read_file(trec_slice_csv, "csv")
     return assign_splits(clean(select_examples(raw, spec.task), spec.cleaning).frame, spec.splits).frame
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Any]:
+    """One throwaway PostgreSQL server for the session (tests create databases of their own in it)."""
+    import tempfile
+
+    from tests.servers import PostgresServer
+
+    # Not under pytest's temporary folder: as root the server runs as the `postgres` user, who cannot enter it.
+    folder = Path(tempfile.mkdtemp(prefix="tuneline-postgres-"))
+    server = PostgresServer(folder)
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(folder, ignore_errors=True)

@@ -5,11 +5,9 @@ read back from the database itself."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import dagster as dg
@@ -20,18 +18,6 @@ from tests.servers import PostgresServer
 
 pytestmark = pytest.mark.server
 VARIABLE = "TUNELINE_DAGSTER_POSTGRES_URL"
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresServer]:
-    # Not under pytest's temporary folder: as root the server runs as the `postgres` user, who cannot enter it.
-    folder = Path(tempfile.mkdtemp(prefix="tuneline-postgres-"))
-    server = PostgresServer(folder)
-    try:
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def tuneline(*args: str, home: Path, url: str | None) -> subprocess.CompletedProcess[str]:
