@@ -94,6 +94,11 @@ def test_no_sensor_without_retrain_on_new_data(tmp_path: Path, trec_slice_csv: P
     assert list(defs.sensors or []) == []
 
 
+SENSOR_TICKS = """
+query Ticks($selector: SensorSelector!) { sensorOrError(sensorSelector: $selector) { __typename
+  ... on Sensor { sensorState { ticks(limit: 5) { status } } } } }"""
+
+
 @pytest.mark.server
 def test_a_dropped_file_starts_a_run_by_itself(tmp_path: Path, trec_slice_csv: Path, tiny_model_dir: Path,
                                                write_spec: Callable[..., Path]) -> None:
@@ -111,7 +116,16 @@ def test_a_dropped_file_starts_a_run_by_itself(tmp_path: Path, trec_slice_csv: P
     home.mkdir()
     log = tmp_path / "dagster_dev.log"
     with running_dagster_dev(workspace, home, log) as port:
-        time.sleep(40)  # the daemon evaluates the sensor on an empty folder: it skips, no run
+        # The daemon evaluates the sensor on the empty folder: a skipped tick, no run.
+        selector = {"repositoryName": "__repository__", "repositoryLocationName": "ui_test",
+                    "sensorName": "tiny_new_data"}
+        deadline, ticks = time.monotonic() + 120, []
+        while time.monotonic() < deadline and "SKIPPED" not in ticks:
+            time.sleep(2)
+            sensor = graphql(port, SENSOR_TICKS, {"selector": selector})["sensorOrError"]
+            assert sensor["__typename"] == "Sensor", sensor
+            ticks = [t["status"] for t in sensor["sensorState"]["ticks"]]
+        assert "SKIPPED" in ticks, (ticks, log.read_text()[-3000:])
         assert graphql(port, RUNS_QUERY, {})["runsOrError"]["results"] == []
         shutil.copy(trec_slice_csv, watched / "questions.csv")
         digest = combined_digest([("questions.csv", sha256_file(watched / "questions.csv"))])
