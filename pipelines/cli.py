@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Any
 
 POSTGRES_URL_VARIABLE = "TUNELINE_DAGSTER_POSTGRES_URL"
-TUNELINE_MARK = "# Written by tuneline"
 DAGSTER_YAML = """# Written by tuneline: the Dagster instance shared by `tuneline run` and `make ui`. tuneline rewrites this file
-# when TUNELINE_DAGSTER_POSTGRES_URL is set or unset; delete these two lines to keep edits of your own.
+# when TUNELINE_DAGSTER_POSTGRES_URL is set or unset, unless you edit it (then it is yours and left alone).
 telemetry:
   enabled: false
 {storage}concurrency:
@@ -46,7 +45,31 @@ def postgres_url_for_dagster(url: str) -> str:
         raise InstanceError(f"{POSTGRES_URL_VARIABLE} must be a PostgreSQL URL, "
                          "postgresql://USER:PASSWORD@HOST:PORT/DATABASE (it starts with "
                          f"{scheme + '://' if sep else 'something else'})")
+    userinfo = rest.rpartition("@")[0]
+    if any(c in userinfo for c in "@/#?"):
+        raise InstanceError(f"the user or password in {POSTGRES_URL_VARIABLE} holds '@', '/', '#' or '?': "
+                            "percent-encode them (%40, %2F, %23, %3F), or the URL's host is misread")
     return f"postgresql+psycopg2://{rest}"
+
+
+# The file the previous release wrote (SQLite, no storage section): still tuneline's own, so it may be rewritten.
+PREVIOUS_DAGSTER_YAML = """# Written by tuneline: the Dagster instance shared by `tuneline run` and `make ui`.
+telemetry:
+  enabled: false
+concurrency:
+  runs:
+    # Runs started from the UI, schedules and sensors queue beyond this many (sized to this machine's cores).
+    max_concurrent_runs: {runs}
+  pools:
+    # The `training` pool (finetuned_checkpoint): one training at a time, so two never fight for the cores.
+    default_limit: 1
+"""
+
+
+def _tunelines_own_yaml() -> set[str]:
+    """Every dagster.yaml text tuneline has written, exactly: only these are rewritten; an edited one is the user's."""
+    return ({DAGSTER_YAML.format(runs=r, storage=st) for r in range(1, 5) for st in ("", POSTGRES_STORAGE)}
+            | {PREVIOUS_DAGSTER_YAML.format(runs=r) for r in range(1, 5)})
 
 
 def dagster_yaml() -> str:
@@ -74,8 +97,11 @@ def ensure_dagster_home() -> Path:
     config = home / "dagster.yaml"
     wanted = dagster_yaml()
     current = config.read_text(encoding="utf-8") if config.exists() else None
-    if current is None or (current.startswith(TUNELINE_MARK) and current != wanted):
+    if current is None or (current != wanted and current in _tunelines_own_yaml()):
         write_bytes_atomic(config, wanted.encode("utf-8"))
+    elif current != wanted and url and "postgres" not in current:
+        print(f"warning: {POSTGRES_URL_VARIABLE} is set, but {config} is not one tuneline wrote and has no "
+              "postgres storage: the instance stays where that file says", file=sys.stderr)
     os.environ["DAGSTER_HOME"] = str(home)
     return home
 
@@ -99,22 +125,35 @@ def shared_instance() -> Any:
             url = os.environ.get(POSTGRES_URL_VARIABLE)
             if not url:
                 raise
-            from urllib.parse import urlsplit
-
             from pipelines.core.errors import InstanceError
 
-            where = urlsplit(url)
-            cause = exc.__cause__ or exc
-            raise InstanceError(
-                f"the Dagster instance's PostgreSQL database {where.path.lstrip('/')!r} at "
-                f"{where.hostname}:{where.port or 5432} ({POSTGRES_URL_VARIABLE}) cannot be used: "
-                f"{type(cause).__name__}: {_without_password(str(cause).strip().splitlines()[0], where.password)}"
-            ) from None
+            raise InstanceError(f"the Dagster instance's PostgreSQL {_where(url)} ({POSTGRES_URL_VARIABLE}) cannot be "
+                                f"used: {_without_password(exc, url)}") from None
         return instance
 
 
-def _without_password(text: str, password: str | None) -> str:
-    return text.replace(password, "***") if password else text
+def _where(url: str) -> str:
+    """'database 'x' at host:port' of a URL, never its password (a URL that does not parse says so)."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        parsed = make_url(url)
+        return f"database {parsed.database!r} at {parsed.host}:{parsed.port or 5432}"
+    except Exception:  # noqa: BLE001 - an unparsable URL is reported as such, without echoing it
+        return "database (the URL does not parse)"
+
+
+def _without_password(exc: BaseException, url: str) -> str:
+    """The error's first line with every form of the URL's password (raw, percent-decoded) masked."""
+    from urllib.parse import unquote
+
+    cause = exc.__cause__ or exc
+    text = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0]}"
+    userinfo = url.partition("://")[2].rpartition("@")[0]
+    password = userinfo.partition(":")[2]
+    for secret in {password, unquote(password)} - {""}:
+        text = text.replace(secret, "***")
+    return text
 
 
 def _print_summary(summary: dict[str, Any], run_id: str) -> None:

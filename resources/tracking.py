@@ -185,6 +185,8 @@ class TrackingResource(dg.ConfigurableResource):
             try:  # MLflow's own client retries for minutes; a tracking server answers /health at once
                 with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10) as response:
                     response.read()
+            except urllib.error.HTTPError:
+                pass  # it answers (a proxy in front may protect /health too); credentials are checked next
             except (urllib.error.URLError, OSError, ValueError) as exc:
                 raise TrackingUnavailable(f"the MLflow tracking server at {uri} (from ${self.uri_env_var}) does not "
                                     f"answer: {exc}. Start it, fix the URI, or unset ${self.uri_env_var} to use "
@@ -204,19 +206,27 @@ class TrackingResource(dg.ConfigurableResource):
 
         user = dg.EnvVar(USER_ENV_VAR).get_value()
         password = dg.EnvVar(PASSWORD_ENV_VAR).get_value()
+        bearer = dg.EnvVar("MLFLOW_TRACKING_TOKEN").get_value()
         request = urllib.request.Request(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1")
-        if user is not None and password is not None:
+        if bearer:  # the MLflow client sends the token instead of basic credentials when both are set
+            request.add_header("Authorization", f"Bearer {bearer}")
+        elif user is not None and password is not None:
             token = base64.b64encode(f"{user}:{password}".encode()).decode()
             request.add_header("Authorization", f"Basic {token}")
         try:
             with urllib.request.urlopen(request, timeout=10) as response:
                 response.read()
         except urllib.error.HTTPError as exc:
-            if exc.code in (401, 403):
-                given = (f"refused the credentials of user {user!r} (${USER_ENV_VAR} / ${PASSWORD_ENV_VAR})"
+            if exc.code == 401:
+                given = ("refused the token in $MLFLOW_TRACKING_TOKEN" if bearer else
+                         f"refused the credentials of user {user!r} (${USER_ENV_VAR} / ${PASSWORD_ENV_VAR})"
                          if user is not None and password is not None else
                          f"requires credentials: set ${USER_ENV_VAR} and ${PASSWORD_ENV_VAR}")
-                raise TrackingError(f"the MLflow tracking server at {uri} {given} (HTTP {exc.code})") from None
+                raise TrackingError(f"the MLflow tracking server at {uri} {given} (HTTP 401)") from None
+            if exc.code == 403:  # a permission, or the server's allowed-hosts list: its own words say which
+                said = exc.read(500).decode("utf-8", "replace").strip().splitlines()
+                raise TrackingError(f"the MLflow tracking server at {uri} refused the request (HTTP 403): "
+                                    f"{said[0] if said else exc.reason}") from None
         except (urllib.error.URLError, OSError, ValueError):
             pass  # answered /health a moment ago; MLflow's own client reports what goes wrong next
 

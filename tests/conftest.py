@@ -136,9 +136,11 @@ def postgres() -> Iterator[Any]:
 
     # Not under pytest's temporary folder: as root the server runs as the `postgres` user, who cannot enter it.
     folder = Path(tempfile.mkdtemp(prefix="tuneline-postgres-"))
-    server = PostgresServer(folder)
     try:
-        yield server
+        server = PostgresServer(folder)
+        try:
+            yield server
+        finally:
+            server.stop()
     finally:
-        server.stop()
         shutil.rmtree(folder, ignore_errors=True)

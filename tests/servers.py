@@ -113,6 +113,7 @@ class PostgresServer:
                     break
             except OSError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
+                    stop(self.process)
                     raise AssertionError(f"PostgreSQL did not come up:\n{self.log.read_text()[-3000:]}") from None
                 time.sleep(0.3)
 

@@ -132,6 +132,30 @@ def test_the_instance_tuneline_creates_queues_runs_and_pools_training(tmp_path: 
         assert config.pool_config.default_pool_limit == 1
 
 
+def test_tuneline_rewrites_only_a_dagster_yaml_it_wrote(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from pipelines.cli import PREVIOUS_DAGSTER_YAML, ensure_dagster_home
+
+    monkeypatch.delenv("TUNELINE_DAGSTER_POSTGRES_URL", raising=False)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    (home / "dagster.yaml").write_text(PREVIOUS_DAGSTER_YAML.format(runs=3))  # the previous release's file
+    monkeypatch.setenv("TUNELINE_DAGSTER_POSTGRES_URL", "postgresql://u:p@db:5432/dagster")
+    ensure_dagster_home()
+    assert "postgres_url:" in (home / "dagster.yaml").read_text()
+    monkeypatch.delenv("TUNELINE_DAGSTER_POSTGRES_URL")
+    ensure_dagster_home()
+    assert "postgres" not in (home / "dagster.yaml").read_text()
+
+    edited = (home / "dagster.yaml").read_text().replace("default_limit: 1", "default_limit: 2")
+    (home / "dagster.yaml").write_text(edited)  # now it is the user's
+    monkeypatch.setenv("TUNELINE_DAGSTER_POSTGRES_URL", "postgresql://u:p@db:5432/dagster")
+    ensure_dagster_home()
+    assert (home / "dagster.yaml").read_text() == edited
+    assert "is not one tuneline wrote and has no postgres storage" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("bars", ["1", "0"], ids=["quiet", "verbose"])
 def test_quiet_libraries_also_silences_bars_that_no_library_switch_reaches(bars: str) -> None:
     """transformers' GGUF de-quantization draws a plain tqdm bar: quiet_libraries keeps it out of the run's output,

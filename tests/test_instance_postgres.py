@@ -74,6 +74,11 @@ def test_a_wrong_or_unreachable_postgres_url_is_one_clear_error_without_the_pass
     assert "TUNELINE_DAGSTER_POSTGRES_URL must be a PostgreSQL URL" in wrong.stderr
     assert "s3cret" not in wrong.stderr + wrong.stdout
 
+    ambiguous = tuneline("run", "--pipeline", "trec_questions", home=tmp_path / "c",
+                         url="postgresql://u:pa#ss/w@rd9@127.0.0.1:1/nowhere")
+    assert ambiguous.returncode == 2 and "percent-encode them" in ambiguous.stderr, ambiguous.stderr[-2000:]
+    assert "rd9" not in ambiguous.stderr and "pa#ss" not in ambiguous.stderr
+
     closed = f"postgresql://u:s3cret@127.0.0.1:{postgres.port + 1 if postgres.port < 65535 else 1}/nowhere"
     down = tuneline("run", "--pipeline", "trec_questions", home=tmp_path / "b", url=closed)
     assert down.returncode == 2 and "Traceback" not in down.stderr, down.stderr[-3000:]

@@ -369,12 +369,16 @@ def _sft_trainer_with_plain_loss() -> type:
             outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False,
                             logits_to_keep=keep)
             logits, wanted = outputs.logits.float(), targets[targets != -100]
+            if logits.dim() == 3:  # a model that ignores logits_to_keep returned every position
+                logits = logits[keep]
             if not len(wanted):  # nothing to learn in this batch (no response token): a zero loss, not NaN
                 loss = logits.sum() * 0.0
             elif num_items_in_batch is not None:
                 loss = F.cross_entropy(logits, wanted, reduction="sum") / num_items_in_batch
             else:
                 loss = F.cross_entropy(logits, wanted)
+            if getattr(outputs, "aux_loss", None) is not None:  # mixture-of-experts balancing, as the model adds it
+                loss = loss + getattr(model.config, "router_aux_loss_coef", 0.0) * outputs.aux_loss
             return (loss, outputs) if return_outputs else loss
 
     return PlainLossSFTTrainer
