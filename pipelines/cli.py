@@ -184,10 +184,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     ensure_dagster_home()
     import dagster as dg
 
-    from pipelines.definitions import DATA_DIR, SPECS_DIR, build_definitions
-    from pipelines.terminal import error_block, quiet_libraries, terminal_logger, warning_lines
+    from pipelines.quiet import quiet_libraries
 
+    # Before the definitions import the libraries: tqdm reads TQDM_DISABLE once, when it is first imported.
     quiet_libraries()
+    from pipelines.definitions import DATA_DIR, SPECS_DIR, build_definitions
+    from pipelines.terminal import error_block, terminal_logger, warning_lines
+
     defs = build_definitions(specs_dir=Path(args.specs_dir) if args.specs_dir else SPECS_DIR,
                              data_dir=Path(args.data_dir).resolve() if args.data_dir else DATA_DIR,
                              loggers={"console": terminal_logger})

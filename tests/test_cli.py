@@ -132,6 +132,18 @@ def test_the_instance_tuneline_creates_queues_runs_and_pools_training(tmp_path: 
         assert config.pool_config.default_pool_limit == 1
 
 
+def test_tuneline_run_silences_plain_tqdm_bars_before_any_library_imports_tqdm(tmp_path: Path) -> None:
+    """tqdm reads TQDM_DISABLE once, at its first import; the definitions import it (through the libraries), so
+    `tuneline run` must be quiet before it loads them (transformers' GGUF conversion draws such a bar)."""
+    script = ("import sys\nfrom pipelines import cli\n"
+              f"code = cli.main(['run', '--pipeline', 'nope', '--specs-dir', {str(tmp_path)!r}])\n"
+              "import tqdm\nprint(code, tqdm.tqdm(range(3)).disable)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    done = subprocess.run([sys.executable, "-c", script], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                          env={**env, "DAGSTER_HOME": str(tmp_path / "home")}, timeout=300)
+    assert done.stdout.split() == ["2", "True"], done.stderr[-3000:]
+
+
 def test_tuneline_rewrites_only_a_dagster_yaml_it_wrote(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     from pipelines.cli import PREVIOUS_DAGSTER_YAML, ensure_dagster_home
