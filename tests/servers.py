@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -23,12 +24,20 @@ def start(argv: list[str], log: Path, env: dict[str, str] | None = None, cwd: Pa
                             start_new_session=True)
 
 
-def wait_until_up(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 120) -> None:
+def wait_until_up(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 120,
+                  any_answer: bool = False) -> None:
+    """Until `url` answers with success, or with any HTTP status (a 401 from an auth app) when `any_answer`."""
     deadline = time.monotonic() + timeout
     while True:
         try:
             with urllib.request.urlopen(url, timeout=2):
                 return
+        except urllib.error.HTTPError:
+            if any_answer:
+                return
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"{url} did not come up:\n{log.read_text()[-5000:]}") from None
+            time.sleep(1)
         except OSError:
             if process.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"{url} did not come up:\n{log.read_text()[-5000:]}") from None

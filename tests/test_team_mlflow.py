@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -20,28 +19,13 @@ import dagster as dg
 import pytest
 
 from tests.conftest import PROJECT_ROOT, tiny_spec
-from tests.servers import PostgresServer, free_port, start, stop
+from tests.servers import PostgresServer, free_port, start, stop, wait_until_up
 
 pytestmark = pytest.mark.server
 ADMIN, PASSWORD = "admin", "team-secret-7f3a9c2e41"
 BUCKET = "tuneline-artifacts"
 STORAGE_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "storage-secret-55d1",
                "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def _wait_for_http(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 120) -> None:
-    """Up once it answers at all: a 401 from the auth app counts."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except urllib.error.HTTPError:
-            return
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"{url} did not come up:\n{log.read_text()[-5000:]}") from None
-            time.sleep(1)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +37,7 @@ def team_server(postgres: PostgresServer, tmp_path_factory: pytest.TempPathFacto
     s3 = start([str(bin_dir / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)], s3_log)
     server = None
     try:
-        _wait_for_http(f"http://127.0.0.1:{s3_port}/", s3, s3_log)
+        wait_until_up(f"http://127.0.0.1:{s3_port}/", s3, s3_log, any_answer=True)
         import boto3
 
         endpoint = f"http://127.0.0.1:{s3_port}"
@@ -71,7 +55,7 @@ def team_server(postgres: PostgresServer, tmp_path_factory: pytest.TempPathFacto
                         "--workers", "1", "--app-name", "basic-auth",
                         "--backend-store-uri", postgres.create_database("mlflow"),
                         "--artifacts-destination", f"s3://{BUCKET}/mlflow"], log, env=env)
-        _wait_for_http(f"http://127.0.0.1:{port}/health", server, log)
+        wait_until_up(f"http://127.0.0.1:{port}/health", server, log, any_answer=True)
         yield {"uri": f"http://127.0.0.1:{port}", "s3": endpoint, "log": log}
     finally:
         if server is not None:
