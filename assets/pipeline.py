@@ -79,9 +79,10 @@ def build_pipeline_assets(spec: PipelineSpec, project_root: Path) -> list[dg.Ass
         settings = compute.settings(spec.training.precision)
         with tracking.asset_run(context, spec.name) as run:
             run.record(training_params(spec, base_model, settings))
-            record = task.train(data, base_model, spec, storage.run_folder("checkpoints", spec.name, context.run_id),
-                                settings, progress=context.log.info, sink=run,
-                                scratch=storage.scratch_folder(spec.name))
+            record = compute.train(context, task, spec, data, base_model,
+                                   storage.run_folder("checkpoints", spec.name, context.run_id),
+                                   scratch=storage.scratch_folder(spec.name), progress=context.log.info, sink=run,
+                                   exchange=storage.run_folder("launch", spec.name, context.run_id))
             record = tracking.register_checkpoint(run, spec.name, record, context.run_id)
             return run.output(record, checkpoint_log(spec, record))
 

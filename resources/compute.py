@@ -1,14 +1,36 @@
-"""Which device and precision training and inference use on this machine."""
+"""Which device and precision training and inference use, and where training runs: in the asset's process
+(`local`), as torchrun processes (`torchrun`) or in a Kubernetes pod (`k8s`), the last two through Dagster Pipes."""
 
 from __future__ import annotations
 
 import sys
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 import torch
 
-from pipelines.core.trainer import ComputeSettings
+from pipelines.core.errors import TunelineError
+from pipelines.core.files import atomic_path
+from pipelines.core.records import BaseModelRecord, CheckpointRecord
+from pipelines.core.sections import ComputeConfig, KubernetesLaunchConfig
+from pipelines.core.trainer import ComputeSettings, MetricsSink, ProgressFn
+from pipelines.train_worker import CHECKPOINT, ERROR, JOB, METRICS
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from pipelines.core.spec import PipelineSpec
+    from pipelines.core.tasks import Task
+
+WORKER_MODULE = "pipelines.train_worker"
+
+
+class LaunchError(TunelineError):
+    """The training command started by a launcher failed; the message says how and where to look."""
 
 
 def cpu_supports_bf16() -> bool:
@@ -22,21 +44,204 @@ def cpu_supports_bf16() -> bool:
     return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
 
 
+def resolve_compute(device: str, precision: str, num_threads: int | None = None, cache_dir: str | None = None,
+                    world_size: int = 1) -> ComputeSettings:
+    """Settings for this machine: device 'auto' picks CUDA when torch sees it, precision 'auto' bf16 where the
+    device supports it."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("ComputeResource.device is 'cuda' but torch sees no CUDA device")
+    if precision == "auto":
+        supported = torch.cuda.is_bf16_supported() if device == "cuda" else cpu_supports_bf16()
+        precision = "bf16" if supported else "fp32"
+    return ComputeSettings(device=device, precision=precision, num_threads=num_threads, cache_dir=cache_dir,
+                           world_size=world_size)
+
+
+# ------------------------------------------------------------------------------------------ launching
+def worker_command(compute: ComputeConfig, python: str = sys.executable) -> list[str]:
+    """The command that trains: torchrun (as a module of the same Python) with one process per rank on this node."""
+    return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={compute.processes}",
+            "-m", WORKER_MODULE]
+
+
+def training_pod_spec(pod: KubernetesLaunchConfig) -> dict[str, Any]:
+    """The Kubernetes pod spec of a training pod (PipesK8sClient adds the image, command and Pipes variables):
+    GPU and CPU/memory resources, the data volume at the path the run pods use, shared memory for the data
+    loaders and NCCL, node selector and service account."""
+    limits: dict[str, str] = {}
+    if pod.gpus:
+        limits["nvidia.com/gpu"] = str(pod.gpus)
+    if pod.cpu:
+        limits["cpu"] = pod.cpu
+    if pod.memory:
+        limits["memory"] = pod.memory
+    container: dict[str, Any] = {
+        "name": "training",
+        "resources": {"limits": limits, "requests": dict(limits)},
+        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+        "workingDir": "/opt/tuneline",
+    }
+    volumes: list[dict[str, Any]] = [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]
+    if pod.data_volume_claim:
+        container["volumeMounts"].append({"name": "data", "mountPath": pod.data_mount_path})
+        volumes.append({"name": "data", "persistentVolumeClaim": {"claimName": pod.data_volume_claim}})
+    spec: dict[str, Any] = {"containers": [container], "volumes": volumes, "restartPolicy": "Never"}
+    if pod.gpus:
+        spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    if pod.node_selector:
+        spec["nodeSelector"] = dict(pod.node_selector)
+    if pod.service_account:
+        spec["serviceAccountName"] = pod.service_account
+    return spec
+
+
+class _ForwardingHandler:
+    """Stands in for Dagster's Pipes message handler: the training's metrics go to the sink as they arrive, its
+    result and its error are kept; every other message goes on to Dagster's handler (logs, open, close)."""
+
+    def __init__(self, handler: Any, outcome: LaunchOutcome) -> None:
+        self._handler, self._outcome = handler, outcome
+
+    def handle_message(self, message: Mapping[str, Any]) -> None:
+        if message.get("method") == "report_custom_message":
+            payload = (message.get("params") or {}).get("payload")
+            if isinstance(payload, dict) and payload.get("kind") in (METRICS, CHECKPOINT, ERROR):
+                self._outcome.receive(payload)
+                return
+        self._handler.handle_message(message)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._handler, name)
+
+
+class LaunchOutcome:
+    """What the training process sent: its checkpoint record or error; metrics are forwarded to `sink` at once."""
+
+    def __init__(self, sink: MetricsSink | None) -> None:
+        self.sink = sink
+        self.record: CheckpointRecord | None = None
+        self.error: dict[str, Any] | None = None
+        self.sink_failure: BaseException | None = None
+        self._lock = threading.Lock()
+
+    def receive(self, payload: dict[str, Any]) -> None:
+        with self._lock:
+            if payload["kind"] == METRICS:
+                if self.sink is not None and self.sink_failure is None:
+                    try:
+                        self.sink.log_metrics(payload["metrics"], payload["step"])
+                    except Exception as exc:  # raised in the run's thread once training ends (e.g. tracking outage)
+                        self.sink_failure = exc
+            elif payload["kind"] == CHECKPOINT:
+                self.record = CheckpointRecord.from_dict(payload["record"])
+            else:
+                self.error = payload
+
+
+def forwarding_reader(inner: Any, outcome: LaunchOutcome) -> Any:
+    """A Pipes message reader that reads as `inner` does and hands each message to a _ForwardingHandler."""
+    from dagster._core.pipes.client import PipesMessageReader
+
+    class ForwardingMessageReader(PipesMessageReader):
+        @contextmanager
+        def read_messages(self, handler: Any) -> Iterator[Any]:
+            with inner.read_messages(_ForwardingHandler(handler, outcome)) as params:
+                yield params
+
+        def on_opened(self, opened_payload: Any) -> None:
+            inner.on_opened(opened_payload)
+
+        def on_launched(self, launched_payload: Any) -> None:
+            inner.on_launched(launched_payload)
+
+        @property
+        def expected_writer_count(self) -> int:
+            return inner.expected_writer_count
+
+        def no_messages_debug_text(self) -> str:
+            return inner.no_messages_debug_text()
+
+    return ForwardingMessageReader()
+
+
 class ComputeResource(dg.ConfigurableResource):
-    """Device and thread settings; the precision is chosen per spec ('auto' picks bf16 when supported)."""
+    """Device and thread settings (the precision is chosen per spec: 'auto' picks bf16 when supported), and the
+    launchers of a spec's `compute:` section."""
 
     device: str = "auto"  # auto | cpu | cuda
     num_threads: int | None = None  # None: torch's default (all cores)
     cache_dir: str | None = None  # where frozen-model embeddings are kept for reuse across steps (None: not kept)
+    kube_context: str | None = None  # k8s launcher: kubeconfig context (None: in-cluster config when in a pod)
+    kubeconfig_file: str | None = None
 
     def settings(self, precision: str) -> ComputeSettings:
-        device = self.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("ComputeResource.device is 'cuda' but torch sees no CUDA device")
-        if precision == "auto":
-            supported = torch.cuda.is_bf16_supported() if device == "cuda" else cpu_supports_bf16()
-            precision = "bf16" if supported else "fp32"
-        return ComputeSettings(device=device, precision=precision, num_threads=self.num_threads,
-                               cache_dir=self.cache_dir)
+        return resolve_compute(self.device, precision, self.num_threads, self.cache_dir)
+
+    def train(self, context: dg.AssetExecutionContext, task: Task, spec: PipelineSpec, data: pd.DataFrame,
+              base: BaseModelRecord, out_dir: Path, *, scratch: Path | None, exchange: Path, progress: ProgressFn,
+              sink: MetricsSink | None) -> CheckpointRecord:
+        """Train `spec` with its launcher: in this process (local), or through Dagster Pipes as torchrun processes
+        or a Kubernetes pod, which read `data` from a file in `exchange`."""
+        launch = spec.compute
+        if launch.launcher == "local":
+            return task.train(data, base, spec, out_dir, self.settings(spec.training.precision), progress=progress,
+                              sink=sink, scratch=scratch)
+        exchange.mkdir(parents=True, exist_ok=True)
+        data_file = exchange / "training_data.parquet"
+        with atomic_path(data_file) as tmp:
+            data.to_parquet(tmp, index=False)
+        job = {"spec": spec.model_dump(mode="json"), "data": str(data_file), "base_model": base.to_dict(),
+               "out_dir": str(out_dir), "scratch": str(scratch) if scratch else None,
+               "compute": {"device": "auto" if launch.launcher == "k8s" else self.device,
+                           "precision": spec.training.precision, "num_threads": self.num_threads,
+                           "cache_dir": self.cache_dir}}
+        outcome = LaunchOutcome(sink)
+        command = worker_command(launch)
+        progress(f"launching training ({launch.launcher}, {launch.processes} process"
+                 f"{'es' if launch.processes > 1 else ''}) through Dagster Pipes")
+        try:
+            if launch.launcher == "torchrun":
+                self._run_subprocess(context, command, {JOB: job}, outcome)
+            else:
+                assert launch.k8s is not None  # the spec requires it for this launcher
+                self._run_pod(context, launch.k8s, ["python", *command[1:]], {JOB: job}, outcome)
+        except Exception as exc:
+            from dagster._core.errors import DagsterPipesExecutionError
+
+            if outcome.error:  # the training's own words (a TunelineError raised by rank 0)
+                raise LaunchError(f"training ({launch.launcher}) failed: {outcome.error['message']}") from None
+            if isinstance(exc, DagsterPipesExecutionError):
+                raise LaunchError(f"training ({launch.launcher}) failed: {exc}. The processes' output is in the "
+                                  "run's stdout/stderr (the Dagster UI's compute logs)") from exc
+            raise
+        finally:
+            data_file.unlink(missing_ok=True)
+        if outcome.sink_failure is not None:
+            raise outcome.sink_failure
+        if outcome.record is None:
+            raise LaunchError(f"training ({launch.launcher}) ended without reporting a checkpoint")
+        return outcome.record
+
+    def _run_subprocess(self, context: dg.AssetExecutionContext, command: list[str], extras: dict[str, Any],
+                        outcome: LaunchOutcome) -> None:
+        from dagster._core.pipes.utils import PipesTempFileMessageReader
+
+        client = dg.PipesSubprocessClient(message_reader=forwarding_reader(PipesTempFileMessageReader(), outcome))
+        client.run(context=context, command=command, extras=extras)
+
+    def _run_pod(self, context: dg.AssetExecutionContext, pod: KubernetesLaunchConfig, command: list[str],
+                 extras: dict[str, Any], outcome: LaunchOutcome) -> None:
+        client, spec = self.pod_client(outcome), training_pod_spec(pod)
+        client.run(context=context, image=pod.image, command=command, namespace=pod.namespace, extras=extras,
+                   base_pod_spec=spec)
+
+    def pod_client(self, outcome: LaunchOutcome) -> Any:
+        """Dagster's Kubernetes Pipes client, reading the pod's logs for the training's messages."""
+        from dagster_k8s import PipesK8sClient
+        from dagster_k8s.pipes import PipesK8sPodLogsMessageReader
+
+        return PipesK8sClient(message_reader=forwarding_reader(PipesK8sPodLogsMessageReader(), outcome),
+                              kube_context=self.kube_context, kubeconfig_file=self.kubeconfig_file)
+

@@ -46,6 +46,12 @@ class BaseModelRecord:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> BaseModelRecord:
+        """The record `to_dict` made (e.g. read back from JSON, where tuples became lists)."""
+        return BaseModelRecord(**{**data, "lora_targets": tuple(data.get("lora_targets", ())),
+                                  "selection": tuple(data.get("selection", ()))})
+
 
 @dataclass(frozen=True)
 class CheckpointRecord:
@@ -72,6 +78,13 @@ class CheckpointRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> CheckpointRecord:
+        """The record `to_dict` made (e.g. sent as JSON by a training process)."""
+        return CheckpointRecord(**{**data, "base_model": BaseModelRecord.from_dict(data["base_model"]),
+                                   "labels": tuple(data.get("labels", ())),
+                                   "history": tuple(dict(h) for h in data.get("history", ()))})
 
 
 @dataclass(frozen=True)

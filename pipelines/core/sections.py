@@ -329,6 +329,8 @@ class TrainingConfig(Frozen):
                                   "with its own position ids and attention kept within it (TRL's padding_free), "
                                   "so no step computes on padding. Text classification pads length-grouped "
                                   "batches instead.")
+    head_dropout: float = Field(default=0.1, ge=0, lt=1,
+                                description="Text classification: dropout on the pooled embedding before the head.")
     head_init: Literal["linear_probe", "random"] = Field(
         default="linear_probe",
         description="'linear_probe' starts the head from a logistic regression on frozen embeddings (LP-FT).")
@@ -366,6 +368,54 @@ class TrainingConfig(Frozen):
 
 
 _INTERVAL = re.compile(r"(\d+(?:\.\d+)?)\s*([smh])")
+
+
+# -------------------------------------------------------------------------------------------- compute
+class KubernetesLaunchConfig(Frozen):
+    """Where and how the training pod runs (launcher: k8s). The pod gets the same image as the code location."""
+
+    image: str = Field(description="The container image with tuneline and this project (deploy/Dockerfile).")
+    namespace: str | None = Field(default=None, description="Namespace of the training pod (None: the current "
+                                                            "context's, as the Kubernetes client resolves it).")
+    gpus: int = Field(default=1, ge=0, le=16, description="nvidia.com/gpu the pod asks for (0: a CPU pod).")
+    cpu: str | None = Field(default=None, description="CPU request and limit, e.g. '8'.")
+    memory: str | None = Field(default=None, description="Memory request and limit, e.g. '32Gi'.")
+    data_volume_claim: str | None = Field(
+        default=None, description="PersistentVolumeClaim holding the data folder (the same one the Dagster run "
+                                  "pods mount at data_mount_path): the pod reads the data and writes the "
+                                  "checkpoint there.")
+    data_mount_path: str = Field(default="/opt/tuneline/data", description="Where the claim is mounted; "
+                                                                          "the run's --data-dir.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Kubernetes nodeSelector of the pod.")
+    service_account: str | None = Field(default=None, description="The pod's service account (None: default).")
+
+
+class ComputeConfig(Frozen):
+    """Where training runs. It does not change what is learned (a test trains the same loss with 1 and 2 processes),
+    so it is outside the spec hash: moving a pipeline to a GPU box does not invalidate its checkpoints."""
+
+    launcher: Literal["local", "torchrun", "k8s"] = Field(
+        default="local",
+        description="'local': in the asset's own process (the default). 'torchrun': a separate command started "
+                    "through Dagster Pipes, `torchrun --nproc-per-node=processes` (DDP; gloo on a CPU, NCCL on "
+                    "GPUs). 'k8s': a Kubernetes pod through Dagster Pipes, running torchrun with `processes` "
+                    "processes (one per GPU). Logs, progress and metrics stream back into the run and MLflow; "
+                    "only rank 0 writes the checkpoint and reports the result.")
+    processes: int = Field(default=1, ge=1, le=64, description="Training processes (data-parallel ranks); each "
+                                                             "takes training.batch_size / processes rows a step.")
+    k8s: KubernetesLaunchConfig | None = Field(default=None, description="The pod (launcher: k8s only).")
+
+    @model_validator(mode="after")
+    def _launcher_fields(self) -> ComputeConfig:
+        if self.launcher == "local" and self.processes != 1:
+            raise ValueError(f"compute.processes is {self.processes}, but compute.launcher 'local' trains in the "
+                             "asset's own process: use launcher 'torchrun' for several processes")
+        if self.launcher == "k8s" and self.k8s is None:
+            raise ValueError("compute.launcher 'k8s' needs compute.k8s with at least an image")
+        if self.launcher != "k8s" and self.k8s is not None:
+            raise ValueError(f"compute.k8s is set, but compute.launcher is {self.launcher!r}: set launcher: k8s "
+                             "or remove compute.k8s")
+        return self
 
 
 # ----------------------------------------------------------------------------------------- evaluation

@@ -20,8 +20,9 @@ from pydantic import BaseModel, Discriminator, Field, Tag, ValidationError, fiel
 
 from pipelines.core.errors import SpecError
 from pipelines.core.sections import *  # noqa: F403 (the shared sections are part of the spec's schema)
-from pipelines.core.sections import (BaseModelConfig, CleaningConfig, EvaluationConfig, Frozen, PromotionConfig,
-                                     QualityConfig, ScheduleConfig, SourceConfig, SplitsConfig, TrainingConfig)
+from pipelines.core.sections import (BaseModelConfig, CleaningConfig, ComputeConfig, EvaluationConfig, Frozen,
+                                     PromotionConfig, QualityConfig, ScheduleConfig, SourceConfig, SplitsConfig,
+                                     TrainingConfig)
 from pipelines.core.tasks import DEFAULT_TASK, TASKS, task_named
 
 PIPELINE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -55,6 +56,7 @@ class PipelineSpec(Frozen):
     quality: QualityConfig = Field(default_factory=QualityConfig)
     base_model: BaseModelConfig
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
     schedule: ScheduleConfig | None = None
@@ -78,6 +80,14 @@ class PipelineSpec(Frozen):
         task_named(self.task.type).check_evaluation(self.evaluation)
         return self
 
+    @model_validator(mode="after")
+    def _batch_splits_over_processes(self) -> PipelineSpec:
+        if self.training.batch_size % self.compute.processes:
+            raise ValueError(f"training.batch_size {self.training.batch_size} does not divide into compute.processes "
+                             f"{self.compute.processes}: each process takes an equal share of a step's rows "
+                             f"(use a batch size that is a multiple of {self.compute.processes})")
+        return self
+
     @field_validator("name")
     @classmethod
     def _valid_name(cls, value: str) -> str:
@@ -87,9 +97,10 @@ class PipelineSpec(Frozen):
         return value
 
     def section_hash(self, *sections: str) -> str:
-        """A short, stable hash of some sections of the spec (used as Dagster code versions)."""
+        """A short, stable hash of some sections of the spec (used as Dagster code versions); with none named, of
+        every section that decides the result (all but `compute`, which says only where training runs)."""
         data = self.model_dump(mode="json")
-        picked = {s: data[s] for s in sections} if sections else data
+        picked = {s: data[s] for s in sections} if sections else {k: v for k, v in data.items() if k != "compute"}
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
 
     @property

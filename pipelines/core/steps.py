@@ -136,6 +136,7 @@ def training_params(spec: PipelineSpec, base: BaseModelRecord, compute: ComputeS
         params={**{f"training.{k}": v for k, v in spec.training.model_dump().items() if k != "lora"},
                 **{f"lora.{k}": v for k, v in spec.training.lora.model_dump().items()},
                 "precision": compute.precision, "device": compute.device, "trainer": task_for(spec).trainer_name,
+                "launcher": spec.compute.launcher, "processes": spec.compute.processes,
                 "base_model": base.name, "base_model_sha256": base.weights_sha256, "spec_hash": spec.spec_hash},
         texts=((spec.to_yaml(), "spec.yaml"),))
 

@@ -44,6 +44,7 @@ class ComputeSettings:
     precision: str = "fp32"  # bf16 | fp32
     num_threads: int | None = None
     cache_dir: str | None = None  # where results worth reusing across steps are kept (frozen embeddings); None: none
+    world_size: int = 1  # data-parallel training processes (torchrun); each takes batch_size / world_size rows a step
 
     def apply(self) -> None:
         if self.num_threads:
@@ -129,7 +130,7 @@ def common_training_arguments(cfg: TrainingConfig, output_dir: Path, compute: Co
     return dict(
         output_dir=str(output_dir),
         num_train_epochs=cfg.epochs,
-        per_device_train_batch_size=cfg.batch_size,
+        per_device_train_batch_size=cfg.batch_size // compute.world_size,  # the spec checks that it divides
         per_device_eval_batch_size=eval_batch_size,
         learning_rate=cfg.learning_rate,
         weight_decay=cfg.weight_decay,
@@ -149,7 +150,45 @@ def common_training_arguments(cfg: TrainingConfig, output_dir: Path, compute: Co
         dataloader_num_workers=0,
         seed=cfg.seed,
         data_seed=cfg.seed,
+        # Several processes (torchrun) on a CPU talk through gloo; on GPUs the Trainer's default (NCCL) is right.
+        ddp_backend="gloo" if compute.world_size > 1 and compute.device == "cpu" else None,
     )
+
+
+def with_global_batch_order(trainer_class: type) -> type:
+    """`trainer_class` whose length-grouped order is the same for any number of processes.
+
+    With N processes each takes every N-th batch of batch_size / N rows from one shared order, so a step sees the
+    rows one process would see in one batch, provided every process builds the same order from batches of the
+    global size. The Trainer's sampler groups by the per-process size and draws each epoch's permutation from the
+    global random state, which dropout moves differently in each process; here the order is grouped by the global
+    batch and drawn from its own generator, seeded by data_seed and the epoch (so a resumed run draws the same)."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
+
+    class EpochSeededLengthGroupedSampler(LengthGroupedSampler):  # type: ignore[misc]
+        def __init__(self, lengths: list[int], batch_size: int, seed: int) -> None:
+            super().__init__(batch_size, lengths=lengths)
+            self.seed, self.epoch = seed, 0
+
+        def set_epoch(self, epoch: int) -> None:  # the Trainer calls this at the start of every epoch
+            self.epoch = int(epoch)
+
+        def __iter__(self) -> Iterator[int]:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+    class GlobalBatchOrder(trainer_class):  # type: ignore[misc, valid-type]
+        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+            sampler = super()._get_train_sampler(train_dataset)
+            if isinstance(sampler, LengthGroupedSampler):
+                seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+                return EpochSeededLengthGroupedSampler(
+                    sampler.lengths, self.args.per_device_train_batch_size * self.args.world_size
+                    * self.args.gradient_accumulation_steps, seed)
+            return sampler
+
+    GlobalBatchOrder.__name__ = GlobalBatchOrder.__qualname__ = trainer_class.__name__
+    return GlobalBatchOrder
 
 
 # ------------------------------------------------------------------------------------------ callbacks
@@ -251,8 +290,10 @@ class Resumable:
 
     @staticmethod
     def for_run(scratch: Path | None, cfg: TrainingConfig, spec_hash: str, data_sha256: str,
-                base_sha256: str) -> Resumable | None:
-        if scratch is None or (cfg.checkpoint_steps is None and cfg.checkpoint_seconds is None):
+                base_sha256: str, world_size: int = 1) -> Resumable | None:
+        """None when nothing is to be kept: no scratch folder, checkpoint_every 0, or several processes (their
+        per-rank RNG and data positions are not made resumable yet: such a run starts over after a crash)."""
+        if scratch is None or world_size > 1 or (cfg.checkpoint_steps is None and cfg.checkpoint_seconds is None):
             return None
         key = combined_digest([("spec", spec_hash), ("data", data_sha256), ("base_model", base_sha256)])[:16]
         return Resumable(scratch, key, cfg.checkpoint_steps, cfg.checkpoint_seconds)
@@ -573,8 +614,7 @@ def record_from_folder(path: Path, model_version: str | None = None,
                        legacy: Mapping[str, tuple[str, tuple[str, ...]]] | None = None) -> CheckpointRecord:
     """The record of a checkpoint folder copied from elsewhere (e.g. downloaded from the model registry)."""
     meta = read_manifest(path, legacy)
-    base = BaseModelRecord(**{**meta["base_model"], "lora_targets": tuple(meta["base_model"].get("lora_targets", ())),
-                              "selection": tuple(meta["base_model"].get("selection", ()))})
+    base = BaseModelRecord.from_dict(meta["base_model"])
     if not Path(base.local_path).is_dir():
         raise CheckpointError(f"checkpoint {path} needs its base model {base.name} at {base.local_path}, which is "
                               "not on this machine (materialize the pipeline's base_model asset first)")

@@ -35,7 +35,8 @@ from pipelines.core.trainer import (ComputeSettings, MetricsSink, ProgressFn, Re
                                     build_lora_config, checkpoint_digest, lora_layers, model_flops_utilization,
                                     transformer_blocks, checkpoint_manifest, common_training_arguments,
                                     peak_memory_mb, run_trainer, save_trained, store_frozen_weights_for,
-                                    time_training_steps, trainable_parameters, verified_folder)
+                                    time_training_steps, trainable_parameters, verified_folder,
+                                    with_global_batch_order)
 
 if TYPE_CHECKING:
     from pipelines.core.spec import PipelineSpec
@@ -614,7 +615,8 @@ def train_classifier(splits: pd.DataFrame, base: BaseModelRecord, spec: Pipeline
 
     tokenizer = load_tokenizer(base.local_path)
     encoder = load_encoder(base)
-    model = PooledClassifier(encoder, base.pooling, len(labels), base.hidden_size, label_smoothing=cfg.label_smoothing)
+    model = PooledClassifier(encoder, base.pooling, len(labels), base.hidden_size, dropout=cfg.head_dropout,
+                             label_smoothing=cfg.label_smoothing)
 
     num_layers = len(transformer_blocks(encoder)[1]) if cfg.lora.top_layers else None
     adapted = lora_layers(cfg.lora, num_layers) if num_layers else None
@@ -674,12 +676,14 @@ def train_classifier(splits: pd.DataFrame, base: BaseModelRecord, spec: Pipeline
 
     def make_trainer(scratch: Path) -> Any:
         args = build_training_arguments(cfg, scratch, compute, val_ds is not None, spec.evaluation.batch_size)
-        return Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-                       data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=_classification_metrics,
-                       optimizers=(optimizer, None), callbacks=[callback])
+        return with_global_batch_order(Trainer)(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
+                                                data_collator=DataCollatorWithPadding(tokenizer),
+                                                compute_metrics=_classification_metrics,
+                                                optimizers=(optimizer, None), callbacks=[callback])
 
     data_sha256 = frame_digest(splits)  # the same digest the splits asset reports: lineage joins on it
-    resumable = Resumable.for_run(scratch, cfg, spec.spec_hash, data_sha256, base.weights_sha256)
+    resumable = Resumable.for_run(scratch, cfg, spec.spec_hash, data_sha256, base.weights_sha256,
+                                   compute.world_size)
     with model.frozen_lower.attached() if model.frozen_lower else nullcontext():
         outcome = run_trainer(make_trainer, callback, progress, select_by, resumable)
     model.frozen_lower = None  # the whole model again, for saving and inference

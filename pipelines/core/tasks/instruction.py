@@ -39,7 +39,7 @@ from pipelines.core.trainer import (ComputeSettings, MetricsSink, ProgressFn, Re
                                     build_lora_config, checkpoint_digest, checkpoint_manifest, common_training_arguments,
                                     lora_layers, model_flops_utilization, peak_memory_mb, run_trainer, save_trained,
                                     store_frozen_weights_for, time_training_steps, trainable_parameters,
-                                    verified_folder)
+                                    verified_folder, with_global_batch_order)
 
 if TYPE_CHECKING:
     from pipelines.core.spec import PipelineSpec
@@ -375,6 +375,11 @@ def _sft_trainer_with_plain_loss() -> type:
                 loss = logits.sum() * 0.0
             elif num_items_in_batch is not None:
                 loss = F.cross_entropy(logits, wanted, reduction="sum") / num_items_in_batch
+                args = getattr(self, "args", None)
+                if args is not None and args.average_tokens_across_devices and args.world_size > 1:
+                    # num_items_in_batch counts every process's tokens and DDP averages the gradients over the
+                    # processes: scaled back, a step's gradient is the one-process gradient (as the Trainer does).
+                    loss = loss * self.args.world_size
             else:
                 loss = F.cross_entropy(logits, wanted)
             if getattr(outputs, "aux_loss", None) is not None:  # mixture-of-experts balancing, as the model adds it
@@ -411,7 +416,7 @@ def train_causal_lm(rendered: pd.DataFrame, base: BaseModelRecord, spec: Pipelin
     val_ds = _dataset(validation) if len(validation) else None
     callback = best_epoch_callback(model, progress, sink, "loss", higher_is_better=False)
 
-    trainer_class = SFTTrainer if compute.device == "cuda" else _sft_trainer_with_plain_loss()
+    trainer_class = with_global_batch_order(SFTTrainer if compute.device == "cuda" else _sft_trainer_with_plain_loss())
 
     def make_trainer(scratch: Path) -> Any:
         args = build_sft_config(cfg, scratch, compute, val_ds is not None, spec.evaluation.batch_size)
@@ -419,7 +424,8 @@ def train_causal_lm(rendered: pd.DataFrame, base: BaseModelRecord, spec: Pipelin
                              processing_class=tokenizer, callbacks=[callback])
 
     data_sha256 = frame_digest(rendered)
-    resumable = Resumable.for_run(scratch, cfg, spec.spec_hash, data_sha256, base.weights_sha256)
+    resumable = Resumable.for_run(scratch, cfg, spec.spec_hash, data_sha256, base.weights_sha256,
+                                   compute.world_size)
     outcome = run_trainer(make_trainer, callback, progress, "loss", resumable)
     real_tokens = float(train["total_tokens"].sum()) * cfg.epochs
     model.eval()

@@ -1,0 +1,101 @@
+"""The training command a launcher starts through Dagster Pipes: `python -m pipelines.train_worker`, one process
+per rank under torchrun (locally or in a Kubernetes pod).
+
+Every rank reads the job (spec, data file, base model, folders) from the Pipes context and trains its share of
+each batch (DDP). Only rank 0 opens the Pipes message channel: its progress lines stream into the Dagster run's
+log, its metrics to the asset's MLflow run (through the launching process: the worker needs no tracking
+credentials), and it alone writes the checkpoint and reports the result. The other ranks save to a private
+temporary folder that is removed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+# What the launching process puts in the Pipes extras, and the kinds of custom message rank 0 sends back.
+JOB = "tuneline_training"
+METRICS, CHECKPOINT, ERROR = "metrics", "checkpoint", "error"
+
+
+class PipesMetrics:
+    """The metrics sink of rank 0: each log of the Trainer goes to the launching process as a Pipes message."""
+
+    def __init__(self, pipes: Any) -> None:
+        self.pipes = pipes
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        self.pipes.report_custom_message({"kind": METRICS, "metrics": dict(metrics), "step": int(step)})
+
+
+def _job_from_context() -> dict[str, Any]:
+    """The job, read from the Pipes context without opening the message channel (every rank can do this)."""
+    from dagster_pipes import PipesDefaultContextLoader, PipesEnvVarParamsLoader
+
+    params = PipesEnvVarParamsLoader().load_context_params()
+    with PipesDefaultContextLoader().load_context(params) as data:
+        return dict(data["extras"][JOB])
+
+
+def train(job: dict[str, Any], rank: int, world_size: int, local_rank: int, progress: Any, sink: Any) -> Any:
+    """Train the job's spec on its data; rank 0 saves to the job's folder, other ranks to a folder then removed."""
+    import pandas as pd
+    import torch
+
+    from pipelines.core.records import BaseModelRecord
+    from pipelines.core.spec import PipelineSpec
+    from pipelines.core.tasks import task_for
+    from resources.compute import resolve_compute
+
+    spec = PipelineSpec.model_validate(job["spec"])
+    compute = resolve_compute(**job["compute"], world_size=world_size)
+    if compute.device == "cuda":
+        torch.cuda.set_device(local_rank)
+    elif compute.num_threads is None and world_size > 1:  # torchrun's default of 1 thread per rank wastes cores
+        compute = resolve_compute(**{**job["compute"], "num_threads": max(1, (os.cpu_count() or 1) // world_size)},
+                                  world_size=world_size)
+    data = pd.read_parquet(job["data"])
+    base = BaseModelRecord.from_dict(job["base_model"])
+    if rank == 0:
+        progress(f"rank 0 of {world_size}: {compute.device}, {compute.precision}, "
+                 f"{compute.num_threads or torch.get_num_threads()} threads per process, "
+                 f"{spec.training.batch_size // world_size} rows per process and step")
+        return task_for(spec).train(data, base, spec, Path(job["out_dir"]), compute, progress=progress, sink=sink,
+                                    scratch=Path(job["scratch"]) if job.get("scratch") else None)
+    private = Path(tempfile.mkdtemp(prefix=f"tuneline-rank{rank}-"))
+    try:
+        return task_for(spec).train(data, base, spec, private / "checkpoint", compute, progress=lambda _: None)
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+
+
+def main() -> None:
+    from pipelines.quiet import quiet_libraries
+
+    quiet_libraries()
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    job = _job_from_context()
+    if rank:
+        train(job, rank, world_size, local_rank, progress=None, sink=None)
+        return
+
+    from dagster_pipes import open_dagster_pipes
+
+    from pipelines.core.errors import TunelineError
+
+    with open_dagster_pipes() as pipes:
+        try:
+            record = train(job, rank, world_size, local_rank, progress=pipes.log.info, sink=PipesMetrics(pipes))
+        except TunelineError as exc:  # a user's problem: its words reach the run, not only a traceback
+            pipes.report_custom_message({"kind": ERROR, "type": type(exc).__name__, "message": str(exc)})
+            raise
+        pipes.report_custom_message({"kind": CHECKPOINT, "record": record.to_dict()})
+
+
+if __name__ == "__main__":
+    main()
