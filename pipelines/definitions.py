@@ -38,7 +38,8 @@ def resources_for(data_dir: Path, *, device: str = "auto", num_threads: int | No
 
 def build_definitions(specs_dir: Path = SPECS_DIR, project_root: Path = PROJECT_ROOT,
                       data_dir: Path = DATA_DIR, resources: dict[str, object] | None = None,
-                      loggers: dict[str, dg.LoggerDefinition] | None = None) -> dg.Definitions:
+                      loggers: dict[str, dg.LoggerDefinition] | None = None,
+                      executor: dg.ExecutorDefinition | None = None) -> dg.Definitions:
     """One asset group with its quality checks, one job and (if declared) one schedule per valid spec file; a
     file that does not validate becomes an asset of the `broken_specs` group that says why, and never keeps the
     other pipelines from loading."""
@@ -60,6 +61,7 @@ def build_definitions(specs_dir: Path = SPECS_DIR, project_root: Path = PROJECT_
         sensors=sensors,
         resources=resources if resources is not None else resources_for(data_dir, project_root=project_root),
         loggers=loggers,
+        executor=executor,
     )
 
 
