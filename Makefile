@@ -37,7 +37,7 @@ chromium:
 	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium; }
 
 test: install chromium
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 constraints: install
 	{ echo "# Exact versions tested together (pip freeze of a working environment); make install applies them."; \
