@@ -194,8 +194,11 @@ class ComputeResource(dg.ConfigurableResource):
             data.to_parquet(tmp, index=False)
         job = {"spec": spec.model_dump(mode="json"), "data": str(data_file), "base_model": base.to_dict(),
                "out_dir": str(out_dir), "scratch": str(scratch) if scratch else None,
+               # num_threads is this machine's (for all processes together): the pod's worker divides its own cores.
                "compute": {"device": "auto" if launch.launcher == "k8s" else self.device,
-                           "precision": spec.training.precision, "num_threads": self.num_threads,
+                           "precision": spec.training.precision,
+                           "num_threads": None if launch.launcher == "k8s" or self.num_threads is None
+                           else max(1, self.num_threads // launch.processes),
                            "cache_dir": self.cache_dir}}
         outcome = LaunchOutcome(sink)
         command = worker_command(launch)
@@ -203,7 +206,7 @@ class ComputeResource(dg.ConfigurableResource):
                  f"{'es' if launch.processes > 1 else ''}) through Dagster Pipes")
         try:
             if launch.launcher == "torchrun":
-                self._run_subprocess(context, command, {JOB: job}, outcome)
+                self._run_subprocess(context, command, {JOB: job}, outcome, launch.processes)
             else:
                 assert launch.k8s is not None  # the spec requires it for this launcher
                 self._run_pod(context, launch.k8s, ["python", *command[1:]], {JOB: job}, outcome)
@@ -225,11 +228,15 @@ class ComputeResource(dg.ConfigurableResource):
         return outcome.record
 
     def _run_subprocess(self, context: dg.AssetExecutionContext, command: list[str], extras: dict[str, Any],
-                        outcome: LaunchOutcome) -> None:
+                        outcome: LaunchOutcome, processes: int) -> None:
         from dagster._core.pipes.utils import PipesTempFileMessageReader
 
+        import os
+
         client = dg.PipesSubprocessClient(message_reader=forwarding_reader(PipesTempFileMessageReader(), outcome))
-        client.run(context=context, command=command, extras=extras)
+        # The cores are shared among the processes (torchrun would otherwise set 1 thread each, with a warning).
+        threads = max(1, (self.num_threads or os.cpu_count() or 1) // processes)
+        client.run(context=context, command=command, extras=extras, env={"OMP_NUM_THREADS": str(threads)})
 
     def _run_pod(self, context: dg.AssetExecutionContext, pod: KubernetesLaunchConfig, command: list[str],
                  extras: dict[str, Any], outcome: LaunchOutcome) -> None:

@@ -152,6 +152,9 @@ def common_training_arguments(cfg: TrainingConfig, output_dir: Path, compute: Co
         data_seed=cfg.seed,
         # Several processes (torchrun) on a CPU talk through gloo; on GPUs the Trainer's default (NCCL) is right.
         ddp_backend="gloo" if compute.world_size > 1 and compute.device == "cpu" else None,
+        # Every trainable parameter (adapters, head) takes part in every step: DDP need not search the graph for
+        # unused ones (the Trainer turns the search on for a model that is not a transformers PreTrainedModel).
+        ddp_find_unused_parameters=False if compute.world_size > 1 else None,
     )
 
 
