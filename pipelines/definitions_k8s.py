@@ -1,5 +1,5 @@
 """The definitions for a Kubernetes cluster where each step of a run gets its own pod (dagster-k8s's
-k8s_job_executor): the code location of deploy/helm/values.yaml loads this module instead of pipelines.definitions.
+k8s_job_executor): point the code location of deploy/helm/values.yaml at this module instead of pipelines.definitions.
 
 The pipelines are the same; only the executor differs. Steps hand their values over through the data volume
 (a ReadWriteMany claim mounted at the same path in every pod), and finetuned_checkpoint can in turn start its

@@ -20,6 +20,33 @@ from typing import Any
 # What the launching process puts in the Pipes extras, and the kinds of custom message rank 0 sends back.
 JOB = "tuneline_training"
 METRICS, CHECKPOINT, ERROR = "metrics", "checkpoint", "error"
+LAUNCHER_PID = "TUNELINE_LAUNCHER_PID"  # the process that launched torchrun: when it is gone, training stops
+
+
+def stop_when_launcher_dies(pid: int, interval: float = 2.0) -> None:
+    """A daemon thread that ends this process when process `pid` no longer exists (torchrun then stops the other
+    ranks). A training orphaned by a killed Dagster step would otherwise go on beside the retried run."""
+    import threading
+    import time
+
+    def alive() -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # it exists (owned by another user)
+            return True
+        try:  # a killed process its parent has not reaped yet is a zombie: gone all the same
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except (OSError, IndexError):
+            return True
+
+    def watch() -> None:
+        while alive():
+            time.sleep(interval)
+        os._exit(3)
+
+    threading.Thread(target=watch, name="launcher-watchdog", daemon=True).start()
 
 
 class PipesMetrics:
@@ -49,14 +76,14 @@ def train(job: dict[str, Any], rank: int, world_size: int, local_rank: int, prog
     from pipelines.core.records import BaseModelRecord
     from pipelines.core.spec import PipelineSpec
     from pipelines.core.tasks import task_for
-    from resources.compute import resolve_compute
+    from resources.compute import resolve_compute, usable_cores
 
     spec = PipelineSpec.model_validate(job["spec"])
     compute = resolve_compute(**job["compute"], world_size=world_size)
     if compute.device == "cuda":
         torch.cuda.set_device(local_rank)
-    elif compute.num_threads is None and world_size > 1:  # torchrun's default of 1 thread per rank wastes cores
-        compute = resolve_compute(**{**job["compute"], "num_threads": max(1, (os.cpu_count() or 1) // world_size)},
+    elif compute.num_threads is None and world_size > 1:  # the pod's cores, shared among its processes
+        compute = resolve_compute(**{**job["compute"], "num_threads": max(1, usable_cores() // world_size)},
                                   world_size=world_size)
     data = pd.read_parquet(job["data"])
     base = BaseModelRecord.from_dict(job["base_model"])
@@ -64,6 +91,9 @@ def train(job: dict[str, Any], rank: int, world_size: int, local_rank: int, prog
         progress(f"rank 0 of {world_size}: {compute.device}, {compute.precision}, "
                  f"{compute.num_threads or torch.get_num_threads()} threads per process, "
                  f"{spec.training.batch_size // world_size} rows per process and step")
+        if world_size > 1 and (spec.training.checkpoint_steps or spec.training.checkpoint_seconds):
+            progress("no resumable checkpoints with several processes (training.checkpoint_every applies to one "
+                     "process): after a crash this training starts over")
         return task_for(spec).train(data, base, spec, Path(job["out_dir"]), compute, progress=progress, sink=sink,
                                     scratch=Path(job["scratch"]) if job.get("scratch") else None)
     private = Path(tempfile.mkdtemp(prefix=f"tuneline-rank{rank}-"))
@@ -79,6 +109,8 @@ def main() -> None:
     quiet_libraries()
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if os.environ.get(LAUNCHER_PID):
+        stop_when_launcher_dies(int(os.environ[LAUNCHER_PID]))
     job = _job_from_context()
     if rank:
         train(job, rank, world_size, local_rank, progress=None, sink=None)

@@ -18,7 +18,7 @@ from pipelines.core.files import atomic_path
 from pipelines.core.records import BaseModelRecord, CheckpointRecord
 from pipelines.core.sections import ComputeConfig, KubernetesLaunchConfig
 from pipelines.core.trainer import ComputeSettings, MetricsSink, ProgressFn
-from pipelines.train_worker import CHECKPOINT, ERROR, JOB, METRICS
+from pipelines.train_worker import CHECKPOINT, ERROR, JOB, LAUNCHER_PID, METRICS
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -42,6 +42,16 @@ def cpu_supports_bf16() -> bool:
     except OSError:
         return False
     return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (a container's or a taskset's CPU set, not every core of the node)."""
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def resolve_compute(device: str, precision: str, num_threads: int | None = None, cache_dir: str | None = None,
@@ -140,30 +150,19 @@ class LaunchOutcome:
                 self.error = payload
 
 
-def forwarding_reader(inner: Any, outcome: LaunchOutcome) -> Any:
-    """A Pipes message reader that reads as `inner` does and hands each message to a _ForwardingHandler."""
-    from dagster._core.pipes.client import PipesMessageReader
+def forwarding_reader(reader_class: type, outcome: LaunchOutcome, **kwargs: Any) -> Any:
+    """A `reader_class` Pipes message reader that hands each message to a _ForwardingHandler first. A subclass, not
+    a wrapper: Dagster's clients check the reader's class (PipesK8sClient streams the pod's log only to a
+    PipesK8sPodLogsMessageReader)."""
 
-    class ForwardingMessageReader(PipesMessageReader):
+    class ForwardingMessageReader(reader_class):  # type: ignore[misc, valid-type]
         @contextmanager
         def read_messages(self, handler: Any) -> Iterator[Any]:
-            with inner.read_messages(_ForwardingHandler(handler, outcome)) as params:
+            with super().read_messages(_ForwardingHandler(handler, outcome)) as params:
                 yield params
 
-        def on_opened(self, opened_payload: Any) -> None:
-            inner.on_opened(opened_payload)
-
-        def on_launched(self, launched_payload: Any) -> None:
-            inner.on_launched(launched_payload)
-
-        @property
-        def expected_writer_count(self) -> int:
-            return inner.expected_writer_count
-
-        def no_messages_debug_text(self) -> str:
-            return inner.no_messages_debug_text()
-
-    return ForwardingMessageReader()
+    ForwardingMessageReader.__name__ = ForwardingMessageReader.__qualname__ = f"Forwarding{reader_class.__name__}"
+    return ForwardingMessageReader(**kwargs)
 
 
 class ComputeResource(dg.ConfigurableResource):
@@ -233,10 +232,13 @@ class ComputeResource(dg.ConfigurableResource):
 
         import os
 
-        client = dg.PipesSubprocessClient(message_reader=forwarding_reader(PipesTempFileMessageReader(), outcome))
+        client = dg.PipesSubprocessClient(message_reader=forwarding_reader(PipesTempFileMessageReader, outcome))
         # The cores are shared among the processes (torchrun would otherwise set 1 thread each, with a warning).
-        threads = max(1, (self.num_threads or os.cpu_count() or 1) // processes)
-        client.run(context=context, command=command, extras=extras, env={"OMP_NUM_THREADS": str(threads)})
+        threads = max(1, (self.num_threads or usable_cores()) // processes)
+        # The worker stops when this process does (killed, out of memory): an orphaned training would hold the
+        # resumable checkpoint's lock and keep training beside the retried run.
+        client.run(context=context, command=command, extras=extras,
+                   env={"OMP_NUM_THREADS": str(threads), LAUNCHER_PID: str(os.getpid())})
 
     def _run_pod(self, context: dg.AssetExecutionContext, pod: KubernetesLaunchConfig, command: list[str],
                  extras: dict[str, Any], outcome: LaunchOutcome) -> None:
@@ -249,6 +251,6 @@ class ComputeResource(dg.ConfigurableResource):
         from dagster_k8s import PipesK8sClient
         from dagster_k8s.pipes import PipesK8sPodLogsMessageReader
 
-        return PipesK8sClient(message_reader=forwarding_reader(PipesK8sPodLogsMessageReader(), outcome),
+        return PipesK8sClient(message_reader=forwarding_reader(PipesK8sPodLogsMessageReader, outcome),
                               kube_context=self.kube_context, kubeconfig_file=self.kubeconfig_file)
 

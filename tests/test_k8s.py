@@ -103,6 +103,46 @@ def test_the_step_pod_run_config_validates_against_the_k8s_definitions() -> None
     assert step in {node.name for node in job.graph.nodes}, f"{step} is not a step of trec_questions_job"
 
 
+class RecordedMetrics:
+    """A metrics sink that keeps what it was given."""
+
+    def __init__(self) -> None:
+        self.logged: list[tuple[dict[str, float], int]] = []
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.logged.append((dict(metrics), step))
+
+
+class PodLogs:
+    """Stands in for the Kubernetes API's pod-log stream (no cluster runs here): timestamped lines, as
+    `read_namespaced_pod_log(follow=True, timestamps=True)` sends them."""
+
+    def __init__(self, lines: list[str]) -> None:
+        self.lines = lines
+
+    def read_namespaced_pod_log(self, *args: Any, **kwargs: Any) -> Any:
+        return iter([f"2026-11-27T03:00:{i:02d}.000000000Z {line}\n".encode() for i, line in enumerate(self.lines)])
+
+
+def _pipes_line(method: str, params: dict[str, Any]) -> str:
+    from dagster_pipes import PIPES_PROTOCOL_VERSION, PIPES_PROTOCOL_VERSION_FIELD
+
+    return json.dumps({PIPES_PROTOCOL_VERSION_FIELD: PIPES_PROTOCOL_VERSION, "method": method, "params": params})
+
+
+def _checkpoint_record() -> Any:
+    from pipelines.core.records import BaseModelRecord, CheckpointRecord
+
+    base = BaseModelRecord(name="tiny", source="local", local_path="/opt/tuneline/data/models/tiny", revision=None,
+                           weights_sha256="0" * 64, license="apache-2.0", parameter_count=1, architecture="Bert",
+                           pooling="mean", pooling_declared_by="default", hidden_size=32, max_position_embeddings=128,
+                           lora_targets=("query",), selection=({"name": "tiny", "verdict": "selected"},))
+    return CheckpointRecord(path="/opt/tuneline/data/checkpoints/p/r", task="text_classification", sha256="1" * 64,
+                            base_model=base, spec_hash="abc", data_sha256="2" * 64, labels=("a", "b"), train_rows=8,
+                            validation_rows=2, best_epoch=1.0, trainable_parameters=10, train_seconds=1.5,
+                            tokens_per_second=100.0, precision="bf16", history=({"loss": 0.5, "step": 20.0},))
+
+
 def _decode_pipes_param(value: str) -> dict[str, Any]:
     return json.loads(zlib.decompress(base64.b64decode(value)))
 
@@ -116,7 +156,7 @@ def test_the_k8s_launcher_builds_a_gpu_training_pod_that_the_worker_can_read(tmp
     from kubernetes.client import ApiClient
 
     from pipelines.train_worker import JOB, _job_from_context
-    from resources.compute import LaunchOutcome, forwarding_reader, training_pod_spec, worker_command
+    from resources.compute import ComputeResource, LaunchOutcome, forwarding_reader, training_pod_spec, worker_command
 
     spec = parse_spec(yaml.safe_dump({"source": {"kind": "local", "path": "data/raw/q.csv"},
                                       "base_model": {"model": {"source": "local", "path": "models/m"}},
@@ -124,10 +164,13 @@ def test_the_k8s_launcher_builds_a_gpu_training_pod_that_the_worker_can_read(tmp
                       name="gpu_pipeline", origin="gpu_pipeline.yaml")
     assert spec.compute.k8s is not None
     pods: list[dict[str, Any]] = []
+    sink = RecordedMetrics()
+    outcome = LaunchOutcome(sink)
+    record = _checkpoint_record()
 
     @dg.asset
     def training_pod(context):  # type: ignore[no-untyped-def]  (Dagster reads real annotations)
-        reader = forwarding_reader(PipesK8sPodLogsMessageReader(), LaunchOutcome(None))
+        reader = forwarding_reader(PipesK8sPodLogsMessageReader, outcome)
         with dg.open_pipes_session(context=context, extras={JOB: {"spec": spec.model_dump(mode="json")}},
                                 context_injector=PipesEnvContextInjector(), message_reader=reader) as session:
             pod = build_pod_body(pod_name="train", image=spec.compute.k8s.image,
@@ -135,9 +178,23 @@ def test_the_k8s_launcher_builds_a_gpu_training_pod_that_the_worker_can_read(tmp
                                  env_vars=session.get_bootstrap_env_vars(), base_pod_meta=None,
                                  base_pod_spec=training_pod_spec(spec.compute.k8s))
             pods.append(ApiClient().sanitize_for_serialization(pod))
+            # What rank 0 writes to the pod's stderr, as the Kubernetes API streams it back (timestamped lines):
+            # dagster-k8s's own log consumer hands it to the launcher's reader.
+            lines = [_pipes_line("log", {"message": "rank 0 of 4: cuda, bf16", "level": "INFO"}),
+                     "a library's warning on stderr",
+                     _pipes_line("report_custom_message", {"payload": {"kind": "metrics", "step": 20,
+                                                                       "metrics": {"loss": 0.5}}}),
+                     _pipes_line("report_custom_message", {"payload": {"kind": "checkpoint",
+                                                                       "record": record.to_dict()}})]
+            reader.consume_pod_logs(context, PodLogs(lines), "train", "tuneline")
         return dg.MaterializeResult()
 
-    assert dg.materialize([training_pod]).success
+    result = dg.materialize([training_pod])
+    assert result.success
+    assert sink.logged == [({"loss": 0.5}, 20)] and outcome.record == record and outcome.error is None
+    # The client the launcher uses streams the pod's log only to a reader of this class (dagster-k8s checks it).
+    client = ComputeResource().pod_client(LaunchOutcome(None))
+    assert isinstance(client.message_reader, PipesK8sPodLogsMessageReader)
     [pod] = pods
     [container] = pod["spec"]["containers"]
     assert container["image"] == "registry.example.com/tuneline:0.1.0"
@@ -166,11 +223,21 @@ def test_the_k8s_launcher_builds_a_gpu_training_pod_that_the_worker_can_read(tmp
 def test_a_k8s_launcher_without_a_pod_is_refused_naming_the_field() -> None:
     from pipelines.core.errors import SpecError
 
+    with pytest.raises(SpecError, match=r"compute.k8s.data_volume_claim is missing"):
+        parse_spec(yaml.safe_dump({"source": {"kind": "local", "path": "q.csv"},
+                                   "base_model": {"model": {"source": "local", "path": "m"}},
+                                   "compute": {"launcher": "k8s", "k8s": {"image": "i"}}}), name="p", origin="p.yaml")
+    with pytest.raises(SpecError, match=r"compute.processes is 4, but compute.k8s.gpus is 2"):
+        parse_spec(yaml.safe_dump({"source": {"kind": "local", "path": "q.csv"},
+                                   "base_model": {"model": {"source": "local", "path": "m"}},
+                                   "compute": {"launcher": "k8s", "processes": 4,
+                                               "k8s": {"image": "i", "gpus": 2, "data_volume_claim": "d"}}}),
+                   name="p", origin="p.yaml")
     with pytest.raises(SpecError, match=r"compute.launcher 'k8s' needs compute.k8s"):
         parse_spec(yaml.safe_dump({"source": {"kind": "local", "path": "q.csv"},
                                    "base_model": {"model": {"source": "local", "path": "m"}},
                                    "compute": {"launcher": "k8s"}}), name="p", origin="p.yaml")
-    with pytest.raises(SpecError, match=r"training.batch_size 30 does not divide into compute.processes 4"):
+    with pytest.raises(SpecError, match=r"training.batch_size 30 is not a multiple of compute.processes 4"):
         parse_spec(yaml.safe_dump({"source": {"kind": "local", "path": "q.csv"},
                                    "base_model": {"model": {"source": "local", "path": "m"}},
                                    "training": {"batch_size": 30},

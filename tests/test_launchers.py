@@ -195,3 +195,30 @@ def test_a_user_error_in_the_launched_training_comes_back_in_its_own_words(tmp_p
     assert "training (torchrun) failed" in message and "is never overwritten" in message, message
     assert (taken / "keep.txt").read_text(encoding="utf-8") == "someone else's"
     assert not any((data_dir / "launch").rglob("*.parquet"))
+
+
+@pytest.mark.parametrize("reaped", [True, False])
+def test_a_worker_stops_when_the_process_that_launched_it_is_killed(reaped: bool) -> None:
+    """A Dagster step killed mid-training (out of memory, SIGKILL) must not leave its torchrun training running
+    beside the retried run: the worker watches the launcher's process id and exits once it is gone (or a zombie)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    launcher = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    worker = subprocess.Popen([sys.executable, "-c", "import time\nfrom pipelines.train_worker import "
+                               f"stop_when_launcher_dies\nstop_when_launcher_dies({launcher.pid}, 0.2)\n"
+                               "time.sleep(120)"], cwd=Path(__file__).resolve().parent.parent)
+    try:
+        time.sleep(3)
+        assert worker.poll() is None, "the worker stopped while its launcher was alive"
+        launcher.send_signal(signal.SIGKILL)
+        if reaped:
+            launcher.wait()
+        assert worker.wait(timeout=30) == 3
+    finally:
+        for process in (launcher, worker):
+            if process.poll() is None:
+                process.kill()
+        launcher.wait()

@@ -411,7 +411,14 @@ class ComputeConfig(Frozen):
             raise ValueError(f"compute.processes is {self.processes}, but compute.launcher 'local' trains in the "
                              "asset's own process: use launcher 'torchrun' for several processes")
         if self.launcher == "k8s" and self.k8s is None:
-            raise ValueError("compute.launcher 'k8s' needs compute.k8s with at least an image")
+            raise ValueError("compute.launcher 'k8s' needs compute.k8s with at least an image and a data_volume_claim")
+        if self.k8s is not None and self.k8s.data_volume_claim is None:
+            raise ValueError("compute.k8s.data_volume_claim is missing: the training pod reads the data and writes the "
+                             "checkpoint in the data folder, so it mounts the claim the run pods mount "
+                             "(deploy/k8s/data-volume.yaml)")
+        if self.k8s is not None and self.k8s.gpus and self.processes > self.k8s.gpus:
+            raise ValueError(f"compute.processes is {self.processes}, but compute.k8s.gpus is {self.k8s.gpus}: each "
+                             "process trains on a GPU of its own")
         if self.launcher != "k8s" and self.k8s is not None:
             raise ValueError(f"compute.k8s is set, but compute.launcher is {self.launcher!r}: set launcher: k8s "
                              "or remove compute.k8s")

@@ -83,9 +83,8 @@ class PipelineSpec(Frozen):
     @model_validator(mode="after")
     def _batch_splits_over_processes(self) -> PipelineSpec:
         if self.training.batch_size % self.compute.processes:
-            raise ValueError(f"training.batch_size {self.training.batch_size} does not divide into compute.processes "
-                             f"{self.compute.processes}: each process takes an equal share of a step's rows "
-                             f"(use a batch size that is a multiple of {self.compute.processes})")
+            raise ValueError(f"training.batch_size {self.training.batch_size} is not a multiple of compute.processes "
+                             f"{self.compute.processes}: each process takes an equal share of a step's rows")
         return self
 
     @field_validator("name")

@@ -537,7 +537,8 @@ def model_flops_utilization(config: dict[str, Any], parameters: int, tokens: flo
     if seconds <= 0 or examples <= 0 or tokens <= 0:
         return 0.0
     per_example = training_step_flops(config, parameters, 1, tokens / examples, vocabulary_logits, share)
-    return per_example * examples / seconds / matmul_rate(compute)
+    # With several processes the work is shared: the peak is that of all of them (each measured its own share).
+    return per_example * examples / seconds / (matmul_rate(compute) * compute.world_size)
 
 
 # ------------------------------------------------------------------------------------- checkpoint files
