@@ -17,10 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-# What the launching process puts in the Pipes extras, and the kinds of custom message rank 0 sends back.
-JOB = "tuneline_training"
-METRICS, CHECKPOINT, ERROR = "metrics", "checkpoint", "error"
-LAUNCHER_PID = "TUNELINE_LAUNCHER_PID"  # the process that launched torchrun: when it is gone, training stops
+from resources.compute import CHECKPOINT, ERROR, JOB, LAUNCHER_PID, METRICS
 
 
 def stop_when_launcher_dies(pid: int, interval: float = 2.0) -> None:

@@ -18,7 +18,6 @@ from pipelines.core.files import atomic_path
 from pipelines.core.records import BaseModelRecord, CheckpointRecord
 from pipelines.core.sections import ComputeConfig, KubernetesLaunchConfig
 from pipelines.core.trainer import ComputeSettings, MetricsSink, ProgressFn
-from pipelines.train_worker import CHECKPOINT, ERROR, JOB, LAUNCHER_PID, METRICS
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -27,6 +26,11 @@ if TYPE_CHECKING:
     from pipelines.core.tasks import Task
 
 WORKER_MODULE = "pipelines.train_worker"
+# The launcher's side of the Pipes exchange with the worker: the key of the job in the extras, the kinds of custom
+# message rank 0 sends back, and the variable naming the launching process (when it is gone, training stops).
+JOB = "tuneline_training"
+METRICS, CHECKPOINT, ERROR = "metrics", "checkpoint", "error"
+LAUNCHER_PID = "TUNELINE_LAUNCHER_PID"
 
 
 class LaunchError(TunelineError):

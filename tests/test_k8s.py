@@ -155,8 +155,9 @@ def test_the_k8s_launcher_builds_a_gpu_training_pod_that_the_worker_can_read(tmp
     from dagster_k8s.pipes import PipesK8sPodLogsMessageReader, build_pod_body
     from kubernetes.client import ApiClient
 
-    from pipelines.train_worker import JOB, _job_from_context
-    from resources.compute import ComputeResource, LaunchOutcome, forwarding_reader, training_pod_spec, worker_command
+    from pipelines.train_worker import _job_from_context
+    from resources.compute import (JOB, ComputeResource, LaunchOutcome, forwarding_reader, training_pod_spec,
+                                   worker_command)
 
     spec = parse_spec(yaml.safe_dump({"source": {"kind": "local", "path": "data/raw/q.csv"},
                                       "base_model": {"model": {"source": "local", "path": "models/m"}},

@@ -20,6 +20,7 @@ from pipelines.core.spec import PipelineSpec
 from pipelines.core.steps import read_raw_data, split_dataset
 from pipelines.core.tasks import task_for
 from pipelines.definitions import build_definitions, resources_for
+from tests.assets.test_instruct import chat_spec
 from tests.conftest import tiny_spec
 from tests.tiny_chat import tiny_chat_pairs, write_pairs_jsonl, write_tiny_chat_model
 
@@ -112,17 +113,10 @@ def _case_spec(case: str, tmp: Path, bert: Path, trec_csv: Path) -> tuple[dict[s
         return spec, source
     source = write_pairs_jsonl(tmp / "pairs.jsonl", tiny_chat_pairs())
     model = write_tiny_chat_model(tmp / "tiny-chat")
-    spec = {
-        "source": {"kind": "local", "path": str(source)},
-        "task": {"type": "instruction_tuning"},
-        "splits": {"train": 0.7, "validation": 0.15, "test": 0.15, "seed": 3},
-        "quality": {"min_rows": 20, "split_tolerance": 0.1},
-        "base_model": {"model": {"source": "local", "path": str(model), "name": "tiny-chat"}},
-        "training": {"epochs": 2, "batch_size": 8, "learning_rate": 1e-2, "max_length": 64, "precision": "fp32",
-                     "logging_steps": 1, "lora": {"r": 8, "alpha": 16, "dropout": 0.0,
-                                                  "target_modules": ["q_proj", "v_proj", "o_proj", "up_proj"]}},
-        "evaluation": {"max_new_tokens": 4, "sample_generations": 2, "baselines": []},
-    }
+    spec = chat_spec(source, model)  # the instruction pipeline's test spec, without dropout and with 2 epochs
+    spec["training"] = {**spec["training"], "epochs": 2, "logging_steps": 1,
+                        "lora": {**spec["training"]["lora"], "dropout": 0.0}}
+    spec["evaluation"] = {"max_new_tokens": 4, "sample_generations": 2, "baselines": []}
     return spec, source
 
 
