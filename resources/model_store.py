@@ -5,9 +5,13 @@ benchmarks/ run where only the training stack is installed; resources/models.py 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pipelines.core.errors import ModelSourceError
 from pipelines.core.files import atomic_path
@@ -63,6 +67,32 @@ class ModelStore:
         return convert_gguf(folder, gguf_file, Path(self.cache_dir) / f"{slug}-{sha256[:12]}", license_id, name)
 
 
+@contextlib.contextmanager
+def _gguf_parsed_once() -> Iterator[None]:
+    """While converting, gguf-py's file reader and tensor-name maps are built once instead of on every call.
+
+    transformers parses the whole GGUF file (the tokenizer's 49k strings, element by element) for the tokenizer, the
+    config and the tensors, ~4 s each for SmolLM2, and builds the tensor-name map of the architecture again for every
+    submodule (397 times, ~7 s). Both are pure functions of their arguments and read-only afterwards, so they are
+    memoized for the duration of the conversion and the originals put back afterwards: 19 s -> ~5 s."""
+    import gguf
+
+    reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple[str, str], Any] = {}
+
+    def reader(path: Any, mode: str = "r") -> Any:
+        key = (str(Path(path).resolve()), mode)
+        if key not in readers:
+            readers[key] = reader_class(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_class, name_map
+
+
 def convert_gguf(folder: Path, gguf_file: str, target: Path, license_id: str, name: str) -> Path:
         """De-quantize a GGUF model once into a safetensors folder with its tokenizer (and chat template).
 
@@ -74,8 +104,9 @@ def convert_gguf(folder: Path, gguf_file: str, target: Path, license_id: str, na
             return target
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf_file)
+        with _gguf_parsed_once():
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file)
+            model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf_file)
         if getattr(model, "hf_quantizer", None) is not None:
             model.hf_quantizer.remove_quantization_config(model)
         with atomic_path(target) as tmp:

@@ -235,6 +235,12 @@ class ProbeConfig(Frozen):
         default=180, gt=0, description="Total time for probing; candidates not reached in time are not ranked.")
     timed_steps: int = Field(default=3, ge=1, le=50,
                              description="Training steps timed per candidate to estimate the training time.")
+    confidence: float = Field(
+        default=0.95, ge=0.5, le=1.0,
+        description="A candidate that costs more to train is chosen over a cheaper one only when its probe score is "
+                    "higher on at least this share of bootstrap resamples of the validation sample; a smaller lead "
+                    "is within the probe's noise and the cheaper candidate wins. 1.0 never trades score for cost; "
+                    "0.5 takes the highest score.")
 
 
 class BaseModelConfig(Frozen):

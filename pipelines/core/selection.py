@@ -301,6 +301,7 @@ def select_base_model(spec: PipelineSpec, splits: pd.DataFrame, models: ModelAcq
     rows: list[dict[str, Any]] = []
     passed: list[tuple[dict[str, Any], BaseModelRecord]] = []
     started = time.monotonic()
+    replicates: dict[str, Any] = {}
     for location in cfg.resolved_candidates:
         row: dict[str, Any] = {"name": _name(location), "source": location.source, "verdict": "rejected",
                                "reason": "", "license": None, "architecture": None, "task_supported": None,
@@ -308,7 +309,7 @@ def select_base_model(spec: PipelineSpec, splits: pd.DataFrame, models: ModelAcq
                                "weights_sha256": None, "estimated_memory_mb": None,
                                "estimated_train_minutes": None, "seconds_per_step": None, "train_minutes_from": None,
                                "probe_metric": None, "probe_value": None,
-                               "probe_score": None}
+                               "probe_score": None, "best_better_on_resamples": None}
         rows.append(row)
         try:
             record = pin_candidate(location, cfg, models)
@@ -381,20 +382,66 @@ def select_base_model(spec: PipelineSpec, splits: pd.DataFrame, models: ModelAcq
             row.update(verdict="not probed", reason=f"base_model.probe.time_budget_seconds "
                                                     f"({cfg.probe.time_budget_seconds:g}) spent")
             continue
-        metric, value, score = task.probe(record, spec, splits, compute)
-        row.update(probe_metric=metric, probe_value=round(float(value), 4), probe_score=round(float(score), 4))
-        progress(f"candidate {row['name']}: {metric} {value:.4f}")
+        result = task.probe(record, spec, splits, compute)
+        row.update(probe_metric=result.metric, probe_value=round(float(result.value), 4),
+                   probe_score=round(float(result.score), 4))
+        replicates[id(row)] = result.replicates
+        progress(f"candidate {row['name']}: {result.metric} {result.value:.4f}")
     probed = [(row, record) for row, record in passed if row["probe_score"] is not None]
-    winner_row, winner = max(probed, key=lambda pair: pair[0]["probe_score"])
     ranked = sorted((r for r, _ in probed), key=lambda r: -r["probe_score"])
+    best = ranked[0]
+    # Within the probe's noise of the best score, the candidate that is cheapest to train wins: a more expensive
+    # model has to beat a cheaper one on at least probe.confidence of the paired bootstrap resamples.
+    tied = [best]
+    for row in ranked[1:]:
+        share = _share_better(replicates[id(best)], replicates[id(row)])
+        row["best_better_on_resamples"] = None if share is None else round(share, 3)
+        if share is not None and share < cfg.probe.confidence:
+            tied.append(row)
+    winner_row = min(tied, key=_training_cost)
+    winner = next(record for row, record in probed if row is winner_row)
+    ranked.remove(winner_row)
+    ranked.insert(0, winner_row)
+    runner_up = ranked[1] if len(ranked) > 1 else None
     for place, row in enumerate(ranked, start=1):
         row["rank"] = place
-        if row is winner_row:
-            runner_up = ranked[1] if len(ranked) > 1 else None
-            row["verdict"] = "selected"
-            row["reason"] = (f"best probe score, by {winner_row['probe_score'] - runner_up['probe_score']:+.4f} over "
-                             f"{runner_up['name']}" if runner_up else "the only candidate that meets every constraint")
+        row["verdict"] = "selected" if row is winner_row else "ranked"
+        if row is not winner_row:
+            row["reason"] = (f"probe score {row['probe_score']:.4f} is below the winner's "
+                             f"{winner_row['probe_score']:.4f}" if row is not best else
+                             f"the best probe score, but not clearly better than {winner_row['name']}, which is "
+                             f"cheaper to train")
+        elif runner_up is None:
+            row["reason"] = "the only candidate that meets every constraint"
+        elif row is best:
+            share = runner_up["best_better_on_resamples"]
+            row["reason"] = (f"best probe score, by {row['probe_score'] - runner_up['probe_score']:+.4f} over "
+                             f"{runner_up['name']}" + ("" if share is None else
+                                                       f" (higher on {share:.0%} of bootstrap resamples)"))
         else:
-            row["verdict"] = "ranked"
-            row["reason"] = f"probe score {row['probe_score']:.4f} is below the winner's {winner_row['probe_score']:.4f}"
+            share = row["best_better_on_resamples"]
+            row["reason"] = (f"within the probe's noise of {best['name']} ({row['probe_score']:.4f} against "
+                             f"{best['probe_score']:.4f}, which is higher on only {share:.0%} of bootstrap "
+                             f"resamples, under base_model.probe.confidence {cfg.probe.confidence:g}) and cheaper "
+                             f"to train ({_cost_text(row)} against {_cost_text(best)})")
     return dataclasses.replace(winner, selection=tuple(rows))
+
+
+def _share_better(best: Any, other: Any) -> float | None:
+    """The share of paired bootstrap resamples on which `best` scores higher than `other` (ties count half)."""
+    if best is None or other is None or len(best) != len(other) or not len(best):
+        return None
+    import numpy as np
+
+    best, other = np.asarray(best, dtype=float), np.asarray(other, dtype=float)
+    return float(np.mean(best > other) + 0.5 * np.mean(best == other))
+
+
+def _training_cost(row: dict[str, Any]) -> tuple[float, float]:
+    minutes = row.get("estimated_train_minutes")
+    return (float(minutes) if minutes is not None else float("inf"), float(row.get("parameter_count") or 0))
+
+
+def _cost_text(row: dict[str, Any]) -> str:
+    minutes = row.get("estimated_train_minutes")
+    return f"~{minutes:g} min" if minutes is not None else f"{row.get('parameter_count') or 0:,} parameters"

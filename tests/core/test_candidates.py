@@ -184,3 +184,30 @@ print(json.dumps([record.name, [[r["name"], r["verdict"], r["reason"]] for r in 
     assert hub[:2] == ["sentence-transformers/all-MiniLM-L6-v2", "rejected"]
     assert hub[2].startswith("cannot reach 'sentence-transformers/all-MiniLM-L6-v2' at revision '0123abc' on the "
                              "Hugging Face Hub") and "use `source: local` with its folder" in hub[2]
+
+
+@pytest.mark.parametrize("confidence, expected", [(0.95, "cheap"), (0.5, "costly")])
+def test_a_costlier_model_must_beat_a_cheaper_one_beyond_the_probes_noise(
+        tmp_path: Path, tiny_model_dir: Path, trec_splits: pd.DataFrame, confidence: float, expected: str) -> None:
+    """Two candidates with the same weights probe the same; the one that costs more to train (its weights file
+    carries 2M more parameters) is listed first, so it ranks first among equal scores. Under the default confidence
+    the tie goes to the cheaper one; at 0.5 the first-ranked score wins."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    cheap = copy_model(tiny_model_dir, tmp_path / "cheap")
+    costly = copy_model(tiny_model_dir, tmp_path / "costly")
+    weights = load_file(str(costly / "model.safetensors"))
+    weights["unused.extra"] = torch.zeros(2_000_000)
+    save_file(weights, str(costly / "model.safetensors"), metadata={"format": "pt"})
+    spec = spec_for([costly, cheap], probe={"confidence": confidence})
+    record = select_base_model(spec, trec_splits, store(tmp_path, tmp_path / "m"), FP32, progress=lambda _: None)
+    found = rows(record)
+    assert found["costly"]["probe_score"] == found["cheap"]["probe_score"]
+    assert found["costly"]["estimated_train_minutes"] > found["cheap"]["estimated_train_minutes"]
+    assert found["cheap"]["best_better_on_resamples"] == 0.5  # identical predictions: every resample a tie
+    assert record.name == expected and found[expected]["verdict"] == "selected" and found[expected]["rank"] == 1
+    if expected == "cheap":
+        assert found["cheap"]["reason"].startswith("within the probe's noise of costly")
+        assert "cheaper to train" in found["cheap"]["reason"]
+        assert found["costly"]["reason"].startswith("the best probe score, but not clearly better than cheap")

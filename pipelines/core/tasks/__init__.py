@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.core.records import CheckpointRecord
-from pipelines.core.tasks.base import CandidateRejected, PreparedData, Task
+from pipelines.core.tasks.base import CandidateRejected, PreparedData, ProbeResult, Task
 from pipelines.core.tasks.classification import ClassificationTask
 from pipelines.core.tasks.instruction import InstructionTuningTask
 from pipelines.core.trainer import record_from_folder

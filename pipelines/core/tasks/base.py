@@ -37,6 +37,19 @@ class PreparedData:
     spec_sections: tuple[str, ...]  # the spec sections its code version hashes
 
 
+@dataclass(frozen=True)
+class ProbeResult:
+    """A cheap look at a candidate on validation rows: the metric's name and value, a score (higher is better),
+    and optionally the score on bootstrap resamples of the validation sample, drawn from the spec's seed so that
+    every candidate is scored on the same resamples (paired): how often one candidate beats another there says
+    whether the probe can tell them apart."""
+
+    metric: str
+    value: float
+    score: float
+    replicates: Any = None  # numpy array of scores, one per resample, or None
+
+
 class Task(Protocol):
     """One task type (text classification, instruction tuning, ...). Implementations are stateless."""
 
@@ -89,8 +102,8 @@ class Task(Protocol):
         ...
 
     def probe(self, record: BaseModelRecord, spec: PipelineSpec, splits: pd.DataFrame,
-              compute: ComputeSettings) -> tuple[str, float, float]:
-        """(metric, value, score) of a cheap look at the model on validation rows; a higher score is better."""
+              compute: ComputeSettings) -> ProbeResult:
+        """A cheap look at the model on validation rows; a higher score is better."""
         ...
 
     def train(self, data: pd.DataFrame, base: BaseModelRecord, spec: PipelineSpec, out_dir: Path,

@@ -30,7 +30,7 @@ from pipelines.core.quality import ERROR, WARN, QualityReport, QualitySuite, che
 from pipelines.core.records import BaseModelRecord, CheckpointRecord, EvaluationReport, Markdown, ReportTable, StepLog
 from pipelines.core.sections import Frozen
 from pipelines.core.splitting import sample_split
-from pipelines.core.tasks.base import PreparedData, TaskBase
+from pipelines.core.tasks.base import PreparedData, ProbeResult, TaskBase
 from pipelines.core.trainer import (ComputeSettings, MetricsSink, ProgressFn, Resumable, best_epoch_callback,
                                     build_lora_config, checkpoint_digest, lora_layers, model_flops_utilization,
                                     transformer_blocks, checkpoint_manifest, common_training_arguments,
@@ -475,13 +475,15 @@ FROZEN_STATES_BUDGET_MB = 4096  # the most memory the cached outputs of frozen b
 
 def frozen_embeddings(base: BaseModelRecord, texts: Sequence[str], max_length: int, compute: ComputeSettings,
                       batch_size: int = 128, load: Callable[[], tuple[nn.Module, Any]] | None = None,
-                      pooling: str | None = None, lower: FrozenLowerBlocks | None = None) -> np.ndarray:
+                      pooling: str | None = None, lower: FrozenLowerBlocks | None = None,
+                      variant: str | None = None) -> np.ndarray:
     """Pooled embeddings of `texts` by the frozen base model, kept in compute.cache_dir so that the steps which
     need the same ones (the linear-probe head of training, the linear-probe baseline of evaluation) compute them
     once. The cache key is everything the result depends on (weights digest, pooling, length, precision, device,
     batch size, torch version and the texts in order), so a hit returns exactly what computing would.
     `load` returns the (encoder, tokenizer), called on a miss only (default: load them from the base model).
-    With `lower`, the outputs of its frozen blocks for `texts` are kept too (from the same pass on a miss)."""
+    With `lower`, the outputs of its frozen blocks for `texts` are kept too (from the same pass on a miss).
+    `variant` names a `load` whose model differs from the base model as loaded (e.g. cast to bf16): part of the key."""
     import hashlib
 
     from pipelines.core.files import write_bytes_atomic
@@ -492,7 +494,8 @@ def frozen_embeddings(base: BaseModelRecord, texts: Sequence[str], max_length: i
     path = None
     if cache is not None:
         digest = hashlib.sha256("\0".join([base.weights_sha256, pooling, str(max_length), compute.precision,
-                                           compute.device, str(batch_size), torch.__version__]).encode())
+                                           compute.device, str(batch_size), torch.__version__]
+                                          + ([variant] if variant else [])).encode())
         digest.update(b"\1".join(t.encode("utf-8", "surrogatepass") for t in texts))
         path = cache / f"{digest.hexdigest()[:32]}.npy"
         if path.is_file():
@@ -754,6 +757,36 @@ def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], num_lab
     return out
 
 
+BOOTSTRAP_RESAMPLES = 1000
+
+
+def bootstrap_metric(y_true: np.ndarray, y_pred: np.ndarray, num_labels: int, metric: str, seed: int,
+                     resamples: int = BOOTSTRAP_RESAMPLES) -> np.ndarray:
+    """`metric` (accuracy, macro_f1, weighted_f1, ...) on `resamples` bootstrap resamples of the rows, as
+    classification_metrics computes it. The resamples depend only on the seed and the number of rows, so two
+    models' predictions on the same rows are scored on the same resamples (a paired bootstrap)."""
+    y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
+    n, k = len(y_true), num_labels
+    if n == 0:
+        return np.zeros(resamples)
+    rows = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    codes = (y_true[rows] * k + y_pred[rows]) + (np.arange(resamples) * k * k)[:, None]
+    confusion = np.bincount(codes.ravel(), minlength=resamples * k * k).reshape(resamples, k, k).astype(float)
+    tp = np.diagonal(confusion, axis1=1, axis2=2)
+    if metric == "accuracy":
+        return tp.sum(1) / n
+    support, predicted = confusion.sum(2), confusion.sum(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(predicted > 0, tp / predicted, 0.0)
+        recall = np.where(support > 0, tp / support, 0.0)
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    kind, _, name = metric.partition("_")
+    values = {"precision": precision, "recall": recall, "f1": f1}[name]
+    if kind == "macro":
+        return values.mean(1)
+    return (values * support).sum(1) / n
+
+
 def per_class_table(y_true: Sequence[int], y_pred: Sequence[int], labels: Sequence[str]) -> list[dict[str, Any]]:
     from sklearn.metrics import precision_recall_fscore_support
 
@@ -944,27 +977,34 @@ class ClassificationTask(TaskBase):
         return time_training_steps(model, inputs, compute, steps)
 
     def probe(self, record: BaseModelRecord, spec: PipelineSpec, splits: pd.DataFrame,
-              compute: ComputeSettings) -> tuple[str, float, float]:
-        """A logistic regression on frozen embeddings of a train sample, scored on a validation sample."""
+              compute: ComputeSettings) -> ProbeResult:
+        """A logistic regression on frozen embeddings of a train sample, scored on a validation sample, with the
+        score on 1,000 bootstrap resamples of that sample (the same resamples for every candidate)."""
         probe, seed = spec.base_model.probe, spec.training.seed
         validation = sample_split(splits, "validation", probe.sample_rows, seed)
         train = sample_split(splits, "train", 4 * probe.sample_rows, seed)
         labels = sorted(set(splits["label"]))
         index = {label: i for i, label in enumerate(labels)}
+        # Under bf16 the probe's frozen model holds bf16 weights: autocast would cast every weight again for every
+        # batch (a quarter of SmolLM2's probe). Its embeddings are kept under their own cache key.
+        weights = "bf16-weights" if compute.precision == "bf16" else None
 
         @functools.cache
         def frozen() -> tuple[nn.Module, Any]:  # loaded once, and only if an embedding is not cached
-            return load_encoder(record), load_tokenizer(record.local_path)
+            encoder = load_encoder(record)
+            return (encoder.to(torch.bfloat16) if weights else encoder), load_tokenizer(record.local_path)
 
         def embed(frame: pd.DataFrame) -> np.ndarray:  # kept in the embedding cache: probing again is instant
             return frozen_embeddings(record, frame["text"].tolist(), spec.training.max_length, compute, batch_size=64,
-                                     load=frozen)
+                                     load=frozen, variant=weights)
 
         fitted = fit_linear_probe(embed(train), train["label"].map(index).to_numpy(), None, None, seed)
         metric = spec.evaluation.primary_metric
+        truth = validation["label"].map(index).to_numpy()
         predicted = fitted.predict(embed(validation))
-        value = classification_metrics(validation["label"].map(index).to_numpy(), predicted, len(labels))[metric]
-        return f"linear_probe_{metric}", value, value
+        value = classification_metrics(truth, predicted, len(labels))[metric]
+        replicates = bootstrap_metric(truth, predicted, len(labels), metric, seed)
+        return ProbeResult(f"linear_probe_{metric}", value, value, replicates)
 
     train = staticmethod(train_classifier)
 

@@ -34,7 +34,7 @@ from pipelines.core.records import (BaseModelRecord, CheckpointRecord, DatasetLo
                                     ReportTable, StepLog)
 from pipelines.core.sections import Frozen
 from pipelines.core.splitting import SPLITS, sample_split
-from pipelines.core.tasks.base import CandidateRejected, PreparedData, TaskBase
+from pipelines.core.tasks.base import CandidateRejected, PreparedData, ProbeResult, TaskBase
 from pipelines.core.trainer import (ComputeSettings, MetricsSink, ProgressFn, Resumable, best_epoch_callback,
                                     build_lora_config, checkpoint_digest, checkpoint_manifest, common_training_arguments,
                                     lora_layers, model_flops_utilization, peak_memory_mb, run_trainer, save_trained,
@@ -754,13 +754,14 @@ class InstructionTuningTask(TaskBase):
         return time_training_steps(model, inputs, compute, steps)
 
     def probe(self, record: BaseModelRecord, spec: PipelineSpec, splits: pd.DataFrame,
-              compute: ComputeSettings) -> tuple[str, float, float]:
-        """The base model's loss on the responses of a validation sample (lower is better)."""
+              compute: ComputeSettings) -> ProbeResult:
+        """The base model's loss on the responses of a validation sample (lower is better). No resamples: token
+        losses under different tokenizers are not paired, so candidates are ranked by the loss alone."""
         validation = sample_split(splits, "validation", spec.base_model.probe.sample_rows, spec.training.seed)
         model, tokenizer = load_causal_lm(record.local_path)
         rendered = render_conversations(validation, tokenizer, spec.training.max_length, "truncate").frame
         loss, _ = completion_loss(model, rendered, 8, compute, tokenizer.pad_token_id)
-        return "validation_loss", loss, -loss
+        return ProbeResult("validation_loss", loss, -loss)
 
     train = staticmethod(train_causal_lm)
 
