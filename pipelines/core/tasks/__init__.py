@@ -40,5 +40,5 @@ def checkpoint_from_folder(path: Path, model_version: str | None = None) -> Chec
     return record_from_folder(path, model_version, legacy)
 
 
-__all__ = ["DEFAULT_TASK", "TASKS", "CandidateRejected", "PreparedData", "Task", "checkpoint_from_folder", "task_for",
+__all__ = ["DEFAULT_TASK", "TASKS", "CandidateRejected", "PreparedData", "ProbeResult", "Task", "checkpoint_from_folder", "task_for",
            "task_named"]
