@@ -1,4 +1,5 @@
-"""Blocking data-quality checks of one pipeline: its task's Great Expectations suites, run on asset values."""
+"""Data checks of one pipeline: its task's Great Expectations suites (blocking), run on asset values, and the data
+doctor (non-blocking: it warns, a person decides)."""
 # No `from __future__ import annotations` here: Dagster inspects the real annotations of check functions.
 
 import json
@@ -12,9 +13,13 @@ import pandas as pd
 from pipelines.core.files import write_bytes_atomic
 from pipelines.core.quality import QualityReport, QualitySuite, examples_markdown, expectations_markdown
 from pipelines.core.spec import PipelineSpec
+from pipelines.core.steps import doctor_metadata, doctor_verdict, examine_data
 from pipelines.core.tasks import task_for
+from resources.compute import ComputeResource
+from resources.models import ModelStoreResource
 from resources.quality import prepare_great_expectations
 from resources.storage import StorageResource
+from resources.tracking import dagster_value
 
 
 def _results(report: QualityReport, names: tuple[str, ...], key: dg.AssetKey,
@@ -44,8 +49,45 @@ def _results(report: QualityReport, names: tuple[str, ...], key: dg.AssetKey,
 
 def build_quality_checks(spec: PipelineSpec) -> list[dg.AssetChecksDefinition]:
     """The blocking checks of the pipeline's task, one multi-check per checked asset: an ERROR failure stops
-    training in the same run. Each reads the checked asset's value and the other assets its suite names."""
-    return [suite_checks(spec, suite) for suite in task_for(spec).quality_suites(spec)]
+    training in the same run. Each reads the checked asset's value and the other assets its suite names. Plus the
+    data doctor's check on the splits, when the task has one and the spec does not turn it off."""
+    checks = [suite_checks(spec, suite) for suite in task_for(spec).quality_suites(spec)]
+    if task_for(spec).doctor_supported and spec.doctor.enabled:
+        checks.append(doctor_check(spec))
+    return checks
+
+
+DOCTOR_CHECK = "labels_look_right"
+
+
+def doctor_check(spec: PipelineSpec) -> dg.AssetChecksDefinition:
+    key = dg.AssetKey([spec.name, "splits"])
+    description = ("Few labels look wrong and no two texts of different labels are near-duplicates (the data "
+                   "doctor: out-of-fold probabilities of a linear model on frozen embeddings, ranked by cleanlab; "
+                   "plus a learning curve). It warns and never blocks training.")
+
+    @dg.multi_asset_check(
+        name=f"{spec.name}__data_doctor",
+        specs=[dg.AssetCheckSpec(DOCTOR_CHECK, asset=key, blocking=False, description=description)],
+        ins={"value": dg.AssetIn(key)},
+        compute_kind="cleanlab",
+    )
+    def data_doctor(context: dg.AssetCheckExecutionContext, storage: StorageResource, models: ModelStoreResource,
+                    compute: ComputeResource, value: pd.DataFrame) -> Iterator[dg.AssetCheckResult]:
+        try:
+            report, paths = examine_data(spec, value, models, compute.settings(spec.training.precision),
+                                         storage.asset_folder(spec.name), progress=context.log.info)
+        except Exception as exc:  # the doctor advises: when it cannot run, it says why and the run goes on
+            passed, description, metadata = False, f"the data doctor could not run: {type(exc).__name__}: {exc}", {}
+        else:
+            passed, description = doctor_verdict(report, spec.doctor)
+            metadata = doctor_metadata(report, paths, spec.doctor.shown_rows)
+        (context.log.info if passed else context.log.warning)(f"data doctor: {description}")
+        yield dg.AssetCheckResult(asset_key=key, check_name=DOCTOR_CHECK, passed=passed,
+                                  severity=dg.AssetCheckSeverity.WARN, description=description,
+                                  metadata={k: dagster_value(v) for k, v in metadata.items()})
+
+    return data_doctor
 
 
 def suite_checks(spec: PipelineSpec, suite: QualitySuite) -> dg.AssetChecksDefinition:

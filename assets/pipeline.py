@@ -12,11 +12,12 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
+from pipelines.core.evaluation import write_report
 from pipelines.core.records import BaseModelRecord, CheckpointRecord, EvaluationReport
 from pipelines.core.selection import select_base_model
 from pipelines.core.spec import PipelineSpec
-from pipelines.core.steps import base_model_log, checkpoint_log, read_raw_data, report_log, split_dataset, \
-    training_params
+from pipelines.core.steps import base_model_log, checkpoint_log, doctor_folder, pin_prompted_model, read_raw_data, \
+    report_log, split_dataset, training_params, with_doctor
 from pipelines.core.tasks import Task, task_for
 from resources.compute import ComputeResource
 from resources.models import ModelStoreResource
@@ -90,7 +91,7 @@ def build_pipeline_assets(spec: PipelineSpec, project_root: Path) -> list[dg.Ass
               code_version=spec.section_hash("evaluation"), kinds=set(task.report_kinds),
               description=task.descriptions["evaluation_report"])
     def evaluation_report(context: dg.AssetExecutionContext, storage: StorageResource, compute: ComputeResource,
-                          tracking: TrackingResource, data: pd.DataFrame,
+                          tracking: TrackingResource, models: ModelStoreResource, data: pd.DataFrame,
                           finetuned_checkpoint: CheckpointRecord) -> dg.Output[EvaluationReport]:
         # One promotion decision at a time: a second run compares itself with the champion the first one set.
         with tracking.asset_run(context, spec.name) as run, tracking.promotion_lock(spec.name):
@@ -98,8 +99,12 @@ def build_pipeline_assets(spec: PipelineSpec, project_root: Path) -> list[dg.Ass
             report = task.evaluate(data, finetuned_checkpoint, spec,
                                    storage.run_folder("reports", spec.name, context.run_id),
                                    compute.settings(spec.training.precision), champion=champion,
-                                   progress=context.log.info)
+                                   progress=context.log.info, prompt_model=pin_prompted_model(spec, models))
             report = tracking.apply_promotion(spec.name, report, finetuned_checkpoint, champion)
+            if task.doctor_supported and spec.doctor.enabled:  # the data doctor's findings on these splits
+                report = with_doctor(report, doctor_folder(storage.asset_folder(spec.name), data),
+                                     spec.doctor.shown_rows)
+            write_report(report)  # as applied: the promotion as it happened, the doctor's findings
             return run.output(report, report_log(report, finetuned_checkpoint))
 
     assets = [raw_data, cleaned_dataset, splits, base_model, finetuned_checkpoint, evaluation_report]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import socket
@@ -166,14 +167,22 @@ def _print_summary(summary: dict[str, Any], run_id: str) -> None:
     for row in summary.get("selection", []):
         score = "" if row.get("probe_value") is None else f" {row['probe_metric']} {row['probe_value']:.4f};"
         print(f"  {row['name']}: {row['verdict']};{score} {row['reason']}")
+    doctor = summary.get("doctor")
+    if doctor:
+        print(f"\n{summary['pipeline']}: data doctor ({doctor['model']}): {doctor['summary']}")
+        print(f"  learning curve: {doctor['more_data']}")
+        if doctor.get("suspects_csv"):
+            print(f"  label suspects, most suspicious first: {doctor['suspects_csv']}")
     print(f"\n{summary['pipeline']}: evaluation on {summary['test_rows']} test rows (Dagster run {run_id})")
     print("  " + "metric".ljust(22) + "".join(n.rjust(16) for n in names))
     for metric in metrics:
-        values = [summary[metric], *(baselines[b][metric] for b in baselines)]
-        print("  " + metric.ljust(22) + "".join(f"{v:16.4f}" for v in values))
+        values = [summary[metric], *(baselines[b].get(metric, math.nan) for b in baselines)]
+        print("  " + metric.ljust(22) + "".join(f"{v:16.4f}" if v == v else "—".rjust(16) for v in values))
     for name, won in summary["beats_baselines"].items():
         verdict = "beats" if won else "does NOT beat"
         print(f"  the fine-tuned model {verdict} {name} on {summary['primary_metric']}")
+    if summary.get("verdict"):
+        print(f"  {summary['verdict']}")
     print(f"  promotion: {summary['promotion_reason']}")
     print(f"  report: {summary['report_html']}")
     print("Open the Dagster UI with `make ui` (http://127.0.0.1:3000) to see every step, its metadata and lineage;")
@@ -221,6 +230,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     report = result.asset_value(dg.AssetKey([args.pipeline, "evaluation_report"]))
     base = result.asset_value(dg.AssetKey([args.pipeline, "base_model"]))
     summary = {**report.summary(), "base_model": base.name, "selection": list(base.selection)}
+    if "doctor" in report.details:  # the data doctor looked at these splits
+        summary["doctor"] = {**report.details["doctor"], "suspects_csv": report.files.get("doctor_label_suspects")}
     if args.json:
         print(json.dumps({**summary, "run_id": result.run_id}))
     else:

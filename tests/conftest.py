@@ -89,6 +89,7 @@ def tiny_spec(csv: Path, model_dir: Path, **overrides: Any) -> dict[str, Any]:
         "training": {"epochs": 2, "batch_size": 16, "learning_rate": 5e-3, "max_length": 32,
                      "precision": "fp32", "logging_steps": 5, "lora": {"r": 4, "alpha": 8}},
         "evaluation": {"batch_size": 64},
+        "doctor": {"model": {"source": "local", "path": str(model_dir), "name": "tiny-bert"}},
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(spec.get(key), dict):

@@ -68,8 +68,33 @@ def build_report(*, pipeline: str, task: str, checkpoint: CheckpointRecord, test
         metric_names=tuple(metric_names), metrics=metrics, baselines=baselines, primary_metric=primary,
         beats_baselines=beats, promotion=promotion, champion_metrics=champion_scores, headline=headline,
         tables=tuple(tables), images=tuple(images), details=details or {},
+        verdict=fine_tuning_verdict(metrics, baselines, primary, min_improvement, checkpoint),
         files={**(files or {}), "report_json": str(out_dir / "report.json"),
                "report_html": str(out_dir / "report.html")})
+    return write_report(report)
+
+
+def fine_tuning_verdict(metrics: dict[str, float], baselines: dict[str, dict[str, float]], primary: str,
+                        min_improvement: float, checkpoint: CheckpointRecord) -> str:
+    """One sentence: whether fine-tuning beat the best baseline that needs no training (prompting, or the base
+    model as it is) by more than promotion.min_improvement, and what the training cost."""
+    untrained = {name: m[primary] for name, m in baselines.items()
+                 if (name.startswith("prompt_") or name == "base_model") and primary in m and m[primary] == m[primary]}
+    if not untrained:
+        return ""
+    name = max(untrained, key=lambda n: untrained[n])
+    gain = metrics[primary] - untrained[name]
+    cost = (f"{checkpoint.train_seconds / 60:.1f} min of training and {checkpoint.trainable_parameters:,} trainable "
+            f"parameters")
+    if gain > min_improvement:
+        return (f"Fine-tuning paid off: {primary} {metrics[primary]:.4f} against {untrained[name]:.4f} for the best "
+                f"baseline without training ({name.replace('_', ' ')}), for {cost}.")
+    return (f"Fine-tuning did not pay off: {primary} {metrics[primary]:.4f} against {untrained[name]:.4f} for "
+            f"{name.replace('_', ' ')} with no training at all; {cost} bought {gain:+.4f}.")
+
+
+def write_report(report: EvaluationReport) -> EvaluationReport:
+    """Write the report as report.json and report.html (each through a temporary file)."""
     write_bytes_atomic(Path(report.json_path), json.dumps(report.to_dict(), indent=2, default=str).encode())
     write_bytes_atomic(Path(report.html_path), report_html(report).encode())
     return report
@@ -118,7 +143,8 @@ def report_markdown(report: EvaluationReport) -> str:
     header, rows = _metric_rows(report)
     sections = "".join(f"\n\n**{t.title}**\n\n{markdown_table(t.header, t.rows)}" for t in report.tables)
     return (f"**{report.pipeline}** on {report.headline} — on {report.primary_metric} the fine-tuned model "
-            f"{_verdicts(report)}.\n\n**Promotion:** {report.promotion.reason}\n\n"
+            f"{_verdicts(report)}.\n\n" + (f"**{report.verdict}**\n\n" if report.verdict else "") +
+            f"**Promotion:** {report.promotion.reason}\n\n"
             f"{markdown_table(header, rows)}{sections}")
 
 
@@ -142,6 +168,7 @@ def report_html(report: EvaluationReport) -> str:
 <style>body{{font-family:sans-serif;margin:2em;max-width:80em}}table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:.3em .6em;vertical-align:top}}</style></head><body>
 <h1>{html.escape(report.pipeline)}: evaluation on {html.escape(report.headline)}</h1>
+{f'<p class="verdict"><b>{html.escape(report.verdict)}</b></p>' if report.verdict else ''}
 <p>checkpoint sha256 <code>{html.escape(report.checkpoint_sha256)}</code></p>
 <ul>{verdicts}</ul>
 <p><b>Promotion:</b> {html.escape(report.promotion.reason)}</p>

@@ -134,6 +134,7 @@ class EvaluationReport:
     images: tuple[tuple[str, str], ...] = ()  # (title, file name inside the report folder)
     details: dict[str, Any] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)  # report_json, report_html, and the task's own files
+    verdict: str = ""  # one sentence: did fine-tuning pay off against the best baseline without training?
 
     @property
     def json_path(self) -> str:
@@ -159,6 +160,7 @@ class EvaluationReport:
             "beats_baselines": dict(self.beats_baselines),
             "promoted": self.promotion.promote,
             "promotion_reason": self.promotion.reason,
+            "verdict": self.verdict,
             "report_html": self.html_path,
             "report_json": self.json_path,
         }

@@ -432,6 +432,38 @@ class ComputeConfig(Frozen):
 
 
 # ----------------------------------------------------------------------------------------- evaluation
+class PromptingConfig(Frozen):
+    """The prompting baselines (evaluation.baselines: [prompting]): what an instruction-tuned model does with no
+    training. Classification: the model picks a label name, zero-shot and few-shot, each label scored by its
+    log-likelihood as the whole answer. Instruction tuning: the base model answers with example pairs from the
+    train split shown first."""
+
+    model: ModelLocation = Field(
+        default_factory=lambda: CatalogModelConfig(source="catalog", id="SmolLM2-135M-Instruct"),
+        description="Classification: the instruction-tuned model that is prompted (only read, never trained or "
+                    "shipped, so base_model's licence list does not apply). Instruction tuning prompts the base "
+                    "model itself.")
+    shots: tuple[int, ...] = Field(
+        default=(0, 1), description="Examples shown before each question: per class for classification, pairs "
+                                    "for instruction tuning (0: zero-shot). One baseline per value, named "
+                                    "prompt_<k>_shot.")
+    label_names: dict[str, str] = Field(
+        default_factory=dict, description="Classification: the words the model reads and answers for each label "
+                                          "(e.g. LOC: location); a label not listed is shown as it is.")
+    batch_size: int = Field(default=32, ge=1, description="Rows scored per forward pass.")
+
+    @field_validator("shots")
+    @classmethod
+    def _shots(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value or any(k < 0 or k > 32 for k in value):
+            raise ValueError(f"list one or more numbers of examples from 0 to 32, got {list(value)}")
+        return tuple(sorted(set(value)))
+
+    @property
+    def resolved_model(self) -> PackageModelConfig | LocalModelConfig | HubModelConfig:
+        return self.model.resolve() if isinstance(self.model, CatalogModelConfig) else self.model
+
+
 class EvaluationConfig(Frozen):
     """How the fine-tuned model is judged on the test split."""
 
@@ -449,6 +481,45 @@ class EvaluationConfig(Frozen):
         default=None, ge=1, description="Instruction tuning: generate for at most this many test instructions "
                                         "(all when unset); losses and perplexity always use the whole split.")
     sample_generations: int = Field(default=10, ge=0, description="Instruction tuning: rows in the samples table.")
+    prompting: PromptingConfig = Field(default_factory=PromptingConfig)
+
+
+# ---------------------------------------------------------------------------------------------- doctor
+class DoctorConfig(Frozen):
+    """The data doctor: a non-blocking check (WARN) on the splits that lists rows whose label is probably wrong
+    (out-of-fold probabilities of a logistic regression on frozen embeddings, ranked by cleanlab), texts that are
+    near-duplicates under different labels, and a learning curve (would more data help?). Classification only."""
+
+    enabled: bool = Field(default=True, description="Run the doctor (classification pipelines).")
+    model: ModelLocation = Field(
+        default_factory=lambda: CatalogModelConfig(source="catalog", id="all-MiniLM-L6-v2"),
+        description="The frozen encoder whose embeddings the doctor's cheap model reads (only read, never trained "
+                    "or shipped, so base_model's licence list does not apply).")
+    folds: int = Field(default=5, ge=2, le=20, description="Cross-validation folds for out-of-fold probabilities.")
+    max_suspect_fraction: float = Field(
+        default=0.1, ge=0, le=1,
+        description="The check warns when more than this share of the rows are label suspects, or when any two "
+                    "texts of different labels are near-duplicates. Suspects include the cheap model's own "
+                    "confident mistakes (TREC as shipped: 8.8% of rows; with 5% of its train labels flipped: 13.4%).")
+    duplicate_similarity: float = Field(
+        default=0.98, gt=0, le=1, description="Cosine similarity of embeddings from which two texts count as "
+                                              "near-duplicates.")
+    shown_rows: int = Field(default=25, ge=1, le=500, description="Suspects listed in the UI and the report (the CSV "
+                                                                  "holds all of them).")
+    learning_curve: tuple[float, ...] = Field(
+        default=(0.25, 0.5, 1.0), description="Shares of the train split the learning curve's linear probe is fitted "
+                                              "on, each scored on the validation split.")
+
+    @field_validator("learning_curve")
+    @classmethod
+    def _shares(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not 0 < share <= 1 for share in value):
+            raise ValueError(f"every share must be in (0, 1], got {list(value)}")
+        return tuple(sorted(set(value)))
+
+    @property
+    def resolved_model(self) -> PackageModelConfig | LocalModelConfig | HubModelConfig:
+        return self.model.resolve() if isinstance(self.model, CatalogModelConfig) else self.model
 
 
 # ------------------------------------------------------------------------------------------- promotion

@@ -177,7 +177,9 @@ def gguf_metadata(path: Path) -> tuple[dict[str, Any], int]:
     return meta, parameters
 
 
-def _check_license(license_id: str | None, cfg: BaseModelConfig, where: str) -> str:
+def _check_license(license_id: str | None, cfg: BaseModelConfig, where: str, check: bool = True) -> str:
+    if not check:
+        return license_id or "unknown"
     if license_id is None:
         if cfg.allow_unknown_license:
             return "unknown"
@@ -205,9 +207,11 @@ def _name(location: ModelLocation) -> str:
     return getattr(location, "name", None) or str(location.path)  # type: ignore[union-attr]
 
 
-def pin_candidate(location: ModelLocation, cfg: BaseModelConfig, models: ModelAcquirer) -> BaseModelRecord:
+def pin_candidate(location: ModelLocation, cfg: BaseModelConfig, models: ModelAcquirer,
+                  check_license: bool = True) -> BaseModelRecord:
     """Resolve one candidate to local weights and pin it; raises ModelSourceError with the reason it is refused
-    (unreachable, no weights, pickle weights, licence, remote code)."""
+    (unreachable, no weights, pickle weights, licence, remote code). `check_license=False` for a model that is
+    only read, never fine-tuned or shipped (the data doctor's encoder): its licence is recorded, not checked."""
     folder, revision = models.locate(location, cfg.allow_pickle_weights)
     name = _name(location)
     if location.gguf_file:
@@ -216,7 +220,8 @@ def pin_candidate(location: ModelLocation, cfg: BaseModelConfig, models: ModelAc
             raise ModelSourceError(f"gguf_file: {folder} has no file {location.gguf_file!r}")
         meta, parameters = gguf_metadata(path)
         gguf_license = str(meta["general.license"]).lower() if meta.get("general.license") else None
-        license_id = _check_license(model_card_license(folder) or gguf_license, cfg, str(folder))
+        license_id = _check_license(model_card_license(folder) or gguf_license, cfg, str(folder),
+                                    check_license)
         sha = sha256_file(path)
         converted = models.dequantize(folder, location.gguf_file, sha, license_id, name)
         return _record(converted, name, location.source, revision, sha, license_id, parameters, "gguf", cfg,
@@ -233,7 +238,7 @@ def pin_candidate(location: ModelLocation, cfg: BaseModelConfig, models: ModelAc
         raise ModelSourceError(f"weights are pickle files only ({', '.join(p.name for p in pickled)}), which can run "
                                "code when loaded; provide safetensors or set base_model.allow_pickle_weights: true")
     used = safe or pickled
-    license_id = _check_license(model_card_license(folder), cfg, str(folder))
+    license_id = _check_license(model_card_license(folder), cfg, str(folder), check_license)
     return _record(folder, name, location.source, revision,
                    combined_digest([(p.name, sha256_file(p)) for p in used]), license_id, _parameter_count(used),
                    "safetensors" if safe else "pickle", cfg)

@@ -20,8 +20,8 @@ from pydantic import BaseModel, Discriminator, Field, Tag, ValidationError, fiel
 
 from pipelines.core.errors import SpecError
 from pipelines.core.sections import *  # noqa: F403 (the shared sections are part of the spec's schema)
-from pipelines.core.sections import (BaseModelConfig, CleaningConfig, ComputeConfig, EvaluationConfig, Frozen,
-                                     PromotionConfig, QualityConfig, ScheduleConfig, SourceConfig, SplitsConfig,
+from pipelines.core.sections import (BaseModelConfig, CleaningConfig, ComputeConfig, DoctorConfig, EvaluationConfig,
+                                     Frozen, PromotionConfig, QualityConfig, ScheduleConfig, SourceConfig, SplitsConfig,
                                      TrainingConfig)
 from pipelines.core.tasks import DEFAULT_TASK, TASKS, task_named
 
@@ -58,6 +58,7 @@ class PipelineSpec(Frozen):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    doctor: DoctorConfig = Field(default_factory=DoctorConfig)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
     schedule: ScheduleConfig | None = None
     retrain_on_new_data: bool = Field(
@@ -97,9 +98,11 @@ class PipelineSpec(Frozen):
 
     def section_hash(self, *sections: str) -> str:
         """A short, stable hash of some sections of the spec (used as Dagster code versions); with none named, of
-        every section that decides the result (all but `compute`, which says only where training runs)."""
+        every section that decides the result (all but `compute`, which says only where training runs, and
+        `doctor`, which only looks at the data)."""
         data = self.model_dump(mode="json")
-        picked = {s: data[s] for s in sections} if sections else {k: v for k, v in data.items() if k != "compute"}
+        picked = ({s: data[s] for s in sections} if sections else
+                  {k: v for k, v in data.items() if k not in ("compute", "doctor")})
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
 
     @property

@@ -11,15 +11,19 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipelines.core.doctor import DoctorReport
+from pipelines.core.errors import ModelSourceError
 from pipelines.core.evaluation import markdown_table, report_markdown
 from pipelines.core.lineage import frame_digest, value_digest
+from pipelines.core.sections import DoctorConfig
 from pipelines.core.records import (BaseModelRecord, CheckpointRecord, DatasetLog, EvaluationReport, FilePath,
-                                    Markdown, StepLog)
+                                    Markdown, ReportTable, StepLog)
+from pipelines.core.selection import ModelAcquirer, pin_candidate
 from pipelines.core.sources import read_source
 from pipelines.core.spec import PipelineSpec
 from pipelines.core.splitting import SPLITS, assign_splits
 from pipelines.core.tasks import task_for
-from pipelines.core.trainer import ComputeSettings
+from pipelines.core.trainer import ComputeSettings, ProgressFn
 
 PROVENANCE = ("source_file", "source_row")
 
@@ -206,3 +210,105 @@ def report_log(report: EvaluationReport, checkpoint: CheckpointRecord) -> StepLo
         artifacts=tuple((path, "report") for path in report.files.values()),
         tags={"tuneline.promotion": report.promotion.reason, "tuneline.model_version": checkpoint.model_version or ""})
 
+
+
+DOCTOR_SHOWN_DUPLICATES = 10  # cross-class near-duplicate pairs shown in the UI (the CSV holds all of them)
+
+
+def doctor_folder(root: Path, splits: pd.DataFrame) -> Path:
+    """Where the data doctor's files for this version of the splits are kept (by the splits' digest), so that the
+    evaluation report of a model trained on them can show them."""
+    return root / "doctor" / frame_digest(splits)[:16]
+
+
+def examine_data(spec: PipelineSpec, splits: pd.DataFrame, models: ModelAcquirer, compute: ComputeSettings,
+                 root: Path, progress: ProgressFn = print) -> tuple[DoctorReport, dict[str, Path]]:
+    """The data doctor on the splits (its encoder pinned like a base model, its licence recorded, not checked:
+    it is only read), its files written under doctor_folder(root, splits)."""
+    cfg = spec.doctor
+    try:
+        encoder = pin_candidate(cfg.resolved_model, spec.base_model, models, check_license=False)
+    except ModelSourceError as exc:
+        raise ModelSourceError(f"doctor.model: {exc}") from None
+    report = task_for(spec).doctor(splits, encoder, spec, compute, progress)
+    return report, report.write(doctor_folder(root, splits), cfg.shown_rows)
+
+
+def doctor_metadata(report: DoctorReport, paths: dict[str, Path], shown: int) -> dict[str, object]:
+    """The data doctor's findings as asset-check metadata (Dagster MetadataValue-free: plain values, Markdown
+    and FilePath records that the caller converts)."""
+    metadata: dict[str, object] = {
+        "rows": report.rows, "label_suspects": len(report.suspects),
+        "label_suspect_fraction": round(report.suspect_fraction, 4),
+        "cross_class_near_duplicates": len(report.duplicates), "encoder": report.model,
+        "seconds": round(report.seconds, 1),
+        "top_label_suspects": Markdown(report.suspects_markdown(shown)),
+        "near_duplicates": Markdown(report.duplicates_markdown(DOCTOR_SHOWN_DUPLICATES)),
+        "learning_curve": Markdown(report.curve_markdown() + "\n\n" + report.more_data_helps()),
+        "label_suspects_csv": FilePath(str(paths["suspects_csv"])),
+        "near_duplicates_csv": FilePath(str(paths["duplicates_csv"])),
+    }
+    if "curve_png" in paths:
+        metadata["learning_curve_plot"] = FilePath(str(paths["curve_png"]))
+    return metadata
+
+
+def with_doctor(report: EvaluationReport, folder: Path, shown: int) -> EvaluationReport:
+    """The report with the data doctor's findings on the same splits (from `folder`, when the doctor ran on
+    them): its summary, the top label suspects and the learning curve. The caller writes it (write_report)."""
+    import dataclasses
+    import shutil
+
+    found = folder / "doctor.json"
+    if not found.is_file():
+        return report
+    doctor = json.loads(found.read_text(encoding="utf-8"))
+    out_dir = Path(report.html_path).parent
+    suspects = ReportTable(
+        f"Data doctor: {doctor['summary']} (the {min(shown, doctor['suspect_count'])} most suspicious; all in "
+        "label_suspects.csv)",
+        ("#", "split", "text", "given label", "suggested label", "confidence", "source"),
+        tuple((s["rank"], s["split"], s["text"], s["given_label"], s["suggested_label"], s["suggested_probability"],
+               f"{s['source_file']}:{s['source_row']}") for s in doctor["top_suspects"][:shown]))
+    curve = ReportTable(f"Learning curve: {doctor['more_data']}",
+                        ("share of train", "train rows", f"validation {doctor['metric']}"),
+                        tuple((f"{c['share']:.0%}", c["train_rows"], c[doctor["metric"]]) for c in doctor["curve"]))
+    images = list(report.images)
+    files = dict(report.files)
+    for name in ("label_suspects.csv", "near_duplicates.csv", "learning_curve.png"):
+        if (folder / name).is_file():
+            shutil.copyfile(folder / name, out_dir / name)
+            files[f"doctor_{name.rsplit('.', 1)[0]}"] = str(out_dir / name)
+    if (folder / "learning_curve.png").is_file():
+        images.append(("Learning curve (data doctor)", "learning_curve.png"))
+    return dataclasses.replace(
+        report, tables=(*report.tables, suspects, curve), images=tuple(images), files=files,
+        details={**report.details, "doctor": {k: doctor[k] for k in ("summary", "more_data", "suspect_count",
+                                                                     "suspect_fraction", "duplicate_pairs",
+                                                                     "curve", "model")}})
+
+
+def pin_prompted_model(spec: PipelineSpec, models: ModelAcquirer) -> BaseModelRecord | None:
+    """The model the prompting baseline prompts, pinned (its licence recorded, not checked: it is only read), when
+    the spec lists the baseline and its task prompts a model of its own."""
+    if "prompting" not in spec.evaluation.baselines or not task_for(spec).prompts_another_model:
+        return None
+    try:
+        return pin_candidate(spec.evaluation.prompting.resolved_model, spec.base_model, models, check_license=False)
+    except ModelSourceError as exc:
+        raise ModelSourceError(f"evaluation.prompting.model: {exc}") from None
+
+
+def doctor_verdict(report: DoctorReport, cfg: DoctorConfig) -> tuple[bool, str]:
+    """Whether the data doctor's check passes, and what it says: the findings, the learning curve, and what to do
+    about each problem found."""
+    passed = report.suspect_fraction <= cfg.max_suspect_fraction and report.duplicates.empty
+    text = f"{report.summary()}. {report.more_data_helps()[0].upper()}{report.more_data_helps()[1:]}."
+    if report.suspect_fraction > cfg.max_suspect_fraction:
+        text += (f" More than doctor.max_suspect_fraction ({cfg.max_suspect_fraction:.1%}) of the rows are suspects: "
+                 "look at label_suspects.csv (most suspicious first), fix the labels that are wrong at the source, "
+                 "or raise the fraction if the classes genuinely overlap.")
+    if not report.duplicates.empty:
+        text += (" Texts that say the same thing under different labels confuse training: see near_duplicates.csv "
+                 "and keep one label per meaning (or raise doctor.duplicate_similarity).")
+    return passed, text

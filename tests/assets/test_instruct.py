@@ -31,7 +31,8 @@ def chat_spec(data: Path, model_dir: Path) -> dict[str, Any]:
         "training": {"epochs": 3, "batch_size": 8, "learning_rate": 1e-2, "max_length": 64, "precision": "fp32",
                      "logging_steps": 5, "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj",
                                                                                           "o_proj", "up_proj"]}},
-        "evaluation": {"max_new_tokens": 8, "sample_generations": 4},
+        "evaluation": {"max_new_tokens": 8, "sample_generations": 4, "baselines": ["base_model", "prompting"],
+                       "prompting": {"shots": [0, 2]}},
     }
 
 
@@ -75,6 +76,12 @@ def test_instruction_pipeline_end_to_end_then_export(tmp_path: Path, tiny_chat_d
     assert set(report.metrics) == set(base) == {"validation_loss", "validation_perplexity", "test_loss",
                                                 "test_perplexity", "exact_match", "token_f1", "rouge_l"}
     assert report.metrics["test_perplexity"] < base["test_perplexity"]  # fine-tuning learnt the answers' form
+    # Prompting: zero-shot is the base model's own generations; two-shot shows two train pairs first.
+    generation = ("exact_match", "token_f1", "rouge_l")
+    assert report.baselines["prompt_0_shot"] == {k: base[k] for k in generation}
+    assert set(report.baselines["prompt_2_shot"]) == set(generation)
+    assert report.verdict.startswith(("Fine-tuning paid off: rouge_l", "Fine-tuning did not pay off: rouge_l"))
+    assert "trainable parameters" in report.verdict and report.verdict in Path(report.html_path).read_text()
     samples = report.details["samples"]
     assert report.details["test_prompts"] == report.test_rows > 0 and len(samples) == 4
     assert set(samples[0]) == {"instruction", "reference", "base_output", "finetuned_output"}

@@ -70,6 +70,14 @@ def test_materialize_whole_graph(tmp_path: Path, trec_slice_csv: Path, tiny_mode
     assert Path(report.files["confusion_matrix"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "<table>" in Path(report.html_path).read_text()
     assert sum(map(sum, report.details["confusion_matrix"])) == report.test_rows == splits["test_rows"]
+    # The data doctor's findings on the same splits are part of the report: summary, suspects, learning curve.
+    doctor = report.details["doctor"]
+    assert doctor["model"] == "tiny-bert" and "have a label that looks wrong" in doctor["summary"]
+    assert [c["share"] for c in doctor["curve"]] == [0.25, 0.5, 1.0]
+    page = Path(report.html_path).read_text()
+    assert "Data doctor: " in page and "Learning curve: going from" in page and 'src="learning_curve.png"' in page
+    assert (Path(report.html_path).parent / "learning_curve.png").is_file()
+    assert json.loads(Path(report.json_path).read_text())["details"]["doctor"] == doctor
     evaluation = meta("evaluation_report")
     assert evaluation["accuracy"] == report.metrics["accuracy"]
     assert "| fine-tuned |" in str(evaluation["report"])
@@ -77,3 +85,29 @@ def test_materialize_whole_graph(tmp_path: Path, trec_slice_csv: Path, tiny_mode
     # The IO manager stored tables as Parquet, which a person can open without tuneline.
     stored_splits = pd.read_parquet(data_dir / "assets" / "tiny" / "splits.parquet")
     assert set(stored_splits["split"]) == {"train", "validation", "test"}
+
+
+def test_prompting_baselines_and_the_verdict_sentence(tmp_path: Path, trec_slice_csv: Path, tiny_model_dir: Path,
+                                                      write_spec: Callable[..., Path]) -> None:
+    """A (tiny) instruction-tuned model picks among the label names zero-shot and with one example per class;
+    the report says in one sentence whether fine-tuning paid off, with its cost."""
+    from tests.tiny_chat import write_tiny_chat_model
+
+    chat = write_tiny_chat_model(tmp_path / "tiny-chat")
+    specs = write_spec("tiny", tiny_spec(trec_slice_csv, tiny_model_dir, evaluation={
+        "baselines": ["majority_class", "prompting"],
+        "prompting": {"model": {"source": "local", "path": str(chat), "name": "tiny-chat"}, "shots": [0, 1],
+                      "label_names": {"LOC": "location", "NUM": "number"}}}))
+    data_dir = tmp_path / "data"
+    defs = build_definitions(specs_dir=specs, data_dir=data_dir, resources=resources_for(data_dir, num_threads=2))
+    result = defs.resolve_job_def("tiny_job").execute_in_process(instance=dg.DagsterInstance.ephemeral())
+    assert result.success
+    report: EvaluationReport = result.asset_value(dg.AssetKey(["tiny", "evaluation_report"]))
+    assert set(report.baselines) == {"majority_class", "prompt_0_shot", "prompt_1_shot"}
+    for name in ("prompt_0_shot", "prompt_1_shot"):
+        assert set(report.baselines[name]) == set(report.metrics) and 0 <= report.baselines[name]["accuracy"] <= 1
+    assert report.verdict.startswith(("Fine-tuning paid off: macro_f1", "Fine-tuning did not pay off: macro_f1"))
+    assert "min of training and" in report.verdict and "trainable parameters" in report.verdict
+    assert report.verdict in Path(report.html_path).read_text()
+    # The prompted answers are kept by what they depend on: evaluating again does not prompt again.
+    assert len(list((data_dir / "cache" / "prompting").glob("*.npy"))) == 2

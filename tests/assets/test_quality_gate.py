@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import pandas as pd
 import pytest
 
 from pipelines.definitions import build_definitions, resources_for
@@ -148,7 +149,10 @@ def test_good_data_goes_through_every_check(tmp_path: Path, write_spec: Callable
     result, _, data_dir = run_pipeline(tmp_path, write_spec, tiny_model_dir, local(BAD / "good.csv"))
     assert result.success
     evaluations = result.get_asset_check_evaluations()
-    assert len(evaluations) == 13 and all(e.passed for e in evaluations)
+    blocking = [e for e in evaluations if e.blocking]
+    assert len(blocking) == 13 and all(e.passed for e in blocking)
+    # Plus the data doctor, which only warns (here about the tiny random model's look-alike embeddings).
+    assert [e.check_name for e in evaluations if not e.blocking] == ["labels_look_right"]
     assert {"finetuned_checkpoint", "evaluation_report"} <= materialized(result)
     assert (data_dir / "checkpoints" / "gate").is_dir()
 
@@ -166,3 +170,49 @@ def test_imbalance_slightly_over_is_a_warning_that_does_not_block(
     evaluation = {e.check_name: e for e in result.get_asset_check_evaluations()}["classes_are_balanced"]
     assert not evaluation.passed and evaluation.severity == dg.AssetCheckSeverity.WARN
     assert result.success and "finetuned_checkpoint" in materialized(result)
+
+
+def test_the_data_doctor_warns_about_label_suspects_and_training_goes_on(
+        tmp_path: Path, write_spec: Callable[..., Path], tiny_model_dir: Path) -> None:
+    rows = (BAD / "good.csv").read_text().splitlines()
+    flipped = [i for i, row in enumerate(rows) if row.endswith(",LOC")][:6]  # "Where is the town of ...": NUM
+    for i in flipped:
+        rows[i] = rows[i][:-len("LOC")] + "NUM"
+    path = tmp_path / "flipped.csv"
+    path.write_text("\n".join(rows) + "\n")
+    result, instance, data_dir = run_pipeline(tmp_path, write_spec, tiny_model_dir, local(path),
+                                              doctor={"max_suspect_fraction": 0.01})
+    evaluation = {e.check_name: e for e in result.get_asset_check_evaluations()}["labels_look_right"]
+    assert not evaluation.passed and evaluation.severity == dg.AssetCheckSeverity.WARN
+    assert result.success and "finetuned_checkpoint" in materialized(result)  # it warns, it never blocks
+    meta = {k: v.value for k, v in evaluation.metadata.items()}
+    assert meta["label_suspects"] > 0 and meta["rows"] == 240 and meta["encoder"] == "tiny-bert"
+    assert "| # | split | text | given | suggested | confidence | source |" in meta["top_label_suspects"]
+    assert "flipped.csv:" in meta["top_label_suspects"]  # each suspect names the file and row it came from
+    suspects = Path(meta["label_suspects_csv"])
+    # The tiny model's random weights find few of the flips (tests/core/test_doctor.py measures that); the
+    # wiring is what is checked here: every suspect row is a row of the file, with its label as given there.
+    table = pd.read_csv(suspects)
+    source = pd.read_csv(path)
+    for _, suspect in table.iterrows():
+        assert source.at[int(suspect["source_row"]) - 2, "label"] == suspect["given_label"]  # header = row 1
+    assert suspects.parent.parent == data_dir / "assets" / "gate" / "doctor"
+    assert len(suspects.read_text().splitlines()) == meta["label_suspects"] + 1
+    assert "validation macro_f1" in meta["learning_curve"]
+
+
+def test_a_doctor_that_cannot_run_warns_and_the_run_goes_on(
+        tmp_path: Path, write_spec: Callable[..., Path], tiny_model_dir: Path) -> None:
+    result, _, _ = run_pipeline(tmp_path, write_spec, tiny_model_dir, local(BAD / "good.csv"),
+                                doctor={"model": {"source": "local", "path": str(tmp_path / "no-such-model")}})
+    evaluation = {e.check_name: e for e in result.get_asset_check_evaluations()}["labels_look_right"]
+    assert not evaluation.passed and evaluation.severity == dg.AssetCheckSeverity.WARN
+    assert evaluation.description.startswith("the data doctor could not run: ModelSourceError: doctor.model: path:")
+    assert result.success and "evaluation_report" in materialized(result)
+
+
+def test_the_doctor_can_be_turned_off(tmp_path: Path, write_spec: Callable[..., Path], tiny_model_dir: Path) -> None:
+    result, _, _ = run_pipeline(tmp_path, write_spec, tiny_model_dir, local(BAD / "good.csv"),
+                                doctor={"enabled": False})
+    assert "labels_look_right" not in {e.check_name for e in result.get_asset_check_evaluations()}
+    assert result.success

@@ -60,7 +60,7 @@ def test_instruction_tuning_gets_its_own_evaluation_defaults() -> None:
      "['exact_match', 'rouge_l', 'token_f1']"),
     ("task: {type: instruction_tuning}\nevaluation: {baselines: [linear_probe]}\n",
      "evaluation.baselines ['linear_probe'] do not fit task.type instruction_tuning: it compares with "
-     "['base_model']"),
+     "['base_model', 'prompting']"),
     ("evaluation: {primary_metric: rouge_l}\n", "evaluation.primary_metric 'rouge_l' does not fit task.type "
                                                 "text_classification: use one of ['accuracy', 'macro_f1', 'weighted_f1']"),
     ("task: {type: instruction_tuning, label_column: x}\n", "line 8: task.label_column: unknown key"),

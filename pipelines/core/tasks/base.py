@@ -106,6 +106,14 @@ class Task(Protocol):
         """A cheap look at the model on validation rows; a higher score is better."""
         ...
 
+    doctor_supported: bool  # whether doctor() exists (the data doctor's check is built for this task)
+
+    def doctor(self, splits: pd.DataFrame, encoder: BaseModelRecord, spec: PipelineSpec, compute: ComputeSettings,
+               progress: ProgressFn = print) -> Any:
+        """The data doctor's findings (a pipelines.core.doctor.DoctorReport) on every row of the splits, from the
+        frozen embeddings of `encoder`."""
+        ...
+
     def train(self, data: pd.DataFrame, base: BaseModelRecord, spec: PipelineSpec, out_dir: Path,
               compute: ComputeSettings, progress: ProgressFn = print,
               sink: MetricsSink | None = None, scratch: Path | None = None) -> CheckpointRecord:
@@ -118,9 +126,11 @@ class Task(Protocol):
         """The validation metrics by epoch, as Markdown."""
         ...
 
+    prompts_another_model: bool  # its prompting baseline prompts evaluation.prompting.model (pinned by the caller)
+
     def evaluate(self, data: pd.DataFrame, checkpoint: CheckpointRecord, spec: PipelineSpec, out_dir: Path,
                  compute: ComputeSettings, champion: CheckpointRecord | None = None,
-                 progress: ProgressFn = print) -> EvaluationReport:
+                 progress: ProgressFn = print, prompt_model: BaseModelRecord | None = None) -> EvaluationReport:
         """Test metrics of the checkpoint, its baselines and the champion, with the promotion decision."""
         ...
 
@@ -150,6 +160,13 @@ class TaskBase:
         if wrong:
             raise ValueError(f"evaluation.baselines {wrong} do not fit task.type {self.name}: it compares with "
                              f"{list(self.baselines)}")
+
+    doctor_supported = False  # tasks with a data doctor set this and implement doctor()
+    prompts_another_model = False  # tasks whose prompting baseline needs evaluation.prompting.model set this
+
+    def doctor(self, splits: pd.DataFrame, encoder: BaseModelRecord, spec: PipelineSpec, compute: ComputeSettings,
+               progress: ProgressFn = print) -> Any:
+        raise NotImplementedError(f"task.type {self.name} has no data doctor")
 
     def estimate_memory_mb(self, config: dict[str, Any], parameters: int, batch_size: int, length: int,
                            precision: str) -> float:

@@ -21,9 +21,11 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from pipelines.core.cleaning import clean, cleaning_log, dedup_key, is_missing
+from pipelines.core.doctor import DoctorReport, examine
 from pipelines.core.errors import CheckpointError, SourceError
 from pipelines.core.evaluation import build_report, champion_metrics, markdown_table
 from pipelines.core.files import write_bytes_atomic
+from pipelines.core.prompting import classification_prompting
 from pipelines.core.lineage import frame_digest
 from pipelines.core.quality import ERROR, WARN, QualityReport, QualitySuite, check_def, evaluate_checks, \
     lost_examples_check, validate_splits, with_row_id
@@ -525,6 +527,21 @@ def frozen_embeddings(base: BaseModelRecord, texts: Sequence[str], max_length: i
     return result
 
 
+def frozen_reader(record: BaseModelRecord, compute: ComputeSettings) -> tuple[Callable[[], tuple[nn.Module, Any]],
+                                                                             str | None]:
+    """(load, variant) for frozen_embeddings of a model that is only read (the selection probe, the data doctor):
+    loaded once and only on a cache miss. Under bf16 it holds bf16 weights, since autocast would cast every weight
+    again for every batch (a quarter of SmolLM2's probe); such embeddings are kept under their own cache key."""
+    variant = "bf16-weights" if compute.precision == "bf16" else None
+
+    @functools.cache
+    def load() -> tuple[nn.Module, Any]:
+        encoder = load_encoder(record)
+        return (encoder.to(torch.bfloat16) if variant else encoder), load_tokenizer(record.local_path)
+
+    return load, variant
+
+
 def fit_linear_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray | None,
                      val_y: np.ndarray | None, seed: int) -> Any:
     """Logistic regression on standardized frozen embeddings (an sklearn pipeline: scaler, then the regression);
@@ -834,9 +851,10 @@ def _predicted_labels(record: CheckpointRecord, texts: list[str], max_length: in
 
 def evaluate_classifier(splits: pd.DataFrame, checkpoint: CheckpointRecord, spec: PipelineSpec, out_dir: Path,
                         compute: ComputeSettings, champion: CheckpointRecord | None = None,
-                        progress: ProgressFn = print) -> EvaluationReport:
-    """Metrics of the checkpoint, the majority-class and linear-probe baselines and the current champion (if
-    any) on the test split; decides promotion; writes JSON, HTML and the confusion matrix to `out_dir`."""
+                        progress: ProgressFn = print, prompt_model: BaseModelRecord | None = None) -> EvaluationReport:
+    """Metrics of the checkpoint, its baselines (majority class, linear probe, prompting `prompt_model`) and the
+    current champion (if any) on the test split; decides promotion; writes JSON, HTML and the confusion matrix to
+    `out_dir`."""
     from sklearn.metrics import confusion_matrix
 
     compute.apply()
@@ -871,6 +889,16 @@ def evaluate_classifier(splits: pd.DataFrame, checkpoint: CheckpointRecord, spec
                                  validation["label"].map(index).to_numpy() if len(validation) else None,
                                  spec.training.seed)
         baselines["linear_probe"] = classification_metrics(y_test, probe.predict(embed(test)), len(labels))
+
+    if "prompting" in spec.evaluation.baselines:
+        if prompt_model is None:
+            raise CheckpointError("evaluation.baselines lists prompting, but no prompted model was pinned")
+        prompting = spec.evaluation.prompting
+        predicted_by = classification_prompting(
+            prompt_model.local_path, prompt_model.weights_sha256, train, test["text"].tolist(), labels,
+            prompting.label_names, prompting.shots, spec.training.seed, compute, prompting.batch_size, progress)
+        for shots, predicted in predicted_by.items():
+            baselines[f"prompt_{shots}_shot"] = classification_metrics(y_test, predicted, len(labels))
 
     def score_champion(record: CheckpointRecord) -> dict[str, float]:
         missing = sorted(set(test["label"]) - set(record.labels))
@@ -907,7 +935,7 @@ class ClassificationTask(TaskBase):
     config_class = ClassificationTaskConfig
     evaluation_defaults = {"primary_metric": "macro_f1", "baselines": ("majority_class", "linear_probe")}
     primary_metrics = ("accuracy", "macro_f1", "weighted_f1")
-    baselines = ("majority_class", "linear_probe")
+    baselines = ("majority_class", "linear_probe", "prompting")
     split_group_column = "label"
     prepared: PreparedData | None = None
     descriptions = {
@@ -985,18 +1013,11 @@ class ClassificationTask(TaskBase):
         train = sample_split(splits, "train", 4 * probe.sample_rows, seed)
         labels = sorted(set(splits["label"]))
         index = {label: i for i, label in enumerate(labels)}
-        # Under bf16 the probe's frozen model holds bf16 weights: autocast would cast every weight again for every
-        # batch (a quarter of SmolLM2's probe). Its embeddings are kept under their own cache key.
-        weights = "bf16-weights" if compute.precision == "bf16" else None
-
-        @functools.cache
-        def frozen() -> tuple[nn.Module, Any]:  # loaded once, and only if an embedding is not cached
-            encoder = load_encoder(record)
-            return (encoder.to(torch.bfloat16) if weights else encoder), load_tokenizer(record.local_path)
+        load, variant = frozen_reader(record, compute)
 
         def embed(frame: pd.DataFrame) -> np.ndarray:  # kept in the embedding cache: probing again is instant
             return frozen_embeddings(record, frame["text"].tolist(), spec.training.max_length, compute, batch_size=64,
-                                     load=frozen, variant=weights)
+                                     load=load, variant=variant)
 
         fitted = fit_linear_probe(embed(train), train["label"].map(index).to_numpy(), None, None, seed)
         metric = spec.evaluation.primary_metric
@@ -1005,6 +1026,41 @@ class ClassificationTask(TaskBase):
         value = classification_metrics(truth, predicted, len(labels))[metric]
         replicates = bootstrap_metric(truth, predicted, len(labels), metric, seed)
         return ProbeResult(f"linear_probe_{metric}", value, value, replicates)
+
+    doctor_supported = True
+    prompts_another_model = True  # an instruction-tuned model picks among the label names
+
+    def doctor(self, splits: pd.DataFrame, encoder: BaseModelRecord, spec: PipelineSpec, compute: ComputeSettings,
+               progress: ProgressFn = print) -> DoctorReport:
+        """Label suspects, cross-class near-duplicates and a learning curve from `encoder`'s frozen embeddings of
+        every row (pipelines/core/doctor.py)."""
+        cfg, seed = spec.doctor, spec.training.seed
+        frame = splits.reset_index(drop=True)
+        labels = sorted(set(frame["label"]) | set(spec.task.labels or ()))
+        started = time.perf_counter()
+
+        @functools.cache
+        def frozen() -> tuple[nn.Module, Any]:  # loaded once, and only if an embedding is not cached
+            return load_encoder(encoder), load_tokenizer(encoder.local_path)
+
+        # Split by split, as training's linear-probe head and evaluation's linear-probe baseline embed them (same
+        # cache key): when the doctor's encoder is the chosen base model, they find these embeddings cached.
+        embeddings = np.zeros((len(frame), encoder.hidden_size), dtype=np.float32)
+        for split in ("train", "validation", "test"):
+            rows = np.flatnonzero((frame["split"] == split).to_numpy())
+            if len(rows):
+                embeddings[rows] = frozen_embeddings(encoder, frame["text"].iloc[rows].tolist(),
+                                                     spec.training.max_length, compute, load=frozen)
+        progress(f"embedded {len(frame):,} rows with {encoder.name} in {time.perf_counter() - started:.1f} s "
+                 "(kept in the embedding cache, where training and evaluation find them)")
+        metric = spec.evaluation.primary_metric
+
+        def score(truth: np.ndarray, predicted: np.ndarray) -> float:
+            return classification_metrics(truth, predicted, len(labels))[metric]
+
+        return examine(frame, embeddings, labels, metric, score,
+                       lambda x, y: fit_linear_probe(x, y, None, None, seed), encoder.name, cfg.folds,
+                       cfg.duplicate_similarity, cfg.learning_curve, seed, progress)
 
     train = staticmethod(train_classifier)
 

@@ -531,16 +531,39 @@ def _score_model(model: Any, tokenizer: Any, rendered: pd.DataFrame, prompts: pd
 def distinct_test_prompts(rendered: pd.DataFrame, limit: int | None) -> pd.DataFrame:
     """One row per distinct test prompt, with every reference response it has (in split order)."""
     test = rendered[rendered["split"] == "test"]
+    extra = {"messages": ("messages", "first")} if "messages" in test.columns else {}
     grouped = test.groupby("prompt_rendered", sort=False).agg(
-        text=("text", "first"), references=("response", list), category=("category", "first")).reset_index()
+        text=("text", "first"), references=("response", list), category=("category", "first"),
+        **extra).reset_index()
     return grouped.head(limit) if limit else grouped
+
+
+def few_shot_prompts(tokenizer: Any, prompts: pd.DataFrame, train: pd.DataFrame, shots: int, seed: int) -> list[str]:
+    """Each test prompt rendered after `shots` instruction / response pairs of the train split (the same pairs,
+    drawn with the seed, for every prompt) as earlier turns of the conversation."""
+    picked = train.sample(n=min(shots, len(train)), random_state=seed) if shots else train.head(0)
+    examples: list[dict[str, Any]] = []
+    for row in picked.itertuples(index=False):
+        examples += [{"role": "user", "content": str(row.text)}, {"role": "assistant", "content": str(row.response)}]
+    rendered = []
+    for row in prompts.itertuples(index=False):
+        found = getattr(row, "messages", None)
+        messages = (json.loads(found) if isinstance(found, str) else list(found)) if found is not None else \
+            [{"role": "user", "content": str(row.text)}]
+        system = [m for m in messages if m["role"] == "system"]
+        turns = [m for m in messages if m["role"] != "system"]
+        if turns and turns[-1]["role"] == "assistant":
+            turns = turns[:-1]
+        rendered.append(render_prompt(tokenizer, [*system, *examples, *turns, {"role": "assistant", "content": ""}]))
+    return rendered
 
 
 def evaluate_generation(rendered: pd.DataFrame, checkpoint: CheckpointRecord, spec: PipelineSpec, out_dir: Path,
                         compute: ComputeSettings, champion: CheckpointRecord | None = None,
-                        progress: ProgressFn = print) -> EvaluationReport:
+                        progress: ProgressFn = print, prompt_model: BaseModelRecord | None = None) -> EvaluationReport:
     """Validation/test loss and perplexity, and greedy test generations scored against the references, for
-    the base model and the fine-tuned one (and the current champion); decides promotion."""
+    the base model and the fine-tuned one (and the current champion); decides promotion. The prompting baselines
+    prompt the base model itself (`prompt_model` is not used)."""
     compute.apply()
     batch_size = min(spec.evaluation.batch_size, 16)
     prompts = distinct_test_prompts(rendered, spec.evaluation.max_generations)
@@ -556,6 +579,20 @@ def evaluate_generation(rendered: pd.DataFrame, checkpoint: CheckpointRecord, sp
         with model.disable_adapter():
             baselines["base_model"], base_out, base_scores = _score_model(model, tokenizer, rendered, prompts, spec,
                                                                           compute, batch_size)
+
+    if "prompting" in spec.evaluation.baselines:  # the base model again, with example pairs shown first
+        train = rendered[rendered["split"] == "train"]
+        for shots in spec.evaluation.prompting.shots:
+            if shots == 0 and "base_model" in baselines:
+                baselines["prompt_0_shot"] = {k: baselines["base_model"][k] for k in GENERATION_METRICS}
+                continue
+            progress(f"prompting the base model {shots}-shot: {len(prompts)} test generations")
+            few_shot = few_shot_prompts(tokenizer, prompts, train, shots, spec.training.seed)
+            with model.disable_adapter():
+                outputs = generate(model, tokenizer, few_shot, spec.evaluation.max_new_tokens, batch_size, compute)
+            scored = [score_generation(out, refs) for out, refs in zip(outputs, prompts["references"], strict=True)]
+            baselines[f"prompt_{shots}_shot"] = {name: float(np.mean([x[name] for x in scored])) if scored
+                                                 else math.nan for name in GENERATION_METRICS}
 
     def score_champion(record: CheckpointRecord) -> dict[str, float]:
         champion_model, champion_tokenizer = load_finetuned_lm(record)
@@ -658,7 +695,7 @@ class InstructionTuningTask(TaskBase):
     config_class = InstructionTuningTaskConfig
     evaluation_defaults = {"primary_metric": "rouge_l", "baselines": ("base_model",)}
     primary_metrics = GENERATION_METRICS
-    baselines = ("base_model",)
+    baselines = ("base_model", "prompting")
     split_group_column = "category"
     prepared = PreparedData(
         "rendered_dataset",
