@@ -16,8 +16,10 @@ from pipelines.core.evaluation import write_report
 from pipelines.core.records import BaseModelRecord, CheckpointRecord, EvaluationReport
 from pipelines.core.selection import select_base_model
 from pipelines.core.spec import PipelineSpec
+from pipelines.core.sweep import SweepRecord, with_settings
+from pipelines.core.sweeping import run_sweep
 from pipelines.core.steps import base_model_log, checkpoint_log, doctor_folder, pin_prompted_model, read_raw_data, \
-    report_log, split_dataset, training_params, with_doctor
+    report_log, split_dataset, sweep_log, training_params, with_doctor
 from pipelines.core.tasks import Task, task_for
 from resources.compute import ComputeResource
 from resources.models import ModelStoreResource
@@ -72,20 +74,24 @@ def build_pipeline_assets(spec: PipelineSpec, project_root: Path) -> list[dg.Ass
                                        progress=context.log.info)
             return run.output(record, base_model_log(record))
 
-    @dg.asset(**common, ins=ins(data=data_asset, base_model=BASE_MODEL), code_version=spec.section_hash("training"),
-              kinds={"pytorch"}, description=task.descriptions["finetuned_checkpoint"], pool=TRAINING_POOL)
+    swept = {"sweep": "sweep"} if spec.sweep is not None else {}  # the sweep's best settings train the checkpoint
+
+    @dg.asset(**common, ins=ins(data=data_asset, base_model=BASE_MODEL, **swept),
+              code_version=spec.section_hash("training", *swept), kinds={"pytorch"},
+              description=task.descriptions["finetuned_checkpoint"], pool=TRAINING_POOL)
     def finetuned_checkpoint(context: dg.AssetExecutionContext, storage: StorageResource, compute: ComputeResource,
-                             tracking: TrackingResource, data: pd.DataFrame,
-                             base_model: BaseModelRecord) -> dg.Output[CheckpointRecord]:
+                             tracking: TrackingResource, data: pd.DataFrame, base_model: BaseModelRecord,
+                             **sweep: SweepRecord) -> dg.Output[CheckpointRecord]:
+        tuned = with_settings(spec, sweep["sweep"].best_params) if sweep else spec
         settings = compute.settings(spec.training.precision)
         with tracking.asset_run(context, spec.name) as run:
-            run.record(training_params(spec, base_model, settings))
-            record = compute.train(context, task, spec, data, base_model,
+            run.record(training_params(tuned, base_model, settings))
+            record = compute.train(context, task, tuned, data, base_model,
                                    storage.run_folder("checkpoints", spec.name, context.run_id),
                                    scratch=storage.scratch_folder(spec.name), progress=context.log.info, sink=run,
                                    exchange=storage.run_folder("launch", spec.name, context.run_id))
             record = tracking.register_checkpoint(run, spec.name, record, context.run_id)
-            return run.output(record, checkpoint_log(spec, record))
+            return run.output(record, checkpoint_log(tuned, record))
 
     @dg.asset(**common, ins=ins(data=data_asset, finetuned_checkpoint="finetuned_checkpoint"),
               code_version=spec.section_hash("evaluation"), kinds=set(task.report_kinds),
@@ -108,7 +114,29 @@ def build_pipeline_assets(spec: PipelineSpec, project_root: Path) -> list[dg.Ass
             return run.output(report, report_log(report, finetuned_checkpoint))
 
     assets = [raw_data, cleaned_dataset, splits, base_model, finetuned_checkpoint, evaluation_report]
-    return assets + ([prepared_asset(spec, task)] if task.prepared else [])
+    return (assets + ([prepared_asset(spec, task)] if task.prepared else [])
+            + ([sweep_asset(spec, data_asset)] if spec.sweep is not None else []))
+
+
+def sweep_asset(spec: PipelineSpec, data_asset: str) -> dg.AssetsDefinition:
+    """The spec's hyperparameter search, between the data and base model and finetuned_checkpoint."""
+    key = {"data": dg.AssetIn(dg.AssetKey([spec.name, data_asset])),
+           "base_model": dg.AssetIn(dg.AssetKey([spec.name, BASE_MODEL]))}
+
+    @dg.asset(name="sweep", key_prefix=[spec.name], group_name=spec.name, ins=key, retry_policy=OUTAGE_RETRIES,
+              code_version=spec.section_hash("training", "sweep"), kinds={"optuna", "mlflow"}, pool=TRAINING_POOL,
+              description="Optuna's search over the sweep: section's training settings (TPE, median pruning), each "
+                          "trial scored on the validation split and tracked as an MLflow child run; the best "
+                          "settings train finetuned_checkpoint.")
+    def sweep(context: dg.AssetExecutionContext, storage: StorageResource, compute: ComputeResource,
+              tracking: TrackingResource, data: pd.DataFrame, base_model: BaseModelRecord) -> dg.Output[SweepRecord]:
+        with tracking.asset_run(context, spec.name) as run:
+            record = run_sweep(spec, data, base_model, compute.settings(spec.training.precision),
+                               storage.run_folder("sweeps", spec.name, context.run_id), storage.sweep_storage(),
+                               f"{spec.name}-{context.run_id}", tracking.child_runs_of(run), context.log.info)
+            return run.output(record, sweep_log(record))
+
+    return sweep
 
 
 def prepared_asset(spec: PipelineSpec, task: Task) -> dg.AssetsDefinition:

@@ -36,6 +36,17 @@ class StorageResource(dg.ConfigurableResource):
     def asset_folder(self, pipeline: str) -> Path:
         return self.root / "assets" / pipeline
 
+    def sweep_storage(self) -> str:
+        """Where sweeps keep their Optuna studies: the instance's PostgreSQL database when the instance is on
+        PostgreSQL (TUNELINE_DAGSTER_POSTGRES_URL), else an SQLite file beside the data."""
+        url = os.environ.get("TUNELINE_DAGSTER_POSTGRES_URL", "").strip()
+        if url:  # psycopg2 named: SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3, which is not installed
+            scheme, _, rest = url.partition("://")
+            return f"postgresql+psycopg2://{rest}" if scheme in ("postgres", "postgresql") else url
+        folder = self.root / "sweeps"
+        folder.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{(folder / 'optuna.db').resolve()}"
+
 
 class PipelineIOManager(dg.ConfigurableIOManager):
     """Stores DataFrames as Parquet and other values as pickle under <data_dir>/assets/<asset key>.

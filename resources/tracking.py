@@ -71,6 +71,40 @@ def dagster_value(value: Any) -> Any:
     return value
 
 
+@dataclasses.dataclass(frozen=True)
+class MlflowChildRuns:
+    """Child runs of one MLflow run, opened from any process (it pickles: the client is made where it is used).
+    Implements pipelines.core.sweep.TrialRuns for a sweep's trials."""
+
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+
+    def _client(self) -> Any:
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(tracking_uri=self.tracking_uri)
+
+    def start(self, name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
+        client = self._client()
+        run = client.create_run(self.experiment_id, run_name=name,
+                                tags={**tags, "mlflow.parentRunId": self.parent_run_id})
+        for key, value in params.items():
+            client.log_param(run.info.run_id, key, value)
+        return str(run.info.run_id)
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._client().log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
+
+    def end(self, run_id: str, status: str, seconds: float) -> None:
+        client = self._client()
+        client.log_metric(run_id, "trial_seconds", seconds)
+        client.set_terminated(run_id, status)
+
+
 def _mlflow() -> Any:
     import mlflow
 
@@ -160,6 +194,10 @@ class TrackingResource(dg.ConfigurableResource):
     @property
     def artifact_root(self) -> Path:
         return (Path(self.data_dir) / "mlflow" / "artifacts").resolve()
+
+    def child_runs_of(self, run: AssetRun) -> MlflowChildRuns:
+        """MLflow child runs under `run`, which another process can open (a sweep's trials)."""
+        return MlflowChildRuns(self.tracking_uri(), run.client.get_run(run.run_id).info.experiment_id, run.run_id)
 
     def tracking_uri(self) -> str:
         # Read when the resource is used, never at import: dg.EnvVar resolves the variable now.

@@ -484,6 +484,57 @@ class EvaluationConfig(Frozen):
     prompting: PromptingConfig = Field(default_factory=PromptingConfig)
 
 
+# ----------------------------------------------------------------------------------------------- sweep
+class SweepParameter(Frozen):
+    """One dimension of the search space: a list of choices, or a range (ints when low and high are ints)."""
+
+    choices: tuple[Any, ...] | None = Field(default=None, description="Values to choose from.")
+    low: int | float | None = Field(default=None, description="Smallest value of a range.")
+    high: int | float | None = Field(default=None, description="Largest value of a range.")
+    log: bool = Field(default=False, description="Sample the range on a log scale (learning rates).")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> SweepParameter:
+        if (self.choices is None) == (self.low is None or self.high is None):
+            raise ValueError("give either choices: [...] or low: and high:")
+        if self.choices is not None and not self.choices:
+            raise ValueError("choices must list at least one value")
+        if self.low is not None and self.high is not None and self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and self.low is not None and self.low <= 0:
+            raise ValueError("a log-scale range needs low > 0")
+        return self
+
+
+class SweepConfig(Frozen):
+    """A hyperparameter search before fine-tuning (Optuna: TPE sampling, median pruning on the per-epoch validation
+    metric). Each trial trains on the train split and is scored on validation only; the best trial's settings then
+    train finetuned_checkpoint. Trials are MLflow child runs of the sweep asset's run."""
+
+    trials: int = Field(default=6, ge=1, le=500, description="Trials in all, over every worker.")
+    parallel: int = Field(default=1, ge=1, le=32, description="Worker processes running trials at once; they share "
+                                                               "the machine's threads and the study's storage.")
+    time_budget_minutes: float | None = Field(
+        default=None, gt=0, description="Stop starting new trials after this long (running ones finish).")
+    metric: str = Field(default="", description="The validation metric to maximise (default: evaluation."
+                                                "primary_metric; for instruction tuning the loss is minimised).")
+    prune: bool = Field(default=True, description="Stop a trial whose validation metric after an epoch is below the "
+                                                  "median of earlier trials at that epoch.")
+    start_from_spec: bool = Field(
+        default=True, description="The first trial uses the spec's own training settings (when the space contains "
+                                  "them), so the sweep's best is at least as good on validation as not sweeping.")
+    space: dict[str, SweepParameter] = Field(
+        description="training.* settings to search, by their path below training: learning_rate, epochs, "
+                    "batch_size, lora.r, lora.alpha, lora.top_layers, head_init, warmup_fraction, weight_decay, ...")
+
+    @field_validator("space")
+    @classmethod
+    def _not_empty(cls, value: dict[str, SweepParameter]) -> dict[str, SweepParameter]:
+        if not value:
+            raise ValueError("list at least one training setting to search")
+        return value
+
+
 # ---------------------------------------------------------------------------------------------- doctor
 class DoctorConfig(Frozen):
     """The data doctor: a non-blocking check (WARN) on the splits that lists rows whose label is probably wrong

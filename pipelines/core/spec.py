@@ -22,7 +22,7 @@ from pipelines.core.errors import SpecError
 from pipelines.core.sections import *  # noqa: F403 (the shared sections are part of the spec's schema)
 from pipelines.core.sections import (BaseModelConfig, CleaningConfig, ComputeConfig, DoctorConfig, EvaluationConfig,
                                      Frozen, PromotionConfig, QualityConfig, ScheduleConfig, SourceConfig, SplitsConfig,
-                                     TrainingConfig)
+                                     SweepConfig, TrainingConfig)
 from pipelines.core.tasks import DEFAULT_TASK, TASKS, task_named
 
 PIPELINE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -59,6 +59,7 @@ class PipelineSpec(Frozen):
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     doctor: DoctorConfig = Field(default_factory=DoctorConfig)
+    sweep: SweepConfig | None = None
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
     schedule: ScheduleConfig | None = None
     retrain_on_new_data: bool = Field(
@@ -79,6 +80,23 @@ class PipelineSpec(Frozen):
     @model_validator(mode="after")
     def _evaluation_fits_task(self) -> PipelineSpec:
         task_named(self.task.type).check_evaluation(self.evaluation)
+        return self
+
+    @model_validator(mode="after")
+    def _sweep_names_training_settings(self) -> PipelineSpec:
+        if self.sweep is None:
+            return self
+        from pipelines.core.sweep import sample_values, with_settings
+
+        for name, parameter in self.sweep.space.items():
+            for value in sample_values(parameter):
+                try:
+                    with_settings(self, {name: value})
+                except (KeyError, ValueError) as exc:
+                    raise ValueError(f"sweep.space.{name}: {exc}") from None
+        from pipelines.core.sweep import sweep_metric
+
+        sweep_metric(self)  # raises when sweep.metric is not a validation metric of the task
         return self
 
     @model_validator(mode="after")

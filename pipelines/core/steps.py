@@ -22,6 +22,7 @@ from pipelines.core.selection import ModelAcquirer, pin_candidate
 from pipelines.core.sources import read_source
 from pipelines.core.spec import PipelineSpec
 from pipelines.core.splitting import SPLITS, assign_splits
+from pipelines.core.sweep import SweepRecord
 from pipelines.core.tasks import task_for
 from pipelines.core.trainer import ComputeSettings, ProgressFn
 
@@ -312,3 +313,34 @@ def doctor_verdict(report: DoctorReport, cfg: DoctorConfig) -> tuple[bool, str]:
         text += (" Texts that say the same thing under different labels confuse training: see near_duplicates.csv "
                  "and keep one label per meaning (or raise doctor.duplicate_similarity).")
     return passed, text
+
+
+def sweep_log(record: SweepRecord) -> StepLog:
+    """What the sweep asset records: the trial table, the best settings, the plot, importances."""
+    counts = {state: sum(t["state"] == state for t in record.trials) for state in ("complete", "pruned", "fail")}
+    return StepLog(
+        data_version=value_digest({"best": record.best_params, "trials": record.trials})[:32],
+        message=(f"best of {len(record.trials)} trials ({counts['complete']} complete, {counts['pruned']} pruned, "
+                 f"{counts['fail']} failed): trial {record.best_trial}, validation {record.metric} "
+                 f"{record.best_value:.4f} with {record.best_params}"),
+        metadata={
+            "best_value": round(record.best_value, 4), "best_trial": record.best_trial,
+            "best_params": dict(record.best_params), "metric": f"validation {record.metric} ({record.direction})",
+            "trials": Markdown(record.table_markdown()),
+            "trials_complete": counts["complete"], "trials_pruned": counts["pruned"], "trials_failed": counts["fail"],
+            "importances": dict(record.importances), "seconds": round(record.seconds, 1),
+            "study": record.study, "study_storage": record.storage,
+            **({"plot": FilePath(record.plot), "plot_image": Markdown(_png_markdown(Path(record.plot), "sweep"))}
+               if record.plot else {}),
+        },
+        params={f"best.{k}": v for k, v in record.best_params.items()},
+        metrics={f"best_validation_{record.metric}": record.best_value},
+        artifacts=((record.plot, "sweep"),) if record.plot else ())
+
+
+def _png_markdown(path: Path, title: str) -> str:
+    """A PNG as a Markdown image with the picture inline (a data URI), which the Dagster UI shows on the asset's
+    page."""
+    import base64
+
+    return f"![{title}](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})"

@@ -44,7 +44,8 @@ def test_instruct_spec_describes_chatterbot_and_smollm2() -> None:
     assert spec.task.type == "instruction_tuning" and spec.task.overlength == "drop"
     assert (spec.source.package, spec.source.format) == ("chatterbot-corpus", "chatterbot_yaml")
     assert spec.base_model.model.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
-    assert spec.evaluation.baselines == ("base_model",) and spec.evaluation.primary_metric == "rouge_l"
+    assert spec.evaluation.baselines == ("base_model", "prompting") and spec.evaluation.primary_metric == "rouge_l"
+    assert spec.evaluation.prompting.shots == (0, 2)
     assert set(spec.training.lora.target_modules) >= {"q_proj", "v_proj"}
 
 

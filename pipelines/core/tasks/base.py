@@ -127,6 +127,8 @@ class Task(Protocol):
         ...
 
     prompts_another_model: bool  # its prompting baseline prompts evaluation.prompting.model (pinned by the caller)
+    sweep_metrics: Mapping[str, str]  # validation metrics a sweep may optimise (as the history names them without
+    # the eval_ prefix) -> "maximize" / "minimize"
 
     def evaluate(self, data: pd.DataFrame, checkpoint: CheckpointRecord, spec: PipelineSpec, out_dir: Path,
                  compute: ComputeSettings, champion: CheckpointRecord | None = None,

@@ -1029,6 +1029,7 @@ class ClassificationTask(TaskBase):
 
     doctor_supported = True
     prompts_another_model = True  # an instruction-tuned model picks among the label names
+    sweep_metrics = {"macro_f1": "maximize", "accuracy": "maximize", "weighted_f1": "maximize"}
 
     def doctor(self, splits: pd.DataFrame, encoder: BaseModelRecord, spec: PipelineSpec, compute: ComputeSettings,
                progress: ProgressFn = print) -> DoctorReport:

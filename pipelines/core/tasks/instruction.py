@@ -696,6 +696,7 @@ class InstructionTuningTask(TaskBase):
     evaluation_defaults = {"primary_metric": "rouge_l", "baselines": ("base_model",)}
     primary_metrics = GENERATION_METRICS
     baselines = ("base_model", "prompting")
+    sweep_metrics = {"loss": "minimize", "mean_token_accuracy": "maximize"}  # generation is not scored per epoch
     split_group_column = "category"
     prepared = PreparedData(
         "rendered_dataset",
