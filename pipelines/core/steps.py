@@ -251,6 +251,7 @@ def doctor_metadata(report: DoctorReport, paths: dict[str, Path], shown: int) ->
     }
     if "curve_png" in paths:
         metadata["learning_curve_plot"] = FilePath(str(paths["curve_png"]))
+        metadata["learning_curve_image"] = Markdown(_png_markdown(paths["curve_png"], "learning curve"))
     return metadata
 
 

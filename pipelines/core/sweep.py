@@ -130,7 +130,7 @@ class SweepRecord:
 
         names = sorted({k for t in self.trials for k in t["params"]})
         return markdown_table(
-            ["trial", "state", f"validation {self.metric}", "seconds", "epochs", *names],
+            ["trial", "state", f"validation {self.metric}", "seconds", "epochs run", *names],
             [[t["trial"], ("**best** " if t["trial"] == self.best_trial else "") + t["state"],
               "—" if t["value"] is None else f"{t['value']:.4f}", f"{t['seconds']:.0f}", t["epochs_run"],
               *[_fmt(t["params"].get(n)) for n in names]] for t in self.trials], limit=200)

@@ -141,14 +141,14 @@ def run_sweep(spec: Any, data: Any, base: Any, compute: Any, folder: Path, stora
     own = spec_settings(spec)
     if cfg.start_from_spec and own is not None and not created.trials:
         created.enqueue_trial(own)  # trial 0: the settings the spec would train with
-        progress(f"sweep: trial 0 is the spec's own settings {own}")
+        progress(f"trial 0 is the spec's own settings {own}")
     threads = max(1, (compute.num_threads or 1) // cfg.parallel)
     log = folder / "trials.log"
     log.write_text("", encoding="utf-8")
     shares = [cfg.trials // cfg.parallel + (1 if i < cfg.trials % cfg.parallel else 0) for i in range(cfg.parallel)]
     started = time.monotonic()
     goal = "maximising" if direction == "maximize" else "minimising"
-    progress(f"sweep: {cfg.trials} trials in {cfg.parallel} process(es) of {threads} thread(s), study {study}, "
+    progress(f"{cfg.trials} trials in {cfg.parallel} process(es) of {threads} thread(s), study {study}, "
              f"{goal} validation {metric}")
     context = multiprocessing.get_context("spawn")
     workers = []
@@ -196,7 +196,7 @@ def run_sweep(spec: Any, data: Any, base: Any, compute: Any, folder: Path, stora
 def _relay(log: Path, seen: int, progress: Any) -> int:
     lines = log.read_text(encoding="utf-8").splitlines() if log.is_file() else []
     for line in lines[seen:]:
-        progress(f"sweep: {line}")
+        progress(line)
     return len(lines)
 
 
