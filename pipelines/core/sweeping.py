@@ -134,7 +134,7 @@ def run_sweep(spec: Any, data: Any, base: Any, compute: Any, folder: Path, stora
     metric, direction = sweep_metric(spec)
     folder.mkdir(parents=True, exist_ok=True)
     data_path = folder / "data.parquet"
-    data.to_parquet(data_path)
+    data[data["split"] != "test"].to_parquet(data_path)  # what trials may see: the test split never reaches them
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     created = optuna.create_study(study_name=study, storage=study_storage(storage), direction=direction,
                                   load_if_exists=True)
