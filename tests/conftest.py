@@ -89,7 +89,10 @@ def tiny_spec(csv: Path, model_dir: Path, **overrides: Any) -> dict[str, Any]:
         "training": {"epochs": 2, "batch_size": 16, "learning_rate": 5e-3, "max_length": 32,
                      "precision": "fp32", "logging_steps": 5, "lora": {"r": 4, "alpha": 8}},
         "evaluation": {"batch_size": 64},
-        "doctor": {"model": {"source": "local", "path": str(model_dir), "name": "tiny-bert"}},
+        # The tiny model's random weights make every text look alike: no near-duplicate or suspect threshold here
+        # (tests that want the doctor to warn set their own).
+        "doctor": {"model": {"source": "local", "path": str(model_dir), "name": "tiny-bert"},
+                   "duplicate_similarity": 1.0, "max_suspect_fraction": 1.0},
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(spec.get(key), dict):

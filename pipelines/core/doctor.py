@@ -173,7 +173,10 @@ def label_suspects(probabilities: np.ndarray, y: np.ndarray) -> np.ndarray:
     remap[present] = np.arange(len(present))
     sub = probabilities[:, present]
     sub = sub / np.clip(sub.sum(1, keepdims=True), 1e-12, None)
-    return np.asarray(find_label_issues(remap[y], sub, return_indices_ranked_by="self_confidence"), dtype=int)
+    # n_jobs=1: cleanlab forks a process pool by default, and forked children inherit the signal handlers of the
+    # Dagster step (and of pytest-xdist workers), which turn the pool's shutdown into an interrupt of the run.
+    return np.asarray(find_label_issues(remap[y], sub, return_indices_ranked_by="self_confidence", n_jobs=1),
+                      dtype=int)
 
 
 def cross_class_duplicates(embeddings: np.ndarray, y: np.ndarray, threshold: float,
