@@ -67,18 +67,33 @@ concurrency:
 """
 
 
-def _tunelines_own_yaml() -> set[str]:
+SQLITE_EVENT_LOG = """event_log_storage:
+  # Dagster's SQLite event log, with atomic claims of concurrency-pool slots (pipelines/instance.py): two trainings
+  # that reach the `training` pool at the same moment cannot both take its one slot.
+  module: pipelines.instance
+  class: AtomicClaimSqliteEventLogStorage
+  config:
+    base_dir: {base_dir}
+"""
+
+
+def _sqlite_storage(home: Path) -> str:
+    return SQLITE_EVENT_LOG.format(base_dir=json.dumps(str(home / "history" / "runs")))
+
+
+def _tunelines_own_yaml(home: Path) -> set[str]:
     """Every dagster.yaml text tuneline has written, exactly: only these are rewritten; an edited one is the user's."""
-    return ({DAGSTER_YAML.format(runs=r, storage=st) for r in range(1, 5) for st in ("", POSTGRES_STORAGE)}
+    storages = ("", POSTGRES_STORAGE, _sqlite_storage(home))  # "": SQLite before its event log had atomic claims
+    return ({DAGSTER_YAML.format(runs=r, storage=st) for r in range(1, 5) for st in storages}
             | {PREVIOUS_DAGSTER_YAML.format(runs=r) for r in range(1, 5)})
 
 
-def dagster_yaml() -> str:
-    """The dagster.yaml tuneline writes: SQLite files in the home folder (the default), or PostgreSQL when
-    TUNELINE_DAGSTER_POSTGRES_URL is set; the run queue and the `training` pool in both."""
+def dagster_yaml(home: Path) -> str:
+    """The dagster.yaml tuneline writes for the instance at `home`: SQLite files in that folder (the default), or
+    PostgreSQL when TUNELINE_DAGSTER_POSTGRES_URL is set; the run queue and the `training` pool in both."""
     postgres = bool(os.environ.get(POSTGRES_URL_VARIABLE))
     return DAGSTER_YAML.format(runs=max(1, min(4, (os.cpu_count() or 2) // 2)),
-                               storage=POSTGRES_STORAGE if postgres else "")
+                               storage=POSTGRES_STORAGE if postgres else _sqlite_storage(home))
 
 
 def project_root() -> Path:
@@ -96,9 +111,9 @@ def ensure_dagster_home() -> Path:
     home = Path(os.environ.get("DAGSTER_HOME") or project_root() / ".dagster_home").resolve()
     home.mkdir(parents=True, exist_ok=True)
     config = home / "dagster.yaml"
-    wanted = dagster_yaml()
+    wanted = dagster_yaml(home)
     current = config.read_text(encoding="utf-8") if config.exists() else None
-    if current is None or (current != wanted and current in _tunelines_own_yaml()):
+    if current is None or (current != wanted and current in _tunelines_own_yaml(home)):
         write_bytes_atomic(config, wanted.encode("utf-8"))
     elif current != wanted and url and "postgres" not in current:
         print(f"warning: {POSTGRES_URL_VARIABLE} is set, but {config} is not one tuneline wrote and has no "

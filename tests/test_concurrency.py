@@ -75,3 +75,58 @@ def test_two_runs_started_together_keep_their_own_files_and_versions_and_promote
             spans.append((times["STEP_START"], times["STEP_SUCCESS"]))
     (start_a, end_a), (start_b, end_b) = sorted(spans)
     assert end_a <= start_b, spans
+
+
+
+def test_of_two_steps_that_claim_the_one_training_slot_at_once_only_one_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The race behind two trainings at once on SQLite, made to happen every time: step B has found the free slot
+    and is about to write its name into it when step A takes that slot. Dagster's SQLite event log writes B over A
+    (SQLite ignores FOR UPDATE SKIP LOCKED), so both steps run; the event log named by the dagster.yaml tuneline
+    writes blocks B, which takes the slot once A frees it."""
+    import dagster as dg
+    import sqlalchemy as sa
+    from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
+    from dagster._utils.concurrency import ConcurrencySlotStatus
+
+    from pipelines.cli import ensure_dagster_home
+    from pipelines.instance import AtomicClaimSqliteEventLogStorage
+
+    step = "p__finetuned_checkpoint"
+
+    def race(home: Path) -> tuple[type, list[str], list[str]]:
+        """Steps A and B, each in its own instance (as in two processes), B's slot write preceded by A's claim."""
+        with dg.DagsterInstance.from_config(str(home)) as a, dg.DagsterInstance.from_config(str(home)) as b:
+            assert a.event_log_storage.initialize_concurrency_limit_to_default("training")
+            for instance, run_id in ((a, "run-a"), (b, "run-b")):  # both were assigned: each saw a free slot
+                instance.event_log_storage.add_pending_step("training", run_id, step, should_assign=True)
+            status: dict[str, ConcurrencySlotStatus] = {}
+            started: list[str] = []
+
+            def a_first(conn, cursor, statement, *args) -> None:  # noqa: ANN001 - SQLAlchemy's event signature
+                if statement.lstrip().upper().startswith("UPDATE CONCURRENCY_SLOTS") and not started:
+                    started.append("run-a")  # once: A's own slot write passes through here too
+                    status["run-a"] = a.event_log_storage.claim_concurrency_slot("training", "run-a", step).slot_status
+
+            sa.event.listen(sa.engine.Engine, "before_cursor_execute", a_first)
+            try:
+                status["run-b"] = b.event_log_storage.claim_concurrency_slot("training", "run-b", step).slot_status
+            finally:
+                sa.event.remove(sa.engine.Engine, "before_cursor_execute", a_first)
+            holders = [s.run_id for s in a.event_log_storage.get_concurrency_info("training").claimed_slots]
+            claimed = sorted(r for r, s in status.items() if s == ConcurrencySlotStatus.CLAIMED)
+            if claimed == ["run-a"]:  # A's training ends; B's claim goes through now
+                a.event_log_storage.free_concurrency_slots_for_run("run-a")
+                assert b.event_log_storage.claim_concurrency_slot("training", "run-b", step).slot_status \
+                    == ConcurrencySlotStatus.CLAIMED
+            return type(a.event_log_storage), claimed, holders
+
+    monkeypatch.delenv("TUNELINE_DAGSTER_POSTGRES_URL", raising=False)
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    assert race(ensure_dagster_home()) == (AtomicClaimSqliteEventLogStorage, ["run-a"], ["run-a"])
+
+    stock = tmp_path / "stock"  # Dagster's own SQLite event log: the reason tuneline names another one
+    stock.mkdir()
+    (stock / "dagster.yaml").write_text("concurrency:\n  pools:\n    default_limit: 1\n")
+    assert race(stock) == (SqliteEventLogStorage, ["run-a", "run-b"], ["run-b"]), \
+        "Dagster's SQLite slot claims are atomic now: pipelines/instance.py may go"
