@@ -19,7 +19,7 @@ from pipelines.core.spec import PipelineSpec
 from pipelines.core.sweep import SweepRecord, with_settings
 from pipelines.core.sweeping import run_sweep
 from pipelines.core.steps import base_model_log, checkpoint_log, doctor_folder, pin_prompted_model, read_raw_data, \
-    report_log, split_dataset, sweep_log, training_params, with_doctor
+    report_log, split_dataset, sweep_log, training_params, with_doctor, with_training_context
 from pipelines.core.tasks import Task, task_for
 from resources.compute import ComputeResource
 from resources.models import ModelStoreResource
@@ -31,6 +31,16 @@ BASE_MODEL = "base_model"  # the one asset of the graph that is a model, not dat
 # bad specs and bugs fail at once); waits of about 2 s, then 4 s.
 OUTAGE_RETRIES = dg.RetryPolicy(max_retries=2, delay=2, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
 TRAINING_POOL = "training"  # Dagster concurrency pool of finetuned_checkpoint (the instance limits it to 1)
+# Asset kinds: what the UI shows as each asset's tools (names with an icon in the Dagster UI where one exists).
+RAW_KINDS = frozenset({"pandas"})
+TABLE_KINDS = frozenset({"pandas", "greatexpectations"})  # tables with blocking Great Expectations checks
+CHECKPOINT_KINDS = frozenset({"pytorch", "transformers", "peft", "mlflow"})  # LoRA weights, registered in MLflow
+
+
+def source_kinds(spec: PipelineSpec) -> set[str]:
+    """The file format of a spec's source as a kind (csv, parquet, json, yaml), when the spec names one."""
+    fmt = getattr(spec.source, "format", "auto")
+    return {{"jsonl": "json", "chatterbot_yaml": "yaml", "label_text_lines": "text"}.get(fmt, fmt)} - {"auto"}
 
 
 def build_pipeline_assets(spec: PipelineSpec, project_root: Path) -> list[dg.AssetsDefinition]:
@@ -42,21 +52,21 @@ def build_pipeline_assets(spec: PipelineSpec, project_root: Path) -> list[dg.Ass
     def ins(**names: str) -> dict[str, dg.AssetIn]:
         return {param: dg.AssetIn(dg.AssetKey([spec.name, name])) for param, name in names.items()}
 
-    @dg.asset(**common, code_version=spec.section_hash("source"), kinds={"pandas"})
+    @dg.asset(**common, code_version=spec.section_hash("source"), kinds=RAW_KINDS | source_kinds(spec))
     def raw_data(context: dg.AssetExecutionContext, tracking: TrackingResource) -> dg.Output[pd.DataFrame]:
         """Rows read from the spec's data source, with the file and row each came from."""
         with tracking.asset_run(context, spec.name) as run:
             return run.output(*read_raw_data(spec, project_root))
 
     @dg.asset(**common, ins=ins(raw_data="raw_data"), code_version=spec.section_hash("task", "cleaning"),
-              kinds={"pandas"}, description=task.descriptions["cleaned_dataset"])
+              kinds=TABLE_KINDS, description=task.descriptions["cleaned_dataset"])
     def cleaned_dataset(context: dg.AssetExecutionContext, tracking: TrackingResource,
                         raw_data: pd.DataFrame) -> dg.Output[pd.DataFrame]:
         with tracking.asset_run(context, spec.name) as run:
             return run.output(*task.clean(raw_data, spec))
 
     @dg.asset(**common, ins=ins(cleaned_dataset="cleaned_dataset"), code_version=spec.section_hash("splits"),
-              kinds={"pandas"})
+              kinds=TABLE_KINDS)
     def splits(context: dg.AssetExecutionContext, tracking: TrackingResource,
                cleaned_dataset: pd.DataFrame) -> dg.Output[pd.DataFrame]:
         """Every clean row assigned to train, validation or test by a hash of its normalised text."""
@@ -64,7 +74,7 @@ def build_pipeline_assets(spec: PipelineSpec, project_root: Path) -> list[dg.Ass
             return run.output(*split_dataset(cleaned_dataset, spec))
 
     @dg.asset(**common, ins=ins(splits="splits"), code_version=spec.section_hash("base_model", "task", "training"),
-              kinds={"huggingface"})
+              kinds={"huggingface", "transformers"})
     def base_model(context: dg.AssetExecutionContext, models: ModelStoreResource, compute: ComputeResource,
                    tracking: TrackingResource, splits: pd.DataFrame) -> dg.Output[BaseModelRecord]:
         """The pre-trained model chosen among the spec's candidates (licence, size, memory, time, task and
@@ -77,7 +87,7 @@ def build_pipeline_assets(spec: PipelineSpec, project_root: Path) -> list[dg.Ass
     swept = {"sweep": "sweep"} if spec.sweep is not None else {}  # the sweep's best settings train the checkpoint
 
     @dg.asset(**common, ins=ins(data=data_asset, base_model=BASE_MODEL, **swept),
-              code_version=spec.section_hash("training", *swept), kinds={"pytorch"},
+              code_version=spec.section_hash("training", *swept), kinds=CHECKPOINT_KINDS,
               description=task.descriptions["finetuned_checkpoint"], pool=TRAINING_POOL)
     def finetuned_checkpoint(context: dg.AssetExecutionContext, storage: StorageResource, compute: ComputeResource,
                              tracking: TrackingResource, data: pd.DataFrame, base_model: BaseModelRecord,
@@ -94,7 +104,7 @@ def build_pipeline_assets(spec: PipelineSpec, project_root: Path) -> list[dg.Ass
             return run.output(record, checkpoint_log(tuned, record))
 
     @dg.asset(**common, ins=ins(data=data_asset, finetuned_checkpoint="finetuned_checkpoint"),
-              code_version=spec.section_hash("evaluation"), kinds=set(task.report_kinds),
+              code_version=spec.section_hash("evaluation"), kinds=set(task.report_kinds) | {"mlflow"},
               description=task.descriptions["evaluation_report"])
     def evaluation_report(context: dg.AssetExecutionContext, storage: StorageResource, compute: ComputeResource,
                           tracking: TrackingResource, models: ModelStoreResource, data: pd.DataFrame,
@@ -107,6 +117,7 @@ def build_pipeline_assets(spec: PipelineSpec, project_root: Path) -> list[dg.Ass
                                    compute.settings(spec.training.precision), champion=champion,
                                    progress=context.log.info, prompt_model=pin_prompted_model(spec, models))
             report = tracking.apply_promotion(spec.name, report, finetuned_checkpoint, champion)
+            report = with_training_context(report, finetuned_checkpoint, run.url, context.run_id)
             if task.doctor_supported and spec.doctor.enabled:  # the data doctor's findings on these splits
                 report = with_doctor(report, doctor_folder(storage.asset_folder(spec.name), data),
                                      spec.doctor.shown_rows)

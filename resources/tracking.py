@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import math
 import os
 import socket
 import tempfile
@@ -61,13 +62,16 @@ def is_outage(exc: BaseException | None) -> bool:
 
 
 def dagster_value(value: Any) -> Any:
-    """A step's metadata value as Dagster shows it: Markdown, paths, JSON for lists and dicts, plain scalars."""
+    """A step's metadata value as Dagster shows it: Markdown, paths, JSON for lists and dicts, floats to four
+    decimals (four significant digits below 0.001, so a learning rate of 5e-05 stays one), plain scalars."""
     if isinstance(value, Markdown):
         return dg.MetadataValue.md(str(value))
     if isinstance(value, FilePath):
         return dg.MetadataValue.path(str(value))
     if isinstance(value, (list, tuple, dict)):
         return dg.MetadataValue.json(value)
+    if isinstance(value, float) and math.isfinite(value):  # MLflow keeps every digit; the UI shows four decimals
+        return dg.MetadataValue.float(round(value, 4) if abs(value) >= 1e-3 or value == 0 else float(f"{value:.4g}"))
     return value
 
 

@@ -155,25 +155,58 @@ def _html_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _embedded_image(path: Path, title: str) -> str:
+    """An <img> with the PNG inline (a data URI): the page stays whole when it is mailed on its own."""
+    import base64
+
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(title)}"></figure>'
+
+
+def _best_per_row(rows: Sequence[Sequence[Any]]) -> list[list[str]]:
+    """The metric rows as HTML cells, the best value of each row in bold."""
+    cells = []
+    for name, *values in rows:
+        finite = [v for v in values if isinstance(v, float) and math.isfinite(v)]
+        best = max(finite) if finite else None
+        cells.append([html.escape(str(name))] + [
+            f"<b>{format_cell(v)}</b>" if best is not None and v == best else html.escape(format_cell(v))
+            for v in values])
+    return cells
+
+
 def report_html(report: EvaluationReport) -> str:
-    """The report as one HTML page (report.html): metrics of every model, the promotion, the task's sections."""
+    """The report as one self-contained HTML page (report.html), in the order a colleague reads it: the verdict,
+    the metrics of every model, the task's tables (per class, sample errors, ...), the pictures (loss curve,
+    confusion matrix), then the lineage of the model. Pictures are inline, so the file can be sent alone."""
     header, rows = _metric_rows(report)
-    verdicts = "".join(f"<li>{'beats' if won else '<b>does not beat</b>'} {html.escape(name)} on "
+    out_dir = Path(report.html_path).parent
+    summary = report.verdict or (f"On {report.primary_metric}, the fine-tuned model {_verdicts(report)}."
+                                 if report.beats_baselines else "")
+    metric_head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    metric_body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in _best_per_row(rows))
+    verdicts = "".join(f"<li>{'beats' if won else '<b>does not beat</b>'} {html.escape(name.replace('_', ' '))} on "
                        f"{html.escape(report.primary_metric)}</li>" for name, won in report.beats_baselines.items())
     sections = "".join(f"<h2>{html.escape(t.title)}</h2>{_html_table(t.header, t.rows)}" for t in report.tables)
-    images = "".join(f'<h2>{html.escape(title)}</h2><img src="{html.escape(name)}" alt="{html.escape(title)}">'
-                     for title, name in report.images)
+    images = "".join(f"<h2>{html.escape(title)}</h2>{_embedded_image(out_dir / name, title)}"
+                     for title, name in report.images if (out_dir / name).is_file())
+    lineage = _html_table(("what", "value"), tuple(report.lineage.items())) if report.lineage else ""
     return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>{html.escape(report.pipeline)} evaluation</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:80em}}table{{border-collapse:collapse;margin:1em 0}}
-td,th{{border:1px solid #ccc;padding:.3em .6em;vertical-align:top}}</style></head><body>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(report.pipeline)}: evaluation report</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2em auto;max-width:72em;padding:0 1em;color:#222}}
+table{{border-collapse:collapse;margin:.5em 0 1.5em}}td,th{{border:1px solid #ccc;padding:.3em .6em;
+vertical-align:top;text-align:left}}th{{background:#f3f3f3}}.summary{{font-size:1.15em;background:#eef6ee;
+border-left:4px solid #3a3;padding:.6em 1em}}img{{max-width:100%}}figure{{margin:0}}code{{font-size:.9em}}</style>
+</head><body>
 <h1>{html.escape(report.pipeline)}: evaluation on {html.escape(report.headline)}</h1>
-{f'<p class="verdict"><b>{html.escape(report.verdict)}</b></p>' if report.verdict else ''}
-<p>checkpoint sha256 <code>{html.escape(report.checkpoint_sha256)}</code></p>
-<ul>{verdicts}</ul>
+{f'<p class="summary" id="summary">{html.escape(summary)}</p>' if summary else ''}
 <p><b>Promotion:</b> {html.escape(report.promotion.reason)}</p>
-<h2>Metrics</h2>{_html_table(header, rows)}
+<h2>Metrics: the fine-tuned model and its baselines</h2>
+<table id="metrics"><thead><tr>{metric_head}</tr></thead><tbody>{metric_body}</tbody></table>
+<ul>{verdicts}</ul>
 {sections}
 {images}
+{f'<h2 id="lineage">Lineage: what made this model</h2>{lineage}' if lineage else ''}
+<p>checkpoint sha256 <code>{html.escape(report.checkpoint_sha256)}</code></p>
 </body></html>
 """

@@ -135,6 +135,7 @@ class EvaluationReport:
     details: dict[str, Any] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)  # report_json, report_html, and the task's own files
     verdict: str = ""  # one sentence: did fine-tuning pay off against the best baseline without training?
+    lineage: dict[str, str] = field(default_factory=dict)  # what made the model: data digest, base model, spec, runs
 
     @property
     def json_path(self) -> str:

@@ -14,6 +14,7 @@ import pandas as pd
 from pipelines.core.doctor import DoctorReport
 from pipelines.core.errors import ModelSourceError
 from pipelines.core.evaluation import markdown_table, report_markdown
+from pipelines.core.plots import png_markdown
 from pipelines.core.lineage import frame_digest, value_digest
 from pipelines.core.sections import DoctorConfig
 from pipelines.core.records import (BaseModelRecord, CheckpointRecord, DatasetLog, EvaluationReport, FilePath,
@@ -24,7 +25,7 @@ from pipelines.core.spec import PipelineSpec
 from pipelines.core.splitting import SPLITS, assign_splits
 from pipelines.core.sweep import SweepRecord
 from pipelines.core.tasks import task_for
-from pipelines.core.trainer import ComputeSettings, ProgressFn
+from pipelines.core.trainer import LOSS_CURVE, ComputeSettings, ProgressFn
 
 PROVENANCE = ("source_file", "source_row")
 
@@ -149,6 +150,7 @@ def training_params(spec: PipelineSpec, base: BaseModelRecord, compute: ComputeS
 def checkpoint_log(spec: PipelineSpec, record: CheckpointRecord) -> StepLog:
     """What the finetuned_checkpoint asset records: the weights' digest, what made them, and how training went."""
     task = task_for(spec)
+    curve = Path(record.path) / LOSS_CURVE
     return StepLog(
         data_version=record.sha256[:32],
         message=f"registered {spec.name} version {record.model_version} in the model registry",
@@ -170,6 +172,8 @@ def checkpoint_log(spec: PipelineSpec, record: CheckpointRecord) -> StepLog:
             "mfu": round(record.mfu, 4),  # model FLOPs/s over the machine's measured matmul peak
             "precision": record.precision,
             "validation_by_epoch": Markdown(task.history_table(record)),
+            **({"loss_curve": Markdown(_png_markdown(curve, "training and validation loss"))} if curve.is_file()
+               else {}),
             "peak_memory_mb": round(record.peak_memory_mb, 1),
             "model_version": f"{spec.name} v{record.model_version}",
         },
@@ -200,6 +204,7 @@ def report_log(report: EvaluationReport, checkpoint: CheckpointRecord) -> StepLo
             "test_rows": report.test_rows,
             **scalars,
             "report": Markdown(report_markdown(report)),
+            **report_images(report),
             **{name: FilePath(path) for name, path in report.files.items()},
             "promoted": report.promotion.promote,
             "promotion": report.promotion.reason,
@@ -253,6 +258,53 @@ def doctor_metadata(report: DoctorReport, paths: dict[str, Path], shown: int) ->
         metadata["learning_curve_plot"] = FilePath(str(paths["curve_png"]))
         metadata["learning_curve_image"] = Markdown(_png_markdown(paths["curve_png"], "learning curve"))
     return metadata
+
+
+def report_images(report: EvaluationReport) -> dict[str, Markdown]:
+    """The report's pictures (confusion matrix, loss curve, learning curve) as Markdown metadata with the image
+    inline, keyed by their file names: the asset's page shows them."""
+    out_dir = Path(report.html_path).parent
+    return {f"{Path(name).stem}_image": Markdown(_png_markdown(out_dir / name, title))
+            for title, name in report.images if (out_dir / name).is_file()}
+
+
+def with_training_context(report: EvaluationReport, checkpoint: CheckpointRecord, mlflow_run_url: str,
+                          dagster_run_id: str) -> EvaluationReport:
+    """The report with what made the model it judges: the loss curve of its training (copied beside the report)
+    and its lineage (data digest, base model with revision and weights digest, spec hash, registry version, the
+    MLflow and Dagster runs). The caller writes it (write_report)."""
+    import dataclasses
+    import shutil
+
+    out_dir = Path(report.html_path).parent
+    images, files = list(report.images), dict(report.files)
+    curve = Path(checkpoint.path) / LOSS_CURVE
+    if curve.is_file():
+        shutil.copyfile(curve, out_dir / LOSS_CURVE)
+        images.insert(0, ("Training and validation loss", LOSS_CURVE))
+        files["loss_curve"] = str(out_dir / LOSS_CURVE)
+    base = checkpoint.base_model
+    lineage = {
+        "data (sha256 of the table trained on)": checkpoint.data_sha256,
+        "base model": f"{base.name} ({base_model_origin(base)})",
+        "base model weights sha256": base.weights_sha256,
+        "base model licence": base.license,
+        "spec hash": checkpoint.spec_hash,
+        "checkpoint sha256": checkpoint.sha256,
+        "registered model version": f"{report.pipeline} v{checkpoint.model_version}" if checkpoint.model_version
+        else "not registered",
+        "MLflow run": mlflow_run_url,
+        "Dagster run": dagster_run_id,
+    }
+    return dataclasses.replace(report, images=tuple(images), files=files, lineage=lineage)
+
+
+def base_model_origin(base: BaseModelRecord) -> str:
+    """Where a base model came from, in words: the package version it is shipped in, its commit on the Hugging Face
+    Hub, or its local folder; and the GGUF file it was de-quantized from."""
+    where = {"package": f"package {base.revision}", "hub": f"Hugging Face Hub, revision {base.revision}"}.get(
+        base.source, f"local folder {base.local_path}" if not base.revision else f"{base.source} {base.revision}")
+    return where + (f", de-quantized from {base.gguf_file}" if base.gguf_file else "")
 
 
 def with_doctor(report: EvaluationReport, folder: Path, shown: int) -> EvaluationReport:
@@ -340,8 +392,4 @@ def sweep_log(record: SweepRecord) -> StepLog:
 
 
 def _png_markdown(path: Path, title: str) -> str:
-    """A PNG as a Markdown image with the picture inline (a data URI), which the Dagster UI shows on the asset's
-    page."""
-    import base64
-
-    return f"![{title}](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})"
+    return png_markdown(path.read_bytes(), title)

@@ -22,12 +22,14 @@ import torch
 
 from pipelines.core.errors import CheckpointError
 from pipelines.core.files import atomic_path
+from pipelines.core.plots import loss_curve_png
 from pipelines.core.records import BaseModelRecord, CheckpointRecord
 from pipelines.core.sections import LoraSettingsConfig, TrainingConfig
 from pipelines.core.sources import combined_digest, sha256_file
 
 ProgressFn = Callable[[str], None]
 MANIFEST = "manifest.json"
+LOSS_CURVE = "loss_curve.png"  # in every checkpoint whose history logged a loss
 
 
 class MetricsSink(Protocol):
@@ -549,8 +551,8 @@ def checkpoint_digest(path: Path, weight_files: tuple[str, ...]) -> str:
 
 def save_checkpoint(out_dir: Path, write_files: Callable[[Path], None], manifest: dict[str, Any],
                     spec_yaml: str, history: tuple[dict[str, float], ...]) -> Path:
-    """Write a checkpoint folder: the task's files (`write_files(folder)`), the manifest, the spec and the
-    training history. Everything goes to a hidden sibling first, then is renamed: a crash never leaves half
+    """Write a checkpoint folder: the task's files (`write_files(folder)`), the manifest, the spec, the training
+    history and its loss curve (loss_curve.png). Everything goes to a hidden sibling first, then is renamed: a crash never leaves half
     a checkpoint, and an existing folder is never overwritten."""
     if out_dir.exists():
         raise CheckpointError(f"{out_dir} exists already; a checkpoint folder is never overwritten")
@@ -566,6 +568,9 @@ def save_checkpoint(out_dir: Path, write_files: Callable[[Path], None], manifest
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
             (tmp / "spec.yaml").write_text(spec_yaml, encoding="utf-8")
             (tmp / "history.json").write_text(json.dumps(list(history), indent=2), encoding="utf-8")
+            curve = loss_curve_png(history)
+            if curve is not None:
+                (tmp / LOSS_CURVE).write_bytes(curve)
     except CheckpointError:
         raise
     except Exception as exc:  # disk full, a file size limit, no permission: nothing of it is left behind

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,7 +49,7 @@ def test_materialize_whole_graph(tmp_path: Path, trec_slice_csv: Path, tiny_mode
     checkpoint: CheckpointRecord = result.asset_value(dg.AssetKey(["tiny", "finetuned_checkpoint"]))
     files = {p.relative_to(checkpoint.path).as_posix() for p in Path(checkpoint.path).rglob("*") if p.is_file()}
     assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json", "head.safetensors", "spec.yaml",
-            "history.json", "manifest.json"} <= files
+            "history.json", "manifest.json", "loss_curve.png"} <= files
     assert Path(checkpoint.path).parent == data_dir / "checkpoints" / "tiny"
     assert checkpoint.base_model.name == "tiny-bert"
     # The checkpoint names the exact splits it was trained on, by the digest the splits asset reports.
@@ -75,12 +76,29 @@ def test_materialize_whole_graph(tmp_path: Path, trec_slice_csv: Path, tiny_mode
     assert doctor["model"] == "tiny-bert" and "have a label that looks wrong" in doctor["summary"]
     assert [c["share"] for c in doctor["curve"]] == [0.25, 0.5, 1.0]
     page = Path(report.html_path).read_text()
-    assert "Data doctor: " in page and "Learning curve: going from" in page and 'src="learning_curve.png"' in page
+    assert "Data doctor: " in page and "Learning curve: going from" in page
     assert (Path(report.html_path).parent / "learning_curve.png").is_file()
+    # The page stands alone (its pictures inline) and reads top down: verdict, metrics, tables, pictures, lineage.
+    assert page.count('src="data:image/png;base64,') == 3  # loss curve, confusion matrix, learning curve
+    order = [page.index(s) for s in ('id="metrics"', "Per class", "Sample errors: ", "Training and validation loss",
+                                     "Confusion matrix", 'id="lineage"')]
+    assert order == sorted(order)
+    wrong = int(re.search(r"Sample errors: (\d+) of (\d+) test rows wrong", page).group(1))
+    assert wrong == report.test_rows - round(report.metrics["accuracy"] * report.test_rows)
+    errors = next(t for t in report.tables if t.title.startswith("Sample errors"))
+    assert all(true != predicted for _, true, predicted, _ in errors.rows) and len(errors.rows) == min(wrong, 20)
+    assert all(re.fullmatch(r".+:\d+", source) for *_, source in errors.rows)  # the file and row of each
+    for value in (checkpoint.data_sha256, checkpoint.base_model.weights_sha256, checkpoint.spec_hash,
+                  report.lineage["MLflow run"], "tiny-bert (local folder "):
+        assert value in page
     assert json.loads(Path(report.json_path).read_text())["details"]["doctor"] == doctor
     evaluation = meta("evaluation_report")
-    assert evaluation["accuracy"] == report.metrics["accuracy"]
+    assert evaluation["accuracy"] == round(report.metrics["accuracy"], 4)  # four decimals in the UI
     assert "| fine-tuned |" in str(evaluation["report"])
+    for key in ("confusion_matrix_image", "loss_curve_image", "learning_curve_image"):  # pictures on the page
+        assert str(evaluation[key]).startswith("![") and "(data:image/png;base64," in str(evaluation[key])
+    assert "(data:image/png;base64," in str(meta("finetuned_checkpoint")["loss_curve"])
+    assert str(evaluation["mlflow_run"]).startswith(("http://", "https://", "file:"))
 
     # The IO manager stored tables as Parquet, which a person can open without tuneline.
     stored_splits = pd.read_parquet(data_dir / "assets" / "tiny" / "splits.parquet")

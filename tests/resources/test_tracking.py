@@ -141,7 +141,7 @@ def test_two_materializations_track_register_and_gate(
     eval_run = by_asset["tiny/evaluation_report"]
     assert eval_run.data.metrics["accuracy"] == pytest.approx(report2.metrics["accuracy"])
     assert {a.path for a in client.list_artifacts(eval_run.info.run_id, "report")} == {
-        "report/report.json", "report/report.html", "report/confusion_matrix.png",
+        "report/report.json", "report/report.html", "report/confusion_matrix.png", "report/loss_curve.png",
         # the data doctor's findings on the same splits, which the report shows
         "report/label_suspects.csv", "report/near_duplicates.csv", "report/learning_curve.png"}
 

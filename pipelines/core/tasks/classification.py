@@ -813,6 +813,22 @@ def per_class_table(y_true: Sequence[int], y_pred: Sequence[int], labels: Sequen
              "support": int(s[i])} for i, label in enumerate(labels)]
 
 
+SAMPLE_ERRORS = 20  # test rows the model got wrong, shown in the report
+
+
+def sample_errors(test: pd.DataFrame, y_true: np.ndarray, y_pred: np.ndarray, labels: Sequence[str]) -> ReportTable:
+    """The test rows the model got wrong (the first SAMPLE_ERRORS, in test order): text, true and predicted label,
+    and the file and row each came from."""
+    wrong = np.flatnonzero(np.asarray(y_pred) != np.asarray(y_true))
+    shown = wrong[:SAMPLE_ERRORS]
+    where = (test["source_file"].astype(str) + ":" + test["source_row"].astype(str)
+             if {"source_file", "source_row"} <= set(test.columns) else pd.Series([""] * len(test)))
+    rows = tuple((test["text"].iloc[i], labels[int(y_true[i])], labels[int(y_pred[i])], where.iloc[i]) for i in shown)
+    return ReportTable(f"Sample errors: {len(wrong)} of {len(test)} test rows wrong"
+                       + (f" (the first {len(shown)})" if len(wrong) > len(shown) else ""),
+                       ("text", "true label", "predicted label", "source"), rows)
+
+
 def plot_confusion_matrix(matrix: np.ndarray, labels: Sequence[str], path: Path, title: str) -> None:
     """A confusion-matrix heat map with counts, rows = true class, columns = predicted class."""
     import io
@@ -910,6 +926,7 @@ def evaluate_classifier(splits: pd.DataFrame, checkpoint: CheckpointRecord, spec
         return classification_metrics(y_test, [index.get(label, -1) for label in predicted], len(labels))
 
     per_class = per_class_table(y_test, y_pred, labels)
+    errors = sample_errors(test, y_test, y_pred, labels)
     png = out_dir / "confusion_matrix.png"
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_confusion_matrix(matrix, labels, png, f"{spec.name}: test confusion matrix")
@@ -920,7 +937,7 @@ def evaluate_classifier(splits: pd.DataFrame, checkpoint: CheckpointRecord, spec
         primary=spec.evaluation.primary_metric, min_improvement=spec.promotion.min_improvement, out_dir=out_dir,
         tables=(ReportTable("Per class", ("class", "precision", "recall", "F1", "support"),
                             tuple((r["label"], r["precision"], r["recall"], r["f1"], r["support"])
-                                  for r in per_class)),),
+                                  for r in per_class)), errors),
         images=(("Confusion matrix", png.name),),
         details={"labels": list(labels), "per_class": per_class,
                  "confusion_matrix": [[int(v) for v in row] for row in matrix]},
@@ -948,7 +965,7 @@ class ClassificationTask(TaskBase):
     weight_files = WEIGHT_FILES
     predicts_tokens = False  # logits over a few classes: no vocabulary-sized term in training memory
     legacy_metadata_file = "classifier.json"  # what checkpoints of earlier releases hold instead of a manifest
-    report_kinds = frozenset({"sklearn"})
+    report_kinds = frozenset({"scikitlearn", "matplotlib"})  # metrics by scikit-learn, plots by matplotlib
     auto_model_class = "AutoModel"
     trainer_name = "transformers.Trainer"
 

@@ -714,7 +714,7 @@ class InstructionTuningTask(TaskBase):
     trainer_name = "trl.SFTTrainer (completion_only_loss)"
     auto_model_class = "AutoModelForCausalLM"
     predicts_tokens = True  # training memory holds logits over the whole vocabulary
-    report_kinds = frozenset({"pytorch"})
+    report_kinds = frozenset({"pytorch", "transformers"})  # generation with the transformers model
     weight_files = WEIGHT_FILES  # the adapter; the base model's weights are pinned by their own digest
     legacy_metadata_file = "causal_lm.json"  # what checkpoints of earlier releases hold instead of a manifest
 
