@@ -66,6 +66,29 @@ def _step(record: Any, name: str) -> dict[str, Any]:
             "mlflow_run_id": meta.get("mlflow_run_id")}
 
 
+def _base_model(instance: dg.DagsterInstance, pipeline: str, checkpoint: Any, registered_sha: str | None
+                ) -> dict[str, Any]:
+    """The base model a checkpoint was fine-tuned from: the base_model materialization its training read (name,
+    where it came from, revision or package version, weights sha256, licence), checked against the digest the
+    registry version carries."""
+    tags = dict(checkpoint.event_log_entry.asset_materialization.tags or {})
+    pointer = tags.get(f"dagster/input_event_pointer/{pipeline}/{BASE_MODEL}")
+    if pointer is None:
+        raise LineageError(f"the {CHECKPOINT} materialization of Dagster run {checkpoint.run_id} does not record "
+                           f"which {BASE_MODEL} it read")
+    record = _materialization(instance, dg.AssetKey([pipeline, BASE_MODEL]), storage_id=int(pointer))
+    meta = _meta(record)
+    base = {"name": meta.get("model"), "source": meta.get("source"), "revision": meta.get("revision") or None,
+            "weights_sha256": meta.get("weights_sha256"), "license": meta.get("license") or None,
+            "weight_format": meta.get("weight_format"), "gguf_file": meta.get("gguf_file"),
+            "parameter_count": meta.get("parameter_count"), "dagster_run_id": record.run_id,
+            "event_storage_id": record.storage_id}
+    if registered_sha and base["weights_sha256"] != registered_sha:
+        raise LineageError(f"the registry says the model was fine-tuned from weights {registered_sha}, but the "
+                           f"{BASE_MODEL} its training read recorded {base['weights_sha256']}")
+    return base
+
+
 def version_lineage(instance: dg.DagsterInstance, pipeline: str, version: dict[str, Any],
                     chain: tuple[tuple[str, str], ...]) -> dict[str, Any]:
     """Registry version -> MLflow run -> Dagster run -> checkpoint -> (rendered ->) splits -> cleaned -> raw files."""
@@ -74,6 +97,7 @@ def version_lineage(instance: dg.DagsterInstance, pipeline: str, version: dict[s
         raise LineageError(f"{pipeline} v{version['version']} has no dagster.run_id tag in the model registry")
     record = _materialization(instance, dg.AssetKey([pipeline, CHECKPOINT]), run_id=run_id)
     steps = [_step(record, CHECKPOINT)]
+    base = _base_model(instance, pipeline, record, version["tags"].get("tuneline.base_model_sha256"))
     for asset, upstream in chain:
         tags = dict(record.event_log_entry.asset_materialization.tags or {})
         pointer = tags.get(f"dagster/input_event_pointer/{pipeline}/{upstream}")
@@ -87,7 +111,7 @@ def version_lineage(instance: dg.DagsterInstance, pipeline: str, version: dict[s
     return {"pipeline": pipeline, "version": version["version"], "aliases": version["aliases"],
             "mlflow_run_id": version["mlflow_run_id"], "mlflow_run_url": version["mlflow_run_url"],
             "dagster_run_id": run_id, "checkpoint_sha256": version["tags"].get("tuneline.checkpoint_sha256"),
-            "data_sha256": version["tags"].get("tuneline.data_sha256"), "chain": steps,
+            "data_sha256": version["tags"].get("tuneline.data_sha256"), "base_model": base, "chain": steps,
             "source": raw.get("source"), "raw_files": files}
 
 
@@ -97,6 +121,14 @@ def format_lineage(item: dict[str, Any]) -> str:
     lines = [f"{item['pipeline']} v{item['version']}{aliases}",
              f"  MLflow run {item['mlflow_run_id']}  {item['mlflow_run_url']}",
              f"  Dagster run {item['dagster_run_id']}"]
+    base = item.get("base_model")
+    if base:  # the other half of the question: which model it was fine-tuned from
+        where = {"package": f"package {base['revision']}", "hub": f"Hugging Face Hub revision {base['revision']}"}.get(
+            base["source"], f"{base['source']}" + (f" {base['revision']}" if base["revision"] else ""))
+        gguf = f", de-quantized from {base['gguf_file']}" if base.get("gguf_file") else ""
+        lines.append(f"  fine-tuned from base model {base['name']} ({where}{gguf}): weights sha256 "
+                     f"{base['weights_sha256']}, licence {base['license'] or 'unknown'} (Dagster run "
+                     f"{base['dagster_run_id'][:8]})")
     for depth, step in enumerate(item["chain"], start=2):
         detail = f"sha256 {step['sha256']}" if step["sha256"] else f"data version {step['data_version']}"
         rows = f", {step['rows']} rows" if step["rows"] is not None else ""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipelines.core.sources import sha256_file
+from pipelines.core.sources import combined_digest, sha256_file
 from tests.conftest import tiny_spec
 from tests.test_cli import tuneline
 
@@ -52,6 +52,12 @@ def test_lineage_of_two_versions_and_the_reverse_query(tmp_path: Path, trec_slic
     assert v1["chain"][0]["sha256"] == v1["checkpoint_sha256"] and v1["chain"][1]["sha256"] == v1["data_sha256"]
     assert v1["dagster_run_id"] != v2["dagster_run_id"] and v1["mlflow_run_id"] != v2["mlflow_run_id"]
     assert v1["chain"][1]["sha256"] != v2["chain"][1]["sha256"]
+    # The other half of the question: the base model each version was fine-tuned from, as its training read it.
+    for item in (v1, v2):
+        base = item["base_model"]
+        assert (base["name"], base["source"], base["license"]) == ("tiny-bert", "local", "apache-2.0")
+        weights = tiny_model_dir / "model.safetensors"  # the digest over the one weights file, named
+        assert base["weights_sha256"] == combined_digest([(weights.name, sha256_file(weights))])
 
     # Reverse: the first file's bytes went into version 1 only; the current file into version 2 only.
     out = tuneline("lineage", "--data", str(kept_first), "--json", *common, home=home)
@@ -61,4 +67,6 @@ def test_lineage_of_two_versions_and_the_reverse_query(tmp_path: Path, trec_slic
     # The text form names every link of the chain.
     text = tuneline("lineage", "--pipeline", "tiny", "--version", "1", *common, home=home).stdout
     assert text.startswith("tiny v1") and "MLflow run" in text and "Dagster run" in text
+    assert f"  fine-tuned from base model tiny-bert (local): weights sha256 {v1['base_model']['weights_sha256']}, " \
+           "licence apache-2.0" in text
     assert f"questions.csv  sha256 {sha256_file(kept_first)}  {kept_first.stat().st_size} bytes" in text
