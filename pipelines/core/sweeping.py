@@ -4,6 +4,8 @@ through a metrics sink to a TrialRuns object that the caller hands in."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import math
 import multiprocessing
@@ -11,7 +13,7 @@ import shutil
 import tempfile
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +112,33 @@ def run_worker(job: dict[str, Any]) -> None:
     study = optuna.load_study(study_name=job["study"], storage=study_storage(job["storage"]),
                               sampler=optuna.samplers.TPESampler(seed=job["seed"]),
                               pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0))
-    study.optimize(objective, n_trials=job["trials"], timeout=job["timeout"], catch=(Exception,))
+    deadline = time.monotonic() + job["timeout"] if job["timeout"] else math.inf
+    for _ in range(job["trials"]):
+        if time.monotonic() >= deadline:
+            break
+        # One worker asks at a time. Asking takes a waiting trial (trial 0, the spec's settings) by reading it and
+        # marking it running, and on SQLite, which has no row locks, two workers asking at once both took it.
+        with _exclusive(Path(job["scratch"]) / "ask.lock"):
+            trial = study.ask()
+        try:
+            value = objective(trial)
+        except optuna.TrialPruned:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        except Exception:  # noqa: BLE001 - a failed trial is recorded (its error is a user attribute); others go on
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        else:
+            study.tell(trial, value)
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` among the processes of this machine (the sweep's workers)."""
+    with path.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _worker_main(job: dict[str, Any]) -> None:
