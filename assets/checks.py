@@ -107,8 +107,12 @@ def suite_checks(spec: PipelineSpec, suite: QualitySuite) -> dg.AssetChecksDefin
         report = suite.validate(value, **inputs)
         gx_path = storage.asset_folder(spec.name) / f"{suite.asset}.gx_validation.json"
         write_bytes_atomic(gx_path, json.dumps(report.gx_result, indent=2, default=str).encode())
-        for outcome in report.checks:
-            (context.log.info if outcome.passed else context.log.error)(outcome.summary())
+        for outcome in report.checks:  # each check in the Dagster log; the terminal shows the failures and the count
+            (context.log.debug if outcome.passed else context.log.error)(outcome.summary())
+        passed = sum(outcome.passed for outcome in report.checks)
+        context.log.info(f"{passed} of {len(report.checks)} checks on {suite.asset} passed"
+                         + ("" if passed == len(report.checks) else
+                            f"; failed: {', '.join(o.name for o in report.checks if not o.passed)}"))
         yield from _results(report, suite.checks, key, gx_path)
 
     return quality

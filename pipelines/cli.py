@@ -204,16 +204,18 @@ def _print_summary(summary: dict[str, Any], run_id: str) -> None:
     print("the MLflow UI with `make mlflow-ui` (http://127.0.0.1:5000) for runs and registered models.")
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def _pipeline_job(args: argparse.Namespace) -> tuple[Any, Any, Any] | int:
+    """The definitions, the pipeline's job and the shared instance, with the libraries quiet and tuneline's
+    terminal logger; or the exit code after a clear error (a broken spec, an unknown pipeline)."""
     ensure_dagster_home()
-    import dagster as dg
+    from pipelines.quiet import VERBOSE_VARIABLE, quiet_libraries
 
-    from pipelines.quiet import quiet_libraries
-
+    if args.verbose:  # every library's bars and warnings, here and in the processes this run starts
+        os.environ[VERBOSE_VARIABLE] = "1"
     # Before the definitions import the libraries: tqdm reads TQDM_DISABLE once, when it is first imported.
     quiet_libraries()
     from pipelines.definitions import DATA_DIR, SPECS_DIR, build_definitions
-    from pipelines.terminal import error_block, terminal_logger, warning_lines
+    from pipelines.terminal import terminal_logger
 
     defs = build_definitions(specs_dir=Path(args.specs_dir) if args.specs_dir else SPECS_DIR,
                              data_dir=Path(args.data_dir).resolve() if args.data_dir else DATA_DIR,
@@ -228,14 +230,58 @@ def cmd_run(args: argparse.Namespace) -> int:
         known = ", ".join(j.removesuffix("_job") for j in jobs)
         print(f"error: no pipeline {args.pipeline!r}; pipelines are: {known}", file=sys.stderr)
         return 2
-    job = defs.resolve_job_def(job_name)
     instance = shared_instance()
     _fail_abandoned_runs(instance, job_name)
-    # With --json, stdout carries the JSON object alone; progress goes to stderr.
+    return defs, defs.resolve_job_def(job_name), instance
+
+
+def _execute(job: Any, instance: Any, args: argparse.Namespace, **kwargs: Any) -> Any:
+    """Run the job in this process; with --json, stdout carries the JSON object alone and progress goes to
+    stderr. One line per progress message; failures are summed up afterwards, their details stay in the UI."""
     with redirect_stdout(sys.stderr) if args.json else nullcontext():
-        # One line per progress message; failures are summed up below, their details stay in the UI.
-        result = job.execute_in_process(instance=instance, raise_on_error=False, tags=_process_tags(),
-                                        run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}})
+        return job.execute_in_process(instance=instance, raise_on_error=False, tags=_process_tags(),
+                                      run_config={"loggers": {"console": {"config": {
+                                          "log_level": "INFO", "verbose": bool(args.verbose)}}}},
+                                      **kwargs)
+
+
+DATA_ASSETS = ("raw_data", "cleaned_dataset", "splits")  # what `tuneline check` materializes, with their checks
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Materialize only the data assets (raw_data, cleaned_dataset, splits) and their checks, no training, and
+    say whether the data is ready: exit 0 when every blocking check passed, 1 when one failed."""
+    import dagster as dg
+
+    from pipelines.terminal import check_lines, error_block
+
+    found = _pipeline_job(args)
+    if isinstance(found, int):
+        return found
+    defs, job, instance = found
+    keys = [dg.AssetKey([args.pipeline, name]) for name in DATA_ASSETS]
+    result = _execute(job, instance, args, asset_selection=keys)
+    summary = check_lines(result, args.pipeline)
+    if args.json:
+        print(json.dumps({**summary, "run_id": result.run_id}))
+    else:
+        print("\n".join(summary["lines"]))
+    if not result.success:
+        print("\n".join(error_block(result, args.pipeline, list(DATA_ASSETS))), file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import dagster as dg
+
+    from pipelines.terminal import error_block, warning_lines
+
+    found = _pipeline_job(args)
+    if isinstance(found, int):
+        return found
+    defs, job, instance = found
+    result = _execute(job, instance, args)
     if not result.success:
         planned = [k.path[-1] for k in defs.resolve_asset_graph().toposorted_asset_keys if k.path[0] == args.pipeline]
         print("\n".join(error_block(result, args.pipeline, planned)), file=sys.stderr)
@@ -452,6 +498,17 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_init(args: argparse.Namespace) -> int:
+    """Write a first spec for a data file or folder: the task and columns inferred, every section commented, the
+    file validated by the project's own loader before it is written; then say what to check and how to run it."""
+    from pipelines.init_spec import init_spec, report_lines
+
+    out = init_spec(Path(args.data), name=args.name, specs_dir=Path(args.specs_dir) if args.specs_dir else None,
+                    force=args.force, text_column=args.text_column, label_column=args.label_column)
+    print("\n".join(report_lines(out)))
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     ensure_dagster_home()
     dagster = Path(sys.executable).with_name("dagster")
@@ -474,7 +531,17 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
     run.add_argument("--specs-dir", help="folder of spec files (default: pipelines/specs)")
     run.add_argument("--data-dir", help="folder for generated data (default: data/)")
+    run.add_argument("--verbose", action="store_true", help="every progress line, DEBUG included, and the "
+                                                            "libraries' own bars and warnings")
     run.set_defaults(func=cmd_run)
+    check = sub.add_parser("check", help="materialize only the data assets (raw_data, cleaned_dataset, splits) and "
+                                         "their checks, no training: is the data ready?")
+    check.add_argument("pipeline", help="the pipeline's name (its spec file's stem)")
+    check.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
+    check.add_argument("--specs-dir", help="folder of spec files (default: pipelines/specs)")
+    check.add_argument("--data-dir", help="folder for generated data (default: data/)")
+    check.add_argument("--verbose", action="store_true", help="every check's line and the libraries' own output")
+    check.set_defaults(func=cmd_check)
     predict = sub.add_parser("predict", help="classify texts with the pipeline's champion model")
     predict.add_argument("--pipeline", required=True)
     predict.add_argument("--data-dir", help="folder of generated data holding the embedded MLflow store")
@@ -506,6 +573,15 @@ def main(argv: list[str] | None = None) -> int:
     listing = sub.add_parser("list", help="list the pipelines")
     listing.add_argument("--specs-dir", help="folder of spec files (default: pipelines/specs)")
     listing.set_defaults(func=cmd_list)
+    init = sub.add_parser("init", help="write a first spec for a data file or folder (CSV, TSV, JSONL, Parquet): "
+                                       "task and columns inferred, every section commented")
+    init.add_argument("data", help="a data file, or a folder of them (train/validation/test files are kept as splits)")
+    init.add_argument("--name", help="the pipeline's name (default: a slug of the file or folder name)")
+    init.add_argument("--specs-dir", help="folder to write NAME.yaml into (default: pipelines/specs)")
+    init.add_argument("--force", action="store_true", help="overwrite an existing spec of that name")
+    init.add_argument("--text-column", help="classification: the column holding the text (default: inferred)")
+    init.add_argument("--label-column", help="classification: the column holding the label (default: inferred)")
+    init.set_defaults(func=cmd_init)
     ui = sub.add_parser("ui", help="start the Dagster UI (dagster dev) on the shared instance")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=3000)

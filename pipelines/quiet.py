@@ -9,9 +9,15 @@ import sys
 import warnings
 
 
+VERBOSE_VARIABLE = "TUNELINE_VERBOSE"  # set by `tuneline run --verbose`: the libraries keep their output
+
+
 def quiet_libraries() -> None:
     """Warnings that say nothing about the user's data or spec (schema hints, beta APIs) stay out of the run's
-    output, and so do MLflow's store-migration INFO lines and the libraries' progress bars."""
+    output, and so do MLflow's store-migration INFO lines and the libraries' progress bars; unless
+    TUNELINE_VERBOSE=1 (`--verbose`)."""
+    if os.environ.get(VERBOSE_VARIABLE) == "1":
+        return
     warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
     dg = sys.modules.get("dagster")  # benchmarks run without Dagster; the CLI imports it before calling this
     if dg is not None:

@@ -5,7 +5,9 @@ instance (the UI shows them); the terminal is not a second event log."""
 from __future__ import annotations
 
 import logging
+import os
 import re
+import shutil
 import sys
 import time
 from typing import Any
@@ -19,26 +21,97 @@ from pipelines.quiet import quiet_libraries  # noqa: F401  (re-exported: the CLI
 _SUMMED_UP = logging.ERROR
 
 
+# A progress message with a count: training steps, prompted rows. On a terminal it is one live bar per stage; in a
+# file (a CI log) every quarter of the way is a line, so a run's output stays short.
+_COUNTED = re.compile(r"^(?P<what>step|prompting(?: \d+-shot)?:) (?P<done>\d+)/(?P<total>\d+)(?: rows scored)?"
+                      r"(?: \(\d+%\))?(?P<rest>.*)$")
+_PLAIN_EVERY = 0.25  # share of a counted stage between two plain lines
+_STEP_ENDS = {"STEP_SUCCESS", "STEP_FAILURE"}
+
+
 class _TerminalHandler(logging.Handler):
-    """`HH:MM:SS asset: message` for every progress message of a step; run-level bookkeeping is left out."""
+    """`HH:MM:SS asset: message` for every progress message of a step; run-level bookkeeping is left out. Counted
+    progress (step 40/268 ...) is a live bar with its figures on a terminal, and a line every quarter elsewhere."""
+
+    def __init__(self, verbose: bool = False) -> None:
+        super().__init__()
+        self.verbose = verbose
+        self.live = ""  # the bar now drawn on the terminal's last line
+        self.shown: dict[str, float] = {}  # stage -> share of its count last printed as a plain line
+        # Asked once, before the run: while a step runs, Dagster captures its output (a tee to the terminal).
+        self.on_terminal = sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
+
+    def tty(self) -> bool:
+        return self.on_terminal
 
     def emit(self, record: logging.LogRecord) -> None:
         meta: dict[str, Any] = getattr(record, "dagster_meta", None) or {}
-        if record.levelno >= _SUMMED_UP or meta.get("dagster_event") is not None or not meta.get("step_key"):
+        event = meta.get("dagster_event")
+        if event is not None and self.live and getattr(event, "event_type_value", "") in _STEP_ENDS:
+            sys.stderr.write("\r\x1b[2K")  # the step is over: its bar goes (its last figures are in the UI)
+            sys.stderr.flush()
+            self.live = ""
+        if record.levelno >= _SUMMED_UP or event is not None or not meta.get("step_key"):
             return
         step = str(meta["step_key"]).split("__", 1)[-1]
         stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
-        print(f"{stamp} {step}: {meta.get('orig_message', record.getMessage())}", file=sys.stderr, flush=True)
+        message = str(meta.get("orig_message", record.getMessage()))
+        counted = _COUNTED.match(message)
+        if counted and not self.verbose:
+            done, total = int(counted["done"]), max(int(counted["total"]), 1)
+            if self.tty():
+                if done >= total:  # the stage's count is done: its last figures stay as a line
+                    self.live = ""
+                    self._line(f"\r\x1b[2K{stamp} {step}: {message}")
+                else:
+                    self._draw(f"{stamp} {step}: {_bar(done / total)} {done}/{total}{_first(counted['rest'])}")
+                return
+            stage = f"{step}/{counted['what']}"
+            if done < total and done / total < self.shown.get(stage, -1.0) + _PLAIN_EVERY:
+                return
+            self.shown[stage] = done / total
+        self._line(f"{stamp} {step}: {message}")
+
+    def _line(self, text: str) -> None:
+        """A line above the live bar, which is drawn again below it."""
+        if self.live:
+            sys.stderr.write("\r\x1b[2K")
+        print(text, file=sys.stderr, flush=True)
+        if self.live:
+            sys.stderr.write(self.live)
+            sys.stderr.flush()
+
+    def _draw(self, text: str) -> None:
+        width = shutil.get_terminal_size((100, 20)).columns - 1
+        self.live = text[:width]
+        sys.stderr.write("\r\x1b[2K" + self.live)
+        sys.stderr.flush()
 
 
-@dg.logger(config_schema={"log_level": dg.Field(str, default_value="INFO")},
-           description="tuneline's terminal: one line per progress message, failures summed up at the end.")
+def _first(rest: str) -> str:
+    """The figures of a counted line with the loss and ETA first, which a narrow terminal still shows."""
+    front = [m.group(0) for m in re.finditer(r"\b(?:loss|eta) \S+", rest)]
+    others = re.sub(r"\s*\b(?:loss|eta) \S+", "", rest).strip()
+    return "".join(f" {f}" for f in [*front, others] if f)
+
+
+def _bar(share: float, width: int = 20) -> str:
+    filled = share * width
+    return "[" + "#" * int(filled) + ("-" * (width - int(filled))) + "]"
+
+
+@dg.logger(config_schema={"log_level": dg.Field(str, default_value="INFO"),
+                           "verbose": dg.Field(bool, default_value=False)},
+           description="tuneline's terminal: one line per progress message (a live bar for counted progress on a "
+                       "terminal), failures summed up at the end; verbose: every line, DEBUG included.")
 def terminal_logger(init_context: dg.InitLoggerContext) -> logging.Logger:
+    verbose = init_context.logger_config["verbose"]
     logger = logging.getLogger("tuneline.terminal")
-    logger.setLevel(init_context.logger_config["log_level"])
+    logger.setLevel("DEBUG" if verbose else init_context.logger_config["log_level"])
     logger.propagate = False
-    if not any(isinstance(h, _TerminalHandler) for h in logger.handlers):
-        logger.addHandler(_TerminalHandler())
+    for handler in [h for h in logger.handlers if isinstance(h, _TerminalHandler)]:
+        logger.removeHandler(handler)
+    logger.addHandler(_TerminalHandler(verbose))
     return logger
 
 
@@ -94,3 +167,44 @@ def error_block(result: dg.ExecuteInProcessResult, pipeline: str, planned: list[
         lines.append(f"not run, because of the failures above: {', '.join(skipped)}")
     lines.append(f"{pipeline}: Dagster run {result.run_id} failed; its events are in the Dagster UI (make ui)")
     return lines
+
+
+def _figure(name: str, meta: dict[str, Any]) -> str:
+    """The key figure of a data asset, from its metadata."""
+    if name == "splits" and "train_rows" in meta:
+        return (f"{meta['train_rows']:,} train / {meta.get('validation_rows', 0):,} validation / "
+                f"{meta.get('test_rows', 0):,} test rows")
+    if name == "cleaned_dataset" and "rows_kept" in meta:
+        return f"{meta['rows_kept']:,} rows kept, {meta.get('rows_dropped', 0):,} dropped"
+    rows = meta.get("dagster/row_count", meta.get("rows"))
+    return f"{rows:,} rows" if isinstance(rows, int) else "materialized"
+
+
+def check_lines(result: dg.ExecuteInProcessResult, pipeline: str) -> dict[str, Any]:
+    """What `tuneline check` prints: each data asset with its key figure, each check with its verdict, and whether
+    the data is ready for training (every blocking check passed); as lines and as data for --json."""
+    assets: dict[str, dict[str, Any]] = {}
+    for event in result.get_asset_materialization_events():
+        name = event.asset_key.path[-1]  # type: ignore[union-attr]
+        meta = {k: getattr(v, "value", v) for k, v in event.materialization.metadata.items()}
+        assets[name] = {"figure": _figure(name, meta), **{k: v for k, v in meta.items() if isinstance(v, int)}}
+    checks = [{"asset": e.asset_key.path[-1], "check": e.check_name, "passed": e.passed,
+               "severity": e.severity.value, "description": e.description or ""}
+              for e in result.get_asset_check_evaluations()]
+    blocking_failed = [c for c in checks if not c["passed"] and c["severity"] == "ERROR"]
+    warned = [c for c in checks if not c["passed"] and c["severity"] != "ERROR"]
+    ready = result.success and not blocking_failed
+    lines = [f"{pipeline}: data check (Dagster run {result.run_id})"]
+    for name, info in assets.items():
+        lines.append(f"  {name}: {info['figure']}")
+        for c in (c for c in checks if c["asset"] == name):
+            verdict = "passed" if c["passed"] else ("FAILED" if c["severity"] == "ERROR" else "warning")
+            detail = "" if c["passed"] else f": {c['description']}"
+            lines.append(f"    check {c['check']}: {verdict}{detail}")
+    if ready:
+        lines.append(f"{pipeline}: the data is ready: {sum(c['passed'] for c in checks)} of {len(checks)} checks "
+                     f"passed" + (f", {len(warned)} warning(s) to read" if warned else "")
+                     + f"; train it with `tuneline run --pipeline {pipeline}`")
+    else:
+        lines.append(f"{pipeline}: the data is NOT ready: training would be blocked")
+    return {"pipeline": pipeline, "ready": ready, "assets": assets, "checks": checks, "lines": lines}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import dagster as dg
+import pandas as pd
 import pytest
 
 from tests.conftest import PROJECT_ROOT, tiny_spec
@@ -46,6 +48,14 @@ def test_run_json_prints_the_report_summary_and_records_the_run(
     assert candidate["reason"] == "the only candidate that meets every constraint"
     assert isinstance(candidate["probe_score"], float)
     assert "step " in out.stderr and "loss" in out.stderr  # progress went to stderr
+    # stderr is not a terminal here: plain lines, no escape codes, no raw dicts or library bars; a training's step
+    # lines every quarter of the way; each check suite one line with its count (every check is in the Dagster log).
+    assert "\x1b[" not in out.stderr and "\r" not in out.stderr and "{'loss'" not in out.stderr
+    assert not re.search(r"\d+%\|", out.stderr)  # no tqdm bar
+    steps = re.findall(r"finetuned_checkpoint: step (\d+)/(\d+)", out.stderr)
+    assert 2 <= len(steps) <= 5 and steps[-1][0] == steps[-1][1], steps
+    assert re.search(r"cleaned_dataset_quality: (\d+) of \1 checks on cleaned_dataset passed", out.stderr)
+    assert ": passed (" not in out.stderr
 
     # The run lives in the instance the UI reads (DAGSTER_HOME), with every asset materialized.
     assert (home / "dagster.yaml").read_text().count("enabled: false") == 1
@@ -55,6 +65,85 @@ def test_run_json_prints_the_report_summary_and_records_the_run(
         for name in ("raw_data", "evaluation_report"):
             event = instance.get_latest_materialization_event(dg.AssetKey(["tiny", name]))
             assert event is not None and event.run_id == summary["run_id"]
+
+
+def test_check_materializes_the_data_and_its_checks_only_and_says_whether_it_is_ready(
+        tmp_path: Path, trec_slice_csv: Path, tiny_model_dir: Path, write_spec: Callable[..., Path]) -> None:
+    labels = sorted(set(pd.read_csv(trec_slice_csv)["category"]))
+    write_spec("good", tiny_spec(trec_slice_csv, tiny_model_dir))
+    # A label declared in the spec that the data never uses: a blocking check fails, training would not start.
+    specs = write_spec("typo", tiny_spec(trec_slice_csv, tiny_model_dir,
+                                         task={"labels": [*labels, "LOCATOIN"]}))
+    home, data = tmp_path / "home", tmp_path / "data"
+
+    good = tuneline("check", "good", "--specs-dir", str(specs), "--data-dir", str(data), home=home)
+    assert good.returncode == 0, good.stderr[-3000:]
+    lines = good.stdout.strip().splitlines()
+    assert lines[0].startswith("good: data check (Dagster run ")
+    assert lines[1] == "  raw_data: 400 rows"
+    assert re.fullmatch(r"  cleaned_dataset: \d+ rows kept, \d+ dropped", lines[2])
+    assert "    check labels_are_known: passed" in lines and "    check splits_do_not_overlap: passed" in lines
+    assert re.fullmatch(r"good: the data is ready: (\d+) of \1 checks passed; train it with `tuneline run "
+                        r"--pipeline good`", lines[-1])
+    with dg.DagsterInstance.from_config(str(home)) as instance:  # the data assets only: nothing was trained
+        done = {k.path[-1] for k in instance.get_asset_keys() if k.path[0] == "good"}
+        assert done == {"raw_data", "cleaned_dataset", "splits"}
+    assert not (data / "checkpoints").exists()
+
+    bad = tuneline("check", "typo", "--json", "--specs-dir", str(specs), "--data-dir", str(data), home=home)
+    assert bad.returncode == 1
+    result = json.loads(bad.stdout)
+    assert result["ready"] is False and "splits" not in result["assets"]
+    [failed] = [c for c in result["checks"] if not c["passed"]]
+    assert (failed["check"], failed["severity"]) == ("declared_labels_have_rows", "ERROR")
+    assert "LOCATOIN" in failed["description"]
+    assert "error: check typo/cleaned_dataset:declared_labels_have_rows failed" in bad.stderr
+    assert "not run, because of the failures above: splits" in bad.stderr
+
+    unknown = tuneline("check", "nope", "--specs-dir", str(specs), home=home)
+    assert unknown.returncode == 2 and unknown.stderr.strip() == "error: no pipeline 'nope'; pipelines are: good, typo"
+
+
+def test_on_a_terminal_training_is_one_live_bar_and_the_summary_follows(
+        tmp_path: Path, trec_slice_csv: Path, tiny_model_dir: Path, write_spec: Callable[..., Path]) -> None:
+    """stderr is a terminal (a pseudo-terminal): the steps of a training redraw one line (a bar with the step
+    count, epoch, loss and ETA) instead of adding lines; its last figures stay; the summary comes after."""
+    import pty
+
+    specs = write_spec("tiny", tiny_spec(trec_slice_csv, tiny_model_dir, training={"logging_steps": 1}))
+    leader, follower = pty.openpty()
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "home"), "TERM": "xterm", "COLUMNS": "200"}
+    process = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", "--pipeline", "tiny", "--specs-dir",
+                                str(specs), "--data-dir", str(tmp_path / "data")], cwd=PROJECT_ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=follower, text=True)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the child closed its end
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    stdout, _ = process.communicate(timeout=600)
+    os.close(leader)
+    screen = b"".join(chunks).decode()
+    assert process.returncode == 0, screen[-3000:]
+    redraws = re.findall(r"\r\x1b\[2K[^\r\n]*finetuned_checkpoint: \[[#-]{20}\] (\d+)/(\d+) loss [\d.]+ eta \d+s "
+                         r"epoch [\d.]+ lr \S+ elapsed \d+s", screen)
+    assert len(redraws) >= 5, screen[-3000:]  # one per logged step, on the same line
+    total = int(redraws[0][1])
+    assert [int(d) for d, _ in redraws] == sorted(int(d) for d, _ in redraws) and int(redraws[-1][0]) < total
+    # The screen as a terminal leaves it: each line is what follows its last carriage return. The bar was
+    # overwritten by the last step's figures, and lines printed meanwhile went above it.
+    lines = [line.split("\r")[-1].replace("\x1b[2K", "") for line in screen.replace("\r\n", "\n").split("\n")]
+    lines = [line for line in lines if line]
+    assert any(re.search(rf"finetuned_checkpoint: step {total}/{total} \(100%\)", line) for line in lines)
+    assert not any(re.search(r"\[[#-]{20}\]", line) for line in lines), lines
+    assert any("finetuned_checkpoint: epoch 1.00: validation loss" in line for line in lines)
+    assert len(lines) <= 60, len(lines)
+    assert "evaluation on" in stdout and "promotion:" in stdout  # the summary, on stdout, after the progress
 
 
 def test_run_unknown_pipeline_lists_the_known_ones(tmp_path: Path) -> None:

@@ -211,6 +211,7 @@ def best_epoch_callback(model: torch.nn.Module, progress: ProgressFn, sink: Metr
             self.best_epoch: float | None = None
             self.best_state: dict[str, torch.Tensor] | None = None
             self.started = time.monotonic()
+            self.last_shown = -1  # the last step a progress line was written for
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             self.started = time.monotonic()
@@ -229,6 +230,12 @@ def best_epoch_callback(model: torch.nn.Module, progress: ProgressFn, sink: Metr
                 progress(f"step {state.global_step}/{state.max_steps} ({done:.0%}) epoch {state.epoch:.2f} "
                          f"loss {logs['loss']:.4f} lr {logs.get('learning_rate', float('nan')):.2e} "
                          f"elapsed {elapsed:.0f}s eta {eta:.0f}s")
+                self.last_shown = state.global_step
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if self.last_shown != state.global_step:  # the last step was not a logging step: say it ended
+                progress(f"step {state.global_step}/{state.max_steps} (100%) epoch {state.epoch:.2f} done in "
+                         f"{time.monotonic() - self.started:.0f}s")
 
         def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None,
                         **kwargs: Any) -> None:

@@ -1,0 +1,250 @@
+"""`tuneline init DATA`: a first spec inferred from the data's columns, commented, validated, written atomically."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipelines.cli import main
+from pipelines.core.spec import load_spec
+from pipelines.core.tasks.classification import ClassificationTask
+from pipelines.core.tasks.instruction import InstructionTuningTask
+from pipelines.init_spec import slug
+from tests.conftest import PROJECT_ROOT
+
+BANKING77 = PROJECT_ROOT.parent / "shared" / "datasets" / "banking77"
+TOPICS = {
+    "greetings": [("Hello there", "Hi, how can I help you today?"), ("Good morning", "Good morning to you too!")],
+    "food": [("What is your favourite food?", "I do not eat, but pizza sounds lovely."),
+             ("Do you like pasta?", "Pasta is a classic dish from Italy.")],
+    "science": [("What is gravity?", "Gravity is the force that pulls masses toward each other."),
+                ("What is an atom?", "An atom is the smallest unit of a chemical element.")],
+}
+
+
+def init(*args: str | Path) -> int:
+    return main(["init", *map(str, args)])
+
+
+def chatterbot_rows(n: int = 30) -> list[dict[str, str]]:
+    rows = []
+    for i in range(n):
+        category = list(TOPICS)[i % 3]
+        question, answer = TOPICS[category][i % 2]
+        rows.append({"instruction": f"{question} (question {i})", "response": f"{answer} Answer {i}.",
+                     "category": category})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict[str, object]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def top_level_keys_without_comment(text: str) -> list[str]:
+    lines = text.splitlines()
+    return [line for i, line in enumerate(lines)
+            if line and not line[0].isspace() and not line.startswith(("#", "-"))
+            and (i == 0 or not lines[i - 1].startswith("#"))]
+
+
+def test_banking77_keeps_its_official_files_and_infers_77_labels(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    if not BANKING77.is_dir():
+        pytest.skip("the shared banking77 dataset is not beside this checkout")
+    data = Path("..") / "shared" / "datasets" / "banking77"  # as a user in the project root would type it
+    assert init(PROJECT_ROOT / data, "--specs-dir", tmp_path) == 0
+    spec = load_spec(tmp_path / "banking77.yaml")
+    assert spec.task.type == ClassificationTask.name
+    assert (spec.task.text_column, spec.task.label_column) == ("text", "category")
+    assert len(spec.task.labels) == 77 and "card_arrival" in spec.task.labels
+    assert spec.source.split_files == {"train": "train.csv", "test": "test.csv"}
+    assert spec.source.path == str(BANKING77.resolve())  # outside the project: absolute
+    assert spec.cleaning.keep_source_test is True
+    assert spec.splits.overlap == "drop_from_earlier_splits"  # ~25 train texts equal a test text once normalised
+    assert [c.id for c in spec.base_model.candidates] == ["all-MiniLM-L6-v2", "SmolLM2-135M-Instruct"]
+    out = capsys.readouterr().out
+    assert "labels:     77 classes" in out and "contactless_not_working 75" in out
+    assert "test = test.csv" in out and "test 3,080" in out
+    assert "note: not read: categories.json" in out
+    assert "the data's own licence allows training on it (README.md says: CC BY 4.0 (the repository's LICENSE))" in out
+    assert f"tuneline check banking77 --specs-dir {tmp_path}" in out
+    assert f"tuneline run --pipeline banking77 --specs-dir {tmp_path}" in out
+    assert top_level_keys_without_comment((tmp_path / "banking77.yaml").read_text()) == []
+
+
+def test_chatterbot_style_jsonl_becomes_instruction_tuning(tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    data = write_jsonl(tmp_path / "My Chat-Data.jsonl", chatterbot_rows())
+    assert init(data, "--specs-dir", tmp_path / "specs") == 0
+    path = tmp_path / "specs" / "my_chat_data.yaml"
+    spec = load_spec(path)
+    assert spec.task.type == InstructionTuningTask.name
+    assert (spec.task.instruction_column, spec.task.response_column, spec.task.category_column) == \
+        ("instruction", "response", "category")
+    assert spec.source.path == str(data) and spec.source.split_files is None
+    assert (spec.splits.train, spec.splits.validation, spec.splits.test, spec.splits.seed) == (0.8, 0.1, 0.1, 13)
+    assert spec.evaluation.primary_metric == "rouge_l"
+    assert [c.id for c in spec.base_model.candidates] == ["SmolLM2-135M-Instruct"]
+    out = capsys.readouterr().out
+    assert "categories: 3 (column 'category'): food 10, greetings 10, science 10" in out
+    assert "warning: only 30 rows are left after cleaning: quality.min_rows (50) will block training" in out
+    text = path.read_text()
+    assert top_level_keys_without_comment(text) == []
+    assert not list((tmp_path / "specs").glob(".*.tmp"))  # the temporary file was renamed, not left behind
+
+
+def test_messages_column_becomes_instruction_tuning(tmp_path: Path) -> None:
+    rows = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": r["instruction"]},
+                          {"role": "assistant", "content": r["response"]}]} for r in chatterbot_rows()]
+    data = write_jsonl(tmp_path / "chats.jsonl", rows)
+    assert init(data, "--specs-dir", tmp_path, "--name", "chats_v1") == 0
+    spec = load_spec(tmp_path / "chats_v1.yaml")
+    assert spec.task.type == InstructionTuningTask.name
+    assert spec.task.messages_column == "messages"
+
+
+def test_input_output_pairs_do_not_repeat_the_instruction(tmp_path: Path) -> None:
+    rows = [{"input": r["instruction"], "output": r["response"]} for r in chatterbot_rows()]
+    assert init(write_jsonl(tmp_path / "pairs.jsonl", rows), "--specs-dir", tmp_path) == 0
+    task = load_spec(tmp_path / "pairs.yaml").task
+    assert (task.instruction_column, task.response_column) == ("input", "output")
+    assert task.input_column not in ("input", "output")  # the default `input` would append each instruction to itself
+
+
+def test_tsv_with_a_split_column_and_named_columns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = [{"review": f"the {w} service was {a} today, visit {i}", "stars": s, "part": "train" if i % 5 else "test"}
+            for i, (w, a, s) in enumerate([("quick", "great", "5"), ("slow", "awful", "1"), ("fine", "ok", "3")] * 20)]
+    data = tmp_path / "reviews.tsv"
+    pd.DataFrame(rows).to_csv(data, sep="\t", index=False)
+    assert init(data, "--specs-dir", tmp_path) == 0
+    spec = load_spec(tmp_path / "reviews.yaml")
+    assert (spec.task.text_column, spec.task.label_column) == ("review", "stars")
+    assert spec.task.labels == ("1", "3", "5")
+    assert spec.source.format == "csv" and spec.source.split_column == "part"
+    assert spec.cleaning.keep_source_test is True  # the rows marked test are the data's own test split
+    assert "column 'part' names each row's split: kept (source.split_column)" in capsys.readouterr().out
+
+
+def test_a_folder_with_train_dev_test_files_keeps_all_three(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "intents"
+    folder.mkdir()
+    for name, rows in (("train.csv", range(60)), ("dev.csv", range(60, 72)), ("test.csv", range(72, 90))):
+        pd.DataFrame({"sentence": [f"how do I reset item {i}" if i % 2 else f"where is parcel {i}" for i in rows],
+                      "label": ["reset" if i % 2 else "track" for i in rows]}).to_csv(folder / name, index=False)
+    (folder / "notes.csv").write_text("who,when\nme,today\n", encoding="utf-8")
+    assert init(folder, "--specs-dir", tmp_path) == 0
+    spec = load_spec(tmp_path / "intents.yaml")
+    assert spec.source.split_files == {"train": "train.csv", "validation": "dev.csv", "test": "test.csv"}
+    out = capsys.readouterr().out
+    assert "train 60, validation 12, test 18" in out and "note: not read: notes.csv" in out
+
+
+def test_undecidable_columns_exit_2_naming_the_file_and_columns(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "shirts.csv"
+    pd.DataFrame({"colour": ["red", "blue", "green"] * 10, "size": ["S", "M"] * 15,
+                  "note": [f"shirt number {i} fits well" for i in range(30)]}).to_csv(data, index=False)
+    assert init(data, "--specs-dir", tmp_path) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {data}: cannot tell what to learn from its columns")
+    assert "several columns could be the label ('colour', 'size')" in err
+    assert "Columns found: 'colour' (text, 3 distinct of 30), 'size' (text, 2 distinct of 30), 'note' (text, 30 " \
+           "distinct of 30)" in err
+    assert "--text-column and --label-column" in err and "messages" in err
+    assert list(tmp_path.glob("*.yaml")) == []
+    # Said outright, the same file is a spec.
+    assert init(data, "--specs-dir", tmp_path, "--label-column", "size") == 0
+    task = load_spec(tmp_path / "shirts.yaml").task
+    assert (task.text_column, task.label_column, task.labels) == ("note", "size", ("M", "S"))
+
+
+def test_an_unknown_column_option_names_the_columns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "d.csv"
+    pd.DataFrame({"text": [f"text number {i}" for i in range(30)], "label": ["a", "b"] * 15}).to_csv(data, index=False)
+    assert init(data, "--specs-dir", tmp_path, "--label-column", "intent") == 2
+    assert capsys.readouterr().err.strip() == (f"error: {data}: has no column 'intent' (given by --label-column); "
+                                               "its columns are ['text', 'label']")
+
+
+def test_an_existing_spec_is_kept_without_force(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = write_jsonl(tmp_path / "chat.jsonl", chatterbot_rows())
+    existing = tmp_path / "chat.yaml"
+    existing.write_text("# mine\n", encoding="utf-8")
+    assert init(data, "--specs-dir", tmp_path) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {existing}: a spec named 'chat' exists already; pass --force "
+                                               "to overwrite it, or choose another --name")
+    assert existing.read_text(encoding="utf-8") == "# mine\n"
+    assert init(data, "--specs-dir", tmp_path, "--force") == 0
+    assert load_spec(existing).task.type == InstructionTuningTask.name
+
+
+def test_a_spec_that_would_not_validate_is_never_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    import pipelines.init_spec as init_spec
+
+    def broken(*args: object) -> dict[str, object]:
+        return {**build(*args), "training": {"epochs": "fast"}}
+
+    build = init_spec._instruction_sections
+    monkeypatch.setattr(init_spec, "_instruction_sections", broken)
+    assert init(write_jsonl(tmp_path / "chat.jsonl", chatterbot_rows()), "--specs-dir", tmp_path) == 2
+    err = capsys.readouterr().err
+    assert "does not validate, so nothing was written (a bug in tuneline init" in err
+    assert "training.epochs: Input should be a valid number" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.jsonl"]  # no spec, no temporary file
+
+
+def test_a_json_array_is_refused_with_the_conversion_to_json_lines(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "records.json"
+    data.write_text(json.dumps(chatterbot_rows()), encoding="utf-8")
+    assert init(data, "--specs-dir", tmp_path) == 2
+    err = capsys.readouterr().err
+    assert f"{data}: is a JSON array of records" in err and "lines=True" in err
+    assert list(tmp_path.glob("*.yaml")) == []
+
+
+def test_a_path_inside_the_project_is_written_relative_to_its_root() -> None:
+    from pipelines.init_spec import spec_path_of
+
+    assert spec_path_of(PROJECT_ROOT / "data" / "raw" / "q.csv", PROJECT_ROOT) == "data/raw/q.csv"
+    assert spec_path_of(Path("/elsewhere/q.csv"), PROJECT_ROOT) == "/elsewhere/q.csv"
+    assert [slug(n) for n in ("My Data-2024", "2024 sales", "___")] == ["my_data_2024", "data_2024_sales", "pipeline"]
+
+
+def tiny_classification_csv(path: Path) -> Path:
+    words = {"billing": ("invoice", "refund", "charge"), "shipping": ("parcel", "courier", "delivery"),
+             "account": ("password", "login", "profile")}
+    rows = [{"id": f"T-{len(words) * i + j:04d}", "utterance": f"please help with my {ws[i % 3]} question number {i}",
+             "intent": label} for i in range(60) for j, (label, ws) in enumerate(words.items())]
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+@pytest.mark.real_model  # the data doctor's check on `splits` embeds with the packaged all-MiniLM-L6-v2
+def test_written_classification_spec_materializes_its_data_assets(tmp_path: Path) -> None:
+    import dagster as dg
+
+    from pipelines.definitions import build_definitions, resources_for
+
+    data = tiny_classification_csv(tmp_path / "tickets.csv")
+    specs = tmp_path / "specs"
+    assert init(data, "--specs-dir", specs) == 0
+    spec = load_spec(specs / "tickets.yaml")
+    assert (spec.task.text_column, spec.task.label_column) == ("utterance", "intent")  # not the id column
+    data_dir = tmp_path / "data"
+    defs = build_definitions(specs_dir=specs, data_dir=data_dir, resources=resources_for(data_dir, num_threads=2))
+    keys = [dg.AssetKey(["tickets", name]) for name in ("raw_data", "cleaned_dataset", "splits")]
+    result = defs.resolve_job_def("tickets_job").execute_in_process(
+        instance=dg.DagsterInstance.ephemeral(), asset_selection=keys, raise_on_error=False)
+    assert result.success
+    assert {e.asset_key for e in result.get_asset_materialization_events()} == set(keys)
+    evaluations = result.get_asset_check_evaluations()
+    blocking = {e.check_name: e.passed for e in evaluations if e.blocking}
+    assert {"labels_are_known", "classes_are_balanced", "splits_do_not_overlap", "every_class_in_train_and_test"} \
+        <= set(blocking)
+    assert all(blocking.values()), blocking
