@@ -87,19 +87,6 @@ def _split_of(path: Path) -> str | None:
     return SPLIT_ALIASES.get(last)
 
 
-def _check_json_lines(path: Path) -> None:
-    """A .json file must hold JSON lines: the source readers read .json as one object per line."""
-    with path.open("rb") as handle:
-        start = handle.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-    if start.startswith(b"["):
-        jsonl = path.with_suffix(".jsonl")
-        raise InitError(
-            f"{path}: is a JSON array of records, but tuneline's sources read a .json file as JSON lines (one object "
-            f"per line), so the pipeline could not read it. Convert it once, then run init on the new file:\n"
-            f"  .venv/bin/python -c \"import pandas as pd; pd.read_json('{path}').to_json('{jsonl}', "
-            f"orient='records', lines=True, force_ascii=False)\"")
-
-
 def plan_source(data: Path, project_root: Path) -> SourcePlan:
     """The source section for a data file or folder; official split files are kept as `split_files`."""
     if not data.exists():
@@ -111,8 +98,6 @@ def plan_source(data: Path, project_root: Path) -> SourcePlan:
         if fmt is None:
             raise InitError(f"{data}: cannot tell the format from the extension {data.suffix!r}; expected one of "
                             f"{sorted(INIT_FORMATS)}")
-        if data.suffix.lower() == ".json":
-            _check_json_lines(data)
         source: dict[str, Any] = {"kind": "local", "path": where}
         if DATA_EXTENSIONS.get(data.suffix.lower()) != fmt:  # .tsv: the CSV reader, which detects the tab
             source["format"] = fmt
@@ -141,9 +126,6 @@ def plan_source(data: Path, project_root: Path) -> SourcePlan:
         official = {s: by_split[s][0].name for s in SPLITS if s in by_split}
         source = {"kind": "local", "path": where, **({"format": "csv"} if tsv else {}), "split_files": official}
         used = {by_split[s][0] for s in official}
-        for path in sorted(used):
-            if path.suffix.lower() == ".json":
-                _check_json_lines(path)
         unused = [p.name for p in files if p not in used]
         if unused:
             notes.append(f"not read: {', '.join(unused)} (only the split files {', '.join(official.values())} are)")
@@ -154,9 +136,6 @@ def plan_source(data: Path, project_root: Path) -> SourcePlan:
     if tsv:  # without split_files the folder reader lists only .csv/.jsonl/.json/.parquet files
         raise InitError(f"{data}: a folder of .tsv files is read only with official split files (train.tsv, "
                         "test.tsv, ...); rename the files to .csv (the delimiter is detected), or run init on one file")
-    for path in files:
-        if path.suffix.lower() == ".json":
-            _check_json_lines(path)
     return SourcePlan({"kind": "local", "path": where}, tuple(files), {}, tuple(notes))
 
 

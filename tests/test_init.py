@@ -198,14 +198,16 @@ def test_a_spec_that_would_not_validate_is_never_written(tmp_path: Path, monkeyp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.jsonl"]  # no spec, no temporary file
 
 
-def test_a_json_array_is_refused_with_the_conversion_to_json_lines(tmp_path: Path,
-                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_json_array_of_records_is_read_like_json_lines(tmp_path: Path) -> None:
     data = tmp_path / "records.json"
     data.write_text(json.dumps(chatterbot_rows()), encoding="utf-8")
-    assert init(data, "--specs-dir", tmp_path) == 2
-    err = capsys.readouterr().err
-    assert f"{data}: is a JSON array of records" in err and "lines=True" in err
-    assert list(tmp_path.glob("*.yaml")) == []
+    assert init(data, "--specs-dir", tmp_path) == 0
+    spec = load_spec(tmp_path / "records.yaml")
+    assert spec.task.type == "instruction_tuning"
+    from pipelines.core.sources import read_source
+
+    frame, _ = read_source(spec.source, PROJECT_ROOT)
+    assert len(frame) == len(chatterbot_rows()) and list(frame["source_row"][:2]) == [1, 2]
 
 
 def test_a_path_inside_the_project_is_written_relative_to_its_root() -> None:

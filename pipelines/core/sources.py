@@ -122,7 +122,11 @@ def _read_csv(data: bytes, file: str) -> pd.DataFrame:
 
 
 def _read_jsonl(data: bytes, file: str) -> pd.DataFrame:
+    """JSON lines (one object per line; source_row is the line), or, in a .json file, one JSON array of objects as
+    such a file often holds (source_row is the element's number, from 1)."""
     text = _decode(data, file)
+    if file.lower().endswith(".json") and text.lstrip().startswith("["):
+        return _read_json_array(text, file)
     records, rows = [], []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -139,6 +143,22 @@ def _read_jsonl(data: bytes, file: str) -> pd.DataFrame:
     frame = pd.DataFrame.from_records(records)
     frame = frame.astype({c: "object" for c in frame.columns})
     frame["source_row"] = rows
+    return frame
+
+
+def _read_json_array(text: str, file: str) -> pd.DataFrame:
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SourceError(f"not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); expected one JSON "
+                          "array of objects, or one JSON object per line", file=file, row=exc.lineno) from None
+    for number, record in enumerate(records, start=1):
+        if not isinstance(record, dict):
+            raise SourceError(f"element {number} of the JSON array is a {type(record).__name__}; expected an "
+                              "object (one row)", file=file)
+    frame = pd.DataFrame.from_records(records)
+    frame = frame.astype({c: "object" for c in frame.columns})
+    frame["source_row"] = range(1, len(records) + 1)
     return frame
 
 

@@ -123,6 +123,8 @@ def test_bad_split_value_names_file_row_and_column(tmp_path: Path) -> None:
     ("bad.jsonl", b'{"text": "a", "label": "A"}\n{"text": "b", label: B}\n',
      r"bad.jsonl, row 2: not valid JSON \(Expecting property name enclosed in double quotes at character 15\)"),
     ("list.jsonl", b'["a", "A"]\n', r"list.jsonl, row 1: expected a JSON object, got list"),
+    ("rows.json", b'[{"text": "a", "label": "A"}, 2]', r"rows.json: element 2 of the JSON array is a int; expected"),
+    ("broken.json", b'[{"text": "a",\n "label": }]', r"broken.json, row 2: not valid JSON \(Expecting value at line 2"),
     ("fake.parquet", b"text,label\na,A\n", r"fake.parquet: is not a readable Parquet file"),
     ("data.xlsx", b"PK\x03\x04", r"data.xlsx: cannot tell the format from the extension '.xlsx'"),
 ])
