@@ -56,6 +56,7 @@ def test_run_json_prints_the_report_summary_and_records_the_run(
     assert 2 <= len(steps) <= 5 and steps[-1][0] == steps[-1][1], steps
     assert re.search(r"cleaned_dataset_quality: (\d+) of \1 checks on cleaned_dataset passed", out.stderr)
     assert ": passed (" not in out.stderr
+    assert len(out.stderr.splitlines()) <= 40, out.stderr  # the whole run's progress: about one screen
 
     # The run lives in the instance the UI reads (DAGSTER_HOME), with every asset materialized.
     assert (home / "dagster.yaml").read_text().count("enabled: false") == 1

@@ -16,7 +16,7 @@ from pipelines.core.errors import ModelSourceError
 from pipelines.core.evaluation import markdown_table, report_markdown
 from pipelines.core.plots import png_markdown
 from pipelines.core.lineage import frame_digest, value_digest
-from pipelines.core.sections import DoctorConfig
+from pipelines.core.sections import DoctorConfig, ModelLocation
 from pipelines.core.records import (BaseModelRecord, CheckpointRecord, DatasetLog, EvaluationReport, FilePath,
                                     Markdown, ReportTable, StepLog)
 from pipelines.core.selection import ModelAcquirer, pin_candidate
@@ -232,10 +232,7 @@ def examine_data(spec: PipelineSpec, splits: pd.DataFrame, models: ModelAcquirer
     """The data doctor on the splits (its encoder pinned like a base model, its licence recorded, not checked:
     it is only read), its files written under doctor_folder(root, splits)."""
     cfg = spec.doctor
-    try:
-        encoder = pin_candidate(cfg.resolved_model, spec.base_model, models, check_license=False)
-    except ModelSourceError as exc:
-        raise ModelSourceError(f"doctor.model: {exc}") from None
+    encoder = pin_read_only(cfg.resolved_model, spec, models, "doctor.model")
     report = task_for(spec).doctor(splits, encoder, spec, compute, progress)
     return report, report.write(doctor_folder(root, splits), cfg.shown_rows)
 
@@ -347,10 +344,16 @@ def pin_prompted_model(spec: PipelineSpec, models: ModelAcquirer) -> BaseModelRe
     the spec lists the baseline and its task prompts a model of its own."""
     if "prompting" not in spec.evaluation.baselines or not task_for(spec).prompts_another_model:
         return None
+    return pin_read_only(spec.evaluation.prompting.resolved_model, spec, models, "evaluation.prompting.model")
+
+
+def pin_read_only(location: ModelLocation, spec: PipelineSpec, models: ModelAcquirer, field: str) -> BaseModelRecord:
+    """A model that is only read, never fine-tuned or shipped (the data doctor's encoder, the prompted model),
+    pinned like a base model with the spec's gates, its licence recorded but not checked; an error names `field`."""
     try:
-        return pin_candidate(spec.evaluation.prompting.resolved_model, spec.base_model, models, check_license=False)
+        return pin_candidate(location, spec.base_model, models, check_license=False)
     except ModelSourceError as exc:
-        raise ModelSourceError(f"evaluation.prompting.model: {exc}") from None
+        raise ModelSourceError(f"{field}: {exc}") from None
 
 
 def doctor_verdict(report: DoctorReport, cfg: DoctorConfig) -> tuple[bool, str]:
