@@ -9,10 +9,11 @@ export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 
 $(STAMP): pyproject.toml constraints.txt requirements-packaged.txt
 	$(PYTHON) -m venv $(VENV)
-	# torch first and exactly: a range admitting a newer torch pulls several GB of CUDA packages.
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
-	$(BIN)/pip install --quiet --no-deps -r requirements-packaged.txt
+	# torch first and exactly: a range admitting a newer torch pulls several GB of CUDA packages. pip's warnings
+	# (an unreachable extra index, say) stay out of `make demo`; its errors are still shown.
+	$(BIN)/pip install --quiet --quiet torch==2.13.0
+	$(BIN)/pip install --quiet --quiet -c constraints.txt -e '.[test]'
+	$(BIN)/pip install --quiet --quiet --no-deps -r requirements-packaged.txt
 	touch $(STAMP)
 
 install: $(STAMP)
