@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -62,7 +63,9 @@ def test_banking77_keeps_its_official_files_and_infers_77_labels(tmp_path: Path,
     assert (spec.task.text_column, spec.task.label_column) == ("text", "category")
     assert len(spec.task.labels) == 77 and "card_arrival" in spec.task.labels
     assert spec.source.split_files == {"train": "train.csv", "test": "test.csv"}
-    assert spec.source.path == str(BANKING77.resolve())  # outside the project: absolute
+    # Outside the project: absolute, as typed (normalised, a symlinked folder kept as the user named it).
+    assert spec.source.path == os.path.abspath(PROJECT_ROOT / data)
+    assert Path(spec.source.path).resolve() == BANKING77.resolve()
     assert spec.cleaning.keep_source_test is True
     assert spec.splits.overlap == "drop_from_earlier_splits"  # ~25 train texts equal a test text once normalised
     assert [c.id for c in spec.base_model.candidates] == ["all-MiniLM-L6-v2", "SmolLM2-135M-Instruct"]
