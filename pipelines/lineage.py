@@ -8,6 +8,7 @@ from typing import Any
 import dagster as dg
 
 from assets.pipeline import BASE_MODEL
+from pipelines.core.lineage import model_origin
 
 CHECKPOINT = "finetuned_checkpoint"
 
@@ -66,17 +67,23 @@ def _step(record: Any, name: str) -> dict[str, Any]:
             "mlflow_run_id": meta.get("mlflow_run_id")}
 
 
+def _read_by(instance: dg.DagsterInstance, pipeline: str, record: Any, asset: str, upstream: str) -> Any:
+    """The materialization of `upstream` that the `asset` materialization `record` read (Dagster's input event
+    pointer)."""
+    tags = dict(record.event_log_entry.asset_materialization.tags or {})
+    pointer = tags.get(f"dagster/input_event_pointer/{pipeline}/{upstream}")
+    if pointer is None:
+        raise LineageError(f"the {asset} materialization of Dagster run {record.run_id} does not record which "
+                           f"{upstream} it read")
+    return _materialization(instance, dg.AssetKey([pipeline, upstream]), storage_id=int(pointer))
+
+
 def _base_model(instance: dg.DagsterInstance, pipeline: str, checkpoint: Any, registered_sha: str | None
                 ) -> dict[str, Any]:
     """The base model a checkpoint was fine-tuned from: the base_model materialization its training read (name,
     where it came from, revision or package version, weights sha256, licence), checked against the digest the
     registry version carries."""
-    tags = dict(checkpoint.event_log_entry.asset_materialization.tags or {})
-    pointer = tags.get(f"dagster/input_event_pointer/{pipeline}/{BASE_MODEL}")
-    if pointer is None:
-        raise LineageError(f"the {CHECKPOINT} materialization of Dagster run {checkpoint.run_id} does not record "
-                           f"which {BASE_MODEL} it read")
-    record = _materialization(instance, dg.AssetKey([pipeline, BASE_MODEL]), storage_id=int(pointer))
+    record = _read_by(instance, pipeline, checkpoint, CHECKPOINT, BASE_MODEL)
     meta = _meta(record)
     base = {"name": meta.get("model"), "source": meta.get("source"), "revision": meta.get("revision") or None,
             "weights_sha256": meta.get("weights_sha256"), "license": meta.get("license") or None,
@@ -99,12 +106,7 @@ def version_lineage(instance: dg.DagsterInstance, pipeline: str, version: dict[s
     steps = [_step(record, CHECKPOINT)]
     base = _base_model(instance, pipeline, record, version["tags"].get("tuneline.base_model_sha256"))
     for asset, upstream in chain:
-        tags = dict(record.event_log_entry.asset_materialization.tags or {})
-        pointer = tags.get(f"dagster/input_event_pointer/{pipeline}/{upstream}")
-        if pointer is None:
-            raise LineageError(f"the {asset} materialization of Dagster run {record.run_id} does not record which "
-                               f"{upstream} it read")
-        record = _materialization(instance, dg.AssetKey([pipeline, upstream]), storage_id=int(pointer))
+        record = _read_by(instance, pipeline, record, asset, upstream)
         steps.append(_step(record, upstream))
     raw = _meta(record)
     files = raw.get("source_files") or []
@@ -123,10 +125,8 @@ def format_lineage(item: dict[str, Any]) -> str:
              f"  Dagster run {item['dagster_run_id']}"]
     base = item.get("base_model")
     if base:  # the other half of the question: which model it was fine-tuned from
-        where = {"package": f"package {base['revision']}", "hub": f"Hugging Face Hub revision {base['revision']}"}.get(
-            base["source"], f"{base['source']}" + (f" {base['revision']}" if base["revision"] else ""))
-        gguf = f", de-quantized from {base['gguf_file']}" if base.get("gguf_file") else ""
-        lines.append(f"  fine-tuned from base model {base['name']} ({where}{gguf}): weights sha256 "
+        where = model_origin(base["source"], base["revision"], None, base.get("gguf_file"))
+        lines.append(f"  fine-tuned from base model {base['name']} ({where}): weights sha256 "
                      f"{base['weights_sha256']}, licence {base['license'] or 'unknown'} (Dagster run "
                      f"{base['dagster_run_id'][:8]})")
     for depth, step in enumerate(item["chain"], start=2):

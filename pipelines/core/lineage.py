@@ -24,3 +24,15 @@ def frame_digest(frame: pd.DataFrame) -> str:
 def value_digest(value: Any) -> str:
     """sha256 of a JSON-serialisable value, keys sorted."""
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def model_origin(source: str, revision: str | None, local_path: str | None, gguf_file: str | None) -> str:
+    """Where a base model came from, in words: the package version it is shipped in, its commit on the Hugging Face
+    Hub, or its local folder; and the GGUF file it was de-quantized from."""
+    if source == "package":
+        where = f"package {revision}"
+    elif source == "hub":
+        where = f"Hugging Face Hub revision {revision}"
+    else:
+        where = f"{source} folder {local_path}" if local_path else source
+    return where + (f", de-quantized from {gguf_file}" if gguf_file else "")

@@ -140,6 +140,11 @@ def _read_jsonl(data: bytes, file: str) -> pd.DataFrame:
             raise SourceError(f"expected a JSON object, got {type(record).__name__}", file=file, row=number)
         records.append(record)
         rows.append(number)
+    return _records_frame(records, rows)
+
+
+def _records_frame(records: list[dict[str, object]], rows: list[int] | range) -> pd.DataFrame:
+    """JSON objects as rows, every column as Python objects (no type guessing), with the row each came from."""
     frame = pd.DataFrame.from_records(records)
     frame = frame.astype({c: "object" for c in frame.columns})
     frame["source_row"] = rows
@@ -156,10 +161,7 @@ def _read_json_array(text: str, file: str) -> pd.DataFrame:
         if not isinstance(record, dict):
             raise SourceError(f"element {number} of the JSON array is a {type(record).__name__}; expected an "
                               "object (one row)", file=file)
-    frame = pd.DataFrame.from_records(records)
-    frame = frame.astype({c: "object" for c in frame.columns})
-    frame["source_row"] = range(1, len(records) + 1)
-    return frame
+    return _records_frame(records, range(1, len(records) + 1))
 
 
 def _read_parquet(data: bytes, file: str) -> pd.DataFrame:

@@ -15,7 +15,7 @@ from pipelines.core.doctor import DoctorReport
 from pipelines.core.errors import ModelSourceError
 from pipelines.core.evaluation import markdown_table, report_markdown
 from pipelines.core.plots import png_markdown
-from pipelines.core.lineage import frame_digest, value_digest
+from pipelines.core.lineage import frame_digest, model_origin, value_digest
 from pipelines.core.sections import DoctorConfig, ModelLocation
 from pipelines.core.records import (BaseModelRecord, CheckpointRecord, DatasetLog, EvaluationReport, FilePath,
                                     Markdown, ReportTable, StepLog)
@@ -283,7 +283,7 @@ def with_training_context(report: EvaluationReport, checkpoint: CheckpointRecord
     base = checkpoint.base_model
     lineage = {
         "data (sha256 of the table trained on)": checkpoint.data_sha256,
-        "base model": f"{base.name} ({base_model_origin(base)})",
+        "base model": f"{base.name} ({model_origin(base.source, base.revision, base.local_path, base.gguf_file)})",
         "base model weights sha256": base.weights_sha256,
         "base model licence": base.license,
         "spec hash": checkpoint.spec_hash,
@@ -294,14 +294,6 @@ def with_training_context(report: EvaluationReport, checkpoint: CheckpointRecord
         "Dagster run": dagster_run_id,
     }
     return dataclasses.replace(report, images=tuple(images), files=files, lineage=lineage)
-
-
-def base_model_origin(base: BaseModelRecord) -> str:
-    """Where a base model came from, in words: the package version it is shipped in, its commit on the Hugging Face
-    Hub, or its local folder; and the GGUF file it was de-quantized from."""
-    where = {"package": f"package {base.revision}", "hub": f"Hugging Face Hub, revision {base.revision}"}.get(
-        base.source, f"local folder {base.local_path}" if not base.revision else f"{base.source} {base.revision}")
-    return where + (f", de-quantized from {base.gguf_file}" if base.gguf_file else "")
 
 
 def with_doctor(report: EvaluationReport, folder: Path, shown: int) -> EvaluationReport:
