@@ -1,7 +1,8 @@
 """Instruction tuning throughput: the chatterbot pipeline trained as tuneline trained it before this benchmark's
 levers (the reference: padded length-grouped batches, LoRA dropout 0.05 on every block, fp32 frozen weights under
-bf16 autocast, TRL's chunked log-probability loss), then as the spec trains it now, in one process on the same
-splits.
+bf16 autocast, which tuneline's precision 'auto' chose wherever the CPU had bf16 instructions; TRL's chunked
+log-probability loss), then as the spec trains it now (the precision resolved as a pipeline run resolves it: bf16
+only where its matmuls measure faster than fp32), in one process on the same splits.
 
 Prints real (non-padding) tokens per second, the best validation loss, MFU (model FLOPs per second over this
 machine's measured matmul peak) and the ratios.
@@ -28,6 +29,7 @@ from pipelines.core.spec import load_spec  # noqa: E402
 from pipelines.core.steps import split_dataset  # noqa: E402
 from pipelines.core.tasks import instruction, task_for  # noqa: E402
 from pipelines.core.trainer import ComputeSettings, matmul_rate  # noqa: E402
+from resources.compute import resolve_compute  # noqa: E402
 from resources.model_store import ModelStore  # noqa: E402
 
 
@@ -52,18 +54,23 @@ def main() -> None:
     models = ModelStore(project_root=str(ROOT), cache_dir=str(ROOT / "data" / "models"))
     base = resolve_base_model(spec.base_model, models)
     rendered, _ = task.prepare(splits, base, spec)
-    compute = ComputeSettings(args.device, "bf16", args.threads)
+    # The reference trains as tuneline did before: bf16 autocast wherever the CPU has bf16 instructions. Now the
+    # spec's precision is resolved as a pipeline run resolves it ('auto': bf16 only where it measures faster).
+    before_compute = ComputeSettings(args.device, "bf16", args.threads)
+    now_compute = resolve_compute(args.device, spec.training.precision, args.threads)
     from trl import SFTTrainer
 
     lora = spec.training.lora
-    runs = [("before: padded, dropout 0.05, all blocks (reference)",
+    runs = [("before: padded, dropout 0.05, all blocks, bf16 (reference)",
              ["training.padding_free=false", "training.lora.dropout=0.05", "training.lora.top_layers=null"], True),
-            (f"now: padding-free, dropout {lora.dropout:g}, "
+            (f"now: padding-free, dropout {lora.dropout:g}, {now_compute.precision}, "
              + (f"top {lora.top_layers} blocks" if lora.top_layers else "all blocks"), [], False)]
+    peak = max((ComputeSettings(args.device, p, args.threads) for p in ("bf16", "fp32")), key=matmul_rate)
     results = []
     store, plain = instruction.store_frozen_weights_for, instruction._sft_trainer_with_plain_loss
     for name, overrides, before in runs:
         run_spec = with_overrides(spec, overrides)
+        compute = before_compute if before else now_compute
         if before:  # the kernel as it was: fp32 frozen weights, TRL's own loss
             instruction.store_frozen_weights_for = lambda model, compute: 0
             instruction._sft_trainer_with_plain_loss = lambda: SFTTrainer
@@ -76,13 +83,13 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
         losses = [h["eval_loss"] for h in record.history if "eval_loss" in h]
         results.append((name, record.tokens_per_second, record.train_seconds, min(losses) if losses else float("nan"),
-                        record.mfu))
+                        record.mfu * matmul_rate(compute) / matmul_rate(peak)))
         print(f"{name}: {record.tokens_per_second:.0f} real tokens/s in {record.train_seconds:.1f} s", flush=True)
 
     train_rows = int((rendered["split"] == "train").sum())
     print(f"\n{spec.name}: {train_rows} train examples x {spec.training.epochs:g} epochs, "
           f"batch {spec.training.batch_size}, {args.threads} threads; {device_name(args.device)}; MFU over the measured "
-          f"{matmul_rate(compute) / 1e12:.1f} TFLOP/s bf16 matmul peak")
+          f"{matmul_rate(peak) / 1e12:.2f} TFLOP/s {peak.precision} matmul peak (this machine's faster precision)")
     print(f"{'run':56s} {'tokens/s':>9s} {'train s':>8s} {'val loss':>9s} {'MFU':>6s}")
     for name, tps, seconds, loss, mfu in results:
         print(f"{name:56s} {tps:9.0f} {seconds:8.1f} {loss:9.4f} {mfu:6.1%}")

@@ -17,7 +17,7 @@ from pipelines.core.errors import TunelineError
 from pipelines.core.files import atomic_path
 from pipelines.core.records import BaseModelRecord, CheckpointRecord
 from pipelines.core.sections import ComputeConfig, KubernetesLaunchConfig
-from pipelines.core.trainer import ComputeSettings, MetricsSink, ProgressFn
+from pipelines.core.trainer import ComputeSettings, MetricsSink, ProgressFn, matmul_rate
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -38,7 +38,7 @@ class LaunchError(TunelineError):
 
 
 def cpu_supports_bf16() -> bool:
-    """True when the CPU has native bf16 instructions (AVX512-BF16 or AMX); autocast is then faster."""
+    """True when the CPU has native bf16 instructions (AVX512-BF16 or AMX)."""
     if sys.platform != "linux":
         return False
     try:
@@ -46,6 +46,26 @@ def cpu_supports_bf16() -> bool:
     except OSError:
         return False
     return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
+BF16_MIN_SPEEDUP = 1.25  # precision 'auto' on a CPU takes bf16 only when its matmuls are this much faster than fp32
+
+
+def cpu_bf16_speedup(num_threads: int | None = None) -> float:
+    """How much faster this CPU multiplies bf16 matrices than fp32 ones (measured once per process).
+
+    The instruction flags do not say: with AMX, bf16 products run several times faster than fp32; on a CPU with
+    AVX512-BF16 but no AMX they were measured at half the speed of fp32 (167 against 334 GFLOP/s on 2 cores), so
+    bf16 autocast there doubled every training and inference step."""
+    return (matmul_rate(ComputeSettings("cpu", "bf16", num_threads))
+            / matmul_rate(ComputeSettings("cpu", "fp32", num_threads)))
+
+
+def auto_precision(device: str, num_threads: int | None = None) -> str:
+    """bf16 where it pays: a GPU that supports it, a CPU whose bf16 matmuls are measurably faster than fp32."""
+    if device == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_supports_bf16() and cpu_bf16_speedup(num_threads) >= BF16_MIN_SPEEDUP else "fp32"
 
 
 def usable_cores() -> int:
@@ -60,15 +80,14 @@ def usable_cores() -> int:
 
 def resolve_compute(device: str, precision: str, num_threads: int | None = None, cache_dir: str | None = None,
                     world_size: int = 1) -> ComputeSettings:
-    """Settings for this machine: device 'auto' picks CUDA when torch sees it, precision 'auto' bf16 where the
-    device supports it."""
+    """Settings for this machine: device 'auto' picks CUDA when torch sees it, precision 'auto' bf16 where it is
+    faster (auto_precision)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("ComputeResource.device is 'cuda' but torch sees no CUDA device")
     if precision == "auto":
-        supported = torch.cuda.is_bf16_supported() if device == "cuda" else cpu_supports_bf16()
-        precision = "bf16" if supported else "fp32"
+        precision = auto_precision(device, num_threads)
     return ComputeSettings(device=device, precision=precision, num_threads=num_threads, cache_dir=cache_dir,
                            world_size=world_size)
 
@@ -170,7 +189,7 @@ def forwarding_reader(reader_class: type, outcome: LaunchOutcome, **kwargs: Any)
 
 
 class ComputeResource(dg.ConfigurableResource):
-    """Device and thread settings (the precision is chosen per spec: 'auto' picks bf16 when supported), and the
+    """Device and thread settings (the precision is chosen per spec: 'auto' picks bf16 where it is faster), and the
     launchers of a spec's `compute:` section."""
 
     device: str = "auto"  # auto | cpu | cuda
@@ -199,7 +218,9 @@ class ComputeResource(dg.ConfigurableResource):
                "out_dir": str(out_dir), "scratch": str(scratch) if scratch else None,
                # num_threads is this machine's (for all processes together): the pod's worker divides its own cores.
                "compute": {"device": "auto" if launch.launcher == "k8s" else self.device,
-                           "precision": spec.training.precision,
+                           # resolved here for torchrun, so that every process uses the same one
+                           "precision": spec.training.precision if launch.launcher == "k8s"
+                           else self.settings(spec.training.precision).precision,
                            "num_threads": None if launch.launcher == "k8s" or self.num_threads is None
                            else max(1, self.num_threads // launch.processes),
                            "cache_dir": self.cache_dir}}

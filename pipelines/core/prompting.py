@@ -90,9 +90,12 @@ def score_choices(model: Any, tokenizer: Any, prefix: list[dict[str, str]], text
         with compute.autocast():
             cache = decoder(input_ids=torch.tensor([prefix_ids], device=device), use_cache=True).cache
     scores = np.zeros((len(texts), len(choices)))
+    turns = [tokenizer(own_turn(t), add_special_tokens=False)["input_ids"] for t in texts]
+    order = np.argsort([len(t) for t in turns], kind="stable")  # batches of similar length: little padding
     done = 0
     for start in range(0, len(texts), batch_size):
-        rows = [tokenizer(own_turn(t), add_special_tokens=False)["input_ids"] for t in texts[start:start + batch_size]]
+        batch = order[start:start + batch_size]
+        rows = [turns[i] for i in batch]
         b, p = len(rows), len(prefix_ids)
         # One pass per batch: each row's own turn, then every answer's tokens but its last, laid out as a tree.
         # A 4D mask lets an answer's tokens see the prefix, the row's turn and their own answer's earlier tokens,
@@ -136,7 +139,7 @@ def score_choices(model: Any, tokenizer: Any, prefix: list[dict[str, str]], text
         at = 0
         for i, row_reads in enumerate(reads):
             for _, c, _, token in row_reads:
-                scores[start + i, c] += float(logp[at, token])
+                scores[batch[i], c] += float(logp[at, token])
                 at += 1
         done += b
         if progress is not None and (done == len(texts) or start // batch_size % 10 == 9):

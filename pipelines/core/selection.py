@@ -306,13 +306,17 @@ def select_base_model(spec: PipelineSpec, splits: pd.DataFrame, models: ModelAcq
     rows: list[dict[str, Any]] = []
     passed: list[tuple[dict[str, Any], BaseModelRecord]] = []
     started = time.monotonic()
-    replicates: dict[str, Any] = {}
+    replicates: dict[int, Any] = {}
+    # Candidates whose estimated training time straddles max_train_minutes (optimistic, pessimistic minutes): their
+    # steps are timed only once the probe has ranked them where the time could change the choice.
+    pending: dict[int, tuple[float, float]] = {}
     for location in cfg.resolved_candidates:
         row: dict[str, Any] = {"name": _name(location), "source": location.source, "verdict": "rejected",
                                "reason": "", "license": None, "architecture": None, "task_supported": None,
                                "lora_targets": [], "parameter_count": None, "weight_format": None,
                                "weights_sha256": None, "estimated_memory_mb": None,
-                               "estimated_train_minutes": None, "seconds_per_step": None, "train_minutes_from": None,
+                               "estimated_train_flops": None, "estimated_train_minutes": None,
+                               "seconds_per_step": None, "train_minutes_from": None,
                                "probe_metric": None, "probe_value": None,
                                "probe_score": None, "best_better_on_resamples": None}
         rows.append(row)
@@ -348,6 +352,7 @@ def select_base_model(spec: PipelineSpec, splits: pd.DataFrame, models: ModelAcq
             flops = training_step_flops(config, record.parameter_count, training.batch_size, tokens,
                                         task.predicts_tokens)
             rate = matmul_rate(compute)
+            row["estimated_train_flops"] = float(f"{flops * steps:.3g}")
             fastest, slowest = (flops / (rate * share) for share in reversed(STEP_EFFICIENCY))
             limit = cfg.max_train_minutes
             if limit is not None and fastest * steps / 60 > limit:
@@ -359,18 +364,15 @@ def select_base_model(spec: PipelineSpec, splits: pd.DataFrame, models: ModelAcq
                     f"machine's {rate / 1e9:,.0f} GFLOP/s, x {steps:,.0f} steps) exceeds base_model.max_train_minutes "
                     f"({limit:g}); rejected from the estimate, without timing a step")
             if limit is None or slowest * steps / 60 <= limit:  # within the limit even at the pessimistic rate
-                seconds, source = slowest, "estimate (at most)"
-            else:
-                progress(f"candidate {row['name']}: timing {cfg.probe.timed_steps} training steps (estimated "
-                         f"{fastest * steps / 60:.1f}-{slowest * steps / 60:.1f} min, the limit is {limit:g})")
-                seconds, source = task.time_train_step(record, spec, splits, compute, cfg.probe.timed_steps), "timed"
-            minutes = seconds * steps / 60
-            row.update(estimated_train_minutes=float(f"{minutes:.3g}"), seconds_per_step=float(f"{seconds:.3g}"),
-                       train_minutes_from=source)
-            if limit is not None and minutes > limit:
-                raise CandidateRejected(f"estimated training time {minutes:.1f} min ({seconds:.2f} s/step x "
-                                        f"{steps_per_epoch} steps x {training.epochs:g} epochs, {source}) exceeds "
-                                        f"base_model.max_train_minutes ({limit:g})")
+                minutes = slowest * steps / 60
+                row.update(estimated_train_minutes=float(f"{minutes:.3g}"), seconds_per_step=float(f"{slowest:.3g}"),
+                           train_minutes_from="estimate (at most)")
+            else:  # the estimate cannot decide: timed later, and only if the candidate could win (_time_candidate)
+                row.update(estimated_train_minutes=float(f"{fastest * steps / 60:.3g}"),
+                           seconds_per_step=float(f"{fastest:.3g}"),
+                           train_minutes_from=f"estimate ({fastest * steps / 60:.3g} to {slowest * steps / 60:.3g} "
+                                              "min; timed only if it could change the choice)")
+                pending[id(row)] = (fastest * steps / 60, slowest * steps / 60)
             row["verdict"] = "passed"
             passed.append((row, record))
         except (ModelSourceError, CandidateRejected) as exc:
@@ -393,17 +395,34 @@ def select_base_model(spec: PipelineSpec, splits: pd.DataFrame, models: ModelAcq
         replicates[id(row)] = result.replicates
         progress(f"candidate {row['name']}: {result.metric} {result.value:.4f}")
     probed = [(row, record) for row, record in passed if row["probe_score"] is not None]
-    ranked = sorted((r for r, _ in probed), key=lambda r: -r["probe_score"])
-    best = ranked[0]
-    # Within the probe's noise of the best score, the candidate that is cheapest to train wins: a more expensive
-    # model has to beat a cheaper one on at least probe.confidence of the paired bootstrap resamples.
-    tied = [best]
-    for row in ranked[1:]:
-        share = _share_better(replicates[id(best)], replicates[id(row)])
-        row["best_better_on_resamples"] = None if share is None else round(share, 3)
-        if share is not None and share < cfg.probe.confidence:
-            tied.append(row)
-    winner_row = min(tied, key=_training_cost)
+    while True:
+        # Within the probe's noise of the best, the cheapest to train (fewest estimated FLOPs) wins; the time limit
+        # only matters for the candidate that would win, so only its steps are timed, and only when its estimate
+        # straddles the limit. Timed over the limit, it is rejected and the choice is made again.
+        ranked, best, tied = _ranking(probed, replicates, cfg.probe.confidence)
+        winner_row = min(tied, key=_training_cost)
+        if id(winner_row) not in pending:
+            break
+        record = next(record for row, record in probed if row is winner_row)
+        fastest, slowest = pending.pop(id(winner_row))
+        try:
+            _time_candidate(winner_row, record, task, spec, splits, compute, steps_per_epoch, fastest, slowest,
+                            progress)
+            break
+        except Exception as exc:  # over the limit, or a model whose training step cannot run
+            reason = (str(exc) if isinstance(exc, CandidateRejected) else
+                      f"could not be loaded or run: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+            winner_row.update(verdict="rejected", reason=reason, best_better_on_resamples=None)
+            progress(f"candidate {winner_row['name']}: rejected: {reason}")
+            probed = [(r, m) for r, m in probed if r is not winner_row]
+        if not probed:
+            raise ModelSourceError("base_model: every candidate was rejected:\n" + "\n".join(
+                f"  - {r['name']}: {r['reason']}" for r in rows))
+    for row in rows:  # ranked below the winner, costlier than a tied one, or not probed: their time never mattered
+        if id(row) in pending:
+            fastest, slowest = pending[id(row)]
+            row["train_minutes_from"] = (f"estimate ({fastest:.3g} to {slowest:.3g} min; not timed, since its time "
+                                         "could not change the choice)")
     winner = next(record for row, record in probed if row is winner_row)
     ranked.remove(winner_row)
     ranked.insert(0, winner_row)
@@ -432,6 +451,40 @@ def select_base_model(spec: PipelineSpec, splits: pd.DataFrame, models: ModelAcq
     return dataclasses.replace(winner, selection=tuple(rows))
 
 
+def _ranking(probed: list[tuple[dict[str, Any], BaseModelRecord]], replicates: dict[int, Any],
+             confidence: float) -> tuple[list[dict[str, Any]], dict[str, Any], list[dict[str, Any]]]:
+    """The probed rows by probe score, the best one, and those within the probe's noise of it (the best one too):
+    a more expensive model has to beat a cheaper one on at least `confidence` of the paired bootstrap resamples."""
+    ranked = sorted((r for r, _ in probed), key=lambda r: -r["probe_score"])
+    best = ranked[0]
+    tied = [best]
+    for row in ranked[1:]:
+        share = _share_better(replicates[id(best)], replicates[id(row)])
+        row["best_better_on_resamples"] = None if share is None else round(share, 3)
+        if share is not None and share < confidence:
+            tied.append(row)
+    return ranked, best, tied
+
+
+def _time_candidate(row: dict[str, Any], record: BaseModelRecord, task: Any, spec: PipelineSpec,
+                    splits: pd.DataFrame, compute: ComputeSettings, steps_per_epoch: int, fastest: float,
+                    slowest: float, progress: ProgressFn) -> None:
+    """Time a few training steps of a candidate whose estimate straddles max_train_minutes; raises
+    CandidateRejected when the timed steps put the training over it."""
+    cfg, training = spec.base_model, spec.training
+    limit, steps = cfg.max_train_minutes, steps_per_epoch * training.epochs
+    progress(f"candidate {row['name']}: timing {cfg.probe.timed_steps} training steps (estimated "
+             f"{fastest:.1f}-{slowest:.1f} min, the limit is {limit:g})")
+    seconds = task.time_train_step(record, spec, splits, compute, cfg.probe.timed_steps)
+    minutes = seconds * steps / 60
+    row.update(estimated_train_minutes=float(f"{minutes:.3g}"), seconds_per_step=float(f"{seconds:.3g}"),
+               train_minutes_from="timed")
+    if limit is not None and minutes > limit:
+        raise CandidateRejected(f"estimated training time {minutes:.1f} min ({seconds:.2f} s/step x "
+                                f"{steps_per_epoch} steps x {training.epochs:g} epochs, timed) exceeds "
+                                f"base_model.max_train_minutes ({limit:g})")
+
+
 def _share_better(best: Any, other: Any) -> float | None:
     """The share of paired bootstrap resamples on which `best` scores higher than `other` (ties count half)."""
     if best is None or other is None or len(best) != len(other) or not len(best):
@@ -443,10 +496,14 @@ def _share_better(best: Any, other: Any) -> float | None:
 
 
 def _training_cost(row: dict[str, Any]) -> tuple[float, float]:
-    minutes = row.get("estimated_train_minutes")
-    return (float(minutes) if minutes is not None else float("inf"), float(row.get("parameter_count") or 0))
+    """The estimated FLOPs of the whole training (the same basis for every candidate, timed or not), then size."""
+    flops = row.get("estimated_train_flops")
+    return (float(flops) if flops is not None else float("inf"), float(row.get("parameter_count") or 0))
 
 
 def _cost_text(row: dict[str, Any]) -> str:
-    minutes = row.get("estimated_train_minutes")
-    return f"~{minutes:g} min" if minutes is not None else f"{row.get('parameter_count') or 0:,} parameters"
+    flops, minutes = row.get("estimated_train_flops"), row.get("estimated_train_minutes")
+    if flops is None:
+        return f"{row.get('parameter_count') or 0:,} parameters"
+    return f"~{flops / 1e12:,.3g} TFLOP" + (f", {minutes:g} min timed" if row.get("train_minutes_from") == "timed"
+                                             else "")

@@ -247,6 +247,104 @@ def test_selection_estimates_first_and_times_only_when_the_estimate_cannot_decid
     assert not any("timing 3 training steps" in m for m in said)
 
 
+def _weak_and_strong(tmp_path: Path, tiny_model_dir: Path) -> tuple[Path, Path]:
+    """Two candidates the probe tells apart: 2 dimensions cannot separate six classes, 32 can."""
+    import shutil
+
+    from transformers import BertConfig, BertModel
+
+    weak, strong = tmp_path / "weak", tmp_path / "strong"
+    shutil.copytree(tiny_model_dir, weak)
+    shutil.copytree(tiny_model_dir, strong)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=30522, hidden_size=2, num_hidden_layers=1, num_attention_heads=1,
+                         intermediate_size=4, max_position_embeddings=128)).save_pretrained(str(weak))
+    return weak, strong
+
+
+def test_selection_times_a_candidate_only_when_its_time_could_change_the_choice(
+        tmp_path: Path, tiny_model_dir: Path, trec_splits: pd.DataFrame, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both estimates straddle the limit (a range of efficiencies from 1e-9 to 1): the probe ranks first, then only
+    the winner's steps are timed; the loser's time cannot change the choice and is left as the estimated range.
+    When the winner's timed steps break the limit, it is rejected and the next in rank is timed in turn."""
+    import pipelines.core.selection as selection
+
+    weak, strong = _weak_and_strong(tmp_path, tiny_model_dir)
+    monkeypatch.setattr(selection, "STEP_EFFICIENCY", (1e-9, 1.0))
+    said: list[str] = []
+    record = select_base_model(spec_for([weak, strong], max_train_minutes=60), trec_splits,
+                               store(tmp_path, tmp_path / "m"), FP32, progress=said.append)
+    found = rows(record)
+    assert record.name == "strong" and found["strong"]["train_minutes_from"] == "timed"
+    assert found["weak"]["verdict"] == "ranked"
+    assert "not timed, since its time could not change the choice" in found["weak"]["train_minutes_from"]
+    timed = [m for m in said if "timing 3 training steps" in m]
+    assert len(timed) == 1 and timed[0].startswith("candidate strong:")
+    # the probe ran before any step was timed
+    assert said.index(timed[0]) > max(i for i, m in enumerate(said) if "linear_probe_macro_f1" in m)
+
+    timed_minutes = found["strong"]["estimated_train_minutes"]
+    unlimited = select_base_model(spec_for([weak, strong]), trec_splits, store(tmp_path, tmp_path / "m"), FP32,
+                                  progress=lambda _: None)
+    fastest = rows(unlimited)["strong"]["estimated_train_minutes"] * 1e-9  # "at most" is at efficiency 1e-9
+    assert fastest < timed_minutes
+    said.clear()  # a limit between the winner's best-case estimate and its timed steps: timed, rejected, and the
+    # next in rank is timed in turn (it passes or is rejected by its own timed steps)
+    limit = (fastest * timed_minutes) ** 0.5
+    try:
+        record = select_base_model(spec_for([weak, strong], max_train_minutes=limit), trec_splits,
+                                   store(tmp_path, tmp_path / "m"), FP32, progress=said.append)
+        found = rows(record)
+        assert record.name == "weak" and found["weak"]["train_minutes_from"] == "timed"
+        assert found["strong"]["verdict"] == "rejected"
+        assert ", timed) exceeds base_model.max_train_minutes" in found["strong"]["reason"]
+    except ModelSourceError as exc:
+        assert str(exc).count(", timed) exceeds base_model.max_train_minutes") == 2
+    assert [m.split(":")[0] for m in said if "timing 3 training steps" in m] == ["candidate strong", "candidate weak"]
+
+
+def test_a_costlier_candidate_within_the_probes_noise_is_not_timed_when_it_cannot_be_the_cheaper(
+        tmp_path: Path, tiny_model_dir: Path, trec_splits: pd.DataFrame) -> None:
+    """Equal probe scores tie, and the cheaper to train wins. A candidate with 20M more parameters has an optimistic
+    estimate above the cheap one's pessimistic one: timing its steps could not change the choice."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    cheap, costly = tmp_path / "cheap", tmp_path / "costly"
+    shutil.copytree(tiny_model_dir, cheap)
+    shutil.copytree(tiny_model_dir, costly)
+    weights = load_file(str(costly / "model.safetensors"))
+    weights["unused.extra"] = torch.zeros(20_000_000, dtype=torch.bfloat16)
+    save_file(weights, str(costly / "model.safetensors"), metadata={"format": "pt"})
+    unlimited = rows(select_base_model(spec_for([cheap, costly]), trec_splits, store(tmp_path, tmp_path / "m"), FP32,
+                                       progress=lambda _: None))
+    at_most = {name: row["estimated_train_minutes"] for name, row in unlimited.items()}
+    limit = at_most["costly"] / 2  # above the cheap one's pessimistic estimate, within the costly one's range
+    assert at_most["cheap"] < limit
+    said: list[str] = []
+    record = select_base_model(spec_for([cheap, costly], max_train_minutes=limit), trec_splits,
+                               store(tmp_path, tmp_path / "m"), FP32, progress=said.append)
+    found = rows(record)
+    assert record.name == "cheap" and found["cheap"]["train_minutes_from"] == "estimate (at most)"
+    assert found["costly"]["best_better_on_resamples"] == 0.5  # tied with the best
+    assert "not timed, since its time could not change the choice" in found["costly"]["train_minutes_from"]
+    assert not any("timing 3 training steps" in m for m in said)
+
+
+def test_auto_precision_takes_bf16_on_a_cpu_only_where_its_products_are_faster() -> None:
+    """The instruction flags do not decide: a CPU with AVX512-BF16 but no AMX multiplies bf16 at half its fp32
+    speed. 'auto' follows the measured ratio of this machine's bf16 and fp32 matmul rates."""
+    from resources.compute import BF16_MIN_SPEEDUP, cpu_bf16_speedup, cpu_supports_bf16, resolve_compute
+
+    speedup = cpu_bf16_speedup(2)
+    assert speedup > 0
+    expected = "bf16" if cpu_supports_bf16() and speedup >= BF16_MIN_SPEEDUP else "fp32"
+    assert resolve_compute("cpu", "auto", 2).precision == expected
+    assert resolve_compute("cpu", "bf16", 2).precision == "bf16"  # asked for: kept, however slow
+    assert resolve_compute("cpu", "fp32", 2).precision == "fp32"
+
+
 def test_gguf_header_reader_gives_what_the_gguf_library_reads(tmp_path: Path) -> None:
     """Selection reads a GGUF file's licence and size from its header, skipping the tokenizer's arrays: the result
     is the gguf library's own, and a damaged file is refused with its path."""
