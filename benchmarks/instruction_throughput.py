@@ -29,7 +29,7 @@ from pipelines.core.spec import load_spec  # noqa: E402
 from pipelines.core.steps import split_dataset  # noqa: E402
 from pipelines.core.tasks import instruction, task_for  # noqa: E402
 from pipelines.core.trainer import ComputeSettings, matmul_rate  # noqa: E402
-from resources.compute import resolve_compute  # noqa: E402
+from pipelines.core.hardware import resolve_compute  # noqa: E402
 from resources.model_store import ModelStore  # noqa: E402
 
 

@@ -73,7 +73,7 @@ def train(job: dict[str, Any], rank: int, world_size: int, local_rank: int, prog
     from pipelines.core.records import BaseModelRecord
     from pipelines.core.spec import PipelineSpec
     from pipelines.core.tasks import task_for
-    from resources.compute import resolve_compute, usable_cores
+    from pipelines.core.hardware import resolve_compute, usable_cores
 
     spec = PipelineSpec.model_validate(job["spec"])
     compute = resolve_compute(**job["compute"], world_size=world_size)

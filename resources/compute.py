@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import dagster as dg
-import torch
 
 from pipelines.core.errors import TunelineError
 from pipelines.core.files import atomic_path
+from pipelines.core.hardware import resolve_compute, usable_cores
 from pipelines.core.records import BaseModelRecord, CheckpointRecord
 from pipelines.core.sections import ComputeConfig, KubernetesLaunchConfig
-from pipelines.core.trainer import ComputeSettings, MetricsSink, ProgressFn, matmul_rate
+from pipelines.core.trainer import ComputeSettings, MetricsSink, ProgressFn
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -35,61 +35,6 @@ LAUNCHER_PID = "TUNELINE_LAUNCHER_PID"
 
 class LaunchError(TunelineError):
     """The training command started by a launcher failed; the message says how and where to look."""
-
-
-def cpu_supports_bf16() -> bool:
-    """True when the CPU has native bf16 instructions (AVX512-BF16 or AMX)."""
-    if sys.platform != "linux":
-        return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
-
-
-BF16_MIN_SPEEDUP = 1.25  # precision 'auto' on a CPU takes bf16 only when its matmuls are this much faster than fp32
-
-
-def cpu_bf16_speedup(num_threads: int | None = None) -> float:
-    """How much faster this CPU multiplies bf16 matrices than fp32 ones (measured once per process).
-
-    The instruction flags do not say: with AMX, bf16 products run several times faster than fp32; on a CPU with
-    AVX512-BF16 but no AMX they were measured at half the speed of fp32 (167 against 334 GFLOP/s on 2 cores), so
-    bf16 autocast there doubled every training and inference step."""
-    return (matmul_rate(ComputeSettings("cpu", "bf16", num_threads))
-            / matmul_rate(ComputeSettings("cpu", "fp32", num_threads)))
-
-
-def auto_precision(device: str, num_threads: int | None = None) -> str:
-    """bf16 where it pays: a GPU that supports it, a CPU whose bf16 matmuls are measurably faster than fp32."""
-    if device == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_supports_bf16() and cpu_bf16_speedup(num_threads) >= BF16_MIN_SPEEDUP else "fp32"
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (a container's or a taskset's CPU set, not every core of the node)."""
-    import os
-
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def resolve_compute(device: str, precision: str, num_threads: int | None = None, cache_dir: str | None = None,
-                    world_size: int = 1) -> ComputeSettings:
-    """Settings for this machine: device 'auto' picks CUDA when torch sees it, precision 'auto' bf16 where it is
-    faster (auto_precision)."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("ComputeResource.device is 'cuda' but torch sees no CUDA device")
-    if precision == "auto":
-        precision = auto_precision(device, num_threads)
-    return ComputeSettings(device=device, precision=precision, num_threads=num_threads, cache_dir=cache_dir,
-                           world_size=world_size)
 
 
 # ------------------------------------------------------------------------------------------ launching
