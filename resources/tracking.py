@@ -14,6 +14,7 @@ import math
 import os
 import socket
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -26,7 +27,7 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
-from pipelines.core.errors import TunelineError
+from pipelines.core.errors import StepInterrupted, TunelineError
 from pipelines.core.files import process_alive
 from pipelines.core.records import CheckpointRecord, EvaluationReport, FilePath, Markdown, StepLog
 from pipelines.core.steps import registry_tags
@@ -45,6 +46,10 @@ class TrackingError(TunelineError):
 
 class TrackingUnavailable(TrackingError):
     """The tracking server did not answer (refused, reset, timed out): an outage, worth a retry."""
+
+
+# Set when a step of this process is interrupted: the run is stopping, so the steps still to start fail at once.
+_INTERRUPTED = threading.Event()
 
 
 def is_outage(exc: BaseException | None) -> bool:
@@ -339,9 +344,21 @@ class TrackingResource(dg.ConfigurableResource):
     @contextmanager
     def _only_outages_retried(self) -> Iterator[None]:
         """A tracking-server outage fails the step as TrackingUnavailable, which the assets' RetryPolicy retries;
-        any other error (bad data, a bad spec, a full disk, a bug) fails it for good, without retries."""
+        any other error (bad data, a bad spec, a full disk, a bug) fails it for good, without retries.
+
+        So does an interrupt (SIGINT, SIGTERM: Ctrl-C, `kill`, a stopped container). Dagster retries an interrupted
+        step under a RetryPolicy, so `tuneline run` went on after `kill` (the step started again, twice); now the
+        step fails at once, and the steps of the same process that were still to start fail without running."""
+        if _INTERRUPTED.is_set():
+            why = "not started: this run was interrupted (SIGINT or SIGTERM) in an earlier step"
+            raise dg.Failure(description=why, allow_retries=False) from StepInterrupted(why)
         try:
             yield
+        except (KeyboardInterrupt, dg.DagsterExecutionInterruptedError):
+            _INTERRUPTED.set()
+            why = ("interrupted (SIGINT or SIGTERM): the step stopped before writing its output; materialize again to "
+                   "go on (an interrupted training resumes from its last checkpoint)")
+            raise dg.Failure(description=why, allow_retries=False) from StepInterrupted(why)
         except (dg.Failure, dg.RetryRequested):
             raise
         except Exception as exc:

@@ -136,3 +136,44 @@ def test_a_run_killed_after_a_checkpoint_resumes_and_ends_as_if_never_interrupte
     training = {r.info.status for r in runs if r.info.run_name == "finetuned_checkpoint"}
     assert training == {"KILLED", "FINISHED"}
     assert not [r for r in runs if r.info.status == "RUNNING"]
+
+
+@pytest.mark.parametrize("sent", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_run_sent_sigterm_or_sigint_stops_at_once_and_resumes_from_its_checkpoint(
+        tmp_path: Path, trec_slice_csv: Path, tiny_model_dir: Path, write_spec: Callable[..., Path],
+        sent: signal.Signals) -> None:
+    """`kill PID` or Ctrl-C during training stops `tuneline run`: the step fails at once, is not retried (Dagster
+    retries an interrupted step under a RetryPolicy, which made the run go on after `kill`), the evaluation does
+    not start, the exit status says it failed, and the next run resumes from the last resumable checkpoint."""
+    import dagster as dg
+
+    spec = classification_case(tmp_path, trec_slice_csv, tiny_model_dir)
+    spec["training"] = {**spec["training"], "epochs": 6}  # 850 steps: the signal comes at step 20, long before the end
+    specs = write_spec("resumed", spec)
+    data_dir, home = tmp_path / "data", tmp_path / "home"
+    process = subprocess.Popen(command("resumed", specs, data_dir), cwd=PROJECT_ROOT, env=environment(home),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    assert process.stderr is not None
+    for line in process.stderr:
+        lines.append(line.rstrip("\n"))
+        if "saved a resumable checkpoint at step" in line:
+            os.kill(process.pid, sent)
+            break
+    lines += [line.rstrip("\n") for line in process.stderr]  # up to the end of the process
+    process.wait(timeout=60)
+    text = "\n".join(lines)
+    assert process.returncode == 1, text[-3000:]
+    assert "interrupted (SIGINT or SIGTERM)" in text, text[-3000:]
+    assert sum("finetuned_checkpoint: starting fresh" in line for line in lines) == 1, text[-3000:]  # no retry
+    assert not any("kept the weights of epoch" in line or "evaluation_report:" in line for line in lines), text[-3000:]
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        [run] = instance.get_runs(filters=dg.RunsFilter(job_name="resumed_job"))
+        assert run.status == dg.DagsterRunStatus.FAILURE
+        retried = instance.get_records_for_run(run.run_id, of_type=dg.DagsterEventType.STEP_UP_FOR_RETRY).records
+        assert not retried
+
+    again = subprocess.run(command("resumed", specs, data_dir), cwd=PROJECT_ROOT, env=environment(home),
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "finetuned_checkpoint: resuming from step " in again.stderr, again.stderr[-3000:]

@@ -46,3 +46,7 @@ class CheckpointError(TunelineError):
 class InstanceError(TunelineError):
     """The Dagster instance's settings (environment variables, dagster.yaml) are wrong, or its database cannot be
     reached. Never carries a password."""
+
+
+class StepInterrupted(TunelineError):
+    """A step stopped by SIGINT or SIGTERM (Ctrl-C, `kill`, a stopped container): failed for good, not retried."""
