@@ -115,6 +115,9 @@ def terminal_logger(init_context: dg.InitLoggerContext) -> logging.Logger:
     return logger
 
 
+INTERRUPTS = ("DagsterExecutionInterruptedError", "KeyboardInterrupt")
+
+
 def _user_message(error: Any) -> str:
     """The error a user can act on: the outermost tuneline error in the chain (it says what to do; its causes
     are details), else the innermost error (the user's, not Dagster's wrapper); without tuneline's module path."""
@@ -131,6 +134,8 @@ def _user_message(error: Any) -> str:
         innermost, error = error, error.cause
     if innermost is None:
         return "unknown error"
+    if innermost.cls_name in INTERRUPTS:  # a step without the tracking wrapper (a check) stopped by a signal
+        return "interrupted (SIGINT or SIGTERM)"
     message = innermost.message.strip()
     if innermost.cls_name in names:  # "pipelines.core.errors.SourceError: ..." -> "..."
         message = re.sub(rf"^[\w.]*{re.escape(innermost.cls_name)}: ", "", message, count=1)

@@ -177,3 +177,19 @@ def test_a_run_sent_sigterm_or_sigint_stops_at_once_and_resumes_from_its_checkpo
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "finetuned_checkpoint: resuming from step " in again.stderr, again.stderr[-3000:]
+
+
+def test_a_step_stopped_by_a_signal_is_reported_as_interrupted_not_as_a_dagster_class() -> None:
+    """A check (no tracking wrapper) interrupted by SIGTERM fails with Dagster's interrupt error: the terminal says
+    what happened in words."""
+    from dagster._utils.error import SerializableErrorInfo
+
+    from pipelines.terminal import _user_message
+
+    interrupt = SerializableErrorInfo("dagster._core.errors.DagsterExecutionInterruptedError\n", [],
+                                      "DagsterExecutionInterruptedError")
+    wrapped = SerializableErrorInfo("dagster._core.errors.DagsterExecutionStepExecutionError: Error occurred\n", [],
+                                    "DagsterExecutionStepExecutionError", cause=interrupt)
+    assert _user_message(wrapped) == "interrupted (SIGINT or SIGTERM)"
+    other = SerializableErrorInfo("ValueError: bad value\n", [], "ValueError")
+    assert _user_message(other) == "ValueError: bad value"
