@@ -22,14 +22,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.recipe_vs_tuneline import device_name, with_overrides  # noqa: E402
+from benchmarks.recipe_vs_tuneline import device_name, fastest_precision, with_overrides  # noqa: E402
+from pipelines.core.hardware import resolve_compute  # noqa: E402
 from pipelines.core.selection import resolve_base_model  # noqa: E402
 from pipelines.core.sources import read_source  # noqa: E402
 from pipelines.core.spec import load_spec  # noqa: E402
 from pipelines.core.steps import split_dataset  # noqa: E402
 from pipelines.core.tasks import instruction, task_for  # noqa: E402
 from pipelines.core.trainer import ComputeSettings, matmul_rate  # noqa: E402
-from pipelines.core.hardware import resolve_compute  # noqa: E402
 from resources.model_store import ModelStore  # noqa: E402
 
 
@@ -65,7 +65,7 @@ def main() -> None:
              ["training.padding_free=false", "training.lora.dropout=0.05", "training.lora.top_layers=null"], True),
             (f"now: padding-free, dropout {lora.dropout:g}, {now_compute.precision}, "
              + (f"top {lora.top_layers} blocks" if lora.top_layers else "all blocks"), [], False)]
-    peak = max((ComputeSettings(args.device, p, args.threads) for p in ("bf16", "fp32")), key=matmul_rate)
+    peak = fastest_precision(args.device, args.threads)
     results = []
     store, plain = instruction.store_frozen_weights_for, instruction._sft_trainer_with_plain_loss
     for name, overrides, before in runs:

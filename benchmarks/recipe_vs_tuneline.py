@@ -38,6 +38,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
+from pipelines.core.hardware import resolve_compute  # noqa: E402
 from pipelines.core.selection import resolve_base_model  # noqa: E402
 from pipelines.core.sources import read_source  # noqa: E402
 from pipelines.core.spec import PipelineSpec, load_spec  # noqa: E402
@@ -46,7 +47,6 @@ from pipelines.core.tasks import task_for  # noqa: E402
 from pipelines.core.tasks.classification import (classification_metrics, load_classifier, predict_proba,  # noqa: E402
                                                  train_classifier)
 from pipelines.core.trainer import ComputeSettings, matmul_rate, model_flops_utilization  # noqa: E402
-from pipelines.core.hardware import resolve_compute  # noqa: E402
 from resources.model_store import ModelStore  # noqa: E402
 
 RECIPE = {"r": 8, "alpha": 16, "dropout": 0.1, "targets": None, "learning_rate": 1e-3,

@@ -41,8 +41,10 @@ def run_to_the_end(pipeline: str, specs: Path, data_dir: Path, home: Path) -> tu
     return json.loads(out.stdout), out.stderr
 
 
-def kill_after_first_checkpoint(pipeline: str, specs: Path, data_dir: Path, home: Path) -> list[str]:
-    """Start the run, SIGKILL it as soon as it reports its first resumable checkpoint; return its stderr lines."""
+def signal_after_first_checkpoint(pipeline: str, specs: Path, data_dir: Path, home: Path,
+                                  sent: signal.Signals) -> tuple[int, list[str]]:
+    """Start the run, send it `sent` as soon as it reports its first resumable checkpoint, and let it end; return
+    its exit status and its stderr lines (up to the end of the process, but for SIGKILL)."""
     process = subprocess.Popen(command(pipeline, specs, data_dir), cwd=PROJECT_ROOT, env=environment(home),
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
@@ -50,10 +52,18 @@ def kill_after_first_checkpoint(pipeline: str, specs: Path, data_dir: Path, home
     for line in process.stderr:
         lines.append(line.rstrip("\n"))
         if "saved a resumable checkpoint at step" in line:
-            os.kill(process.pid, signal.SIGKILL)
+            os.kill(process.pid, sent)
             break
+    if sent != signal.SIGKILL:  # a killed process's children may still hold the pipe: its end is not awaited
+        lines += [line.rstrip("\n") for line in process.stderr]
     process.wait(timeout=60)
-    assert process.returncode == -signal.SIGKILL, "\n".join(lines[-30:])
+    return process.returncode, lines
+
+
+def kill_after_first_checkpoint(pipeline: str, specs: Path, data_dir: Path, home: Path) -> list[str]:
+    """Start the run, SIGKILL it as soon as it reports its first resumable checkpoint; return its stderr lines."""
+    status, lines = signal_after_first_checkpoint(pipeline, specs, data_dir, home, signal.SIGKILL)
+    assert status == -signal.SIGKILL, "\n".join(lines[-30:])
     return lines
 
 
@@ -151,19 +161,9 @@ def test_a_run_sent_sigterm_or_sigint_stops_at_once_and_resumes_from_its_checkpo
     spec["training"] = {**spec["training"], "epochs": 6}  # 850 steps: the signal comes at step 20, long before the end
     specs = write_spec("resumed", spec)
     data_dir, home = tmp_path / "data", tmp_path / "home"
-    process = subprocess.Popen(command("resumed", specs, data_dir), cwd=PROJECT_ROOT, env=environment(home),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    assert process.stderr is not None
-    for line in process.stderr:
-        lines.append(line.rstrip("\n"))
-        if "saved a resumable checkpoint at step" in line:
-            os.kill(process.pid, sent)
-            break
-    lines += [line.rstrip("\n") for line in process.stderr]  # up to the end of the process
-    process.wait(timeout=60)
+    status, lines = signal_after_first_checkpoint("resumed", specs, data_dir, home, sent)
     text = "\n".join(lines)
-    assert process.returncode == 1, text[-3000:]
+    assert status == 1, text[-3000:]
     assert "interrupted (SIGINT or SIGTERM)" in text, text[-3000:]
     assert sum("finetuned_checkpoint: starting fresh" in line for line in lines) == 1, text[-3000:]  # no retry
     assert not any("kept the weights of epoch" in line or "evaluation_report:" in line for line in lines), text[-3000:]

@@ -4,6 +4,7 @@ compute settings as a pipeline run does."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -45,8 +46,6 @@ def auto_precision(device: str, num_threads: int | None = None) -> str:
 
 def usable_cores() -> int:
     """The cores this process may run on (a container's or a taskset's CPU set, not every core of the node)."""
-    import os
-
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
