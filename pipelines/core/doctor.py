@@ -137,15 +137,16 @@ def _short(text: Any, width: int = 120) -> str:
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
-def out_of_fold_probabilities(x: np.ndarray, y: np.ndarray, num_labels: int, folds: int, seed: int) -> np.ndarray:
-    """Class probabilities of every row from a standardized logistic regression that did not see the row
-    (stratified folds; a class with fewer rows than folds is spread over as many folds as it has rows)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
+def out_of_fold_probabilities(x: np.ndarray, y: np.ndarray, num_labels: int, folds: int, seed: int,
+                              fit: Callable[[np.ndarray, np.ndarray], Any] | None = None) -> np.ndarray:
+    """Class probabilities of every row from a model that did not see the row (stratified folds; a class with
+    fewer rows than folds is spread over as many folds as it has rows). `fit(x, y)` returns the model (with
+    `classes_` and `predict_proba`); by default a standardized logistic regression with C=0.1, fitted in torch."""
     import warnings
+
+    from sklearn.model_selection import StratifiedKFold
+
+    from pipelines.core.linear_probe import fit_probe
 
     largest = int(np.bincount(y, minlength=num_labels).max()) if len(y) else 0
     if largest < 2:
@@ -156,9 +157,8 @@ def out_of_fold_probabilities(x: np.ndarray, y: np.ndarray, num_labels: int, fol
         warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
         parts = list(splitter.split(x, y))
     for fit_rows, predict_rows in parts:
-        model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000, random_state=seed))
-        model.fit(x[fit_rows], y[fit_rows])
-        probabilities[np.ix_(predict_rows, model[-1].classes_)] = model.predict_proba(x[predict_rows])
+        model = fit(x[fit_rows], y[fit_rows]) if fit else fit_probe(x[fit_rows], y[fit_rows], 0.1)
+        probabilities[np.ix_(predict_rows, model.classes_)] = model.predict_proba(x[predict_rows])
     return probabilities
 
 
@@ -224,7 +224,7 @@ def examine(frame: pd.DataFrame, embeddings: np.ndarray, labels: Sequence[str], 
     started = time.perf_counter()
     index = {label: i for i, label in enumerate(labels)}
     y = frame["label"].map(index).to_numpy()
-    probabilities = out_of_fold_probabilities(embeddings, y, len(labels), folds, seed)
+    probabilities = out_of_fold_probabilities(embeddings, y, len(labels), folds, seed, fit)
     ranked = label_suspects(probabilities, y)
     progress(f"{len(ranked):,} label suspect(s) among {len(frame):,} rows ({folds}-fold out-of-fold "
              "probabilities, cleanlab)")

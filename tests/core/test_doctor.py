@@ -36,7 +36,7 @@ def run(frame: pd.DataFrame, embeddings: np.ndarray, **kwargs: object) -> object
         return classification_metrics(truth, predicted, len(LABELS))["macro_f1"]
 
     settings = {"folds": 5, "duplicate_similarity": 0.999, "shares": (0.25, 0.5, 1.0), "seed": 0, **kwargs}
-    return examine(frame, embeddings, LABELS, "macro_f1", score, lambda x, y: fit_linear_probe(x, y, None, None, 0),
+    return examine(frame, embeddings, LABELS, "macro_f1", score, lambda x, y: fit_linear_probe(x, y, None, None),
                    "test-encoder", settings["folds"], settings["duplicate_similarity"], settings["shares"],
                    settings["seed"], progress=lambda _: None)
 

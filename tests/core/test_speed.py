@@ -393,18 +393,29 @@ def test_linear_probe_head_computes_the_probes_decision(classes: int) -> None:
     scale = np.array([300.0, 1.0, 0.01, 5.0, 1.0, 50.0])  # a few huge dimensions, as decoders' hidden states have
     y = rng.integers(0, classes, 300)
     x = (rng.normal(size=(300, 6)) + y[:, None] * 0.7) * scale + 3.0
-    probe = fit_linear_probe(x[:200], y[:200], x[200:250], y[200:250], seed=0)
+    probe = fit_linear_probe(x[:200], y[:200], x[200:250], y[200:250])
     assert probe.score(x[250:], y[250:]) > 1 / classes + 0.2
     head = torch.nn.Linear(6, classes)
     _head_from_probe(head, probe, classes)
     with torch.no_grad():
         logits = head(torch.tensor(x[250:], dtype=torch.float32)).double().numpy()
-    decision = probe.decision_function(x[250:])
-    if classes == 2:  # sklearn keeps one score for two classes: the head's second logit minus its first
-        assert np.allclose(logits[:, 1] - logits[:, 0], decision, atol=1e-3)
-    else:
-        assert np.allclose(logits, decision, atol=1e-3)
+    assert np.allclose(logits, probe.decision_function(x[250:]), atol=1e-3)
     assert (logits.argmax(1) == probe.predict(x[250:])).all()
+
+
+def test_linear_probe_head_never_starts_on_a_label_its_probe_did_not_see() -> None:
+    from pipelines.core.tasks.classification import _head_from_probe, fit_linear_probe
+
+    rng = np.random.default_rng(1)
+    y = rng.choice([0, 2], 120)  # label 1 has no training row
+    x = rng.normal(size=(120, 5)) + y[:, None]
+    probe = fit_linear_probe(x, y, None, None)
+    head = torch.nn.Linear(5, 3)
+    _head_from_probe(head, probe, 3)
+    with torch.no_grad():
+        logits = head(torch.tensor(x, dtype=torch.float32)).numpy()
+    assert set(logits.argmax(1)) <= {0, 2} and (logits.argmax(1) == probe.predict(x)).all()
+    assert np.allclose(logits[:, [0, 2]], probe.decision_function(x), atol=1e-3)
 
 
 def test_selection_probe_embeddings_are_cached(tmp_path: Path, tiny_model_dir: Path, trec_splits: pd.DataFrame,

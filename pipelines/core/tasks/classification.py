@@ -27,6 +27,7 @@ from pipelines.core.evaluation import build_report, champion_metrics, markdown_t
 from pipelines.core.files import write_bytes_atomic
 from pipelines.core.prompting import classification_prompting
 from pipelines.core.lineage import frame_digest
+from pipelines.core.linear_probe import LinearProbe, fit_probe
 from pipelines.core.quality import ERROR, WARN, QualityReport, QualitySuite, check_def, evaluate_checks, \
     lost_examples_check, validate_splits, with_row_id
 from pipelines.core.records import BaseModelRecord, CheckpointRecord, EvaluationReport, Markdown, ReportTable, StepLog
@@ -543,47 +544,34 @@ def frozen_reader(record: BaseModelRecord, compute: ComputeSettings) -> tuple[Ca
 
 
 def fit_linear_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray | None,
-                     val_y: np.ndarray | None, seed: int) -> Any:
-    """Logistic regression on standardized frozen embeddings (an sklearn pipeline: scaler, then the regression);
-    C chosen on validation when there is one.
+                     val_y: np.ndarray | None, device: str = "cpu") -> LinearProbe:
+    """Logistic regression on standardized frozen embeddings (pipelines/core/linear_probe.py, fitted in torch on
+    `device`); C chosen on validation when there is one.
 
     Standardizing matters for decoders: their hidden states have a few dimensions hundreds of times larger than the
     rest, and L-BFGS on them took 7 s where it takes 1 s on standardized features (SmolLM2, 1,024 rows)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     candidates = (0.01, 0.1, 1.0) if val_x is not None and len(val_x) else (0.1,)
-    scaler = StandardScaler().fit(train_x)
-    scaled = scaler.transform(train_x)
     best, best_score = None, -1.0
     for c in candidates:
-        regression = LogisticRegression(C=c, max_iter=2000, random_state=seed).fit(scaled, train_y)
-        probe = make_pipeline(scaler, regression)
+        probe = fit_probe(train_x, train_y, c, device)
         score = probe.score(val_x, val_y) if len(candidates) > 1 else 0.0
         if score > best_score:
             best, best_score = probe, score
     return best
 
 
-def _head_from_probe(head: nn.Linear, probe: Any, num_labels: int) -> None:
+def _head_from_probe(head: nn.Linear, probe: LinearProbe, num_labels: int) -> None:
     """Start the head from the fitted probe: the scaler folded into the regression's weights, so that the head on
-    raw embeddings computes the probe's logits (w / scale, b - w . mean / scale)."""
-    scaler, regression = probe[0], probe[-1]
-    scale = np.asarray(scaler.scale_, dtype=np.float64)
-    weight = np.asarray(regression.coef_, dtype=np.float64) / scale
-    intercept = np.asarray(regression.intercept_, dtype=np.float64) - weight @ np.asarray(scaler.mean_)
-    coef = torch.tensor(weight, dtype=head.weight.dtype)
-    bias = torch.tensor(intercept, dtype=head.bias.dtype)
+    raw embeddings computes the probe's logits (w / scale, b - w . mean / scale). A label the probe never saw in
+    training gets no weight and a bias below every other, so the head starts by never predicting it."""
+    weight = np.asarray(probe.coef_, dtype=np.float64) / probe.scale_
+    intercept = np.asarray(probe.intercept_, dtype=np.float64) - weight @ probe.mean_
+    rows = np.asarray(probe.classes_, dtype=np.int64)
     with torch.no_grad():
-        if num_labels == 2 and coef.shape[0] == 1:  # sklearn keeps one row for two classes
-            head.weight.zero_()
-            head.bias.zero_()
-            head.weight[1] = coef[0]
-            head.bias[1] = bias[0]
-        else:
-            head.weight.copy_(coef)
-            head.bias.copy_(bias)
+        head.weight.zero_()
+        head.bias.fill_(float(intercept.min()) - 10.0 if len(rows) < num_labels else 0.0)
+        head.weight[torch.as_tensor(rows)] = torch.tensor(weight, dtype=head.weight.dtype)
+        head.bias[torch.as_tensor(rows)] = torch.tensor(intercept, dtype=head.bias.dtype)
 
 
 # ---------------------------------------------------------------------------------------- training
@@ -659,7 +647,8 @@ def train_classifier(splits: pd.DataFrame, base: BaseModelRecord, spec: Pipeline
         val_x = (frozen_embeddings(base, validation["text"].tolist(), cfg.max_length, compute,
                                    load=lambda: (encoder, tokenizer), lower=lower) if len(validation) else None)
         probe = fit_linear_probe(train_x, train["label"].map(index).to_numpy(), val_x,
-                                 validation["label"].map(index).to_numpy() if len(validation) else None, cfg.seed)
+                                 validation["label"].map(index).to_numpy() if len(validation) else None,
+                                 compute.device)
         _head_from_probe(model.head, probe, len(labels))
         if val_x is not None:
             progress(f"linear probe: validation accuracy {probe.score(val_x, validation['label'].map(index)):.4f}")
@@ -903,7 +892,7 @@ def evaluate_classifier(splits: pd.DataFrame, checkpoint: CheckpointRecord, spec
         probe = fit_linear_probe(embed(train), train["label"].map(index).to_numpy(),
                                  embed(validation) if len(validation) else None,
                                  validation["label"].map(index).to_numpy() if len(validation) else None,
-                                 spec.training.seed)
+                                 compute.device)
         baselines["linear_probe"] = classification_metrics(y_test, probe.predict(embed(test)), len(labels))
 
     if "prompting" in spec.evaluation.baselines:
@@ -1036,7 +1025,7 @@ class ClassificationTask(TaskBase):
             return frozen_embeddings(record, frame["text"].tolist(), spec.training.max_length, compute, batch_size=64,
                                      load=load, variant=variant)
 
-        fitted = fit_linear_probe(embed(train), train["label"].map(index).to_numpy(), None, None, seed)
+        fitted = fit_linear_probe(embed(train), train["label"].map(index).to_numpy(), None, None, compute.device)
         metric = spec.evaluation.primary_metric
         truth = validation["label"].map(index).to_numpy()
         predicted = fitted.predict(embed(validation))
@@ -1077,7 +1066,7 @@ class ClassificationTask(TaskBase):
             return classification_metrics(truth, predicted, len(labels))[metric]
 
         return examine(frame, embeddings, labels, metric, score,
-                       lambda x, y: fit_linear_probe(x, y, None, None, seed), encoder.name, cfg.folds,
+                       lambda x, y: fit_linear_probe(x, y, None, None, compute.device), encoder.name, cfg.folds,
                        cfg.duplicate_similarity, cfg.learning_curve, seed, progress)
 
     train = staticmethod(train_classifier)
