@@ -51,7 +51,7 @@ def fit_probe(x: np.ndarray, y: np.ndarray, c: float = 1.0, device: str = "cpu",
     regularized by `c` as scikit-learn's C (smaller: stronger)."""
     given = np.asarray(x)
     eps = np.finfo(given.dtype if np.issubdtype(given.dtype, np.floating) else np.float64).eps
-    x = given.astype(np.float64)
+    x = given.astype(np.float64)  # one copy, standardized in place below
     classes, targets = np.unique(np.asarray(y), return_inverse=True)
     if len(classes) < 2:
         raise ValueError(f"a linear probe needs at least two classes in its training rows; got {len(classes)}")
@@ -60,7 +60,9 @@ def fit_probe(x: np.ndarray, y: np.ndarray, c: float = 1.0, device: str = "cpu",
     # A constant feature stays as it is (scikit-learn's rule, at the precision the features came in: a float32
     # feature whose spread is rounding noise is not blown up to unit variance).
     scale[scale < 10 * eps] = 1.0
-    features = torch.as_tensor((x - mean) / scale, dtype=torch.float64, device=device)
+    x -= mean
+    x /= scale
+    features = torch.as_tensor(x, dtype=torch.float64, device=device)
     labels = torch.as_tensor(targets, dtype=torch.long, device=device)
     weight = torch.zeros(len(classes), x.shape[1], dtype=torch.float64, device=device, requires_grad=True)
     bias = torch.zeros(len(classes), dtype=torch.float64, device=device, requires_grad=True)
