@@ -350,6 +350,8 @@ class FrozenLowerBlocks:
         self.cut = cut
         self.states: list[torch.Tensor] = []
         self.batch: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._flat: torch.Tensor | None = None  # every row's states, end to end, where the model computes
+        self._offsets: torch.Tensor | None = None  # where each row's states start in _flat
 
     @torch.no_grad()
     def append(self, encoder: nn.Module, tokenizer: Any, texts: Sequence[str], max_length: int,
@@ -394,13 +396,29 @@ class FrozenLowerBlocks:
     def select(self, rows: torch.Tensor, attention_mask: torch.Tensor) -> None:
         self.batch = (rows, attention_mask)
 
+    def _stored_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The states as one tensor on `device` (built once per attachment; on a CPU the rows become views of it,
+        so the memory is not held twice) and each row's offset in it."""
+        if self._flat is None or self._flat.device != device:
+            lengths = torch.tensor([len(t) for t in self.states], dtype=torch.long)
+            self._flat = torch.cat(self.states).to(device)
+            self._offsets = (torch.cumsum(lengths, 0) - lengths).to(device)
+            if self._flat.device.type == "cpu":
+                self.states = list(torch.split(self._flat, lengths.tolist()))
+        return self._flat, self._offsets  # type: ignore[return-value]
+
     def _feed(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if self.batch is None:
             raise RuntimeError("FrozenLowerBlocks: the model was called without the rows of the batch")
         rows, mask = self.batch
         hidden = args[0] if args else kwargs["hidden_states"]
-        fed = torch.zeros(mask.shape[0], mask.shape[1], hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
-        fed[mask.bool()] = torch.cat([self.states[int(r)] for r in rows]).to(hidden.device, hidden.dtype)
+        flat, offsets = self._stored_on(hidden.device)
+        # A gather computed where the model runs: each real token's place in its row's states (left or right
+        # padding alike), no per-row copies and nothing that waits for a GPU to finish.
+        real = mask.to(hidden.device).bool()
+        within = (real.long().cumsum(1) - 1).clamp(min=0)
+        fed = flat[offsets[rows.to(hidden.device)].unsqueeze(1) + within].to(hidden.dtype)
+        fed = fed * real.unsqueeze(-1).to(hidden.dtype)
         if args:
             return (fed, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": fed}
@@ -418,6 +436,8 @@ class FrozenLowerBlocks:
             for i, block in enumerate(lower):
                 self.blocks[i] = block
             self.batch = None
+            if self._flat is not None and self._flat.device.type != "cpu":
+                self._flat = self._offsets = None  # the device's memory back; the rows stay on the host
 
 
 def load_encoder(base: BaseModelRecord) -> nn.Module:
