@@ -175,6 +175,60 @@ def test_padding_free_batches_give_the_padded_batches_loss(tmp_path: Path) -> No
     assert not torch.allclose(padded_loss, one_row, atol=1e-3), "without position ids the examples see each other"
 
 
+def test_packed_attention_attends_example_by_example_as_the_masked_sdpa_does(tmp_path: Path) -> None:
+    """On a CPU, padding-free rows attend one example at a time (causal SDPA per example, no row-wide mask): the
+    same logits and gradients as transformers' SDPA under its block-diagonal mask; padded batches and generation
+    with a KV cache keep transformers' SDPA."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from pipelines.core.tasks import instruction
+
+    folder = write_tiny_chat_model(tmp_path / "llama")
+    model = AutoModelForCausalLM.from_pretrained(str(folder), attn_implementation="sdpa")
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8,
+                                             target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():  # adapters that do something (peft starts B at zero)
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)
+    rng = np.random.default_rng(2)
+    examples = [{"input_ids": rng.integers(5, 300, size=n).tolist()} for n in (6, 13, 2, 9, 1)]
+    flat = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(examples)
+    padded = DataCollatorForLanguageModeling(pad_token_id=0)(examples)
+
+    def run(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        out = model(**batch, use_cache=False)
+        out.loss.backward()
+        return out.logits.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    reference, reference_grads = run(dict(flat))
+    padded_reference = run(dict(padded))[0]
+    calls: list[list[int] | None] = []
+    starts = instruction._packed_starts
+    with instruction.packed_attention(model, True) as used:
+        assert used and model.get_base_model().config._attn_implementation == instruction.PACKED_ATTENTION
+        try:
+            instruction._packed_starts = lambda *a: calls.append(starts(*a)) or calls[-1]
+            packed, packed_grads = run(dict(flat))
+            padded_logits = run(dict(padded))[0]
+        finally:
+            instruction._packed_starts = starts
+        generated = model.generate(torch.tensor([examples[1]["input_ids"]]), max_new_tokens=3, do_sample=False)
+    assert model.get_base_model().config._attn_implementation == "sdpa", "restored after training"
+    assert calls and calls[0] == [0, 6, 19, 21, 30, 31], calls[0]
+    assert torch.allclose(packed, reference, atol=1e-5), (packed - reference).abs().max()
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(packed_grads, reference_grads, strict=True))
+    assert torch.allclose(padded_logits, padded_reference, atol=1e-6), "padded batches: transformers' SDPA"
+    assert generated.shape[1] == len(examples[1]["input_ids"]) + 3
+    assert torch.equal(generated, model.generate(torch.tensor([examples[1]["input_ids"]]), max_new_tokens=3,
+                                                 do_sample=False))
+    with instruction.packed_attention(model, False) as used:
+        assert not used and model.get_base_model().config._attn_implementation == "sdpa"
+
+
 @pytest.mark.parametrize("num_items", [None, 9])
 def test_response_only_logits_give_the_models_own_loss_and_gradients(tmp_path: Path, num_items: int | None) -> None:
     """The CPU trainer computes vocabulary logits only where a label is; loss and gradients are the model's own

@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -389,6 +390,65 @@ def _sft_trainer_with_plain_loss() -> type:
     return PlainLossSFTTrainer
 
 
+PACKED_ATTENTION = "tuneline_packed_sdpa"
+
+
+def _packed_starts(position_ids: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor) -> list[int] | None:
+    """Where each example starts in a padding-free row (its position ids restart at 0), with the row's end; None
+    unless the call is one row of at least two packed examples without a KV cache."""
+    if position_ids is None or query.shape[0] != 1 or position_ids.shape[0] != 1 or query.shape[2] < 2 \
+            or key.shape[2] != query.shape[2] or position_ids.shape[-1] != query.shape[2]:
+        return None
+    starts = torch.nonzero(position_ids[0] == 0).flatten().tolist()
+    if len(starts) < 2 or starts[0] != 0:
+        return None
+    return starts + [query.shape[2]]
+
+
+def packed_sdpa_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                          is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """SDPA that attends within each example of a padding-free row: one causal SDPA per example instead of one over
+    the whole row under a block-diagonal mask. transformers builds that mask for SDPA, and with a mask the kernel
+    computes every (query, key) pair of the row: for 8 packed examples about 8 times the pairs that count, and
+    twice that since a masked kernel cannot skip the causal half. Anything else (padded batches, generation with a
+    KV cache) is transformers' own SDPA with its mask, unchanged."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    starts = _packed_starts(kwargs.get("position_ids"), query, key)
+    if starts is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    rest = {k: v for k, v in kwargs.items() if k != "position_ids"}
+    pieces = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None,
+                                     dropout=dropout, scaling=scaling, is_causal=True, **rest)[0]
+              for a, b in zip(starts, starts[1:])]
+    return torch.cat(pieces, dim=1), None
+
+
+@contextmanager
+def packed_attention(model: Any, enabled: bool) -> Iterator[bool]:
+    """Train `model` with packed_sdpa_attention where it uses SDPA (restored afterwards); yields whether it did."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+    if not enabled or getattr(config, "_attn_implementation", None) != "sdpa":
+        yield False
+        return
+    AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
+    AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)  # the usual mask, for the calls it passes on
+    configs = [m.config for m in model.modules() if getattr(getattr(m, "config", None), "_attn_implementation",
+                                                            None) == "sdpa"]
+    for c in configs:
+        c._attn_implementation = PACKED_ATTENTION
+    try:
+        yield True
+    finally:
+        for c in configs:
+            c._attn_implementation = "sdpa"
+
+
 def train_causal_lm(rendered: pd.DataFrame, base: BaseModelRecord, spec: PipelineSpec, out_dir: Path,
                     compute: ComputeSettings, progress: ProgressFn = print,
                     sink: MetricsSink | None = None, scratch: Path | None = None) -> CheckpointRecord:
@@ -426,7 +486,9 @@ def train_causal_lm(rendered: pd.DataFrame, base: BaseModelRecord, spec: Pipelin
     data_sha256 = frame_digest(rendered)
     resumable = Resumable.for_run(scratch, cfg, spec.spec_hash, data_sha256, base.weights_sha256,
                                    compute.world_size)
-    outcome = run_trainer(make_trainer, callback, progress, "loss", resumable)
+    # On a CPU, padding-free rows attend example by example (measured there; a GPU keeps transformers' SDPA).
+    with packed_attention(model, cfg.padding_free and compute.device == "cpu"):
+        outcome = run_trainer(make_trainer, callback, progress, "loss", resumable)
     real_tokens = float(train["total_tokens"].sum()) * cfg.epochs
     model.eval()
 
