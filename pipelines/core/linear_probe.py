@@ -57,9 +57,12 @@ def fit_probe(x: np.ndarray, y: np.ndarray, c: float = 1.0, device: str = "cpu",
         raise ValueError(f"a linear probe needs at least two classes in its training rows; got {len(classes)}")
     mean = x.mean(0)
     scale = x.std(0)
-    # A constant feature stays as it is (scikit-learn's rule, at the precision the features came in: a float32
-    # feature whose spread is rounding noise is not blown up to unit variance).
-    scale[scale < 10 * eps] = 1.0
+    # A constant feature stays as it is, as in scikit-learn, but judged at the precision the features came in: a
+    # float32 feature whose spread is within its values' rounding (relative to its mean, or to the features'
+    # overall size for one near zero) is constant, not blown up to unit variance.
+    size = np.maximum(np.abs(mean), np.sqrt(np.mean(mean ** 2 + scale ** 2)) if len(mean) else 0.0)
+    scale[scale <= 10 * eps * size] = 1.0
+    scale[scale == 0] = 1.0
     x -= mean
     x /= scale
     features = torch.as_tensor(x, dtype=torch.float64, device=device)

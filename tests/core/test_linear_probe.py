@@ -65,8 +65,12 @@ def test_a_feature_that_is_constant_up_to_float32_rounding_is_not_blown_up() -> 
     the regression; the probe leaves it unscaled."""
     x, y = blobs(300, 3, 6, seed=4)
     x[:, 2] = np.float32(0.123456789) + (np.arange(300) % 2) * np.float32(1e-9)
+    x[:, 3] = np.float32(1e-33) * (np.arange(300) % 3)  # a dead dimension: denormal noise around zero
+    x[:, 4] = x[:, 4] * np.float32(1e-4)  # small, but a real spread: scaled as usual
     probe = fit_probe(x, y, 1.0)
-    assert probe.scale_[2] == 1.0 and probe.scale_[0] != 1.0
+    assert probe.scale_[2] == 1.0 and probe.scale_[3] == 1.0
+    assert probe.scale_[0] != 1.0 and probe.scale_[4] == pytest.approx(x[:, 4].astype(np.float64).std())
+    assert np.abs(probe.coef_).max() < 50
 
 
 def test_one_class_is_refused_with_a_clear_error() -> None:

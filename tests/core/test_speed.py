@@ -229,6 +229,29 @@ def test_packed_attention_attends_example_by_example_as_the_masked_sdpa_does(tmp
         assert not used and model.get_base_model().config._attn_implementation == "sdpa"
 
 
+def test_packed_attention_leaves_sliding_windows_and_biases_to_transformers() -> None:
+    """A sliding window shorter than a packed example, or a position bias, lives in transformers' mask: the call
+    goes to transformers' SDPA with that mask, unchanged."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from pipelines.core.tasks.instruction import packed_sdpa_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 9, 4) for _ in range(3))
+    positions = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2]])
+    mask = torch.rand(1, 1, 9, 9) > 0.3
+    module = SimpleNamespace(num_key_value_groups=1, is_causal=True)
+    theirs = sdpa_attention_forward(module, q, k, v, mask)[0]
+    for extra in ({"sliding_window": 4}, {"position_bias": torch.zeros(1, 2, 9, 9)}):
+        ours = packed_sdpa_attention(module, q, k, v, mask, position_ids=positions, **extra)[0]
+        expected = sdpa_attention_forward(module, q, k, v, mask, **extra)[0]
+        assert torch.equal(ours, expected), extra
+    wide = packed_sdpa_attention(module, q, k, v, mask, position_ids=positions, sliding_window=16)[0]
+    assert not torch.allclose(wide, theirs), "a window wider than every example: attention within each example"
+
+
 @pytest.mark.parametrize("num_items", [None, 9])
 def test_response_only_logits_give_the_models_own_loss_and_gradients(tmp_path: Path, num_items: int | None) -> None:
     """The CPU trainer computes vocabulary logits only where a label is; loss and gradients are the model's own

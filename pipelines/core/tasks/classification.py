@@ -359,6 +359,7 @@ class FrozenLowerBlocks:
         """Compute the frozen blocks' outputs for `texts` (the next rows) and keep them. With `pooling`, the whole
         model runs and its pooled embeddings are returned, exactly as `embed_texts` computes them (same batches);
         without, the blocks above are skipped."""
+        self._flat = self._offsets = None  # built again from every row's states when next fed
         captured: list[torch.Tensor] = []
         masks: list[torch.Tensor] = []
         hook = self.blocks[self.cut - 1].register_forward_hook(

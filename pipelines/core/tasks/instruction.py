@@ -416,6 +416,10 @@ def packed_sdpa_attention(module: Any, query: torch.Tensor, key: torch.Tensor, v
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     starts = _packed_starts(kwargs.get("position_ids"), query, key)
+    window = kwargs.get("sliding_window")
+    if starts is not None and (any(kwargs.get(k) is not None for k in ("position_bias", "s_aux", "softcap"))
+                               or (window and max(b - a for a, b in zip(starts, starts[1:])) > window)):
+        starts = None  # a sliding window, biases or sinks live in transformers' mask and kernels: theirs, then
     if starts is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
@@ -433,13 +437,15 @@ def packed_attention(model: Any, enabled: bool) -> Iterator[bool]:
     from transformers.masking_utils import sdpa_mask
 
     config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
-    if not enabled or getattr(config, "_attn_implementation", None) != "sdpa":
+    configs = list({id(c): c for c in (getattr(m, "config", None) for m in model.modules())
+                    if hasattr(c, "_attn_implementation")}.values())
+    # Text decoders only: a composite model's sub-configs (vision towers) would be switched along with it.
+    if not enabled or getattr(config, "_attn_implementation", None) != "sdpa" \
+            or any(c._attn_implementation != "sdpa" or getattr(c, "sub_configs", None) for c in configs):
         yield False
         return
     AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
     AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)  # the usual mask, for the calls it passes on
-    configs = [m.config for m in model.modules() if getattr(getattr(m, "config", None), "_attn_implementation",
-                                                            None) == "sdpa"]
     for c in configs:
         c._attn_implementation = PACKED_ATTENTION
     try:
