@@ -21,12 +21,9 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from pipelines.core.sources import read_source  # noqa: E402
-from pipelines.core.spec import load_spec  # noqa: E402
-from pipelines.core.steps import examine_data, split_dataset  # noqa: E402
-from pipelines.core.tasks import task_for  # noqa: E402
-from pipelines.core.trainer import ComputeSettings  # noqa: E402
-from resources.model_store import ModelStore  # noqa: E402
+from benchmarks.recipe_vs_tuneline import model_store, spec_splits  # noqa: E402
+from pipelines.core.steps import examine_data  # noqa: E402
+from pipelines.core.hardware import resolve_compute  # noqa: E402
 
 
 def main() -> None:
@@ -41,11 +38,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
-    spec = load_spec(Path(args.spec))
-    task = task_for(spec)
-    raw, _ = read_source(spec.source, ROOT)
-    cleaned, _ = task.clean(raw, spec)
-    frame, _ = split_dataset(cleaned, spec)
+    spec, frame = spec_splits(args.spec)
     frame = frame.reset_index(drop=True)
     rng = np.random.default_rng(args.seed)
     train = np.flatnonzero((frame["split"] == "train").to_numpy())
@@ -59,9 +52,9 @@ def main() -> None:
     frame.loc[flipped, "source_file"] = frame.loc[flipped, "source_file"] + marker
 
     with tempfile.TemporaryDirectory() as folder:
-        compute = ComputeSettings("cpu", "bf16" if spec.training.precision != "fp32" else "fp32", args.threads,
+        compute = resolve_compute("cpu", spec.training.precision, args.threads,  # as a run resolves it
                                   cache_dir=str(Path(folder) / "cache"))
-        models = ModelStore(project_root=str(ROOT), cache_dir=str(ROOT / "data" / "models"))
+        models = model_store()
         started = time.perf_counter()
         report, _ = examine_data(spec, frame, models, compute, Path(folder), progress=lambda m: print(f"  {m}"))
         seconds = time.perf_counter() - started

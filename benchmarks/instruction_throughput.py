@@ -22,15 +22,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.recipe_vs_tuneline import device_name, fastest_precision, with_overrides  # noqa: E402
+from benchmarks.recipe_vs_tuneline import (device_name, fastest_precision, model_store, spec_splits,  # noqa: E402
+                                            with_overrides)
 from pipelines.core.hardware import resolve_compute  # noqa: E402
 from pipelines.core.selection import resolve_base_model  # noqa: E402
-from pipelines.core.sources import read_source  # noqa: E402
-from pipelines.core.spec import load_spec  # noqa: E402
-from pipelines.core.steps import split_dataset  # noqa: E402
 from pipelines.core.tasks import instruction, task_for  # noqa: E402
 from pipelines.core.trainer import ComputeSettings, matmul_rate  # noqa: E402
-from resources.model_store import ModelStore  # noqa: E402
 
 
 def main() -> None:
@@ -44,15 +41,9 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args()
 
-    spec = load_spec(Path(args.spec))
-    if args.epochs:
-        spec = with_overrides(spec, [f"training.epochs={args.epochs}"])
+    spec, splits = spec_splits(args.spec, [f"training.epochs={args.epochs}"] if args.epochs else [])
     task = task_for(spec)
-    raw, _ = read_source(spec.source, ROOT)
-    cleaned, _ = task.clean(raw, spec)
-    splits, _ = split_dataset(cleaned, spec)
-    models = ModelStore(project_root=str(ROOT), cache_dir=str(ROOT / "data" / "models"))
-    base = resolve_base_model(spec.base_model, models)
+    base = resolve_base_model(spec.base_model, model_store())
     rendered, _ = task.prepare(splits, base, spec)
     # The reference trains as tuneline did before: bf16 autocast wherever the CPU has bf16 instructions. Now the
     # spec's precision is resolved as a pipeline run resolves it ('auto': bf16 only where it measures faster).

@@ -21,15 +21,10 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.recipe_vs_tuneline import device_name, with_overrides  # noqa: E402
+from benchmarks.recipe_vs_tuneline import device_name, model_store, spec_splits  # noqa: E402
 from pipelines.core.hardware import resolve_compute  # noqa: E402
 from pipelines.core.selection import resolve_base_model  # noqa: E402
-from pipelines.core.sources import read_source  # noqa: E402
-from pipelines.core.spec import load_spec  # noqa: E402
-from pipelines.core.steps import split_dataset  # noqa: E402
-from pipelines.core.tasks import task_for  # noqa: E402
 from pipelines.core.tasks.classification import fit_linear_probe, frozen_embeddings  # noqa: E402
-from resources.model_store import ModelStore  # noqa: E402
 
 CANDIDATES = (0.01, 0.1, 1.0)
 
@@ -61,12 +56,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="fit sets per side, alternating (median reported)")
     args = parser.parse_args()
 
-    spec = with_overrides(load_spec(Path(args.spec)), args.set)
-    task = task_for(spec)
-    raw, _ = read_source(spec.source, ROOT)
-    cleaned, _ = task.clean(raw, spec)
-    frame, _ = split_dataset(cleaned, spec)
-    base = resolve_base_model(spec.base_model, ModelStore(project_root=str(ROOT), cache_dir=str(ROOT / "data" / "models")))
+    spec, frame = spec_splits(args.spec, args.set)
+    base = resolve_base_model(spec.base_model, model_store())
     compute = resolve_compute(args.device, spec.training.precision, args.threads,
                               cache_dir=str(ROOT / "data" / "cache"))
     compute.apply()

@@ -28,6 +28,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,21 @@ def with_overrides(spec: PipelineSpec, overrides: list[str]) -> PipelineSpec:
             node = node.setdefault(part, {})
         node[leaf] = yaml.safe_load(value)
     return PipelineSpec.model_validate({**data, "name": spec.name})
+
+
+def model_store() -> ModelStore:
+    """The project's model store, as a run of the default data folder uses it (de-quantized models cached)."""
+    return ModelStore(project_root=str(ROOT), cache_dir=str(ROOT / "data" / "models"))
+
+
+def spec_splits(spec_path: str | Path, overrides: Sequence[str] = ()) -> tuple[PipelineSpec, pd.DataFrame]:
+    """The spec (with `section.key=value` overrides) and its data read, cleaned and split as a pipeline run does."""
+    spec = with_overrides(load_spec(Path(spec_path)), list(overrides))
+    task = task_for(spec)
+    raw, _ = read_source(spec.source, ROOT)
+    cleaned, _ = task.clean(raw, spec)
+    frame, _ = split_dataset(cleaned, spec)
+    return spec, frame
 
 
 def run_recipe(frame: pd.DataFrame, model_dir: str, max_length: int, threads: int, seed: int,
@@ -133,8 +149,7 @@ def run_recipe(frame: pd.DataFrame, model_dir: str, max_length: int, threads: in
 
 
 def run_tuneline(frame: pd.DataFrame, spec: PipelineSpec, threads: int, device: str = "cpu") -> dict[str, Any]:
-    models = ModelStore(project_root=str(ROOT), cache_dir=str(ROOT / "data" / "models"))
-    base = resolve_base_model(spec.base_model, models)
+    base = resolve_base_model(spec.base_model, model_store())
     cfg = spec.training
     compute = resolve_compute(device, cfg.precision, threads)  # as a pipeline run resolves it ('auto': measured)
     out = Path(tempfile.mkdtemp(prefix="tuneline-bench-"))
@@ -176,19 +191,14 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args()
 
-    spec = with_overrides(load_spec(Path(args.spec)), args.set)
-    task = task_for(spec)
-    raw, _ = read_source(spec.source, ROOT)
-    cleaned, _ = task.clean(raw, spec)
-    frame, _ = split_dataset(cleaned, spec)
+    spec, frame = spec_splits(args.spec, args.set)
     counts = frame["split"].value_counts()
     print(f"{spec.name}: train {counts.get('train', 0)}, validation {counts.get('validation', 0)}, "
           f"test {counts.get('test', 0)} rows; {args.threads} threads; {device_name(args.device)}", flush=True)
 
     results = []
     if not args.skip_recipe:
-        model_dir = resolve_base_model(spec.base_model, ModelStore(
-            project_root=str(ROOT), cache_dir=str(ROOT / "data" / "models"))).local_path
+        model_dir = resolve_base_model(spec.base_model, model_store()).local_path
         results.append(run_recipe(frame, model_dir, spec.training.max_length, args.threads, spec.training.seed,
                                   args.device))
         print(f"  recipe done in {results[-1]['seconds']:.1f} s", file=sys.stderr, flush=True)

@@ -88,5 +88,5 @@ def fit_probe(x: np.ndarray, y: np.ndarray, c: float = 1.0, device: str = "cpu",
 
     with torch.enable_grad():
         optimizer.step(objective)
-    iterations = int(optimizer.state[optimizer._params[0]].get("n_iter", 0))
+    iterations = int(optimizer.state[weight].get("n_iter", 0))
     return LinearProbe(mean, scale, weight.detach().cpu().numpy(), bias.detach().cpu().numpy(), classes, iterations)

@@ -436,11 +436,10 @@ def packed_attention(model: Any, enabled: bool) -> Iterator[bool]:
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
 
-    config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
     configs = list({id(c): c for c in (getattr(m, "config", None) for m in model.modules())
                     if hasattr(c, "_attn_implementation")}.values())
-    # Text decoders only: a composite model's sub-configs (vision towers) would be switched along with it.
-    if not enabled or getattr(config, "_attn_implementation", None) != "sdpa" \
+    # Text decoders on SDPA only: a composite model's sub-configs (vision towers) would be switched along with it.
+    if not enabled or not configs \
             or any(c._attn_implementation != "sdpa" or getattr(c, "sub_configs", None) for c in configs):
         yield False
         return
