@@ -25,6 +25,7 @@ from pipelines.core.doctor import DoctorReport, examine
 from pipelines.core.errors import CheckpointError, SourceError
 from pipelines.core.evaluation import build_report, champion_metrics, markdown_table
 from pipelines.core.files import write_bytes_atomic
+from pipelines.core.fused_lora import fused_lora
 from pipelines.core.prompting import classification_prompting
 from pipelines.core.lineage import frame_digest
 from pipelines.core.linear_probe import LinearProbe, fit_probe
@@ -714,7 +715,7 @@ def train_classifier(splits: pd.DataFrame, base: BaseModelRecord, spec: Pipeline
     data_sha256 = frame_digest(splits)  # the same digest the splits asset reports: lineage joins on it
     resumable = Resumable.for_run(scratch, cfg, spec.spec_hash, data_sha256, base.weights_sha256,
                                    compute.world_size)
-    with model.frozen_lower.attached() if model.frozen_lower else nullcontext():
+    with model.frozen_lower.attached() if model.frozen_lower else nullcontext(), fused_lora(model):
         outcome = run_trainer(make_trainer, callback, progress, select_by, resumable)
     model.frozen_lower = None  # the whole model again, for saving and inference
     real_tokens = float(sum(len(ids) for ids in train_ds["input_ids"])) * cfg.epochs

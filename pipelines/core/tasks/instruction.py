@@ -28,6 +28,7 @@ from pipelines.core.cleaning import cleaning_log, dedup_key, is_missing
 from pipelines.core.errors import CheckpointError, SourceError
 from pipelines.core.evaluation import build_report, champion_metrics, markdown_table
 from pipelines.core.files import atomic_path, write_bytes_atomic
+from pipelines.core.fused_lora import fused_lora
 from pipelines.core.lineage import frame_digest
 from pipelines.core.quality import ERROR, QualityReport, QualitySuite, check_def, evaluate_checks, \
     lost_examples_check, validate_splits, with_row_id
@@ -492,7 +493,7 @@ def train_causal_lm(rendered: pd.DataFrame, base: BaseModelRecord, spec: Pipelin
     resumable = Resumable.for_run(scratch, cfg, spec.spec_hash, data_sha256, base.weights_sha256,
                                    compute.world_size)
     # On a CPU, padding-free rows attend example by example (measured there; a GPU keeps transformers' SDPA).
-    with packed_attention(model, cfg.padding_free and compute.device == "cpu"):
+    with packed_attention(model, cfg.padding_free and compute.device == "cpu"), fused_lora(model):
         outcome = run_trainer(make_trainer, callback, progress, "loss", resumable)
     real_tokens = float(train["total_tokens"].sum()) * cfg.epochs
     model.eval()
