@@ -336,6 +336,12 @@ class TrainingConfig(Frozen):
                                   "with its own position ids and attention kept within it (TRL's padding_free), "
                                   "so no step computes on padding. Text classification pads length-grouped "
                                   "batches instead.")
+    model_dropout: float | None = Field(
+        default=0.0, ge=0, lt=1,
+        description="Dropout inside the base model while training (its hidden and attention dropout: 0.1 in "
+                    "BERT-style encoders such as MiniLM); null keeps the model's own. 0 by default: with adapters on "
+                    "a frozen model it trained 18 to 19% faster on TREC and banking77 at the same test accuracy "
+                    "(TREC over five seeds), and attention without dropout runs the fused attention kernel on a CPU.")
     head_dropout: float = Field(default=0.1, ge=0, lt=1,
                                 description="Text classification: dropout on the pooled embedding before the head.")
     head_init: Literal["linear_probe", "random"] = Field(

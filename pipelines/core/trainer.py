@@ -89,6 +89,29 @@ def store_frozen_weights_for(model: torch.nn.Module, compute: ComputeSettings) -
 
 
 # ------------------------------------------------------------------------------------- library objects
+def set_model_dropout(model: torch.nn.Module, p: float | None) -> tuple[float, ...]:
+    """Set the rate of every nn.Dropout in `model` and the `attention_dropout` rate that attention functions read
+    (Llama-style models) to `p`; None leaves the model as it is. Returns the distinct rates found before."""
+    if p is None:
+        return ()
+    found = set()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            found.add(float(module.p))
+            module.p = p
+        elif isinstance(getattr(module, "attention_dropout", None), float):
+            found.add(module.attention_dropout)
+            module.attention_dropout = p
+    return tuple(sorted(found))
+
+
+def dropout_note(p: float | None, before: tuple[float, ...]) -> str:
+    """'; model dropout 0 (its own: 0.1)' for the training's progress line, or '' when the model's own is kept."""
+    if p is None:
+        return ""
+    return f"; model dropout {p:g}" + (f" (its own: {', '.join(f'{r:g}' for r in before)})" if before else "")
+
+
 def transformer_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
     """The model's stack of transformer blocks (the module list as long as its config's num_hidden_layers) and
     its name ('encoder.layer', 'layers')."""

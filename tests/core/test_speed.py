@@ -93,12 +93,12 @@ def test_cached_frozen_blocks_give_the_models_own_outputs(tmp_path: Path, tiny_m
 
 def test_training_on_the_top_blocks_saves_a_checkpoint_of_the_whole_model(tmp_path: Path, tiny_model_dir: Path,
                                                                           trec_splits: pd.DataFrame) -> None:
-    spec = _spec(tiny_model_dir, lora={"r": 4, "alpha": 8, "dropout": 0.0, "top_layers": 1})
+    spec = _spec(tiny_model_dir, model_dropout=0.0, lora={"r": 4, "alpha": 8, "dropout": 0.0, "top_layers": 1})
     base = resolve_base_model(spec.base_model, store(tmp_path))  # type: ignore[attr-defined]
     said: list[str] = []
     record = train_classifier(trec_splits, base, spec, tmp_path / "ckpt", FP32, progress=said.append)  # type: ignore[arg-type]
     assert any(m.startswith("frozen blocks 0-0: computed once for") for m in said), said
-    assert any("LoRA r=4 on blocks 1-1 of 2" in m for m in said)
+    assert any("LoRA r=4 on blocks 1-1 of 2" in m and m.endswith("model dropout 0 (its own: 0.1)") for m in said)
     assert record.mfu > 0 and record.history
     from safetensors import safe_open
 
@@ -109,6 +109,28 @@ def test_training_on_the_top_blocks_saves_a_checkpoint_of_the_whole_model(tmp_pa
     probabilities = predict_proba(model, tokenizer, TEXTS, 32, FP32)
     assert probabilities.shape == (len(TEXTS), len(record.labels))
     assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("decoder", [False, True], ids=["bert", "llama"])
+def test_model_dropout_turns_the_models_own_dropout_off(decoder: bool) -> None:
+    """training.model_dropout sets every dropout the model applies in training (nn.Dropout modules, and the rate
+    Llama-style attention reads): a training-mode forward is then deterministic. None leaves the model alone."""
+    from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel
+
+    from pipelines.core.trainer import dropout_note, set_model_dropout
+
+    torch.manual_seed(0)
+    model = (LlamaModel(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                    num_attention_heads=2, attention_dropout=0.5)) if decoder else
+             BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=32, hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.5)))
+    model.train()
+    ids = torch.arange(12).reshape(2, 6)
+    assert not torch.equal(model(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state)
+    assert set_model_dropout(model, None) == ()
+    assert set_model_dropout(model, 0.0) == ((0.5,) if decoder else (0.3, 0.5))
+    assert torch.equal(model(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state)
+    assert dropout_note(0.0, (0.3, 0.5)) == "; model dropout 0 (its own: 0.3, 0.5)" and dropout_note(None, ()) == ""
 
 
 def test_frozen_blocks_over_the_memory_budget_are_run_at_every_step(tmp_path: Path, tiny_model_dir: Path,

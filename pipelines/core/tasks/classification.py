@@ -38,9 +38,9 @@ from pipelines.core.tasks.base import PreparedData, ProbeResult, TaskBase
 from pipelines.core.trainer import (ComputeSettings, MetricsSink, ProgressFn, Resumable, best_epoch_callback,
                                     build_lora_config, checkpoint_digest, lora_layers, model_flops_utilization,
                                     transformer_blocks, checkpoint_manifest, common_training_arguments,
-                                    peak_memory_mb, run_trainer, save_trained, store_frozen_weights_for,
-                                    time_training_steps, trainable_parameters, verified_folder,
-                                    with_global_batch_order)
+                                    peak_memory_mb, run_trainer, save_trained, dropout_note, set_model_dropout,
+                                    store_frozen_weights_for, time_training_steps, trainable_parameters,
+                                    verified_folder, with_global_batch_order)
 
 if TYPE_CHECKING:
     from pipelines.core.spec import PipelineSpec
@@ -645,6 +645,7 @@ def train_classifier(splits: pd.DataFrame, base: BaseModelRecord, spec: Pipeline
 
     tokenizer = load_tokenizer(base.local_path)
     encoder = load_encoder(base)
+    own_dropout = set_model_dropout(encoder, cfg.model_dropout)
     model = PooledClassifier(encoder, base.pooling, len(labels), base.hidden_size, dropout=cfg.head_dropout,
                              label_smoothing=cfg.label_smoothing)
 
@@ -687,7 +688,7 @@ def train_classifier(splits: pd.DataFrame, base: BaseModelRecord, spec: Pipeline
     trainable, total = trainable_parameters(model)
     progress(f"LoRA r={cfg.lora.r}" + (f" on blocks {adapted[0]}-{adapted[-1]} of {num_layers}" if adapted else "")
              + f": {trainable:,} trainable of {total:,} parameters ({trainable / total:.2%}); pooling={base.pooling}; "
-             f"precision={compute.precision}")
+             f"precision={compute.precision}" + dropout_note(cfg.model_dropout, own_dropout))
 
     model.frozen_lower = lower
     rows = list(range(len(train) + len(validation)))
@@ -1025,7 +1026,9 @@ class ClassificationTask(TaskBase):
         batch_rows = sample_split(splits, "train", cfg.batch_size, cfg.seed)
         tokenizer = load_tokenizer(record.local_path)
         encoder = load_encoder(record)
-        model = PooledClassifier(encoder, record.pooling, max(2, splits["label"].nunique()), record.hidden_size)
+        set_model_dropout(encoder, cfg.model_dropout)
+        model = PooledClassifier(encoder, record.pooling, max(2, splits["label"].nunique()), record.hidden_size,
+                                 dropout=cfg.head_dropout)
         model.encoder = get_peft_model(encoder, build_lora_config(cfg.lora, record, "FEATURE_EXTRACTION"))
         inputs = dict(tokenizer(batch_rows["text"].tolist(), truncation=True, max_length=cfg.max_length,
                                 padding=True, return_tensors="pt"))

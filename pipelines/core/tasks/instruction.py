@@ -40,8 +40,8 @@ from pipelines.core.tasks.base import CandidateRejected, PreparedData, ProbeResu
 from pipelines.core.trainer import (ComputeSettings, MetricsSink, ProgressFn, Resumable, best_epoch_callback,
                                     build_lora_config, checkpoint_digest, checkpoint_manifest, common_training_arguments,
                                     lora_layers, model_flops_utilization, peak_memory_mb, run_trainer, save_trained,
-                                    store_frozen_weights_for, time_training_steps, trainable_parameters,
-                                    verified_folder, with_global_batch_order)
+                                    dropout_note, set_model_dropout, store_frozen_weights_for, time_training_steps,
+                                    trainable_parameters, verified_folder, with_global_batch_order)
 
 if TYPE_CHECKING:
     from pipelines.core.spec import PipelineSpec
@@ -472,12 +472,13 @@ def train_causal_lm(rendered: pd.DataFrame, base: BaseModelRecord, spec: Pipelin
     validation = rendered[rendered["split"] == "validation"]
     model, tokenizer = load_causal_lm(base.local_path, base.trust_remote_code)
     ensure_chat_template(tokenizer)
+    own_dropout = set_model_dropout(model, cfg.model_dropout)
     model = get_peft_model(model, build_lora_config(cfg.lora, base, "CAUSAL_LM", model))
     store_frozen_weights_for(model, compute)
     trainable, total = trainable_parameters(model)
     progress(f"LoRA r={cfg.lora.r} on {list(base.lora_targets or cfg.lora.target_modules)}: {trainable:,} trainable "
              f"of {total:,} parameters ({trainable / total:.2%}); precision={compute.precision}; {len(train)} train "
-             f"and {len(validation)} validation examples")
+             f"and {len(validation)} validation examples" + dropout_note(cfg.model_dropout, own_dropout))
     train_ds = _dataset(train)
     val_ds = _dataset(validation) if len(validation) else None
     callback = best_epoch_callback(model, progress, sink, "loss", higher_is_better=False)
@@ -846,6 +847,7 @@ class InstructionTuningTask(TaskBase):
 
         cfg = spec.training
         model, tokenizer = load_causal_lm(record.local_path)
+        set_model_dropout(model, cfg.model_dropout)
         model = get_peft_model(model, build_lora_config(cfg.lora, record, "CAUSAL_LM"))
         batch_rows = sample_split(splits, "train", cfg.batch_size, cfg.seed)
         rendered = render_conversations(batch_rows, tokenizer, cfg.max_length, "truncate").frame
