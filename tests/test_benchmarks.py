@@ -17,7 +17,7 @@ for name in ("dagster", "mlflow", "great_expectations"):
     sys.modules[name] = None  # importing any of them now raises ImportError
 sys.path.insert(0, {str(ROOT)!r})
 import benchmarks.instruction_throughput, benchmarks.recipe_vs_tuneline, benchmarks.doctor_flipped_labels
-import benchmarks.linear_probe
+import benchmarks.linear_probe, benchmarks.training_step_levers
 from pipelines.quiet import quiet_libraries
 from pipelines.core.sections import LocalModelConfig
 from resources.model_store import ModelStore
