@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from pipelines.core.hardware import resolve_compute  # noqa: E402
 from pipelines.core.selection import resolve_base_model  # noqa: E402
 from pipelines.core.splitting import sample_split  # noqa: E402
 from pipelines.core.tasks import task_for  # noqa: E402
-from pipelines.core.trainer import build_lora_config, set_model_dropout  # noqa: E402
+from pipelines.core.trainer import build_lora_config, run_training_steps, set_model_dropout  # noqa: E402
 
 
 def classification_step(spec, splits, base):  # type: ignore[no-untyped-def]
@@ -101,33 +100,21 @@ def main() -> None:
         for module, rate in attn_rates.items():
             module.attention_dropout = rate
 
-    def timed(steps: int) -> list[float]:
-        times = []
-        for _ in range(steps):
-            started = time.perf_counter()
-            with compute.autocast():
-                loss = model(**inputs).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            times.append(time.perf_counter() - started)
-        return times
-
     runs = {"reference: peft layers, the model's own dropout": [], "model dropout 0": [],
             "model dropout 0 + fused LoRA layers (now)": []}
     with attention():
-        timed(2)  # warm-up
+        run_training_steps(model, inputs, compute, optimizer, 2)  # warm-up
         for _ in range(args.rounds):
             for name, times in runs.items():
                 restore_dropout()
                 if name != next(iter(runs)):
                     set_model_dropout(backbone, 0.0)
                 with fused_lora(model, enabled=name.endswith("(now)")):
-                    times.extend(timed(args.steps))
+                    times.extend(run_training_steps(model, inputs, compute, optimizer, args.steps))
     tokens = int(inputs["input_ids"].numel())
-    print(f"\n{spec.name}: {base.name}, one batch of {spec.training.batch_size} rows ({tokens} tokens in the batch, padding included), "
-          f"{compute.precision}, {args.threads} threads; {device_name('cpu')}; the model's own dropout rates: "
-          f"{sorted(set(rates.values()) | set(attn_rates.values()))}")
+    print(f"\n{spec.name}: {base.name}, one batch of {spec.training.batch_size} rows ({tokens} tokens in the batch, "
+          f"padding included), {compute.precision}, {args.threads} threads; {device_name('cpu')}; the model's own "
+          f"dropout rates: {sorted(set(rates.values()) | set(attn_rates.values()))}")
     reference = statistics.median(next(iter(runs.values())))
     print(f"{'run':52s} {'ms/step':>8s} {'ratio':>7s}")
     for name, times in runs.items():

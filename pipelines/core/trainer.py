@@ -506,18 +506,24 @@ def time_training_steps(model: torch.nn.Module, inputs: dict[str, torch.Tensor],
     the LoRA layers computed as training computes them (fused_lora)."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     model.train()
-    timings = []
     with fused_lora(model):
-        for step in range(steps + 1):  # the first step warms up (allocations, kernels) and is not counted
-            started = time.perf_counter()
-            with compute.autocast():
-                loss = model(**inputs).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            if step:
-                timings.append(time.perf_counter() - started)
+        timings = run_training_steps(model, inputs, compute, optimizer, steps + 1)[1:]  # the first warms up
     return sorted(timings)[len(timings) // 2]
+
+
+def run_training_steps(model: torch.nn.Module, inputs: dict[str, torch.Tensor], compute: ComputeSettings,
+                       optimizer: torch.optim.Optimizer, steps: int) -> list[float]:
+    """Run `steps` optimisation steps (forward, backward, optimizer) of `model` on one batch; seconds of each."""
+    timings = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        with compute.autocast():
+            loss = model(**inputs).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        timings.append(time.perf_counter() - started)
+    return timings
 
 
 # The share of this machine's matmul peak (matmul_rate) a LoRA training step reaches: at least the first (small
