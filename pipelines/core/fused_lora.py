@@ -5,8 +5,9 @@ passes over the whole output (the scaling and the sum), and in the backward pass
 and the sum of the two input gradients). On a 2-core CPU those passes and the module calls made a MiniLM training step
 (adapters on 4 blocks, batch 64) 13% slower and a SmolLM2 one 5 to 10%. Here the scaling multiplies the rank-r
 activations (r columns, not the output's width), and the low-rank product is accumulated into the base product's
-output (and, backward, into the input's gradient) in place. The terms are the same; only float rounding differs, since the scaling is applied before the
-second low-rank product instead of after it (tests/core/test_fused_lora.py bounds the difference).
+output (and, backward, into the input's gradient) in place. The terms are the same; only float rounding differs,
+since the scaling is applied before the second low-rank product instead of after it (tests/core/test_fused_lora.py
+bounds the difference).
 
 Only layers whose forward is exactly that sum are switched: one active adapter, no dropout, no LoRA bias, no variant
 (DoRA and the like), a frozen nn.Linear base. A call the fused path does not cover (autocast on, mixed dtypes,
