@@ -14,7 +14,7 @@ import torch
 from pipelines.core.errors import ModelSourceError
 from pipelines.core.sections import LoraSettingsConfig
 from pipelines.core.selection import resolve_base_model, select_base_model
-from pipelines.core.spec import parse_spec
+from pipelines.core.spec import PipelineSpec, parse_spec
 from pipelines.core.tasks.classification import (FrozenLowerBlocks, PooledClassifier, embed_texts, frozen_embeddings,
                                                  load_classifier, load_encoder, load_tokenizer, predict_proba,
                                                  train_classifier)
@@ -172,6 +172,37 @@ def test_frozen_embeddings_are_computed_once_and_keyed_by_what_they_depend_on(tm
     frozen_embeddings(base, TEXTS[:-1], 32, compute, load=load)
     frozen_embeddings(base, TEXTS, 16, compute, load=load)
     assert len(loads) == 4, "only the damaged file is recomputed"
+
+
+def test_the_probe_takes_its_sample_from_a_split_already_embedded(tmp_path: Path, tiny_model_dir: Path,
+                                                                 trec_splits: pd.DataFrame,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the data doctor has embedded every split with a candidate, selection's probe reads its sample's rows
+    from those embeddings (nothing is run again) and fits on the same features as when it embeds the sample."""
+    from pipelines.core.tasks import classification, task_for
+
+    data = _spec(tiny_model_dir).model_dump(mode="json", exclude_none=True)  # type: ignore[attr-defined]
+    data["base_model"]["probe"]["sample_rows"] = 8  # samples of 32 train and 8 validation rows, not whole splits
+    spec = PipelineSpec.model_validate(data)
+    assert (trec_splits["split"] == "train").sum() > 32 and (trec_splits["split"] == "validation").sum() > 8
+    base = resolve_base_model(spec.base_model, store(tmp_path))
+    task = task_for(spec)
+    fitted: list[np.ndarray] = []
+    fit = classification.fit_linear_probe
+    monkeypatch.setattr(classification, "fit_linear_probe", lambda x, *rest: fitted.append(x) or fit(x, *rest))
+
+    alone = ComputeSettings("cpu", "fp32", 2, cache_dir=str(tmp_path / "alone"))
+    embedded = task.probe(base, spec, trec_splits, alone)
+    shared = ComputeSettings("cpu", "fp32", 2, cache_dir=str(tmp_path / "shared"))
+    for split in ("train", "validation", "test"):  # as the data doctor embeds them
+        frozen_embeddings(base, trec_splits.loc[trec_splits["split"] == split, "text"].tolist(),
+                          spec.training.max_length, shared)
+    files = sorted((tmp_path / "shared" / "embeddings").glob("*.npy"))
+    read = task.probe(base, spec, trec_splits, shared)
+    assert sorted((tmp_path / "shared" / "embeddings").glob("*.npy")) == files, "the sample was embedded again"
+    assert len(fitted) == 2 and fitted[0].shape == fitted[1].shape
+    assert np.allclose(fitted[0], fitted[1], atol=1e-5), "the sample's rows were not the ones read"
+    assert read.value == pytest.approx(embedded.value, abs=0.02)
 
 
 def test_padding_free_batches_give_the_padded_batches_loss(tmp_path: Path) -> None:

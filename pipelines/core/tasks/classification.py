@@ -498,6 +498,41 @@ EMBEDDING_CACHE_FILES = 32  # the newest files kept in the embedding cache
 FROZEN_STATES_BUDGET_MB = 4096  # the most memory the cached outputs of frozen blocks may take
 
 
+def _embedding_path(base: BaseModelRecord, texts: Sequence[str], max_length: int, compute: ComputeSettings,
+                    batch_size: int, pooling: str, variant: str | None) -> Path | None:
+    """Where frozen_embeddings keeps these embeddings: a digest of everything they depend on (None: no cache)."""
+    import hashlib
+
+    if not compute.cache_dir:
+        return None
+    digest = hashlib.sha256("\0".join([base.weights_sha256, pooling, str(max_length), compute.precision,
+                                       compute.device, str(batch_size), torch.__version__]
+                                      + ([variant] if variant else [])).encode())
+    digest.update(b"\1".join(t.encode("utf-8", "surrogatepass") for t in texts))
+    return Path(compute.cache_dir) / "embeddings" / f"{digest.hexdigest()[:32]}.npy"
+
+
+def cached_embeddings(base: BaseModelRecord, texts: Sequence[str], max_length: int, compute: ComputeSettings,
+                      batch_size: int = 128, pooling: str | None = None,
+                      variant: str | None = None) -> np.ndarray | None:
+    """The embeddings frozen_embeddings computed earlier for exactly these arguments, or None (nothing computed)."""
+    return _load_cached(_embedding_path(base, texts, max_length, compute, batch_size, pooling or base.pooling,
+                                        variant), len(texts))
+
+
+def _load_cached(path: Path | None, rows: int) -> np.ndarray | None:
+    if path is None or not path.is_file():
+        return None
+    try:
+        found = np.load(path, allow_pickle=False)
+    except (OSError, ValueError):  # a damaged file is recomputed and replaced
+        return None
+    if found.shape[0] != rows:
+        return None
+    path.touch()
+    return found
+
+
 def frozen_embeddings(base: BaseModelRecord, texts: Sequence[str], max_length: int, compute: ComputeSettings,
                       batch_size: int = 128, load: Callable[[], tuple[nn.Module, Any]] | None = None,
                       pooling: str | None = None, lower: FrozenLowerBlocks | None = None,
@@ -509,30 +544,17 @@ def frozen_embeddings(base: BaseModelRecord, texts: Sequence[str], max_length: i
     `load` returns the (encoder, tokenizer), called on a miss only (default: load them from the base model).
     With `lower`, the outputs of its frozen blocks for `texts` are kept too (from the same pass on a miss).
     `variant` names a `load` whose model differs from the base model as loaded (e.g. cast to bf16): part of the key."""
-    import hashlib
-
     from pipelines.core.files import write_bytes_atomic
 
     pooling = pooling or base.pooling
     load = load or (lambda: (load_encoder(base), load_tokenizer(base.local_path)))
-    cache = Path(compute.cache_dir) / "embeddings" if compute.cache_dir else None
-    path = None
-    if cache is not None:
-        digest = hashlib.sha256("\0".join([base.weights_sha256, pooling, str(max_length), compute.precision,
-                                           compute.device, str(batch_size), torch.__version__]
-                                          + ([variant] if variant else [])).encode())
-        digest.update(b"\1".join(t.encode("utf-8", "surrogatepass") for t in texts))
-        path = cache / f"{digest.hexdigest()[:32]}.npy"
-        if path.is_file():
-            try:
-                found = np.load(path, allow_pickle=False)
-                if found.shape[0] == len(texts):
-                    path.touch()
-                    if lower is not None:  # the embeddings are known; the frozen blocks still run for their states
-                        lower.append(*load(), texts, max_length, compute, batch_size)
-                    return found
-            except (OSError, ValueError):  # a damaged file is recomputed and replaced
-                pass
+    path = _embedding_path(base, texts, max_length, compute, batch_size, pooling, variant)
+    found = _load_cached(path, len(texts))
+    if found is not None:
+        if lower is not None:  # the embeddings are known; the frozen blocks still run for their states
+            lower.append(*load(), texts, max_length, compute, batch_size)
+        return found
+    cache = path.parent if path is not None else None
     encoder, tokenizer = load()
     result = (lower.append(encoder, tokenizer, texts, max_length, compute, batch_size, pooling) if lower
               else embed_texts(encoder, tokenizer, texts, pooling, max_length, compute, batch_size))
@@ -1047,6 +1069,13 @@ class ClassificationTask(TaskBase):
         load, variant = frozen_reader(record, compute)
 
         def embed(frame: pd.DataFrame) -> np.ndarray:  # kept in the embedding cache: probing again is instant
+            # The whole split's embeddings when a step has computed them (the data doctor, when its model is this
+            # candidate, embeds every split): the sample's rows are taken from them instead of run again.
+            whole = splits[splits["split"] == frame["split"].iloc[0]] if len(frame) else frame
+            found = cached_embeddings(record, whole["text"].tolist(), spec.training.max_length, compute,
+                                      variant=variant) if whole.index.is_unique and len(frame) else None
+            if found is not None:
+                return found[whole.index.get_indexer(frame.index)]
             return frozen_embeddings(record, frame["text"].tolist(), spec.training.max_length, compute, batch_size=64,
                                      load=load, variant=variant)
 
