@@ -7,8 +7,9 @@ assistant's whole answer (the label's tokens and the end-of-turn token), rendere
 template. The highest-scoring label is the prediction.
 
 The instructions and the examples are the same for every row, so their key/value cache is computed once and
-shared; each batch then runs only the rows' own turns, and each label's tokens after the first run from a copy of
-that cache (a label's first token is read from the row's last position).
+shared; each batch then runs only the rows' own turns and each label's tokens after the first (a label's first
+token is read from the row's last position), attending to that one cache (shared_prefix_attention) rather than to
+a copy of it for every row.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pipelines.core.attention import attend_with_logsumexp, combine_attention, switched_attention
 from pipelines.core.trainer import ComputeSettings, ProgressFn
 
 SYSTEM_PROMPT = ("Classify the user's text into exactly one of these categories: {labels}. "
@@ -53,12 +55,59 @@ def conversation_prefix(names: Sequence[str], examples: Sequence[tuple[str, str]
     return messages
 
 
+PREFIX_ATTENTION = "tuneline_shared_prefix"
+
+
+class _PrefixNotSeen(RuntimeError):
+    """The attention was called without a shared prefix it can use: a model whose forward does not pass its keyword
+    arguments down to the attention, or whose attention needs what only transformers' kernels do."""
+
+
+def shared_prefix_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                            shared_prefix: Any = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Attention of a batch of rows to one shared prefix (its key/value cache, computed once with batch 1) and to
+    their own tokens (`attention_mask`: bool [B, 1, L, L], True where a token may look).
+
+    transformers would need the prefix copied for every row of the batch (and concatenated with the rows' keys in
+    every layer, and its key heads repeated for grouped queries): with a few hundred prefix tokens that copying was
+    a third of the prompting's time. Here the rows' queries attend to the prefix as one long block (the batch
+    folded into the query length: no mask, no copy), then to their own keys under the mask, and the two results are
+    combined by their log-sum-exp, which is exactly softmax attention over prefix and own keys together."""
+    layer = shared_prefix.layers[module.layer_idx] \
+        if shared_prefix is not None and isinstance(getattr(module, "layer_idx", None), int) else None
+    prefix_key, prefix_value = getattr(layer, "keys", None), getattr(layer, "values", None)
+    b, heads, length, dim = query.shape
+    if prefix_key is None or prefix_value is None or prefix_key.dim() != 4 or prefix_key.shape[0] != 1 \
+            or attention_mask is None or attention_mask.dtype != torch.bool \
+            or tuple(attention_mask.shape) != (b, 1, length, length) or dropout or heads % key.shape[1] \
+            or any(kwargs.get(k) is not None for k in ("sliding_window", "position_bias", "s_aux", "softcap")):
+        raise _PrefixNotSeen("this attention call is not one over a shared prefix and the batch's own tokens")
+    kv_heads = key.shape[1]
+    group = heads // kv_heads
+    scale = scaling if scaling is not None else dim ** -0.5
+    fused = query.device.type == "cpu"
+    grouped = query.reshape(b, kv_heads, group * length, dim)  # query head j reads key/value head j // group
+    folded = grouped.transpose(0, 1).reshape(1, kv_heads, b * group * length, dim)
+    out_prefix, lse_prefix = attend_with_logsumexp(folded, prefix_key.to(query.dtype), prefix_value.to(query.dtype),
+                                                   None, scale, fused)
+    out_prefix = out_prefix.view(kv_heads, b, group * length, dim).transpose(0, 1)
+    lse_prefix = lse_prefix.view(kv_heads, b, group * length).transpose(0, 1)
+    own = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device)
+    own = own.masked_fill(~attention_mask, float("-inf")).unsqueeze(2).expand(b, 1, group, length, length)
+    out_own, lse_own = attend_with_logsumexp(grouped, key, value, own.reshape(b, 1, group * length, length), scale,
+                                             fused)
+    out = combine_attention([(out_prefix, lse_prefix), (out_own, lse_own)])
+    return out.reshape(b, heads, length, dim).transpose(1, 2).contiguous(), None
+
+
 @torch.no_grad()
 def score_choices(model: Any, tokenizer: Any, prefix: list[dict[str, str]], texts: Sequence[str],
                   choices: Sequence[str], compute: ComputeSettings, batch_size: int = 16,
-                  progress: ProgressFn | None = None) -> np.ndarray:
+                  progress: ProgressFn | None = None, shared_prefix: bool = True) -> np.ndarray:
     """Log-likelihood of each choice as the assistant's whole answer to each text (rows x choices), after the
-    conversation `prefix`."""
+    conversation `prefix`. `shared_prefix`: the rows attend to the prefix's one key/value cache
+    (shared_prefix_attention) where the model allows, instead of a copy of it for every row."""
     device = torch.device(compute.device)
     model.eval().to(device)
     prefix_text = render(tokenizer, prefix, False) if len(prefix) else ""
@@ -92,7 +141,7 @@ def score_choices(model: Any, tokenizer: Any, prefix: list[dict[str, str]], text
     scores = np.zeros((len(texts), len(choices)))
     turns = [tokenizer(own_turn(t), add_special_tokens=False)["input_ids"] for t in texts]
     order = np.argsort([len(t) for t in turns], kind="stable")  # batches of similar length: little padding
-    done = 0
+    done, shared = 0, shared_prefix
     for start in range(0, len(texts), batch_size):
         batch = order[start:start + batch_size]
         rows = [turns[i] for i in batch]
@@ -103,14 +152,14 @@ def score_choices(model: Any, tokenizer: Any, prefix: list[dict[str, str]], text
         length = max(len(r) for r in rows) + sum(len(a) - 1 for a in answers)
         ids = torch.full((b, length), tokenizer.pad_token_id or 0, dtype=torch.long)
         positions = torch.zeros((b, length), dtype=torch.long)
-        allowed = torch.zeros((b, 1, length, p + length), dtype=torch.bool)
-        allowed[:, :, :, :p] = True  # the shared prefix: every position sees it (padding too, so none is empty)
+        # Which of the batch's own tokens each one sees; padding sees itself, so that no query sees nothing.
+        own = torch.eye(length, dtype=torch.bool).repeat(b, 1, 1, 1)
         reads: list[list[tuple[int, int, int, int]]] = []  # per row: (position, choice, token index, token id)
         for i, r in enumerate(rows):
             n = len(r)
             ids[i, :n] = torch.tensor(r)
             positions[i, :n] = p + torch.arange(n)
-            allowed[i, 0, :n, p:p + n] = torch.tril(torch.ones((n, n), dtype=torch.bool))
+            own[i, 0, :n, :n] = torch.tril(torch.ones((n, n), dtype=torch.bool))
             row_reads = [(n - 1, c, 0, answer[0]) for c, answer in enumerate(answers)]
             at = n
             for c, answer in enumerate(answers):
@@ -119,21 +168,41 @@ def score_choices(model: Any, tokenizer: Any, prefix: list[dict[str, str]], text
                     continue
                 ids[i, at:at + k] = torch.tensor(answer[:-1])
                 positions[i, at:at + k] = p + n + torch.arange(k)
-                allowed[i, 0, at:at + k, p:p + n] = True
-                allowed[i, 0, at:at + k, p + at:p + at + k] = torch.tril(torch.ones((k, k), dtype=torch.bool))
+                own[i, 0, at:at + k, :n] = True
+                own[i, 0, at:at + k, at:at + k] = torch.tril(torch.ones((k, k), dtype=torch.bool))
                 row_reads += [(at + j - 1, c, j, answer[j]) for j in range(1, k + 1)]
                 at += k
             positions[i, at:] = p + at + torch.arange(length - at)
             reads.append(row_reads)
-        batch_cache = None
-        if cache is not None:
-            batch_cache = copy.deepcopy(cache)
-            batch_cache.batch_repeat_interleave(b)
         flat_rows = torch.tensor([i for i, row_reads in enumerate(reads) for _ in row_reads])
         flat_positions = torch.tensor([pos for row_reads in reads for pos, _, _, _ in row_reads])
+        hidden = None
+        if cache is not None and shared:
+            try:
+                with switched_attention(decoder, PREFIX_ATTENTION, shared_prefix_attention) as used, \
+                        compute.autocast():
+                    if not used:
+                        raise _PrefixNotSeen("the model does not run on SDPA")
+                    hidden = decoder(input_ids=ids.to(device), attention_mask=own.to(device),
+                                     position_ids=positions.to(device), use_cache=False,
+                                     shared_prefix=cache).last_hidden_state
+            except _PrefixNotSeen:
+                shared = False  # this model's attention is transformers' own: the prefix is copied for each row
+        if hidden is None:
+            batch_cache = None
+            if cache is not None:
+                batch_cache = copy.deepcopy(cache)
+                batch_cache.batch_repeat_interleave(b)
+            # The prefix, copied for every row: every position sees it.
+            allowed = torch.cat((torch.ones((b, 1, length, p), dtype=torch.bool), own), dim=-1)
+            if getattr(decoder.config, "_attn_implementation", None) == "eager":
+                # Eager attention adds the mask it is given to the scores: a boolean one would add 0 or 1.
+                allowed = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+            with compute.autocast():
+                hidden = decoder(input_ids=ids.to(device), attention_mask=allowed.to(device),
+                                 position_ids=positions.to(device), cache=batch_cache,
+                                 use_cache=False).last_hidden_state
         with compute.autocast():
-            hidden = decoder(input_ids=ids.to(device), attention_mask=allowed.to(device),
-                             position_ids=positions.to(device), cache=batch_cache, use_cache=False).last_hidden_state
             logits = head(hidden[flat_rows.to(device), flat_positions.to(device)])
         logp = torch.log_softmax(logits.float(), dim=-1).cpu()
         at = 0

@@ -10,7 +10,9 @@ import pandas as pd
 import pytest
 import torch
 
-from pipelines.core.prompting import conversation_prefix, few_shot_examples, render, score_choices
+from pipelines.core.attention import attend_with_logsumexp, combine_attention
+from pipelines.core.prompting import (conversation_prefix, few_shot_examples, render, score_choices,
+                                      shared_prefix_attention)
 from pipelines.core.trainer import ComputeSettings
 
 FP32 = ComputeSettings("cpu", "fp32", num_threads=2)
@@ -36,23 +38,59 @@ def brute_force(model: object, tokenizer: object, prefix: list[dict[str, str]], 
     return float(sum(logp[len(prompt_ids) + j - 1, t] for j, t in enumerate(answer_ids)))
 
 
-@pytest.mark.parametrize("shots", [0, 1])
-def test_cached_scores_equal_scoring_each_conversation_alone(tiny_chat_dir: Path, shots: int) -> None:
+@pytest.mark.parametrize(("shots", "attention"), [(0, "shared"), (1, "shared"), (1, "copied"), (2, "eager")])
+def test_cached_scores_equal_scoring_each_conversation_alone(tiny_chat_dir: Path, shots: int, attention: str,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """shared: the rows attend to the prefix's one cache (shared_prefix_attention); copied: to a copy of it per row,
+    as transformers does; eager: a model not on SDPA, which keeps its own attention and gets the copies."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import pipelines.core.prompting as prompting
+
+    calls: list[int] = []
+
+    def counted(module: object, *args: object, **kwargs: object) -> object:
+        calls.append(module.layer_idx)  # type: ignore[attr-defined]
+        return shared_prefix_attention(module, *args, **kwargs)
+
+    monkeypatch.setattr(prompting, "shared_prefix_attention", counted)
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_chat_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_chat_dir)).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_chat_dir), attn_implementation=(
+        "eager" if attention == "eager" else "sdpa")).eval()
+    with torch.no_grad():  # attention that moves the scores: at its initial scale it barely reaches the logits
+        for name, weight in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight")):
+                weight.mul_(8.0)
     # Labels of 1 to several tokens, texts of different lengths (the batch is padded in the middle).
     choices = ["red", "green house", "The car is blue."]
     train = pd.DataFrame({"text": ["What colour is the car number 1?", "What colour is the hat number 2?",
                                    "What colour is the cup number 3?"], "label": choices})
     prefix = conversation_prefix(choices, few_shot_examples(train, shots, 0, choices))
     texts = ["What colour is the ball number 7?", "What is AI?", "Tell me a joke about the lamp number 11 please."]
-    scores = score_choices(model, tokenizer, prefix, texts, choices, FP32, batch_size=2)
+    scores = score_choices(model, tokenizer, prefix, texts, choices, FP32, batch_size=2,
+                           shared_prefix=attention == "shared")
     expected = np.array([[brute_force(model, tokenizer, prefix, t, c) for c in choices] for t in texts])
     assert scores.shape == (3, 3)
     np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-4)
     assert len({len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in choices}) > 1
+    # Two batches through both layers when the prefix is shared; never otherwise. The model is SDPA's again after.
+    assert calls == ([0, 1, 0, 1] if attention == "shared" else [])
+    assert model.config._attn_implementation == ("eager" if attention == "eager" else "sdpa")
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_attention_over_key_blocks_computed_apart_equals_attention_over_all_keys(fused: bool) -> None:
+    """The two halves of shared_prefix_attention: each block's output and log-sum-exp, combined, give softmax
+    attention over every key at once (here: a prefix block without a mask and a causal block)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5 if name == "q" else 12, 8) for name in ("q", "k", "v"))
+    causal = torch.zeros(5, 5).masked_fill(~torch.tril(torch.ones(5, 5, dtype=torch.bool)), float("-inf"))
+    mask = torch.cat([torch.zeros(5, 7), causal], dim=-1).expand(2, 1, 5, 12)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
+    first = attend_with_logsumexp(q, k[:, :, :7], v[:, :, :7], None, 0.3, fused)
+    second = attend_with_logsumexp(q, k[:, :, 7:], v[:, :, 7:], causal.expand(2, 1, 5, 5).contiguous(), 0.3, fused)
+    torch.testing.assert_close(combine_attention([first, second]), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(first[1], torch.logsumexp(q @ k[:, :, :7].transpose(-1, -2) * 0.3, dim=-1))
 
 
 def test_few_shot_examples_take_k_rows_of_every_label_interleaved() -> None:

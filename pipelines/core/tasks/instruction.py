@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 from pydantic import Field
 
+from pipelines.core.attention import switched_attention
 from pipelines.core.chat import (RENDER_DROP_REASONS, clean_conversations, ensure_chat_template,
                                  render_conversations, render_prompt, role_problem, score_generation)
 from pipelines.core.cleaning import cleaning_log, dedup_key, is_missing
@@ -434,25 +435,8 @@ def packed_sdpa_attention(module: Any, query: torch.Tensor, key: torch.Tensor, v
 @contextmanager
 def packed_attention(model: Any, enabled: bool) -> Iterator[bool]:
     """Train `model` with packed_sdpa_attention where it uses SDPA (restored afterwards); yields whether it did."""
-    from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import sdpa_mask
-
-    configs = list({id(c): c for c in (getattr(m, "config", None) for m in model.modules())
-                    if hasattr(c, "_attn_implementation")}.values())
-    # Text decoders on SDPA only: a composite model's sub-configs (vision towers) would be switched along with it.
-    if not enabled or not configs \
-            or any(c._attn_implementation != "sdpa" or getattr(c, "sub_configs", None) for c in configs):
-        yield False
-        return
-    AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
-    AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)  # the usual mask, for the calls it passes on
-    for c in configs:
-        c._attn_implementation = PACKED_ATTENTION
-    try:
-        yield True
-    finally:
-        for c in configs:
-            c._attn_implementation = "sdpa"
+    with switched_attention(model, PACKED_ATTENTION, packed_sdpa_attention, enabled) as used:
+        yield used
 
 
 def train_causal_lm(rendered: pd.DataFrame, base: BaseModelRecord, spec: PipelineSpec, out_dir: Path,
