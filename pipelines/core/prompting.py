@@ -70,8 +70,8 @@ def shared_prefix_attention(module: Any, query: torch.Tensor, key: torch.Tensor,
     their own tokens (`attention_mask`: bool [B, 1, L, L], True where a token may look).
 
     transformers would need the prefix copied for every row of the batch (and concatenated with the rows' keys in
-    every layer, and its key heads repeated for grouped queries): with a few hundred prefix tokens that copying was
-    a third of the prompting's time. Here the rows' queries attend to the prefix as one long block (the batch
+    every layer, and its key heads repeated for grouped queries), work that grows with the prefix: with 4 examples
+    per class it was half of SmolLM2's prompting time on TREC. Here the rows' queries attend to the prefix as one long block (the batch
     folded into the query length: no mask, no copy), then to their own keys under the mask, and the two results are
     combined by their log-sum-exp, which is exactly softmax attention over prefix and own keys together."""
     layer = shared_prefix.layers[module.layer_idx] \
