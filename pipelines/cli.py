@@ -35,6 +35,17 @@ POSTGRES_STORAGE = f"""storage:
 """
 
 
+
+def _positive_int(value: str) -> int:
+    """argparse type: a whole number of at least 1 (argparse names the option in its error)."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {number}")
+    return number
+
 def postgres_url_for_dagster(url: str) -> str:
     """The instance's PostgreSQL URL with the driver named: SQLAlchemy 2.1 maps a bare `postgresql://` to psycopg 3,
     which dagster-postgres does not use (it brings psycopg2). Anything but a PostgreSQL URL is refused, naming the
@@ -546,7 +557,8 @@ def main(argv: list[str] | None = None) -> int:
     predict.add_argument("--pipeline", required=True)
     predict.add_argument("--data-dir", help="folder of generated data holding the embedded MLflow store")
     predict.add_argument("--json", action="store_true", help="print one JSON list")
-    predict.add_argument("--max-new-tokens", type=int, default=64, help="chat models: most tokens per answer")
+    predict.add_argument("--max-new-tokens", type=_positive_int, default=64,
+                         help="chat models: most tokens per answer")
     predict.add_argument("texts", nargs="+", help="one or more texts to classify (or instructions to answer)")
     predict.set_defaults(func=cmd_predict)
     export = sub.add_parser("export", help="merge a chat model's adapter into its base model and save it as "

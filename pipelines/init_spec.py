@@ -455,10 +455,19 @@ def _instruction_sections(frame: pd.DataFrame, choice: TaskChoice, plan: SourceP
 def _conversation_chars(value: Any) -> tuple[int, int]:
     """Characters of a conversation's prompt (every message but the last) and of its response (the last)."""
     if isinstance(value, str):
-        value = json.loads(value)
-    messages = value.tolist() if hasattr(value, "tolist") else list(value)
-    chars = [len(str(m.get("content") or "")) for m in messages if isinstance(m, dict)]
-    return (sum(chars[:-1]), chars[-1]) if chars else (0, 0)
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return 0, 0  # not a conversation: `tuneline check` names the row
+    messages = value.tolist() if hasattr(value, "tolist") else list(value) if isinstance(value, list) else []
+
+    def chars(content: Any) -> int:  # text parts ({"type": "text", "text": ...}) by their text
+        if isinstance(content, list):
+            return sum(len(str(p.get("text") or "")) if isinstance(p, dict) else len(str(p)) for p in content)
+        return len(str(content or ""))
+
+    lengths = [chars(m.get("content", m.get("value"))) for m in messages if isinstance(m, dict)]
+    return (sum(lengths[:-1]), lengths[-1]) if lengths else (0, 0)
 
 
 def _data_name(plan: SourcePlan) -> str:

@@ -75,7 +75,7 @@ class PipelineIOManager(dg.ConfigurableIOManager):
         own.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             if isinstance(obj, pd.DataFrame):
-                obj.to_parquet(tmp, index=False)
+                self._write_parquet(obj, tmp, key)
             else:
                 tmp.write_bytes(pickle.dumps(obj))
             own.unlink(missing_ok=True)  # a retried step writes its value again
@@ -83,6 +83,22 @@ class PipelineIOManager(dg.ConfigurableIOManager):
         self._path(key, stale).unlink(missing_ok=True)
         self._prune(own.parent.parent)
         context.add_output_metadata({"stored_at": dg.MetadataValue.path(str(path))})
+
+    @staticmethod
+    def _write_parquet(frame: pd.DataFrame, path: Path, key: dg.AssetKey) -> None:
+        """A table that Parquet cannot hold is bad data, not an outage: it fails at once (never retried), naming
+        the column."""
+        import pyarrow as pa
+
+        try:
+            frame.to_parquet(path, index=False)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+            detail = str(exc.args[0]) if exc.args else str(exc)
+            column = next((str(a) for a in exc.args[1:] if "column" in str(a)), "")
+            raise dg.Failure(description=f"{key.to_user_string()} cannot be stored as Parquet: {detail}"
+                                         f"{'; ' + column if column else ''}. Each column must hold one kind of "
+                                         "value (text, numbers, or lists of one shape)",
+                             allow_retries=False) from None
 
     def _prune(self, runs: Path) -> None:
         folders = sorted((p for p in runs.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)

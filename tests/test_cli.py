@@ -269,3 +269,15 @@ def test_quiet_libraries_also_silences_bars_that_no_library_switch_reaches(bars:
     done = subprocess.run([sys.executable, "-c", script], cwd=PROJECT_ROOT, capture_output=True, text=True,
                           timeout=120, env={**env, "HF_HUB_DISABLE_PROGRESS_BARS": bars}, check=True)
     assert ("Converting and de-quantizing GGUF tensors" in done.stderr) == (bars == "0"), done.stderr[-500:]
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "many"])
+def test_predict_refuses_a_token_limit_below_one_before_loading_anything(
+        value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from pipelines import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["predict", "--pipeline", "nope", "--max-new-tokens", value, "hello"])
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err
+    assert "argument --max-new-tokens: expected" in error and "Traceback" not in error

@@ -110,6 +110,18 @@ def test_messages_column_becomes_instruction_tuning(tmp_path: Path) -> None:
     assert spec.task.messages_column == "messages"
 
 
+def test_a_messages_csv_with_a_row_that_is_not_json_names_the_row(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    rows = [{"messages": json.dumps([{"role": "user", "content": r["instruction"]},
+                                     {"role": "assistant", "content": r["response"]}])} for r in chatterbot_rows()]
+    data = tmp_path / "chats.csv"
+    pd.DataFrame(rows + [{"messages": "hello"}]).to_csv(data, index=False)
+    assert init(data, "--specs-dir", tmp_path, "--name", "chats_csv") == 2
+    error = capsys.readouterr().err
+    assert "chats.csv, row 32, column 'messages': not a JSON list of messages" in error
+    assert "Traceback" not in error and not (tmp_path / "chats_csv.yaml").exists()
+
+
 def test_input_output_pairs_do_not_repeat_the_instruction(tmp_path: Path) -> None:
     rows = [{"input": r["instruction"], "output": r["response"]} for r in chatterbot_rows()]
     assert init(write_jsonl(tmp_path / "pairs.jsonl", rows), "--specs-dir", tmp_path) == 0

@@ -89,10 +89,14 @@ def clean_conversations(examples: pd.DataFrame, cfg: CleaningConfig) -> Cleaning
     mark([n > cfg.max_chars for n in lengths], "too_long")
     frame["norm_text"] = [dedup_key(t) for t in texts]
     frame["norm_response"] = [dedup_key(t) for t in responses]
+    # The rest of a conversation (its system message, earlier answers): examples that differ there differ.
+    frame["norm_context"] = ["" if is_missing(v) else "\x1f".join(
+        f"{m['role']}:{dedup_key(m['content'])}" for m in json.loads(v)[:-1] if m["role"] != "user")
+        for v in frame["messages"]]
     if cfg.drop_duplicates:
         within = ["source_split"] if "source_split" in frame.columns else []
         for subset, why in ((["messages", *within], "exact_duplicate"),
-                            (["norm_text", "norm_response", *within], "normalised_duplicate")):
+                            (["norm_text", "norm_response", "norm_context", *within], "normalised_duplicate")):
             alive = reason.isna()
             mark(alive & frame[alive].duplicated(subset=subset, keep="first").reindex(frame.index, fill_value=False),
                  why)

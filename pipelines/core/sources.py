@@ -11,6 +11,7 @@ import hashlib
 import importlib.metadata
 import io
 import json
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -140,13 +141,40 @@ def _read_jsonl(data: bytes, file: str) -> pd.DataFrame:
             raise SourceError(f"expected a JSON object, got {type(record).__name__}", file=file, row=number)
         records.append(record)
         rows.append(number)
-    return _records_frame(records, rows)
+    return _records_frame(records, rows, file)
 
 
-def _records_frame(records: list[dict[str, object]], rows: list[int] | range) -> pd.DataFrame:
-    """JSON objects as rows, every column as Python objects (no type guessing), with the row each came from."""
+def _records_frame(records: list[dict[str, object]], rows: list[int] | range, file: str) -> pd.DataFrame:
+    """JSON objects as rows, every column as Python objects (no type guessing), with the row each came from.
+
+    Every column must be storable as one Parquet column (raw_data is kept as Parquet). One that is not, as JSON
+    allows: numbers or booleans beside text become text ("12345"); lists and objects of varying shapes (messages
+    whose content is a string in one row and a list of parts in another) become their JSON text, which the task
+    reads back; lists or objects beside plain values are an error naming the first row that differs."""
+    import pyarrow as pa
+
     frame = pd.DataFrame.from_records(records)
     frame = frame.astype({c: "object" for c in frame.columns})
+    for column in frame.columns:
+        values = frame[column]
+        try:
+            pa.array(values, from_pandas=True)
+            continue
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError):
+            pass
+        present = [(row, v) for row, v in zip(rows, values, strict=True) if v is not None and not (
+            isinstance(v, float) and math.isnan(v))]
+        nested = [isinstance(v, (list, dict)) for _, v in present]
+        if any(nested) and not all(nested):
+            kind = "a list or object" if sum(nested) * 2 < len(nested) else "a plain value"
+            row, value = next((r, v) for (r, v), n in zip(present, nested, strict=True)
+                              if (kind == "a list or object") == n)
+            raise SourceError(f"holds {kind} ({json.dumps(value, ensure_ascii=False)[:60]}) where the other rows "
+                              f"hold {'plain values' if kind == 'a list or object' else 'lists or objects'}; "
+                              "expected one kind of value per column", file=file, row=row, column=str(column))
+        frame[column] = [v if v is None or (isinstance(v, float) and math.isnan(v)) else
+                         json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else
+                         v if isinstance(v, str) else json.dumps(v) for v in values]
     frame["source_row"] = rows
     return frame
 
@@ -161,7 +189,7 @@ def _read_json_array(text: str, file: str) -> pd.DataFrame:
         if not isinstance(record, dict):
             raise SourceError(f"element {number} of the JSON array is a {type(record).__name__}; expected an "
                               "object (one row)", file=file)
-    return _records_frame(records, range(1, len(records) + 1))
+    return _records_frame(records, range(1, len(records) + 1), file)
 
 
 def _read_parquet(data: bytes, file: str) -> pd.DataFrame:

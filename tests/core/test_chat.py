@@ -98,6 +98,63 @@ def test_openai_messages_column(tmp_path: Path) -> None:
         select_conversations(raw, task)
 
 
+def _jsonl(path: Path, rows: list[dict]) -> pd.DataFrame:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return read_file(path, "auto")[0]
+
+
+def test_content_parts_sharegpt_messages_and_role_names_are_read_as_text(tmp_path: Path) -> None:
+    """OpenAI content parts, ShareGPT's from/value and human/gpt, and a file whose rows mix string and parts
+    content (which Parquet cannot hold as one column as they are): every row is the same plain conversation."""
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "What is 2 plus 2?"}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": "It is"},
+                                                            {"type": "text", "text": "4."}]}]}
+    plain = {"messages": [{"role": "User", "content": "What is 3 plus 3?"},
+                          {"role": "assistant", "content": 6}]}
+    sharegpt = {"messages": [{"from": "human", "value": "What is 4 plus 4?"}, {"from": "gpt", "value": "8"}]}
+    raw = _jsonl(tmp_path / "mixed.jsonl", [parts, plain, sharegpt])
+    raw.to_parquet(tmp_path / "raw.parquet")  # raw_data is stored as Parquet
+    conversations = select_conversations(raw, TASK)
+    assert conversations["text"].tolist() == ["What is 2 plus 2?", "What is 3 plus 3?", "What is 4 plus 4?"]
+    assert conversations["response"].tolist() == ["It is\n4.", "6", "8"]
+    assert all(role_problem(json.loads(m)) is None for m in conversations["messages"])
+
+
+@pytest.mark.parametrize(("message", "problem"), [
+    ({"role": "narrator", "content": "x"}, r"row 1, column 'messages': message 0 has the role 'narrator'; expected "
+                                           r"system, user or assistant"),
+    ({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]},
+     r"message 0 has a content part of type 'image_url'; expected text"),
+])
+def test_unknown_roles_and_non_text_parts_are_named(tmp_path: Path, message: dict, problem: str) -> None:
+    raw = _jsonl(tmp_path / "bad.jsonl", [{"messages": [message, {"role": "assistant", "content": "y"}]}])
+    with pytest.raises(SourceError, match=problem):
+        select_conversations(raw, TASK)
+
+
+def test_a_file_mixing_messages_and_instruction_pairs_keeps_every_row(tmp_path: Path) -> None:
+    raw = _jsonl(tmp_path / "both.jsonl", [
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
+        {"instruction": "Say bye", "response": "Bye", "system": "Be brief."}])
+    conversations = select_conversations(raw, TASK)
+    assert conversations["text"].tolist() == ["Hi", "Say bye"]
+    assert conversations["response"].tolist() == ["Hello", "Bye"]
+    assert json.loads(conversations["messages"][1])[0] == {"role": "system", "content": "Be brief."}
+
+
+def test_json_values_of_mixed_kinds_are_stored_or_named(tmp_path: Path) -> None:
+    """Numbers beside text become text as written; lists beside plain values are an error naming the row."""
+    raw = _jsonl(tmp_path / "kinds.jsonl", [{"instruction": "a", "response": "x"},
+                                            {"instruction": "b", "response": 12345},
+                                            {"instruction": "c", "response": True}])
+    assert raw["response"].tolist() == ["x", "12345", "true"]
+    raw.to_parquet(tmp_path / "raw.parquet")
+    rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}] * 3
+    with pytest.raises(SourceError, match=r"strings\.jsonl, row 4, column 'messages': holds a plain value "
+                                          r"\(\"hello\"\) where the other rows hold lists or objects"):
+        _jsonl(tmp_path / "strings.jsonl", [*rows, {"messages": "hello"}])
+
+
 def test_missing_columns_are_named(tmp_path: Path) -> None:
     raw = pd.DataFrame({"question": ["q"], "source_file": ["f.csv"], "source_row": [2]})
     with pytest.raises(SourceError, match=r"no column 'instruction' \(named by task.instruction_column\)"):
@@ -130,6 +187,16 @@ def test_cleaning_counts_and_keeps_several_answers() -> None:
                               "too_long": 1, "exact_duplicate": 1, "normalised_duplicate": 1}
     splits = assign_splits(result.frame, SplitsConfig(), group_column="category").frame
     assert splits.groupby("norm_text")["split"].nunique().max() == 1  # an instruction stays in one split
+
+
+def test_conversations_that_differ_only_in_their_system_message_are_not_duplicates(tmp_path: Path) -> None:
+    raw = _jsonl(tmp_path / "systems.jsonl", [
+        {"system": "Be formal.", "instruction": "Hi", "response": "Hello"},
+        {"system": "Be a pirate.", "instruction": "Hi", "response": "Hello"},
+        {"system": "be  FORMAL.", "instruction": "hi", "response": "Hello"}])
+    result = clean_conversations(select_conversations(raw, TASK), CleaningConfig())
+    assert [json.loads(m)[0]["content"] for m in result.frame["messages"]] == ["Be formal.", "Be a pirate."]
+    assert result.dropped["normalised_duplicate"] == 1
 
 
 def test_rendering_uses_the_models_template_and_masks_the_prompt(tokenizer) -> None:

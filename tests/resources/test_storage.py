@@ -37,3 +37,20 @@ def test_only_the_last_runs_values_are_kept(tmp_path: Path) -> None:
         manager.handle_output(dg.build_output_context(asset_key=key, run_id=f"run-{n:02d}"), pd.DataFrame({"x": [n]}))
     kept = sorted(p.name for p in (tmp_path / "assets" / "p" / ".runs").iterdir())
     assert kept == [f"run-{n:02d}" for n in range(3, PipelineIOManager.KEPT_RUNS + 3)]
+
+
+def test_a_table_parquet_cannot_hold_fails_at_once_naming_the_column_and_keeps_the_previous_value(
+        tmp_path: Path) -> None:
+    import pytest
+
+    manager = PipelineIOManager(data_dir=str(tmp_path))
+    key = dg.AssetKey(["p", "raw_data"])
+    manager.handle_output(dg.build_output_context(asset_key=key, run_id="run-a"), pd.DataFrame({"x": ["ok"]}))
+    mixed = pd.DataFrame({"x": pd.Series([["a", "b"], "c"], dtype=object)})
+    with dg.build_output_context(asset_key=key, run_id="run-b") as context, pytest.raises(dg.Failure) as failure:
+        manager.handle_output(context, mixed)
+    assert failure.value.allow_retries is False  # bad data is not an outage: the retry policy does not rerun it
+    assert "p/raw_data cannot be stored as Parquet" in str(failure.value.description)
+    assert "column x" in str(failure.value.description)
+    assert load(manager, key, None)["x"].tolist() == ["ok"]  # type: ignore[index]
+    assert not [p for p in (tmp_path / "assets" / "p").rglob("*") if p.is_file() and "tmp" in p.name]

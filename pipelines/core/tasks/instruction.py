@@ -23,7 +23,7 @@ import torch
 from pydantic import Field
 
 from pipelines.core.attention import switched_attention
-from pipelines.core.chat import (RENDER_DROP_REASONS, clean_conversations, ensure_chat_template,
+from pipelines.core.chat import (ROLES, RENDER_DROP_REASONS, clean_conversations, ensure_chat_template,
                                  render_conversations, render_prompt, role_problem, score_generation)
 from pipelines.core.cleaning import cleaning_log, dedup_key, is_missing
 from pipelines.core.errors import CheckpointError, SourceError
@@ -102,8 +102,39 @@ def _text(value: Any) -> str | None:
     return None if is_missing(value) else str(value)
 
 
+# Role names of other chat formats, read as ours (ShareGPT's human / gpt, Gemma's model, and common others).
+ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant", "ai": "assistant",
+                "chatgpt": "assistant"}
+TEXT_PART_TYPES = ("text", "input_text", "output_text")  # content parts of OpenAI-style messages that hold text
+
+
+def _message_content(content: Any, index: int, file: str, row: int, column: str) -> str:
+    """A message's content as text: a string as it is, a number as written, a list of content parts (OpenAI's
+    [{"type": "text", "text": ...}, ...]) as its text parts joined by newlines. A part that is not text (an image)
+    is an error: a text model cannot read it, and dropping it would train on half a message."""
+    if is_missing(content) is True and not isinstance(content, (list, dict, np.ndarray)):
+        return ""
+    if isinstance(content, (str, int, float, bool, np.number)):
+        return str(content)
+    parts = content.tolist() if isinstance(content, np.ndarray) else content if isinstance(content, list) \
+        else [content]
+    texts = []
+    for part in parts:
+        if isinstance(part, str):
+            texts.append(part)
+            continue
+        kind = part.get("type", "text") if isinstance(part, dict) else type(part).__name__
+        if not isinstance(part, dict) or kind not in TEXT_PART_TYPES or not isinstance(part.get("text"), str):
+            raise SourceError(f"message {index} has a content part of type {kind!r}; expected text (a string, or "
+                              'parts like {"type": "text", "text": "..."}): a text model cannot read it',
+                              file=file, row=row, column=column)
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
 def _parse_messages(value: Any, file: str, row: int, column: str) -> list[dict[str, Any]]:
-    """A conversation as a list of {role, content} dicts; structure errors name the file, row and column."""
+    """A conversation as a list of {role, content} dicts; structure errors name the file, row and column. Also
+    reads ShareGPT's {"from", "value"} messages and role names (human, gpt), and content given as parts."""
     if isinstance(value, str):
         try:
             value = json.loads(value)
@@ -118,10 +149,18 @@ def _parse_messages(value: Any, file: str, row: int, column: str) -> list[dict[s
                           file=file, row=row, column=column)
     messages = []
     for i, message in enumerate(value):
+        if isinstance(message, dict) and "role" not in message and "from" in message and "value" in message:
+            message = {"role": message["from"], "content": message["value"]}  # ShareGPT
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise SourceError(f"message {i} is not an object with 'role' and 'content': {str(message)[:80]!r}",
                               file=file, row=row, column=column)
-        messages.append({"role": str(message["role"]), "content": _text(message["content"]) or ""})
+        role = str(message["role"]).strip().lower()
+        role = ROLE_ALIASES.get(role, role)
+        if role not in ROLES:
+            raise SourceError(f"message {i} has the role {str(message['role'])[:40]!r}; expected system, user or "
+                              f"assistant (also read: {', '.join(sorted(ROLE_ALIASES))})",
+                              file=file, row=row, column=column)
+        messages.append({"role": role, "content": _message_content(message["content"], i, file, row, column)})
     return messages
 
 
@@ -135,10 +174,15 @@ def select_conversations(raw: pd.DataFrame, task: InstructionTuningTaskConfig) -
     files = raw["source_file"].astype(str).tolist()
     rows = raw["source_row"].astype("int64").tolist()
     conversations: list[list[dict[str, Any]] | None] = []
+    pairs = task.instruction_column in columns and task.response_column in columns
     if task.messages_column in columns:
-        for value, file, row in zip(raw[task.messages_column], files, rows, strict=True):
-            conversations.append(None if is_missing(value) is True and not isinstance(value, (list, np.ndarray))
-                                 else _parse_messages(value, file, row, task.messages_column))
+        for n, (value, file, row) in enumerate(zip(raw[task.messages_column], files, rows, strict=True)):
+            if is_missing(value) is not True or isinstance(value, (list, np.ndarray)):
+                conversations.append(_parse_messages(value, file, row, task.messages_column))
+            elif pairs:  # a file that mixes both forms: this row is an instruction / response pair
+                conversations.append(_pair_messages(raw, task, columns, n))
+            else:
+                conversations.append(None)
     else:
         for column, name in ((task.instruction_column, "task.instruction_column"),
                              (task.response_column, "task.response_column")):
@@ -148,16 +192,7 @@ def select_conversations(raw: pd.DataFrame, task: InstructionTuningTaskConfig) -
                 raise SourceError(f"has no column {column!r} (named by {name}) and no {task.messages_column!r} "
                                   f"column (task.messages_column); its columns are {available}",
                                   file=", ".join(sorted(set(files))) or None, column=column)
-        inputs = raw[task.input_column] if task.input_column in columns else [None] * len(raw)
-        systems = raw[task.system_column] if task.system_column in columns else [None] * len(raw)
-        for instruction, extra, system, response in zip(raw[task.instruction_column], inputs, systems,
-                                                        raw[task.response_column], strict=True):
-            prompt = _text(instruction)
-            if prompt is not None and _text(extra) and _text(extra).strip():  # type: ignore[union-attr]
-                prompt = f"{prompt}\n\n{_text(extra)}"
-            messages = [{"role": "system", "content": _text(system)}] if _text(system) else []
-            messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": _text(response)}]
-            conversations.append(messages)
+        conversations += [_pair_messages(raw, task, columns, n) for n in range(len(raw))]
     out_messages, texts, responses = [], [], []
     for messages in conversations:
         if messages is None:
@@ -185,6 +220,21 @@ def select_conversations(raw: pd.DataFrame, task: InstructionTuningTaskConfig) -
     if "source_split" in columns:
         frame["source_split"] = raw["source_split"].astype(str).to_numpy()
     return frame
+
+
+def _pair_messages(raw: pd.DataFrame, task: InstructionTuningTaskConfig, columns: set[str],
+                   n: int) -> list[dict[str, Any]]:
+    """Row `n`'s instruction (with its input and system message, where those columns are) and response as
+    messages."""
+    def cell(column: str) -> str | None:
+        return _text(raw[column].iat[n]) if column in columns else None
+
+    prompt, extra, system = cell(task.instruction_column), cell(task.input_column), cell(task.system_column)
+    if prompt is not None and extra and extra.strip():
+        prompt = f"{prompt}\n\n{extra}"
+    messages = [{"role": "system", "content": system}] if system else []
+    return messages + [{"role": "user", "content": prompt},
+                       {"role": "assistant", "content": cell(task.response_column)}]
 
 
 def _conversation_keys(conversations: pd.DataFrame) -> pd.Series:
