@@ -309,6 +309,11 @@ def _label_column(profiles: Sequence[ColumnProfile], data: Path, exclude: str | 
     if len(candidates) == 1:
         return candidates[0]
     if not candidates:
+        single = next((p for p in profiles if p.scalar and p.distinct == 1 and p.name != exclude
+                       and p.name.strip().lower() in LABEL_NAMES), None)
+        if single is not None:
+            raise InitError(f"{data}: the column {single.name!r} has one value in all {single.values:,} rows: "
+                            "classification needs at least 2 labels (add rows of the other classes)")
         raise _undecided(data, profiles, "no column has few distinct values (a label column repeats a few "
                                          "values over many rows)")
     named = ", ".join(repr(p.name) for p in candidates)
@@ -352,6 +357,10 @@ def _classification_sections(frame: pd.DataFrame, choice: TaskChoice, plan: Sour
                              notes: list[str]) -> dict[str, Any]:
     text, label = choice.columns["text_column"], choice.columns["label_column"]
     labels = _natural(sorted({_label_text(v) for v in frame[label] if not _missing(v)} - {""}))
+    if len(labels) < 2:
+        raise InitError(f"{plan.source['path']}: the label column {label!r} has "
+                        f"{'only the label ' + repr(labels[0]) if labels else 'no labels'}: classification needs at "
+                        "least 2 labels (add rows of the other classes, or name another column with --label-column)")
     lengths = _text_lengths(frame, text)
     longest = _quantile(lengths, 0.995)
     max_chars = 500 if longest <= 500 else _round_up(longest, 500)

@@ -122,6 +122,18 @@ def test_a_messages_csv_with_a_row_that_is_not_json_names_the_row(tmp_path: Path
     assert "Traceback" not in error and not (tmp_path / "chats_csv.yaml").exists()
 
 
+@pytest.mark.parametrize("named", [False, True])
+def test_one_class_only_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str], named: bool) -> None:
+    data = tmp_path / "single.csv"
+    pd.DataFrame({"text": [f"this is review number {i} of a film" for i in range(60)], "label": ["pos"] * 60}).to_csv(
+        data, index=False)
+    extra = ["--text-column", "text", "--label-column", "label"] if named else []
+    assert init(data, "--specs-dir", tmp_path, *extra) == 2
+    error = capsys.readouterr().err
+    assert "classification needs at least 2 labels" in error and "'pos'" in error if named else "60 rows" in error
+    assert "a bug in tuneline init" not in error and not list(tmp_path.glob("*.yaml"))
+
+
 def test_input_output_pairs_do_not_repeat_the_instruction(tmp_path: Path) -> None:
     rows = [{"input": r["instruction"], "output": r["response"]} for r in chatterbot_rows()]
     assert init(write_jsonl(tmp_path / "pairs.jsonl", rows), "--specs-dir", tmp_path) == 0

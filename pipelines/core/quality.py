@@ -281,7 +281,7 @@ def validate_splits(frame: pd.DataFrame, splits: SplitsConfig, quality: QualityC
     own_splits = "split_origin" in rows.columns and (rows["split_origin"] == "source").any()
     shares = pd.DataFrame([{"split": s, "rows": int(counts.get(s, 0)), "share": counts.get(s, 0) / total,
                             "expected": getattr(splits, s),
-                            "deviation": abs(counts.get(s, 0) / total - getattr(splits, s))}
+                            "deviation": round(abs(counts.get(s, 0) / total - getattr(splits, s)), 9)}
                            for s in ("train", "validation", "test")])
     per_class = pd.crosstab(groups, rows["split"]).reindex(columns=["train", "validation", "test"], fill_value=0)
     classes = pd.DataFrame({"label": per_class.index.astype(str), "train": per_class["train"].to_numpy(),

@@ -329,6 +329,12 @@ def select_base_model(spec: PipelineSpec, splits: pd.DataFrame, models: ModelAcq
             row["task_supported"] = unsupported is None
             if unsupported:
                 raise CandidateRejected(unsupported)
+            positions = next((int(config[k]) for k in ("max_position_embeddings", "n_positions", "n_ctx")
+                              if isinstance(config.get(k), int)), None)
+            if positions is not None and training.max_length > positions:
+                raise CandidateRejected(f"training.max_length {training.max_length} is more than the {positions} "
+                                        "token positions this model has (max_position_embeddings in its "
+                                        f"config.json); set training.max_length to at most {positions}")
             found = linear_layer_names(Path(record.local_path), task.auto_model_class, record.trust_remote_code)
             targets = tuple(t for t in training.lora.target_modules if names_a_layer(t, found))
             row["lora_targets"] = list(targets)

@@ -85,17 +85,30 @@ def _delimiter(text: str) -> str:
     return best if counts[best] else ","
 
 
-def _record_lines(text: str, delimiter: str) -> list[int]:
-    """The line in the file where each data record starts (quoted fields may span lines; blank lines skipped)."""
+def _record_lines(text: str, delimiter: str, quoting: int = csv.QUOTE_MINIMAL) -> list[int]:
+    """The line in the file where each data record starts (quoted fields may span lines; blank lines skipped).
+
+    Read strictly: a quote that opens a field must close it. pandas reads on past a quote that is never closed,
+    taking every following line into one field up to the next quote (dozens of rows become one text, silently);
+    here that is a csv.Error, raised as _QuoteProblem with the line where the field opened."""
     starts, previous = [], 0
     # The csv module refuses fields over 128 KiB by default; pandas reads them (the quality checks judge them).
     csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
-    reader = csv.reader(io.StringIO(text), delimiter=delimiter)
-    for record in reader:
-        if record and not (len(record) == 1 and not record[0].strip()):  # pandas skips blank lines too
-            starts.append(previous + 1)
-        previous = reader.line_num
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter, strict=True, quoting=quoting)
+    try:
+        for record in reader:
+            if record and not (len(record) == 1 and not record[0].strip()):  # pandas skips blank lines too
+                starts.append(previous + 1)
+            previous = reader.line_num
+    except csv.Error as exc:
+        raise _QuoteProblem(previous + 1, reader.line_num, str(exc)) from None
     return starts[1:]  # the first record is the header
+
+
+class _QuoteProblem(Exception):
+    def __init__(self, opened: int, found: int, why: str) -> None:
+        super().__init__(why)
+        self.opened, self.found, self.why = opened, found, why
 
 
 def _read_csv(data: bytes, file: str) -> pd.DataFrame:
@@ -104,20 +117,42 @@ def _read_csv(data: bytes, file: str) -> pd.DataFrame:
         raise SourceError("contains NUL bytes: this is not a CSV text file", file=file)
     delimiter = _delimiter(text)
     shown = {",": "','", ";": "';'", "\t": "a tab", "|": "'|'"}[delimiter]
+    quoting = csv.QUOTE_MINIMAL
+    try:
+        starts = _record_lines(text, delimiter)
+    except _QuoteProblem as problem:
+        if delimiter != "\t":
+            raise SourceError(
+                f"a quoted field that starts on line {problem.opened} is not closed properly (found on line "
+                f"{problem.found}: {problem.why}): a quote that opens a field must close it right before the next "
+                f"{shown} or the line's end, and a quote inside a quoted field is written twice (\"\"); "
+                "otherwise the lines after it are read as one text", file=file, row=problem.opened) from None
+        # A tab-separated file whose texts begin with a quote ("Titanic" is ...): its quotes are the text's own.
+        quoting = csv.QUOTE_NONE
+        starts = _record_lines(text, delimiter, quoting)
+    header = next(csv.reader(io.StringIO(text), delimiter=delimiter, quoting=quoting), [])
+    repeated = sorted({name.strip() for name in header if [h.strip() for h in header].count(name.strip()) > 1
+                       and name.strip()})
+    if repeated:
+        raise SourceError(f"names the column(s) {repeated} more than once in its header (expected distinct names; "
+                          f"header is {header})", file=file, row=1)
     try:
         # index_col=False: a row with extra fields is an error, not silently shifted into an index.
         frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_values=[""], sep=delimiter,
-                            on_bad_lines="error", index_col=False)
+                            on_bad_lines="error", index_col=False, quoting=quoting)
     except pd.errors.EmptyDataError:
         raise SourceError("has no header row (the file is empty)", file=file) from None
     except pd.errors.ParserError as exc:
         raise SourceError(f"is not a well-formed CSV file with {shown} between fields (the delimiter its header "
-                          f"line uses): {exc}", file=file) from None
+                          f"line uses): {exc} (a field that contains {shown} must be quoted)", file=file) from None
     unnamed = [c for c in frame.columns if str(c).startswith("Unnamed: ")]
     if unnamed:
+        index_like = str(frame.columns[0]).startswith("Unnamed: ") and frame.iloc[:, 0].tolist() == [
+            str(i) for i in range(len(frame))]
         raise SourceError(f"has {len(unnamed)} column(s) with an empty header (expected every column "
-                          f"of the first row to be named); header is {list(frame.columns)}", file=file, row=1)
-    starts = _record_lines(text, delimiter)
+                          f"of the first row to be named); header is {list(frame.columns)}"
+                          + ("; its first column counts 0, 1, 2, ...: a pandas index (write the file with "
+                             "to_csv(..., index=False))" if index_like else ""), file=file, row=1)
     frame["source_row"] = starts if len(starts) == len(frame) else range(2, len(frame) + 2)
     return frame
 

@@ -94,6 +94,16 @@ def test_budgets_reject(tmp_path: Path, tiny_model_dir: Path, trec_splits: pd.Da
     assert "every candidate was rejected" in str(info.value) and reason in str(info.value)
 
 
+def test_a_max_length_over_the_models_positions_rejects_it_before_any_step(tmp_path: Path, tiny_model_dir: Path,
+                                                                           trec_splits: pd.DataFrame) -> None:
+    positions = json.loads((tiny_model_dir / "config.json").read_text())["max_position_embeddings"]
+    spec = spec_for([tiny_model_dir])
+    spec = spec.model_copy(update={"training": spec.training.model_copy(update={"max_length": positions + 1})})
+    with pytest.raises(ModelSourceError, match=rf"training.max_length {positions + 1} is more than the {positions} "
+                                               rf"token positions this model has .*at most {positions}"):
+        select_base_model(spec, trec_splits, store(tmp_path, tmp_path / "m"), FP32, progress=lambda _: None)
+
+
 def test_architecture_that_cannot_do_the_task_is_rejected(tmp_path: Path, tiny_model_dir: Path) -> None:
     chat = write_tiny_chat_model(tmp_path / "tiny_llama")
     frame = pd.DataFrame([{"split": split, "text": f"Question {i}?", "response": f"Answer {i}.", "category": "c",

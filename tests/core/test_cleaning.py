@@ -110,6 +110,27 @@ def test_label_not_matching_pattern_names_file_row_and_column() -> None:
                                "task.label_pattern '^([^:]+):'")
 
 
+def test_a_nested_json_field_is_refused_as_text_or_label(tmp_path) -> None:
+    import json
+
+    from pipelines.core.sources import read_file
+
+    path = tmp_path / "nested.jsonl"
+    path.write_text("".join(json.dumps({"data": {"text": f"text {i}", "meta": {"len": 6}},
+                                        "annotation": {"label": "pos"}}) + "\n" for i in range(3)), encoding="utf-8")
+    raw, _ = read_file(path, "auto")
+    with pytest.raises(SourceError, match=r"nested\.jsonl, row 1, column 'data': holds a JSON object \(.*\), not "
+                                          r"a text \(named by task.text_column\); .*flatten"):
+        select_examples(raw, TaskConfig(text_column="data", label_column="annotation"))
+
+
+def test_whole_number_labels_with_a_gap_keep_their_written_form() -> None:
+    raw = pd.DataFrame({"text": ["a", "b", "c"], "label": [0.0, None, 2.0], "source_file": "p.parquet",
+                        "source_row": [1, 2, 3]})
+    labels = select_examples(raw, TaskConfig())["label"].tolist()
+    assert [labels[0], labels[2]] == ["0", "2"] and pd.isna(labels[1])
+
+
 def test_missing_column_lists_the_columns_there_are() -> None:
     raw = pd.DataFrame({"text": ["a"], "category": ["A"], "source_file": "d.csv", "source_row": [2]})
     with pytest.raises(SourceError) as info:

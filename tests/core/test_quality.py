@@ -110,6 +110,14 @@ def test_split_proportions_off_spec_report_observed_shares() -> None:
     assert {row["split"] for row in check.examples} == {"train", "validation", "test"}
 
 
+def test_a_share_exactly_at_the_tolerance_passes() -> None:
+    assign = ["train"] * 15 + ["validation"] * 3 + ["test"] * 2  # 0.8 - 0.75 is 0.05000000000000004 in floats
+    pipeline = spec()
+    pipeline = pipeline.model_copy(update={"quality": pipeline.quality.model_copy(update={"split_tolerance": 0.05})})
+    check = validate_splits(splits_frame(assign), pipeline).check("split_proportions_match_spec")
+    assert check.passed, check.summary()
+
+
 def test_source_splits_keep_their_proportions() -> None:
     assign = ["train"] * 10 + ["validation"] * 5 + ["test"] * 5
     check = validate_splits(splits_frame(assign, origin="source"), spec()).check("split_proportions_match_spec")
@@ -144,6 +152,10 @@ def test_a_text_column_of_ids_or_numbers_blocks() -> None:
     assert check.failed_expectations[0].unexpected_count == 12
     fine = [(f"What is ticket TCK-{1000 + i} about?", "AB"[i % 2]) for i in range(12)]
     assert validate_cleaned_dataset(clean_frame(fine), spec()).check("texts_look_like_text").passed
+    # Chinese and Japanese are written without spaces: a sentence with a digit is still one "token" of text.
+    cjk = [(f"这部电影非常好看第{i}次观看，给{i % 10}分", "AB"[i % 2]) for i in range(6)] + [
+        (f"この映画は{i}回目です", "AB"[i % 2]) for i in range(6)]
+    assert validate_cleaned_dataset(clean_frame(cjk), spec()).check("texts_look_like_text").passed
 
 
 def test_cleaning_that_loses_a_large_share_of_the_examples_blocks() -> None:

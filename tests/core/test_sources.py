@@ -189,3 +189,43 @@ def test_a_folder_source_with_an_unreadable_link_fails_naming_it(tmp_path: Path,
     assert str(info.value).startswith(f"{link}: {expected}")
     with pytest.raises(SourceError, match=expected):  # a link as the source path itself
         read_source(LocalSourceConfig(kind="local", path=str(link)), tmp_path)
+
+
+def _lines(n: int, label: str = "pos") -> str:
+    return "".join(f"review number {i} was fine,{label}\n" for i in range(n))
+
+
+@pytest.mark.parametrize(("body", "opened"), [
+    # A quote opened and never closed: pandas read every line up to the next quote as one text.
+    ("text,label\n" + _lines(5) + '"Neither good nor bad frankly,neu\n' + _lines(40) + 'truly "great",neg\n', 7),
+    # Every field quoted, one closing quote missing: the next row would have been swallowed.
+    ('text,label\n"one",pos\n"two,neg\n"three",pos\n', 3),
+    ("text,label\n" + _lines(3) + '"never closed,pos\n' + _lines(3), 5),
+])
+def test_a_quote_that_is_never_closed_names_its_line_instead_of_merging_rows(tmp_path: Path, body: str,
+                                                                             opened: int) -> None:
+    path = tmp_path / "quotes.csv"
+    path.write_text(body, encoding="utf-8")
+    with pytest.raises(SourceError, match=rf"quotes\.csv, row {opened}: a quoted field that starts on line {opened} "
+                                          r"is not closed properly"):
+        read_file(path, "csv")
+
+
+def test_a_tab_separated_file_keeps_the_quotes_its_texts_begin_with(tmp_path: Path) -> None:
+    path = tmp_path / "movies.tsv"
+    path.write_text('text\tlabel\n"Titanic" is a long film\tpos\nplain text, with a comma\tneg\n'
+                    '"Quoted opening that never closes\tneu\n', encoding="utf-8")
+    frame, _ = read_file(path, "csv")
+    assert frame["text"].tolist() == ['"Titanic" is a long film', "plain text, with a comma",
+                                      '"Quoted opening that never closes']
+    assert frame["label"].tolist() == ["pos", "neg", "neu"] and frame["source_row"].tolist() == [2, 3, 4]
+
+
+def test_a_repeated_header_and_a_pandas_index_column_are_named(tmp_path: Path) -> None:
+    path = tmp_path / "dup.csv"
+    path.write_text("text,label,text\na,pos,b\n", encoding="utf-8")
+    with pytest.raises(SourceError, match=r"dup\.csv, row 1: names the column\(s\) \['text'\] more than once"):
+        read_file(path, "csv")
+    pd.DataFrame({"text": ["a", "b"], "label": ["x", "y"]}).to_csv(tmp_path / "indexed.csv")
+    with pytest.raises(SourceError, match=r"a pandas index \(write the file with to_csv\(\.\.\., index=False\)\)"):
+        read_file(tmp_path / "indexed.csv", "csv")

@@ -153,8 +153,20 @@ def select_examples(raw: pd.DataFrame, task: ClassificationTaskConfig) -> pd.Dat
     })
     if "source_split" in raw.columns:
         frame["source_split"] = raw["source_split"].astype(str)
+    for column, field_name in ((task.text_column, "task.text_column"), (task.label_column, "task.label_column")):
+        nested = next(((file, row, v) for v, file, row in zip(raw[column], frame["source_file"], frame["source_row"],
+                                                               strict=True)
+                       if isinstance(v, (dict, list, tuple, np.ndarray))), None)
+        if nested is not None:
+            raise SourceError(f"holds a JSON {'object' if isinstance(nested[2], dict) else 'list'} "
+                              f"({str(nested[2])[:60]}), not a {'text' if column == task.text_column else 'label'} "
+                              f"(named by {field_name}); tuneline reads the top-level fields of each record: "
+                              "flatten the nested one into a column of its own (e.g. pandas.json_normalize)",
+                              file=nested[0], row=int(nested[1]), column=column)
     frame["text"] = [None if is_missing(v) else str(v) for v in frame["text"]]
-    frame["label"] = [None if is_missing(v) else str(v).strip() or None for v in frame["label"]]
+    # A label column of whole numbers with a gap reads as floats (1.0): the label is the number as written, 1.
+    frame["label"] = [None if is_missing(v) else (str(int(v)) if isinstance(v, float) and v.is_integer() else
+                                                  str(v)).strip() or None for v in frame["label"]]
     if task.label_pattern is not None:
         pattern = re.compile(task.label_pattern)
         derived = []
@@ -171,7 +183,7 @@ def select_examples(raw: pd.DataFrame, task: ClassificationTaskConfig) -> pd.Dat
     return frame
 
 
-ID_LIKE = r"^(?:[\W\d_]*|\S*\d\S*)$"  # no letters at all, or one token with a digit: 42, TCK-00123, 2024-01-05
+ID_LIKE = r"^(?:[\W\d_]*|[\x21-\x7e]*\d[\x21-\x7e]*)$"  # no letters, or one ASCII token with a digit: 42, TCK-00123
 
 
 def _example_keys(examples: pd.DataFrame) -> pd.Series:
