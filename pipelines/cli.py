@@ -218,6 +218,10 @@ def _print_summary(summary: dict[str, Any], run_id: str) -> None:
 def _pipeline_job(args: argparse.Namespace) -> tuple[Any, Any, Any] | int:
     """The definitions, the pipeline's job and the shared instance, with the libraries quiet and tuneline's
     terminal logger; or the exit code after a clear error (a broken spec, an unknown pipeline)."""
+    if args.specs_dir and not Path(args.specs_dir).is_dir():
+        print(f"error: --specs-dir {args.specs_dir}: no such folder (expected the folder of spec files)",
+              file=sys.stderr)
+        return 2
     ensure_dagster_home()
     from pipelines.quiet import VERBOSE_VARIABLE, quiet_libraries
 
@@ -278,7 +282,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     else:
         print("\n".join(summary["lines"]))
     if not result.success:
-        print("\n".join(error_block(result, args.pipeline, list(DATA_ASSETS))), file=sys.stderr)
+        print("\n".join(error_block(result, args.pipeline, list(DATA_ASSETS), args.debug)), file=sys.stderr)
         return 1
     return 0
 
@@ -295,7 +299,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     result = _execute(job, instance, args)
     if not result.success:
         planned = [k.path[-1] for k in defs.resolve_asset_graph().toposorted_asset_keys if k.path[0] == args.pipeline]
-        print("\n".join(error_block(result, args.pipeline, planned)), file=sys.stderr)
+        print("\n".join(error_block(result, args.pipeline, planned, args.debug)), file=sys.stderr)
         return 1
     for line in warning_lines(result):
         print(line, file=sys.stderr)
@@ -350,9 +354,14 @@ def _registered_checkpoint(args: argparse.Namespace, tracking: Any, version: str
 
     found = tracking.model_version(args.pipeline, version) if version else tracking.champion(args.pipeline)
     if found is None:
-        raise TunelineError(f"the model registry at {tracking.tracking_uri()} has no champion for pipeline "
-                            f"{args.pipeline!r}; run `tuneline run --pipeline {args.pipeline}` first"
-                            + (", or pass --version" if hasattr(args, "version") else ""))
+        registered = [v["version"] for v in tracking.registered_versions(args.pipeline)]
+        if registered:  # trained, but no version beat the baselines (or the champion) to be promoted
+            raise TunelineError(
+                f"pipeline {args.pipeline!r} has {len(registered)} registered version(s) ({', '.join(registered)}) "
+                f"in the model registry at {tracking.tracking_uri()}, none of them promoted to champion (the "
+                f"evaluation report says why); pass --version {registered[-1]} to use the newest anyway")
+        raise TunelineError(f"the model registry at {tracking.tracking_uri()} has no model for pipeline "
+                            f"{args.pipeline!r}; run `tuneline run --pipeline {args.pipeline}` first")
     return checkpoint_from_folder(found[1], model_version=found[0])
 
 
@@ -363,7 +372,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from resources.compute import ComputeResource
 
     try:
-        record = _registered_checkpoint(args, _tracking(args))
+        record = _registered_checkpoint(args, _tracking(args), args.version)
         rows = task_for(record).predict(record, args.texts, ComputeResource().settings("fp32"), args.max_new_tokens)
     except TunelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -374,7 +383,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return 0
     for row in rows:
         print("\t".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.values()))
-    print(f"(champion: {model})", file=sys.stderr)
+    print(f"({'version' if args.version else 'champion'}: {model})", file=sys.stderr)
     return 0
 
 
@@ -557,6 +566,7 @@ def main(argv: list[str] | None = None) -> int:
     predict.add_argument("--pipeline", required=True)
     predict.add_argument("--data-dir", help="folder of generated data holding the embedded MLflow store")
     predict.add_argument("--json", action="store_true", help="print one JSON list")
+    predict.add_argument("--version", help="registry version to answer with (default: the champion)")
     predict.add_argument("--max-new-tokens", type=_positive_int, default=64,
                          help="chat models: most tokens per answer")
     predict.add_argument("texts", nargs="+", help="one or more texts to classify (or instructions to answer)")

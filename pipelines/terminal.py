@@ -149,9 +149,10 @@ def warning_lines(result: dg.ExecuteInProcessResult) -> list[str]:
             if not e.passed and e.severity == dg.AssetCheckSeverity.WARN]
 
 
-def error_block(result: dg.ExecuteInProcessResult, pipeline: str, planned: list[str]) -> list[str]:
+def error_block(result: dg.ExecuteInProcessResult, pipeline: str, planned: list[str],
+                debug: bool = False) -> list[str]:
     """The failed checks and steps of a run, which of the `planned` assets did not run because of them, and
-    where the details are."""
+    where the details are; with `debug`, each failed step's Python traceback too (`tuneline --debug`)."""
     lines = []
     for evaluation in result.get_asset_check_evaluations():
         if not evaluation.passed and evaluation.severity == dg.AssetCheckSeverity.ERROR:
@@ -166,6 +167,8 @@ def error_block(result: dg.ExecuteInProcessResult, pipeline: str, planned: list[
             if error is not None and error.cls_name == "DagsterAssetCheckFailedError":
                 continue  # the failed checks are listed above, each with what to fix
             lines.append(f"error: step {step} failed: {_user_message(error)}")
+            if debug and error is not None:
+                lines += [f"  {line}" for line in error.to_string().rstrip().splitlines()]
     done = {e.asset_key.path[-1] for e in result.get_asset_materialization_events()}
     skipped = [name for name in planned if name not in done and name not in failed]
     if skipped:

@@ -50,6 +50,8 @@ SPEC_ERRORS = {  # file -> the one problem `tuneline run` reports for it
                   "cannot start any token (YAML indents with spaces, never tabs: replace the tab with spaces)",
     "labels_yes_no": "line 3: task.labels: YAML reads 'true' (and yes/no/on/off) as true/false, not as a label: "
                      "quote each label, e.g. labels: ['yes', 'no']",
+    "label_is_text": "line 3: task.label_column: 'text' is also task.text_column: the label must come from a column "
+                     "of its own",
 }
 
 

@@ -153,6 +153,13 @@ def test_run_unknown_pipeline_lists_the_known_ones(tmp_path: Path) -> None:
     assert out.stderr.strip() == "error: no pipeline 'nope'; pipelines are: chatterbot_instruct, trec_questions"
 
 
+def test_a_specs_dir_that_is_not_there_is_named(tmp_path: Path) -> None:
+    out = tuneline("check", "good", "--specs-dir", str(tmp_path / "nodir"), home=tmp_path / "home")
+    assert out.returncode == 2
+    assert out.stderr.strip() == f"error: --specs-dir {tmp_path / 'nodir'}: no such folder (expected the folder of " \
+                                 "spec files)"
+
+
 def test_run_reports_a_failing_step(tmp_path: Path, tiny_model_dir: Path, write_spec: Callable[..., Path]) -> None:
     bad = tmp_path / "bad.csv"
     bad.write_text("question,category\nwhat?,A\n")
@@ -175,6 +182,12 @@ def test_run_reports_a_failing_step(tmp_path: Path, tiny_model_dir: Path, write_
     with dg.DagsterInstance.from_config(str(tmp_path / "home")) as instance:  # bad data is never retried
         [run] = instance.get_runs()
         assert not instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_UP_FOR_RETRY)
+    # --debug adds where it came from: the step's Python traceback, under its error line.
+    out = tuneline("--debug", "run", "--pipeline", "broken", "--specs-dir", str(specs), "--data-dir",
+                   str(tmp_path / "d"), home=tmp_path / "home")
+    assert out.returncode == 1 and "Traceback" not in lines
+    assert "error: step cleaned_dataset failed:" in out.stderr and "select_examples" in out.stderr
+    assert 'File "' in out.stderr and "SourceError" in out.stderr
 
 
 def test_validate_reports_broken_spec(tmp_path: Path) -> None:
@@ -281,3 +294,20 @@ def test_predict_refuses_a_token_limit_below_one_before_loading_anything(
     assert exit_.value.code == 2
     error = capsys.readouterr().err
     assert "argument --max-new-tokens: expected" in error and "Traceback" not in error
+
+
+def test_predict_without_a_champion_names_the_registered_versions(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from pipelines import cli
+    from resources.tracking import TrackingResource
+
+    tracking = TrackingResource(data_dir=str(tmp_path))
+    assert cli.main(["predict", "--pipeline", "demo", "--data-dir", str(tmp_path), "hello"]) == 2
+    assert "has no model for pipeline 'demo'; run `tuneline run --pipeline demo` first" in capsys.readouterr().err
+    client = tracking.client()
+    run = client.create_run(client.create_experiment("demo"))
+    client.create_registered_model("demo")
+    client.create_model_version("demo", source=str(tmp_path / "model"), run_id=run.info.run_id)
+    assert cli.main(["predict", "--pipeline", "demo", "--data-dir", str(tmp_path), "hello"]) == 2
+    error = capsys.readouterr().err
+    assert "has 1 registered version(s) (1)" in error and "pass --version 1 to use the newest anyway" in error

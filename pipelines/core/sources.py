@@ -48,6 +48,12 @@ def combined_digest(files: list[tuple[str, str]]) -> str:
 
 # ----------------------------------------------------------------------------------------- formats
 def _decode(data: bytes, file: str) -> str:
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):  # UTF-16 with its byte order mark (Excel's "Unicode text")
+        try:
+            return data.decode("utf-16").removeprefix("\ufeff")
+        except UnicodeDecodeError as exc:
+            raise SourceError(f"starts like UTF-16 (a byte order mark) but is not valid UTF-16 at offset {exc.start} "
+                              "(save the file as UTF-8)", file=file) from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:

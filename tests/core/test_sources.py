@@ -229,3 +229,10 @@ def test_a_repeated_header_and_a_pandas_index_column_are_named(tmp_path: Path) -
     pd.DataFrame({"text": ["a", "b"], "label": ["x", "y"]}).to_csv(tmp_path / "indexed.csv")
     with pytest.raises(SourceError, match=r"a pandas index \(write the file with to_csv\(\.\.\., index=False\)\)"):
         read_file(tmp_path / "indexed.csv", "csv")
+
+
+def test_a_utf16_file_with_its_byte_order_mark_is_read(tmp_path: Path) -> None:
+    pd.DataFrame({"text": ["Où est-il ?", "Who, then?"], "label": ["LOC", "HUM"]}).to_csv(
+        tmp_path / "excel.tsv", sep="\t", index=False, encoding="utf-16")
+    frame, _ = read_file(tmp_path / "excel.tsv", "csv")
+    assert frame["text"].tolist() == ["Où est-il ?", "Who, then?"] and frame["label"].tolist() == ["LOC", "HUM"]

@@ -120,6 +120,13 @@ class ClassificationTaskConfig(Frozen):
             labels.append(item)
         return labels
 
+    @field_validator("label_column")
+    @classmethod
+    def _label_is_not_the_text(cls, value: str, info: Any) -> str:
+        if value == info.data.get("text_column"):
+            raise ValueError(f"{value!r} is also task.text_column: the label must come from a column of its own")
+        return value
+
     @field_validator("labels")
     @classmethod
     def _labels_unique(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
