@@ -51,6 +51,7 @@ EXPECTED = ("a text column and a label column with few distinct values (say whic
             "--label-column), instruction/response columns (or prompt/completion, question/answer, input/output), "
             "or a `messages` column (a list of {role, content})")
 FEW_ROWS_PER_CLASS = 10  # a class with fewer rows is warned about (quality.min_rows_per_class blocks below 5)
+INSTRUCTION_LENGTHS = (256, 512, 1024, 2048, 4096)  # training.max_length init may choose for instruction tuning
 PROMPTING_MAX_LABELS = 20  # more labels make the prompting baseline's few-shot prompt long and slow
 
 
@@ -423,11 +424,19 @@ def _instruction_sections(frame: pd.DataFrame, choice: TaskChoice, plan: SourceP
         prompt_chars = _text_lengths(frame, columns["instruction_column"])
         response_chars = _text_lengths(frame, columns["response_column"])
     both = [p + r for p, r in zip(prompt_chars, response_chars, strict=False)]
-    # About 3.5 characters a token for English, plus the chat template's own tokens.
-    tokens = _quantile(both, 0.95) / 3.5 + 24
-    max_length = 256 if tokens <= 256 else 512 if tokens <= 512 else 1024
-    if max_length > 256:
-        notes.append(f"training.max_length is {max_length} tokens (95% of the examples need about "
+    # About 3.5 characters a token for English, plus the chat template's own tokens. rendered_dataset blocks training
+    # when more than quality.max_overlength_fraction (5%) of the examples are over max_length: the length is
+    # chosen so that about 2% are, by this estimate.
+    tokens = _quantile(both, 0.98) / 3.5 + 24
+    max_length = next((n for n in INSTRUCTION_LENGTHS if tokens <= n), INSTRUCTION_LENGTHS[-1])
+    over = sum(n / 3.5 + 24 > max_length for n in both) / max(len(both), 1)
+    if over > 0.05:
+        notes.append(f"about {over:.0%} of the examples need more than {max_length} tokens, the most init chooses: "
+                     "they will be dropped, and rendered_lengths_within_max_length blocks training when more than "
+                     "quality.max_overlength_fraction (5%) are; shorten the long conversations, or raise "
+                     "training.max_length (up to the model's context) or that fraction")
+    elif max_length > 256:
+        notes.append(f"training.max_length is {max_length} tokens (98% of the examples need about "
                      f"{tokens:.0f}); longer ones are dropped (task.overlength)")
     answer = _quantile(response_chars, 0.9) / 3.5
     max_new_tokens = 48 if answer <= 48 else min(256, 2 ** math.ceil(math.log2(answer)))
@@ -625,6 +634,7 @@ class InitResult:
     counts: dict[str, int]  # classification: rows per label after cleaning; instruction: per category
     split_rows: dict[str, int]
     split_origin: str  # in words: the data's own files, a split column, or hash fractions
+    dropped: dict[str, int] = field(default_factory=dict)  # rows dropped by cleaning, by reason
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     checklist: list[str] = field(default_factory=list)
@@ -666,7 +676,7 @@ def init_spec(data: Path, *, name: str | None = None, specs_dir: Path | None = N
 
     spec = _validated(sections, choice, data, name, target)
     task = task_for(spec)
-    cleaned, _ = task.clean(raw, spec)
+    cleaned, clean_log = task.clean(raw, spec)
     if cleaned.empty:
         raise InitError(f"{data}: no row is left after cleaning ({choice.reason}): every one is empty, too short, a "
                         "duplicate or under conflicting labels; name the right columns with --text-column and "
@@ -688,6 +698,8 @@ def init_spec(data: Path, *, name: str | None = None, specs_dir: Path | None = N
     rows_read = {Path(str(f)).name: int(n) for f, n in raw["source_file"].value_counts(sort=False).items()}
     out = InitResult(name=name, path=target, spec=spec, data=data, choice=choice, columns=[p.name for p in profiles],
                      rows_read=rows_read, rows_clean=len(cleaned), counts=counts, split_rows=result.counts(),
+                     dropped={k.removeprefix("dropped_"): v for k, v in clean_log.metadata.items()
+                              if k.startswith("dropped_") and isinstance(v, int) and v},
                      split_origin=_split_origin(plan, spec), notes=notes,
                      specs_dir_option="" if specs_dir is None else f" --specs-dir {specs_dir}")
     _judge(out, result, plan)
@@ -736,6 +748,12 @@ def _judge(out: InitResult, splits: Any, plan: SourcePlan) -> None:
     """Warnings about the data, and the list of what to check before running."""
     spec, warn, check = out.spec, out.warnings, out.checklist
     quality = spec.quality
+    rows_in = out.rows_clean + sum(out.dropped.values())
+    if rows_in and sum(out.dropped.values()) > 0.1 * rows_in:
+        warn.append(f"cleaning drops {sum(out.dropped.values()):,} of {rows_in:,} rows "
+                    f"({sum(out.dropped.values()) / rows_in:.0%}): "
+                    + ", ".join(f"{n:,} {why}" for why, n in out.dropped.items())
+                    + "; the cleaned_dataset asset lists examples of each reason")
     if out.rows_clean < quality.min_rows:
         warn.append(f"only {out.rows_clean} rows are left after cleaning: quality.min_rows ({quality.min_rows}) will "
                     "block training (row_count_within_bounds); add data, or lower it if that is really enough")
@@ -820,7 +838,9 @@ def report_lines(out: InitResult) -> list[str]:
              f"  read:       {sum(out.rows_read.values()):,} rows from {read}",
              f"  columns:    {', '.join(out.columns)}",
              f"  task:       {spec.task.type}: {out.choice.reason}",
-             f"  cleaned:    {out.rows_clean:,} rows kept (duplicates, empty and over-long texts dropped)"]
+             f"  cleaned:    {out.rows_clean:,} rows kept"
+             + (f"; dropped {', '.join(f'{n:,} {why}' for why, n in out.dropped.items())}" if out.dropped else
+                ", none dropped")]
     if out.choice.kind == "classification":
         ordered = sorted(out.counts.items(), key=lambda kv: (-kv[1], kv[0]))
         lines.append(f"  labels:     {len(ordered)} classes, most rows first:")

@@ -134,6 +134,31 @@ def test_one_class_only_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert "a bug in tuneline init" not in error and not list(tmp_path.glob("*.yaml"))
 
 
+@pytest.mark.parametrize(("chars", "max_length", "blocks"), [(5000, 2048, False), (50000, 4096, True)])
+def test_long_responses_get_a_length_that_fits_them_or_a_warning(
+        tmp_path: Path, chars: int, max_length: int, blocks: bool, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = chatterbot_rows(40)
+    for row in rows[::2]:  # half the answers are long (about 3.5 characters a token)
+        row["response"] = (row["response"] + " ") * (chars // (len(row["response"]) + 1))
+    data = write_jsonl(tmp_path / "long.jsonl", rows)
+    assert init(data, "--specs-dir", tmp_path, "--name", "long_answers") == 0
+    spec = load_spec(tmp_path / "long_answers.yaml")
+    assert spec.training.max_length == max_length and spec.task.overlength == "drop"
+    printed = capsys.readouterr().out
+    assert ("about 50% of the examples need more than 4096 tokens" in printed) == blocks, printed
+
+
+def test_the_summary_says_why_rows_were_dropped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = [(f"text number {i} about films", ["pos", "neg", "neu"][i % 3]) for i in range(140)]
+    rows += [(f"text number {i} about films", "pos" if i % 3 else "neg") for i in range(30)]  # relabelled copies
+    data = tmp_path / "conflict.csv"
+    pd.DataFrame(rows, columns=["text", "label"]).to_csv(data, index=False)
+    assert init(data, "--specs-dir", tmp_path) == 0
+    printed = capsys.readouterr().out
+    assert "cleaned:    110 rows kept; dropped 60 conflicting_labels" in printed
+    assert "warning: cleaning drops 60 of 170 rows (35%): 60 conflicting_labels" in printed
+
+
 def test_input_output_pairs_do_not_repeat_the_instruction(tmp_path: Path) -> None:
     rows = [{"input": r["instruction"], "output": r["response"]} for r in chatterbot_rows()]
     assert init(write_jsonl(tmp_path / "pairs.jsonl", rows), "--specs-dir", tmp_path) == 0
