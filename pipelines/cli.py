@@ -282,7 +282,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     else:
         print("\n".join(summary["lines"]))
     if not result.success:
-        print("\n".join(error_block(result, args.pipeline, list(DATA_ASSETS), args.debug)), file=sys.stderr)
+        # The failed checks are in the lines above (with --json, only here).
+        block = error_block(result, args.pipeline, list(DATA_ASSETS), args.debug, checks=bool(args.json))
+        print("\n".join(block), file=sys.stderr)
         return 1
     return 0
 

@@ -150,11 +150,12 @@ def warning_lines(result: dg.ExecuteInProcessResult) -> list[str]:
 
 
 def error_block(result: dg.ExecuteInProcessResult, pipeline: str, planned: list[str],
-                debug: bool = False) -> list[str]:
-    """The failed checks and steps of a run, which of the `planned` assets did not run because of them, and
-    where the details are; with `debug`, each failed step's Python traceback too (`tuneline --debug`)."""
+                debug: bool = False, checks: bool = True) -> list[str]:
+    """The failed checks (unless `checks` is False: `tuneline check` has listed them) and steps of a run, which of
+    the `planned` assets did not run because of them, and where the details are; with `debug`, each failed step's
+    Python traceback too (`tuneline --debug`)."""
     lines = []
-    for evaluation in result.get_asset_check_evaluations():
+    for evaluation in result.get_asset_check_evaluations() if checks else ():
         if not evaluation.passed and evaluation.severity == dg.AssetCheckSeverity.ERROR:
             lines.append(f"error: check {evaluation.asset_key.to_user_string()}:{evaluation.check_name} failed "
                          f"({evaluation.severity.value}): {evaluation.description}")

@@ -100,6 +100,11 @@ def test_check_materializes_the_data_and_its_checks_only_and_says_whether_it_is_
     assert "LOCATOIN" in failed["description"]
     assert "error: check typo/cleaned_dataset:declared_labels_have_rows failed" in bad.stderr
     assert "not run, because of the failures above: splits" in bad.stderr
+    plain = tuneline("check", "typo", "--specs-dir", str(specs), "--data-dir", str(data), home=home)
+    assert plain.returncode == 1  # the failed check is listed once, where its asset's checks are
+    assert "error: check" not in plain.stderr, plain.stderr
+    assert "    check declared_labels_have_rows: FAILED: " in plain.stdout and "LOCATOIN" in plain.stdout
+    assert "not run, because of the failures above: splits" in plain.stderr
 
     unknown = tuneline("check", "nope", "--specs-dir", str(specs), home=home)
     assert unknown.returncode == 2 and unknown.stderr.strip() == "error: no pipeline 'nope'; pipelines are: good, typo"

@@ -56,8 +56,8 @@ class CheckOutcome:
     @property
     def examples(self) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []
-        for outcome in self.failed_expectations:
-            rows.extend(outcome.examples)
+        for outcome in self.failed_expectations:  # two expectations may fail on the same row: shown once
+            rows.extend(r for r in outcome.examples if r not in rows)
         return rows[:MAX_EXAMPLES]
 
     def summary(self) -> str:
@@ -68,14 +68,24 @@ class CheckOutcome:
         return f"{self.name} failed: " + "; ".join(parts) + self._where() + f". To fix: {self.fix}"
 
     def _where(self) -> str:
-        """Where the first offending rows are: their file and row, and the value that broke the rule."""
-        shown = []
-        for row in self.examples[:3]:
-            if row.get("source_file") is None:  # a row of a derived table (per class, per split): its values
-                shown.append(", ".join(f"{k} {v!r}" for k, v in row.items() if k != "row_id"))
-                continue
-            value = next((f"{k} {row[k]!r}" for k in ("label", "category", "split") if row.get(k) is not None), "")
-            shown.append(f"{row['source_file']} row {row.get('source_row')}" + (f" ({value})" if value else ""))
+        """Where the first offending rows are: their file and row, and the value that broke the rule (the column
+        the failed expectation reads, else the row's label, category or split)."""
+        shown: list[str] = []
+        seen: list[dict[str, Any]] = []
+        for outcome in self.failed_expectations:
+            column = outcome.kwargs.get("column")
+            for row in outcome.examples:
+                if row in seen or len(seen) == 3:
+                    continue
+                seen.append(row)
+                if row.get("source_file") is None:  # a row of a derived table (per class, per split): its values
+                    shown.append(", ".join(f"{k} {v!r}" for k, v in row.items() if k != "row_id"))
+                    continue
+                key = column if column in row and row[column] is not None else next(
+                    (k for k in ("label", "category", "split") if row.get(k) is not None), None)
+                value = "" if key is None else str(row[key])
+                value = f"{key} {value if len(value) <= 60 else value[:57] + '...'!r}" if key else ""
+                shown.append(f"{row['source_file']} row {row.get('source_row')}" + (f" ({value})" if value else ""))
         return f" — e.g. {'; '.join(shown)}" if shown else ""
 
 

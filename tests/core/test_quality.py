@@ -150,6 +150,7 @@ def test_a_text_column_of_ids_or_numbers_blocks() -> None:
     check = validate_cleaned_dataset(clean_frame(pairs), spec()).check("texts_look_like_text")
     assert not check.passed and check.severity == "ERROR"
     assert check.failed_expectations[0].unexpected_count == 12
+    assert "(text 'TCK-1000')" in check.summary()  # the offending value is the text, not the row's label
     fine = [(f"What is ticket TCK-{1000 + i} about?", "AB"[i % 2]) for i in range(12)]
     assert validate_cleaned_dataset(clean_frame(fine), spec()).check("texts_look_like_text").passed
     # Chinese and Japanese are written without spaces: a sentence with a digit is still one "token" of text.
