@@ -91,7 +91,7 @@ def _delimiter(text: str) -> str:
     return best if counts[best] else ","
 
 
-def _record_lines(text: str, delimiter: str, quoting: int = csv.QUOTE_MINIMAL) -> list[int]:
+def _record_lines(text: str, delimiter: str, quoting: int = csv.QUOTE_MINIMAL, strict: bool = True) -> list[int]:
     """The line in the file where each data record starts (quoted fields may span lines; blank lines skipped).
 
     Read strictly: a quote that opens a field must close it. pandas reads on past a quote that is never closed,
@@ -100,7 +100,7 @@ def _record_lines(text: str, delimiter: str, quoting: int = csv.QUOTE_MINIMAL) -
     starts, previous = [], 0
     # The csv module refuses fields over 128 KiB by default; pandas reads them (the quality checks judge them).
     csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
-    reader = csv.reader(io.StringIO(text), delimiter=delimiter, strict=True, quoting=quoting)
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter, strict=strict, quoting=quoting)
     try:
         for record in reader:
             if record and not (len(record) == 1 and not record[0].strip()):  # pandas skips blank lines too
@@ -109,6 +109,26 @@ def _record_lines(text: str, delimiter: str, quoting: int = csv.QUOTE_MINIMAL) -
     except csv.Error as exc:
         raise _QuoteProblem(previous + 1, reader.line_num, str(exc)) from None
     return starts[1:]  # the first record is the header
+
+
+def _runaway_quote(text: str, delimiter: str, starts: list[int]) -> _QuoteProblem | None:
+    """A record that spans lines because a quote opened a field and was not closed where it should be: read alone
+    and strictly, its error is found on a later line than the one it starts on. (A quoted field may span lines;
+    one whose closing quote is followed by a stray character on its own line is read as pandas reads it.)"""
+    lines = io.StringIO(text).readlines()  # as the csv module counts them
+    bounds = [*starts, len(lines) + 1]
+    for begin, end in zip(bounds, bounds[1:]):
+        if end - begin <= 1:
+            continue
+        reader = csv.reader(io.StringIO("".join(lines[begin - 1:end - 1])), delimiter=delimiter, strict=True)
+        try:
+            for _ in reader:
+                pass
+        except csv.Error as exc:
+            found = begin + reader.line_num - 1
+            if found != begin:
+                return _QuoteProblem(begin, found, str(exc))
+    return None
 
 
 class _QuoteProblem(Exception):
@@ -124,18 +144,21 @@ def _read_csv(data: bytes, file: str) -> pd.DataFrame:
     delimiter = _delimiter(text)
     shown = {",": "','", ";": "';'", "\t": "a tab", "|": "'|'"}[delimiter]
     quoting = csv.QUOTE_MINIMAL
-    try:
-        starts = _record_lines(text, delimiter)
-    except _QuoteProblem as problem:
-        if delimiter != "\t":
+    if delimiter == "\t":
+        try:
+            starts = _record_lines(text, delimiter)
+        except _QuoteProblem:  # a tab-separated file whose texts begin with a quote ("Titanic" is ...): their own
+            quoting = csv.QUOTE_NONE
+            starts = _record_lines(text, delimiter, quoting)
+    else:
+        starts = _record_lines(text, delimiter, strict=False)
+        runaway = _runaway_quote(text, delimiter, starts)
+        if runaway is not None:
             raise SourceError(
-                f"a quoted field that starts on line {problem.opened} is not closed properly (found on line "
-                f"{problem.found}: {problem.why}): a quote that opens a field must close it right before the next "
+                f"a quoted field that starts on line {runaway.opened} is not closed properly (found on line "
+                f"{runaway.found}: {runaway.why}): a quote that opens a field must close it right before the next "
                 f"{shown} or the line's end, and a quote inside a quoted field is written twice (\"\"); "
-                "otherwise the lines after it are read as one text", file=file, row=problem.opened) from None
-        # A tab-separated file whose texts begin with a quote ("Titanic" is ...): its quotes are the text's own.
-        quoting = csv.QUOTE_NONE
-        starts = _record_lines(text, delimiter, quoting)
+                "otherwise the lines after it are read as one text", file=file, row=runaway.opened)
     header = next(csv.reader(io.StringIO(text), delimiter=delimiter, quoting=quoting), [])
     repeated = sorted({name.strip() for name in header if [h.strip() for h in header].count(name.strip()) > 1
                        and name.strip()})

@@ -211,6 +211,17 @@ def test_a_quote_that_is_never_closed_names_its_line_instead_of_merging_rows(tmp
         read_file(path, "csv")
 
 
+def test_a_stray_character_after_a_closing_quote_on_its_own_line_is_read_as_before(tmp_path: Path) -> None:
+    path = tmp_path / "spaces.csv"
+    path.write_text('text,label\n"quoted" ,pos\n"two\nlines",neg\nplain,neg\n', encoding="utf-8")
+    frame, _ = read_file(path, "csv")
+    assert frame["text"].tolist() == ["quoted ", "two\nlines", "plain"] and frame["source_row"].tolist() == [2, 3, 5]
+    path.write_text('text,label\n"quoted" ,pos\n"never closed,pos\n' + _lines(5) + 'truly "great",neg\n',
+                    encoding="utf-8")  # and a quote that runs away later in the file is still found
+    with pytest.raises(SourceError, match=r"row 3: a quoted field that starts on line 3 is not closed properly"):
+        read_file(path, "csv")
+
+
 def test_a_tab_separated_file_keeps_the_quotes_its_texts_begin_with(tmp_path: Path) -> None:
     path = tmp_path / "movies.tsv"
     path.write_text('text\tlabel\n"Titanic" is a long film\tpos\nplain text, with a comma\tneg\n'
