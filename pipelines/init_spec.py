@@ -480,6 +480,8 @@ def _conversation_chars(value: Any) -> tuple[int, int]:
     messages = value.tolist() if hasattr(value, "tolist") else list(value) if isinstance(value, list) else []
 
     def chars(content: Any) -> int:  # text parts ({"type": "text", "text": ...}) by their text
+        if hasattr(content, "tolist"):  # read from Parquet
+            content = content.tolist()
         if isinstance(content, list):
             return sum(len(str(p.get("text") or "")) if isinstance(p, dict) else len(str(p)) for p in content)
         return len(str(content or ""))

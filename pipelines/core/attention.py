@@ -49,11 +49,12 @@ def attend_with_logsumexp(query: torch.Tensor, key: torch.Tensor, value: torch.T
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             query, key, value, 0.0, False, attn_mask=mask, scale=scale)[:2]
         return out, lse.float()
-    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
-    if mask is not None:
-        scores = scores + mask.float()
-    lse = torch.logsumexp(scores, dim=-1)
-    return torch.matmul(torch.exp(scores - lse.unsqueeze(-1)), value.float()).to(query.dtype), lse
+    with torch.autocast(query.device.type, enabled=False):  # float32 products, also under a bf16 autocast
+        scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
+        if mask is not None:
+            scores = scores + mask.float()
+        lse = torch.logsumexp(scores, dim=-1)
+        return torch.matmul(torch.exp(scores - lse.unsqueeze(-1)), value.float()).to(query.dtype), lse
 
 
 def combine_attention(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:

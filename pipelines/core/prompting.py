@@ -95,8 +95,9 @@ def shared_prefix_attention(module: Any, query: torch.Tensor, key: torch.Tensor,
     lse_prefix = lse_prefix.view(kv_heads, b, group * length).transpose(0, 1)
     own = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device)
     own = own.masked_fill(~attention_mask, float("-inf")).unsqueeze(2).expand(b, 1, group, length, length)
-    out_own, lse_own = attend_with_logsumexp(grouped, key, value, own.reshape(b, 1, group * length, length), scale,
-                                             fused)
+    # q, k and v in one dtype: a model that keeps its rotary embedding in float32 under bf16 gives float32 q and k.
+    out_own, lse_own = attend_with_logsumexp(grouped, key.to(query.dtype), value.to(query.dtype),
+                                             own.reshape(b, 1, group * length, length), scale, fused)
     out = combine_attention([(out_prefix, lse_prefix), (out_own, lse_own)])
     return out.reshape(b, heads, length, dim).transpose(1, 2).contiguous(), None
 

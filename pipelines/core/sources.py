@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -117,10 +118,13 @@ def _runaway_quote(text: str, delimiter: str, starts: list[int]) -> _QuoteProble
     one whose closing quote is followed by a stray character on its own line is read as pandas reads it.)"""
     lines = io.StringIO(text).readlines()  # as the csv module counts them
     bounds = [*starts, len(lines) + 1]
+    # Blanks between a closing quote and the delimiter or the line's end are what pandas reads past: not a runaway.
+    blanks = re.compile(r'"[ ' + ("" if delimiter == "\t" else "\t") + r']+(?=' + re.escape(delimiter) + r'|\r?\n|$)')
     for begin, end in zip(bounds, bounds[1:]):
         if end - begin <= 1:
             continue
-        reader = csv.reader(io.StringIO("".join(lines[begin - 1:end - 1])), delimiter=delimiter, strict=True)
+        chunk = blanks.sub('"', "".join(lines[begin - 1:end - 1]))
+        reader = csv.reader(io.StringIO(chunk), delimiter=delimiter, strict=True)
         try:
             for _ in reader:
                 pass
@@ -129,6 +133,19 @@ def _runaway_quote(text: str, delimiter: str, starts: list[int]) -> _QuoteProble
             if found != begin:
                 return _QuoteProblem(begin, found, str(exc))
     return None
+
+
+def _quotes_are_text(text: str) -> bool:
+    """True for a tab-separated text whose quotes do not quote fields: read strictly it fails, and read with no
+    quoting every record has the header's number of fields."""
+    try:
+        _record_lines(text, "\t")
+        return False
+    except _QuoteProblem:
+        pass
+    widths = {len(r) for r in csv.reader(io.StringIO(text), delimiter="\t", quoting=csv.QUOTE_NONE)
+              if r and not (len(r) == 1 and not r[0].strip())}
+    return len(widths) == 1
 
 
 class _QuoteProblem(Exception):
@@ -141,17 +158,21 @@ def _read_csv(data: bytes, file: str) -> pd.DataFrame:
     text = _decode(data, file)
     if "\0" in text:
         raise SourceError("contains NUL bytes: this is not a CSV text file", file=file)
+    if "\r" in text and "\n" not in text:  # old Mac line endings
+        text = text.replace("\r", "\n")
     delimiter = _delimiter(text)
     shown = {",": "','", ";": "';'", "\t": "a tab", "|": "'|'"}[delimiter]
     quoting = csv.QUOTE_MINIMAL
-    if delimiter == "\t":
-        try:
-            starts = _record_lines(text, delimiter)
-        except _QuoteProblem:  # a tab-separated file whose texts begin with a quote ("Titanic" is ...): their own
+    try:
+        if delimiter == "\t" and _quotes_are_text(text):
+            # A tab-separated file whose texts begin with a quote ("Titanic" is ...) and that quotes no field: the
+            # quotes are the texts' own (quoted, they would be stripped or run over into the next rows).
             quoting = csv.QUOTE_NONE
-            starts = _record_lines(text, delimiter, quoting)
-    else:
-        starts = _record_lines(text, delimiter, strict=False)
+        starts = _record_lines(text, delimiter, quoting, strict=False)
+    except _QuoteProblem as problem:
+        raise SourceError(f"cannot be read as CSV with {shown} between fields: {problem.why}", file=file,
+                          row=problem.opened) from None
+    if quoting != csv.QUOTE_NONE:
         runaway = _runaway_quote(text, delimiter, starts)
         if runaway is not None:
             raise SourceError(
@@ -222,8 +243,8 @@ def _records_frame(records: list[dict[str, object]], rows: list[int] | range, fi
     for column in frame.columns:
         values = frame[column]
         try:
-            pa.array(values, from_pandas=True)
-            continue
+            if not _has_empty_struct(pa.array(values, from_pandas=True).type):  # Parquet has no empty structs
+                continue
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError):
             pass
         present = [(row, v) for row, v in zip(rows, values, strict=True) if v is not None and not (
@@ -241,6 +262,17 @@ def _records_frame(records: list[dict[str, object]], rows: list[int] | range, fi
                          v if isinstance(v, str) else json.dumps(v) for v in values]
     frame["source_row"] = rows
     return frame
+
+
+def _has_empty_struct(kind: object) -> bool:
+    """An Arrow type that holds an object without fields ({}) somewhere: Parquet cannot store it."""
+    import pyarrow as pa
+
+    if pa.types.is_struct(kind):
+        return kind.num_fields == 0 or any(_has_empty_struct(kind.field(i).type) for i in range(kind.num_fields))
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        return _has_empty_struct(kind.value_type)
+    return False
 
 
 def _read_json_array(text: str, file: str) -> pd.DataFrame:

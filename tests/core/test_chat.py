@@ -112,11 +112,26 @@ def test_content_parts_sharegpt_messages_and_role_names_are_read_as_text(tmp_pat
     plain = {"messages": [{"role": "User", "content": "What is 3 plus 3?"},
                           {"role": "assistant", "content": 6}]}
     sharegpt = {"messages": [{"from": "human", "value": "What is 4 plus 4?"}, {"from": "gpt", "value": "8"}]}
-    raw = _jsonl(tmp_path / "mixed.jsonl", [parts, plain, sharegpt])
-    raw.to_parquet(tmp_path / "raw.parquet")  # raw_data is stored as Parquet
-    conversations = select_conversations(raw, TASK)
-    assert conversations["text"].tolist() == ["What is 2 plus 2?", "What is 3 plus 3?", "What is 4 plus 4?"]
-    assert conversations["response"].tolist() == ["It is\n4.", "6", "8"]
+    untyped = {"messages": [{"role": "user", "content": [{"text": "What is 5 plus 5?"}]},
+                            {"role": "assistant", "content": [{"type": "text", "text": "10"}]}]}
+    raw = _jsonl(tmp_path / "mixed.jsonl", [parts, plain, sharegpt, untyped])
+    raw.to_parquet(tmp_path / "raw.parquet")  # raw_data is stored as Parquet, and read back from it
+    conversations = select_conversations(pd.read_parquet(tmp_path / "raw.parquet"), TASK)
+    assert conversations["text"].tolist() == ["What is 2 plus 2?", "What is 3 plus 3?", "What is 4 plus 4?",
+                                              "What is 5 plus 5?"]
+    assert conversations["response"].tolist() == ["It is\n4.", "6", "8", "10"]
+    # One shape in every row is stored as Parquet's own lists: parts without a type, ShareGPT beside role/content.
+    same_shape = _jsonl(tmp_path / "shapes.jsonl", [untyped, {"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "Hi"}]}, {"role": "assistant", "content": [
+            {"type": "text", "text": "Hello"}]}]}])
+    same_shape.to_parquet(tmp_path / "shapes.parquet")
+    read_back = select_conversations(pd.read_parquet(tmp_path / "shapes.parquet"), TASK)
+    assert read_back["text"].tolist() == ["What is 5 plus 5?", "Hi"]
+    both = _jsonl(tmp_path / "roles.jsonl", [sharegpt, {"messages": [{"role": "user", "content": "Hi"},
+                                                                     {"role": "assistant", "content": "Hello"}]}])
+    both.to_parquet(tmp_path / "roles.parquet")
+    roles = select_conversations(pd.read_parquet(tmp_path / "roles.parquet"), TASK)
+    assert roles["response"].tolist() == ["8", "Hello"]
     assert all(role_problem(json.loads(m)) is None for m in conversations["messages"])
 
 
@@ -149,6 +164,9 @@ def test_json_values_of_mixed_kinds_are_stored_or_named(tmp_path: Path) -> None:
                                             {"instruction": "c", "response": True}])
     assert raw["response"].tolist() == ["x", "12345", "true"]
     raw.to_parquet(tmp_path / "raw.parquet")
+    empty = _jsonl(tmp_path / "empty.jsonl", [{"instruction": "a", "response": "x", "meta": {}}] * 2)
+    empty.to_parquet(tmp_path / "empty.parquet")  # an object without fields, which Parquet has no type for
+    assert empty["meta"].tolist() == ["{}", "{}"]
     rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}] * 3
     with pytest.raises(SourceError, match=r"strings\.jsonl, row 4, column 'messages': holds a plain value "
                                           r"\(\"hello\"\) where the other rows hold lists or objects"):

@@ -78,17 +78,20 @@ def test_cached_scores_equal_scoring_each_conversation_alone(tiny_chat_dir: Path
     assert model.config._attn_implementation == ("eager" if attention == "eager" else "sdpa")
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_attention_over_key_blocks_computed_apart_equals_attention_over_all_keys(fused: bool) -> None:
+@pytest.mark.parametrize(("fused", "autocast"), [(True, False), (False, False), (False, True)])
+def test_attention_over_key_blocks_computed_apart_equals_attention_over_all_keys(fused: bool, autocast: bool) -> None:
     """The two halves of shared_prefix_attention: each block's output and log-sum-exp, combined, give softmax
-    attention over every key at once (here: a prefix block without a mask and a causal block)."""
+    attention over every key at once (here: a prefix block without a mask and a causal block). The plain products
+    stay in float32 under a bf16 autocast (as on a GPU with bf16)."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 5 if name == "q" else 12, 8) for name in ("q", "k", "v"))
     causal = torch.zeros(5, 5).masked_fill(~torch.tril(torch.ones(5, 5, dtype=torch.bool)), float("-inf"))
     mask = torch.cat([torch.zeros(5, 7), causal], dim=-1).expand(2, 1, 5, 12)
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
-    first = attend_with_logsumexp(q, k[:, :, :7], v[:, :, :7], None, 0.3, fused)
-    second = attend_with_logsumexp(q, k[:, :, 7:], v[:, :, 7:], causal.expand(2, 1, 5, 5).contiguous(), 0.3, fused)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        first = attend_with_logsumexp(q, k[:, :, :7], v[:, :, :7], None, 0.3, fused)
+        second = attend_with_logsumexp(q, k[:, :, 7:], v[:, :, 7:], causal.expand(2, 1, 5, 5).contiguous(), 0.3,
+                                       fused)
     torch.testing.assert_close(combine_attention([first, second]), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(first[1], torch.logsumexp(q @ k[:, :, :7].transpose(-1, -2) * 0.3, dim=-1))
 
@@ -99,3 +102,22 @@ def test_few_shot_examples_take_k_rows_of_every_label_interleaved() -> None:
     assert [label for _, label in examples] == ["a", "b", "c", "a", "b", "c"]
     assert len({text for text, _ in examples}) == 6
     assert all(train.set_index("text").at[text, "label"] == label for text, label in examples)
+
+
+def test_the_shared_prefix_takes_keys_and_values_in_another_dtype_than_the_queries() -> None:
+    """A model that keeps its rotary embedding in float32 under bf16 hands over float32 queries and keys beside
+    bf16 values: attended in the queries' dtype, as transformers' SDPA does, instead of failing."""
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    b, heads, kv_heads, length, prefix, dim = 2, 4, 2, 3, 5, 8
+    query, key = torch.randn(b, heads, length, dim), torch.randn(b, kv_heads, length, dim)
+    value = torch.randn(b, kv_heads, length, dim)
+    cache = SimpleNamespace(layers=[SimpleNamespace(keys=torch.randn(1, kv_heads, prefix, dim),
+                                                    values=torch.randn(1, kv_heads, prefix, dim))])
+    mask = torch.tril(torch.ones(length, length, dtype=torch.bool)).expand(b, 1, length, length)
+    module = SimpleNamespace(layer_idx=0)
+    same, _ = shared_prefix_attention(module, query, key, value.bfloat16().float(), mask, shared_prefix=cache)
+    mixed, _ = shared_prefix_attention(module, query, key, value.bfloat16(), mask, shared_prefix=cache)
+    assert mixed.dtype == torch.float32 and mixed.shape == (b, length, heads, dim)
+    torch.testing.assert_close(mixed, same)

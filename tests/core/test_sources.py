@@ -222,6 +222,20 @@ def test_a_stray_character_after_a_closing_quote_on_its_own_line_is_read_as_befo
         read_file(path, "csv")
 
 
+@pytest.mark.parametrize(("name", "body", "texts"), [
+    ("blank.csv", 'text,label\n"line one\nline two" ,pos\nok,neg\n', ["line one\nline two ", "ok"]),
+    ("quoted.tsv", 'text\tlabel\n"line one\nline two"\tpos\n"Titanic" is a film\tneg\n',
+     ["line one\nline two", "Titanic is a film"]),  # a TSV that quotes fields keeps its quoting
+    ("mac.csv", "text,label\rhello,pos\rbye,neg\r", ["hello", "bye"]),
+])
+def test_quoted_fields_over_lines_and_old_line_endings_read_as_pandas_reads_them(tmp_path: Path, name: str,
+                                                                                  body: str, texts: list[str]) -> None:
+    path = tmp_path / name
+    path.write_bytes(body.encode("utf-8"))
+    frame, _ = read_file(path, "csv")
+    assert frame["text"].tolist() == texts and frame["label"].tolist() == ["pos", "neg"][:len(texts)]
+
+
 def test_a_tab_separated_file_keeps_the_quotes_its_texts_begin_with(tmp_path: Path) -> None:
     path = tmp_path / "movies.tsv"
     path.write_text('text\tlabel\n"Titanic" is a long film\tpos\nplain text, with a comma\tneg\n'

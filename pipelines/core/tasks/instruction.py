@@ -123,7 +123,7 @@ def _message_content(content: Any, index: int, file: str, row: int, column: str)
         if isinstance(part, str):
             texts.append(part)
             continue
-        kind = part.get("type", "text") if isinstance(part, dict) else type(part).__name__
+        kind = (part.get("type") or "text") if isinstance(part, dict) else type(part).__name__
         if not isinstance(part, dict) or kind not in TEXT_PART_TYPES or not isinstance(part.get("text"), str):
             raise SourceError(f"message {index} has a content part of type {kind!r}; expected text (a string, or "
                               'parts like {"type": "text", "text": "..."}): a text model cannot read it',
@@ -149,8 +149,8 @@ def _parse_messages(value: Any, file: str, row: int, column: str) -> list[dict[s
                           file=file, row=row, column=column)
     messages = []
     for i, message in enumerate(value):
-        if isinstance(message, dict) and "role" not in message and "from" in message and "value" in message:
-            message = {"role": message["from"], "content": message["value"]}  # ShareGPT
+        if isinstance(message, dict) and message.get("role") is None and message.get("from") is not None:
+            message = {"role": message["from"], "content": message.get("value")}  # ShareGPT
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise SourceError(f"message {i} is not an object with 'role' and 'content': {str(message)[:80]!r}",
                               file=file, row=row, column=column)
