@@ -35,7 +35,6 @@ POSTGRES_STORAGE = f"""storage:
 """
 
 
-
 def _positive_int(value: str) -> int:
     """argparse type: a whole number of at least 1 (argparse names the option in its error)."""
     try:
@@ -45,6 +44,7 @@ def _positive_int(value: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError(f"expected at least 1, got {number}")
     return number
+
 
 def postgres_url_for_dagster(url: str) -> str:
     """The instance's PostgreSQL URL with the driver named: SQLAlchemy 2.1 maps a bare `postgresql://` to psycopg 3,

@@ -52,6 +52,7 @@ EXPECTED = ("a text column and a label column with few distinct values (say whic
             "or a `messages` column (a list of {role, content})")
 FEW_ROWS_PER_CLASS = 10  # a class with fewer rows is warned about (quality.min_rows_per_class blocks below 5)
 INSTRUCTION_LENGTHS = (256, 512, 1024, 2048, 4096)  # training.max_length init may choose for instruction tuning
+MAX_OVERLENGTH_FRACTION = 0.05  # the quality.max_overlength_fraction init writes
 PROMPTING_MAX_LABELS = 20  # more labels make the prompting baseline's few-shot prompt long and slow
 
 
@@ -430,10 +431,11 @@ def _instruction_sections(frame: pd.DataFrame, choice: TaskChoice, plan: SourceP
     tokens = _quantile(both, 0.98) / 3.5 + 24
     max_length = next((n for n in INSTRUCTION_LENGTHS if tokens <= n), INSTRUCTION_LENGTHS[-1])
     over = sum(n / 3.5 + 24 > max_length for n in both) / max(len(both), 1)
-    if over > 0.05:
+    if over > MAX_OVERLENGTH_FRACTION:
         notes.append(f"about {over:.0%} of the examples need more than {max_length} tokens, the most init chooses: "
                      "they will be dropped, and rendered_lengths_within_max_length blocks training when more than "
-                     "quality.max_overlength_fraction (5%) are; shorten the long conversations, or raise "
+                     f"quality.max_overlength_fraction ({MAX_OVERLENGTH_FRACTION:.0%}) are; shorten the long "
+                     "conversations, or raise "
                      "training.max_length (up to the model's context) or that fraction")
     elif max_length > 256:
         notes.append(f"training.max_length is {max_length} tokens (98% of the examples need about "
@@ -454,7 +456,7 @@ def _instruction_sections(frame: pd.DataFrame, choice: TaskChoice, plan: SourceP
         "task": task,
         "cleaning": cleaning,
         "splits": {"train": 0.8, "validation": 0.1, "test": 0.1, "seed": 13, "stratify": True},
-        "quality": {"min_rows": 50, "split_tolerance": 0.08, "max_overlength_fraction": 0.05},
+        "quality": {"min_rows": 50, "split_tolerance": 0.08, "max_overlength_fraction": MAX_OVERLENGTH_FRACTION},
         "base_model": {"candidates": INSTRUCTION_CANDIDATES, "allowed_licenses": ["apache-2.0", "mit"]},
         "training": {"epochs": 2, "batch_size": 8, "learning_rate": 1.0e-3, "weight_decay": 0.0,
                      "warmup_fraction": 0.05, "max_length": max_length, "precision": "auto", "group_by_length": True,

@@ -11,7 +11,6 @@ import hashlib
 import importlib.metadata
 import io
 import json
-import math
 import os
 import re
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipelines.core.cleaning import is_missing
 from pipelines.core.errors import SourceError
 from pipelines.core.records import SourceRecord
 from pipelines.core.sections import HubSourceConfig, LocalSourceConfig, PackageFileSourceConfig
@@ -94,10 +94,8 @@ def _delimiter(text: str) -> str:
 
 def _record_lines(text: str, delimiter: str, quoting: int = csv.QUOTE_MINIMAL, strict: bool = True) -> list[int]:
     """The line in the file where each data record starts (quoted fields may span lines; blank lines skipped).
-
-    Read strictly: a quote that opens a field must close it. pandas reads on past a quote that is never closed,
-    taking every following line into one field up to the next quote (dozens of rows become one text, silently);
-    here that is a csv.Error, raised as _QuoteProblem with the line where the field opened."""
+    A csv.Error is raised as _QuoteProblem with the line where its record starts; `strict` makes a quote that opens
+    a field and does not close it right before the delimiter or the line's end such an error."""
     starts, previous = [], 0
     # The csv module refuses fields over 128 KiB by default; pandas reads them (the quality checks judge them).
     csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
@@ -247,8 +245,8 @@ def _records_frame(records: list[dict[str, object]], rows: list[int] | range, fi
                 continue
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError):
             pass
-        present = [(row, v) for row, v in zip(rows, values, strict=True) if v is not None and not (
-            isinstance(v, float) and math.isnan(v))]
+        present = [(row, v) for row, v in zip(rows, values, strict=True) if isinstance(v, (list, dict))
+                   or not is_missing(v)]
         nested = [isinstance(v, (list, dict)) for _, v in present]
         if any(nested) and not all(nested):
             kind = "a list or object" if sum(nested) * 2 < len(nested) else "a plain value"
@@ -257,9 +255,8 @@ def _records_frame(records: list[dict[str, object]], rows: list[int] | range, fi
             raise SourceError(f"holds {kind} ({json.dumps(value, ensure_ascii=False)[:60]}) where the other rows "
                               f"hold {'plain values' if kind == 'a list or object' else 'lists or objects'}; "
                               "expected one kind of value per column", file=file, row=row, column=str(column))
-        frame[column] = [v if v is None or (isinstance(v, float) and math.isnan(v)) else
-                         json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else
-                         v if isinstance(v, str) else json.dumps(v) for v in values]
+        frame[column] = [json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else
+                         v if isinstance(v, str) or is_missing(v) else json.dumps(v) for v in values]
     frame["source_row"] = rows
     return frame
 
