@@ -52,7 +52,7 @@ def build_quality_checks(spec: PipelineSpec) -> list[dg.AssetChecksDefinition]:
     training in the same run. Each reads the checked asset's value and the other assets its suite names. Plus the
     data doctor's check on the splits, when the task has one and the spec does not turn it off."""
     checks = [suite_checks(spec, suite) for suite in task_for(spec).quality_suites(spec)]
-    if task_for(spec).doctor_supported and spec.doctor.enabled:
+    if task_for(spec).doctor_settings(spec) is not None:
         checks.append(doctor_check(spec))
     return checks
 
@@ -80,8 +80,9 @@ def doctor_check(spec: PipelineSpec) -> dg.AssetChecksDefinition:
         except Exception as exc:  # the doctor advises: when it cannot run, it says why and the run goes on
             passed, description, metadata = False, f"the data doctor could not run: {type(exc).__name__}: {exc}", {}
         else:
-            passed, description = doctor_verdict(report, spec.doctor)
-            metadata = doctor_metadata(report, paths, spec.doctor.shown_rows)
+            settings = task_for(spec).doctor_settings(spec)
+            passed, description = doctor_verdict(report, settings)
+            metadata = doctor_metadata(report, paths, settings.shown_rows)
         (context.log.info if passed else context.log.warning)(f"data doctor: {description}")
         yield dg.AssetCheckResult(asset_key=key, check_name=DOCTOR_CHECK, passed=passed,
                                   severity=dg.AssetCheckSeverity.WARN, description=description,

@@ -16,8 +16,9 @@ from pipelines.core.evaluation import write_report
 from pipelines.core.records import BaseModelRecord, CheckpointRecord, EvaluationReport
 from pipelines.core.selection import select_base_model
 from pipelines.core.spec import PipelineSpec
-from pipelines.core.sweep import SweepRecord, with_settings
-from pipelines.core.sweeping import run_sweep
+from pipelines.core.sweep.record import SweepRecord
+from pipelines.core.sweep.run import run_sweep
+from pipelines.core.sweep.space import with_settings
 from pipelines.core.steps import base_model_log, checkpoint_log, doctor_folder, pin_prompted_model, read_raw_data, \
     report_log, split_dataset, sweep_log, training_params, with_doctor, with_training_context
 from pipelines.core.tasks import Task, task_for
@@ -118,9 +119,8 @@ def build_pipeline_assets(spec: PipelineSpec, project_root: Path) -> list[dg.Ass
                                    progress=context.log.info, prompt_model=pin_prompted_model(spec, models))
             report = tracking.apply_promotion(spec.name, report, finetuned_checkpoint, champion)
             report = with_training_context(report, finetuned_checkpoint, run.url, context.run_id)
-            if task.doctor_supported and spec.doctor.enabled:  # the data doctor's findings on these splits
-                report = with_doctor(report, doctor_folder(storage.asset_folder(spec.name), data),
-                                     spec.doctor.shown_rows)
+            if (doctor := task.doctor_settings(spec)) is not None:  # the data doctor's findings on these splits
+                report = with_doctor(report, doctor_folder(storage.asset_folder(spec.name), data), doctor.shown_rows)
             write_report(report)  # as applied: the promotion as it happened, the doctor's findings
             return run.output(report, report_log(report, finetuned_checkpoint))
 

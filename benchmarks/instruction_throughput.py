@@ -26,8 +26,10 @@ from benchmarks.recipe_vs_tuneline import (device_name, fastest_precision, model
                                             with_overrides)
 from pipelines.core.hardware import resolve_compute  # noqa: E402
 from pipelines.core.selection import resolve_base_model  # noqa: E402
-from pipelines.core.tasks import instruction, task_for  # noqa: E402
-from pipelines.core.trainer import ComputeSettings, matmul_rate  # noqa: E402
+from pipelines.core.tasks import task_for  # noqa: E402
+from pipelines.core.tasks.instruction import train as instruction  # noqa: E402
+from pipelines.core.training.compute import ComputeSettings  # noqa: E402
+from pipelines.core.training.cost import matmul_rate  # noqa: E402
 
 
 def main() -> None:
@@ -53,7 +55,7 @@ def main() -> None:
 
     lora = spec.training.lora
     runs = [("before: padded, dropout 0.05, all blocks, bf16 (reference)",
-             ["training.padding_free=false", "training.lora.dropout=0.05", "training.lora.top_layers=null"], True),
+             ["task.padding_free=false", "training.lora.dropout=0.05", "training.lora.top_layers=null"], True),
             (f"now: padding-free, dropout {lora.dropout:g}, {now_compute.precision}, "
              + (f"top {lora.top_layers} blocks" if lora.top_layers else "all blocks"), [], False)]
     peak = fastest_precision(args.device, args.threads)

@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 from benchmarks.recipe_vs_tuneline import device_name, model_store, spec_splits  # noqa: E402
 from pipelines.core.hardware import resolve_compute  # noqa: E402
 from pipelines.core.selection import resolve_base_model  # noqa: E402
-from pipelines.core.tasks.classification import fit_linear_probe, frozen_embeddings  # noqa: E402
+from pipelines.core.tasks.classification.model import fit_linear_probe, frozen_embeddings  # noqa: E402
 
 CANDIDATES = (0.01, 0.1, 1.0)
 

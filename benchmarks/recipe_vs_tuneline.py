@@ -45,9 +45,10 @@ from pipelines.core.sources import read_source  # noqa: E402
 from pipelines.core.spec import PipelineSpec, load_spec  # noqa: E402
 from pipelines.core.steps import split_dataset  # noqa: E402
 from pipelines.core.tasks import task_for  # noqa: E402
-from pipelines.core.tasks.classification import (classification_metrics, load_classifier, predict_proba,  # noqa: E402
-                                                 train_classifier)
-from pipelines.core.trainer import ComputeSettings, matmul_rate, model_flops_utilization  # noqa: E402
+from pipelines.core.tasks.classification.metrics import classification_metrics  # noqa: E402
+from pipelines.core.tasks.classification.train import load_classifier, predict_proba, train_classifier  # noqa: E402
+from pipelines.core.training.compute import ComputeSettings  # noqa: E402
+from pipelines.core.training.cost import matmul_rate, model_flops_utilization  # noqa: E402
 from resources.model_store import ModelStore  # noqa: E402
 
 RECIPE = {"r": 8, "alpha": 16, "dropout": 0.1, "targets": None, "learning_rate": 1e-3,
@@ -163,8 +164,8 @@ def run_tuneline(frame: pd.DataFrame, spec: PipelineSpec, threads: int, device: 
         predicted = predict_proba(model, tokenizer, test["text"].tolist(), cfg.max_length, compute).argmax(-1)
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    index = {label: i for i, label in enumerate(record.labels)}
-    metrics = classification_metrics(test["label"].map(index).to_numpy(), predicted, len(record.labels))
+    index = {label: i for i, label in enumerate(record.task_data["labels"])}
+    metrics = classification_metrics(test["label"].map(index).to_numpy(), predicted, len(record.task_data["labels"]))
     lora = cfg.lora
     peak = fastest_precision(device, threads)
     mfu = record.mfu * matmul_rate(compute) / matmul_rate(peak)  # over the same peak as the recipe's

@@ -31,13 +31,15 @@ from pipelines.core.hardware import resolve_compute  # noqa: E402
 from pipelines.core.selection import resolve_base_model  # noqa: E402
 from pipelines.core.splitting import sample_split  # noqa: E402
 from pipelines.core.tasks import task_for  # noqa: E402
-from pipelines.core.trainer import build_lora_config, run_training_steps, set_model_dropout  # noqa: E402
+from pipelines.core.training.arguments import build_lora_config  # noqa: E402
+from pipelines.core.training.loop import run_training_steps  # noqa: E402
+from pipelines.core.training.model import set_model_dropout  # noqa: E402
 
 
 def classification_step(spec, splits, base):  # type: ignore[no-untyped-def]
     from peft import get_peft_model
 
-    from pipelines.core.tasks.classification import PooledClassifier, load_encoder, load_tokenizer
+    from pipelines.core.tasks.classification.model import PooledClassifier, load_encoder, load_tokenizer
 
     cfg = spec.training
     rows = sample_split(splits, "train", cfg.batch_size, cfg.seed)
@@ -55,7 +57,7 @@ def classification_step(spec, splits, base):  # type: ignore[no-untyped-def]
 def instruction_step(spec, splits, base):  # type: ignore[no-untyped-def]
     from peft import get_peft_model
 
-    from pipelines.core.tasks.instruction import load_causal_lm, packed_attention
+    from pipelines.core.tasks.instruction.train import load_causal_lm, packed_attention
 
     cfg = spec.training
     task = task_for(spec)

@@ -17,13 +17,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipelines.core.cleaning import clean  # noqa: E402
+from pipelines.core.tasks.classification.cleaning import clean  # noqa: E402
 from pipelines.core.selection import resolve_base_model  # noqa: E402
 from pipelines.core.sources import read_source  # noqa: E402
 from pipelines.core.spec import TrainingConfig, load_spec  # noqa: E402
 from pipelines.core.splitting import assign_splits  # noqa: E402
-from pipelines.core.tasks.classification import select_examples, train_classifier  # noqa: E402
-from pipelines.core.trainer import ComputeSettings  # noqa: E402
+from pipelines.core.tasks.classification.data import select_examples  # noqa: E402
+from pipelines.core.tasks.classification.train import train_classifier  # noqa: E402
+from pipelines.core.training.compute import ComputeSettings  # noqa: E402
 from resources.model_store import ModelStore  # noqa: E402
 
 SETTINGS = [  # (name, precision, group_by_length); the first is the reference

@@ -186,8 +186,7 @@ def _without_password(exc: BaseException, url: str) -> str:
 def _print_summary(summary: dict[str, Any], run_id: str) -> None:
     baselines = summary["baselines"]
     names = ["fine-tuned", *baselines]
-    metrics = summary.get("metric_names") or ["accuracy", "macro_precision", "macro_recall", "macro_f1",
-                                              "weighted_f1"]
+    metrics = summary["metric_names"]  # the task's, in its order
     print(f"\n{summary['pipeline']}: base model {summary.get('base_model', '')}, chosen among "
           f"{len(summary.get('selection', []))} candidate(s):")
     for row in summary.get("selection", []):
@@ -367,6 +366,20 @@ def _registered_checkpoint(args: argparse.Namespace, tracking: Any, version: str
     return checkpoint_from_folder(found[1], model_version=found[0])
 
 
+def _column_fields() -> list[str]:
+    """Every registered task type's column fields (text_column, messages_column, ...), for init's options."""
+    from pipelines.init_spec import starters
+
+    return sorted({f for _, starter in starters() for f in starter.column_fields})
+
+
+def _column_assignment(value: str) -> str:
+    field_name, sep, column = value.partition("=")
+    if not sep or not field_name.strip() or not column:
+        raise argparse.ArgumentTypeError(f"expected FIELD=NAME (e.g. label_column=intent), got {value!r}")
+    return value
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     """Answer with the registry's champion of a pipeline: labels for a classifier, responses for a chat model."""
     from pipelines.core.errors import TunelineError
@@ -383,8 +396,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([{**row, "model": model} for row in rows], ensure_ascii=False))
         return 0
+    task = task_for(record)
     for row in rows:
-        print("\t".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.values()))
+        print(task.prediction_line(row))
     print(f"({'version' if args.version else 'champion'}: {model})", file=sys.stderr)
     return 0
 
@@ -409,7 +423,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_lineage(args: argparse.Namespace) -> int:
     """Which bytes produced a model version, or which versions a data file went into (from the records)."""
     ensure_dagster_home()
-    from pipelines.core.sources import sha256_file
+    from pipelines.core.digests import sha256_file
     from pipelines.definitions import SPECS_DIR, build_definitions
     from pipelines.lineage import LineageError, data_chains, format_lineage, version_lineage
 
@@ -525,8 +539,16 @@ def cmd_init(args: argparse.Namespace) -> int:
     file validated by the project's own loader before it is written; then say what to check and how to run it."""
     from pipelines.init_spec import init_spec, report_lines
 
+    columns, options = {}, {}
+    for given in args.column or []:
+        field_name, _, column = given.partition("=")
+        columns[field_name.strip()], options[field_name.strip()] = column, f"--column {given}"
+    for field_name in _column_fields():  # the shorthands: --text-column NAME for --column text_column=NAME
+        column = getattr(args, f"column__{field_name}", None)
+        if column is not None:
+            columns[field_name], options[field_name] = column, f"--{field_name.replace('_', '-')}"
     out = init_spec(Path(args.data), name=args.name, specs_dir=Path(args.specs_dir) if args.specs_dir else None,
-                    force=args.force, text_column=args.text_column, label_column=args.label_column)
+                    force=args.force, columns=columns, column_options=options)
     print("\n".join(report_lines(out)))
     return 0
 
@@ -564,14 +586,16 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--data-dir", help="folder for generated data (default: data/)")
     check.add_argument("--verbose", action="store_true", help="every check's line and the libraries' own output")
     check.set_defaults(func=cmd_check)
-    predict = sub.add_parser("predict", help="classify texts with the pipeline's champion model")
+    predict = sub.add_parser("predict", help="answer inputs with the pipeline's champion model (a classifier's label "
+                                             "and probability, a chat model's response, ...)")
     predict.add_argument("--pipeline", required=True)
     predict.add_argument("--data-dir", help="folder of generated data holding the embedded MLflow store")
     predict.add_argument("--json", action="store_true", help="print one JSON list")
     predict.add_argument("--version", help="registry version to answer with (default: the champion)")
     predict.add_argument("--max-new-tokens", type=_positive_int, default=64,
                          help="chat models: most tokens per answer")
-    predict.add_argument("texts", nargs="+", help="one or more texts to classify (or instructions to answer)")
+    predict.add_argument("texts", nargs="+", metavar="INPUT", help="one or more inputs, as the task reads them (a "
+                                                                  "text to classify, an instruction to answer)")
     predict.set_defaults(func=cmd_predict)
     export = sub.add_parser("export", help="merge a chat model's adapter into its base model and save it as "
                                             "safetensors with its tokenizer and chat template")
@@ -603,8 +627,12 @@ def main(argv: list[str] | None = None) -> int:
     init.add_argument("--name", help="the pipeline's name (default: a slug of the file or folder name)")
     init.add_argument("--specs-dir", help="folder to write NAME.yaml into (default: pipelines/specs)")
     init.add_argument("--force", action="store_true", help="overwrite an existing spec of that name")
-    init.add_argument("--text-column", help="classification: the column holding the text (default: inferred)")
-    init.add_argument("--label-column", help="classification: the column holding the label (default: inferred)")
+    init.add_argument("--column", action="append", type=_column_assignment, metavar="FIELD=NAME",
+                      help="a column field of the task section and the data's column for it, e.g. "
+                           "label_column=intent or messages_column=chat (repeat it; default: inferred)")
+    for field_name in _column_fields():
+        init.add_argument(f"--{field_name.replace('_', '-')}", dest=f"column__{field_name}", metavar="NAME",
+                          help=f"shorthand for --column {field_name}=NAME")
     init.set_defaults(func=cmd_init)
     ui = sub.add_parser("ui", help="start the Dagster UI (dagster dev) on the shared instance")
     ui.add_argument("--host", default="127.0.0.1")

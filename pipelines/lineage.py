@@ -8,7 +8,7 @@ from typing import Any
 import dagster as dg
 
 from assets.pipeline import BASE_MODEL
-from pipelines.core.lineage import model_origin
+from pipelines.core.records import model_origin
 
 CHECKPOINT = "finetuned_checkpoint"
 

@@ -17,7 +17,7 @@ from pipelines.core.files import atomic_path
 from pipelines.core.hardware import resolve_compute, usable_cores
 from pipelines.core.records import BaseModelRecord, CheckpointRecord
 from pipelines.core.sections import ComputeConfig, KubernetesLaunchConfig
-from pipelines.core.trainer import ComputeSettings, MetricsSink, ProgressFn
+from pipelines.core.training.compute import ComputeSettings, MetricsSink, ProgressFn
 
 if TYPE_CHECKING:
     import pandas as pd

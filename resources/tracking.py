@@ -83,7 +83,7 @@ def dagster_value(value: Any) -> Any:
 @dataclasses.dataclass(frozen=True)
 class MlflowChildRuns:
     """Child runs of one MLflow run, opened from any process (it pickles: the client is made where it is used).
-    Implements pipelines.core.sweep.TrialRuns for a sweep's trials."""
+    Implements pipelines.core.sweep.record.TrialRuns for a sweep's trials."""
 
     tracking_uri: str
     experiment_id: str

@@ -83,16 +83,16 @@ def tiny_spec(csv: Path, model_dir: Path, **overrides: Any) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "description": "tiny test pipeline",
         "source": {"kind": "local", "path": str(csv)},
-        "task": {"text_column": "question", "label_column": "category"},
+        "task": {"text_column": "question", "label_column": "category",
+                 # The tiny model's random weights make every text look alike: no near-duplicate or suspect
+                 # threshold here (tests that want the doctor to warn set their own).
+                 "doctor": {"model": {"source": "local", "path": str(model_dir), "name": "tiny-bert"},
+                            "duplicate_similarity": 1.0, "max_suspect_fraction": 1.0}},
         "splits": {"train": 0.7, "validation": 0.15, "test": 0.15, "seed": 3},
         "base_model": {"model": {"source": "local", "path": str(model_dir), "name": "tiny-bert"}},
         "training": {"epochs": 2, "batch_size": 16, "learning_rate": 5e-3, "max_length": 32,
                      "precision": "fp32", "logging_steps": 5, "lora": {"r": 4, "alpha": 8}},
         "evaluation": {"batch_size": 64},
-        # The tiny model's random weights make every text look alike: no near-duplicate or suspect threshold here
-        # (tests that want the doctor to warn set their own).
-        "doctor": {"model": {"source": "local", "path": str(model_dir), "name": "tiny-bert"},
-                   "duplicate_similarity": 1.0, "max_suspect_fraction": 1.0},
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(spec.get(key), dict):
@@ -118,11 +118,11 @@ def write_spec(tmp_path: Path) -> Callable[..., Path]:
 @pytest.fixture
 def trec_splits(trec_slice_csv: Path) -> Any:
     """The TREC slice as the splits asset makes it (cleaned, split 80/10/10) for a classification spec."""
-    from pipelines.core.cleaning import clean
+    from pipelines.core.tasks.classification.cleaning import clean
     from pipelines.core.sources import read_file
     from pipelines.core.spec import PipelineSpec
     from pipelines.core.splitting import assign_splits
-    from pipelines.core.tasks.classification import select_examples
+    from pipelines.core.tasks.classification.data import select_examples
 
     spec = PipelineSpec.model_validate({"name": "sel", "source": {"kind": "local", "path": "x.csv"},
                                         "base_model": {"model": {"source": "local", "path": "unused"}},

@@ -186,7 +186,7 @@ def test_bad_data_gets_one_short_error_block_or_trains_as_it_should(
     case = CASES[name]
     data = _tmp_data(case.data[4:], tmp_path) if case.data.startswith("tmp:") else BAD / case.data
     spec = tiny_spec(data, tiny_model_dir, **case.spec)
-    spec["task"] = case.task
+    spec["task"] = case.task if "type" in case.task else {**spec["task"], **case.task}
     model = spec["base_model"]["model"]
     if model.get("path") == "tmp:chat":
         model["path"] = str(write_tiny_chat_model(tmp_path / "chat"))

@@ -169,7 +169,7 @@ def test_run_reports_a_failing_step(tmp_path: Path, tiny_model_dir: Path, write_
     bad = tmp_path / "bad.csv"
     bad.write_text("question,category\nwhat?,A\n")
     spec = tiny_spec(bad, tiny_model_dir)
-    spec["task"] = {"text_column": "text", "label_column": "category"}
+    spec["task"] = {**spec["task"], "text_column": "text", "label_column": "category"}
     specs = write_spec("broken", spec)
     out = tuneline("run", "--pipeline", "broken", "--specs-dir", str(specs), "--data-dir", str(tmp_path / "d"),
                    home=tmp_path / "home")

@@ -73,7 +73,7 @@ def test_a_resumable_checkpoint_that_cannot_be_written_fails_the_run_clearly_and
 
 def test_a_checkpoint_that_cannot_be_written_names_its_folder_and_leaves_nothing(tmp_path: Path) -> None:
     from pipelines.core.errors import CheckpointError
-    from pipelines.core.trainer import save_checkpoint
+    from pipelines.core.training.checkpoints import save_checkpoint
 
     def write_files(folder: Path) -> None:
         (folder / "adapter.safetensors").write_bytes(b"\0" * (3 * 2**20))

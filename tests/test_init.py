@@ -11,8 +11,8 @@ import pytest
 
 from pipelines.cli import main
 from pipelines.core.spec import load_spec
-from pipelines.core.tasks.classification import ClassificationTask
-from pipelines.core.tasks.instruction import InstructionTuningTask
+from pipelines.core.tasks.classification.task import ClassificationTask
+from pipelines.core.tasks.instruction.task import InstructionTuningTask
 from pipelines.init_spec import slug
 from tests.conftest import PROJECT_ROOT
 
@@ -206,7 +206,7 @@ def test_undecidable_columns_exit_2_naming_the_file_and_columns(tmp_path: Path,
     assert "several columns could be the label ('colour', 'size')" in err
     assert "Columns found: 'colour' (text, 3 distinct of 30), 'size' (text, 2 distinct of 30), 'note' (text, 30 " \
            "distinct of 30)" in err
-    assert "--text-column and --label-column" in err and "messages" in err
+    assert "--column text_column=NAME and --column label_column=NAME" in err and "messages" in err
     assert list(tmp_path.glob("*.yaml")) == []
     # Said outright, the same file is a spec.
     assert init(data, "--specs-dir", tmp_path, "--label-column", "size") == 0
@@ -220,6 +220,25 @@ def test_an_unknown_column_option_names_the_columns(tmp_path: Path, capsys: pyte
     assert init(data, "--specs-dir", tmp_path, "--label-column", "intent") == 2
     assert capsys.readouterr().err.strip() == (f"error: {data}: has no column 'intent' (given by --label-column); "
                                                "its columns are ['text', 'label']")
+
+
+def test_any_task_sections_column_field_can_be_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--column FIELD=NAME names a column field of any task type's section: the task type that reads that field
+    is the one proposed; a field no task type reads, or a column the data lacks, is named in the error."""
+    data = tmp_path / "chat.csv"
+    messages = [json.dumps([{"role": "user", "content": f"question {i}?"},
+                            {"role": "assistant", "content": f"answer {i}"}]) for i in range(60)]
+    pd.DataFrame({"talk": messages, "text": [f"note {i}" for i in range(60)],
+                  "label": ["a", "b"] * 30}).to_csv(data, index=False)
+    assert init(data, "--specs-dir", tmp_path, "--column", "messages_column=talk") == 0
+    assert load_spec(tmp_path / "chat.yaml").task.messages_column == "talk"
+    assert init(data, "--specs-dir", tmp_path, "--name", "other", "--column", "color_column=talk") == 2
+    err = capsys.readouterr().err
+    assert "no task type reads the column fields ['color_column']" in err and "messages_column" in err
+    assert init(data, "--specs-dir", tmp_path, "--name", "other", "--column", "messages_column=chat") == 2
+    assert "has no column 'chat' (given by --column messages_column=chat)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        init(data, "--specs-dir", tmp_path, "--column", "messages_column")
 
 
 def test_an_existing_spec_is_kept_without_force(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -236,13 +255,13 @@ def test_an_existing_spec_is_kept_without_force(tmp_path: Path, capsys: pytest.C
 
 def test_a_spec_that_would_not_validate_is_never_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
-    import pipelines.init_spec as init_spec
+    from pipelines.core.tasks.instruction.init import InstructionStarter
 
-    def broken(*args: object) -> dict[str, object]:
-        return {**build(*args), "training": {"epochs": "fast"}}
+    def broken(self: InstructionStarter, *args: object) -> dict[str, object]:
+        return {**build(self, *args), "training": {"epochs": "fast"}}
 
-    build = init_spec._instruction_sections
-    monkeypatch.setattr(init_spec, "_instruction_sections", broken)
+    build = InstructionStarter.sections
+    monkeypatch.setattr(InstructionStarter, "sections", broken)
     assert init(write_jsonl(tmp_path / "chat.jsonl", chatterbot_rows()), "--specs-dir", tmp_path) == 2
     err = capsys.readouterr().err
     assert "does not validate, so nothing was written (a bug in tuneline init" in err

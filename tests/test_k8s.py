@@ -138,8 +138,8 @@ def _checkpoint_record() -> Any:
                            pooling="mean", pooling_declared_by="default", hidden_size=32, max_position_embeddings=128,
                            lora_targets=("query",), selection=({"name": "tiny", "verdict": "selected"},))
     return CheckpointRecord(path="/opt/tuneline/data/checkpoints/p/r", task="text_classification", sha256="1" * 64,
-                            base_model=base, spec_hash="abc", data_sha256="2" * 64, labels=("a", "b"), train_rows=8,
-                            validation_rows=2, best_epoch=1.0, trainable_parameters=10, train_seconds=1.5,
+                            base_model=base, spec_hash="abc", data_sha256="2" * 64, task_data={"labels": ["a", "b"]},
+                            train_rows=8, validation_rows=2, best_epoch=1.0, trainable_parameters=10, train_seconds=1.5,
                             tokens_per_second=100.0, precision="bf16", history=({"loss": 0.5, "step": 20.0},))
 
 

@@ -116,7 +116,8 @@ def _case_spec(case: str, tmp: Path, bert: Path, trec_csv: Path) -> tuple[dict[s
     spec = chat_spec(source, model)  # the instruction pipeline's test spec, without dropout and with 2 epochs
     spec["training"] = {**spec["training"], "epochs": 2, "logging_steps": 1,
                         "lora": {**spec["training"]["lora"], "dropout": 0.0}}
-    spec["evaluation"] = {"max_new_tokens": 4, "sample_generations": 2, "baselines": []}
+    spec["task"] = {**spec["task"], "max_new_tokens": 4, "sample_generations": 2}
+    spec["evaluation"] = {"baselines": []}
     return spec, source
 
 

@@ -1,15 +1,24 @@
-"""The code's shape: the task is the unit of extension (no task-type branches elsewhere), pipelines/core has no
-import cycle, assets are thin, and every registered task implements the whole Task interface."""
+"""The code's shape: the task is the unit of extension (no task-type branches, task names, concrete task imports or
+task-specific fields outside its package), pipelines/core has no import cycle (not even through imports made for
+type checkers), loading specs and building the definitions import no torch, assets are thin, and every registered
+task implements the whole Task interface."""
 
 from __future__ import annotations
 
 import ast
 import inspect
+import subprocess
+import sys
 from pathlib import Path
 
-from pipelines.core.tasks import TASKS
+import pytest
+
+from pipelines.core import sections
+from pipelines.core.tasks import declarations, task_named
 from pipelines.core.tasks.base import Task
 from tests.conftest import PROJECT_ROOT
+
+TASKS = {name: task_named(name) for name in declarations()}
 
 TASKS_DIR = PROJECT_ROOT / "pipelines" / "core" / "tasks"
 CODE = [p for folder in ("pipelines", "assets", "resources") for p in sorted((PROJECT_ROOT / folder).rglob("*.py"))]
@@ -49,22 +58,17 @@ def test_the_branch_detector_finds_branches() -> None:
     assert task_branches("if spec.task.type == 'x':\n    pass\n")
     assert task_branches("ok = record.task != other\n")
     assert task_branches(f"name = {next(iter(TASKS))!r}\n")
+    assert not task_branches("name = 'text_column'\n")
     assert not task_branches("task = task_for(spec)\nprint(spec.task.type)\n")
 
 
-def runtime_imports(path: Path, module: str) -> set[str]:
-    """The modules `module` imports when it runs (at top level or inside functions), without the imports that
-    exist only for type checkers (`if TYPE_CHECKING:`)."""
+def imports_of(path: Path, module: str) -> set[str]:
+    """The modules `module` imports: at top level, inside functions, and for type checkers (`if TYPE_CHECKING:`),
+    since a cycle hidden from the interpreter is still a two-way dependency."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    skipped: set[int] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and _attribute_path(node.test).endswith("TYPE_CHECKING"):
-            skipped |= {id(n) for child in node.body for n in ast.walk(child)}
     package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
     found = set()
     for node in ast.walk(tree):
-        if id(node) in skipped:
-            continue
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
@@ -84,7 +88,7 @@ def core_import_graph() -> dict[str, set[str]]:
         parts = path.relative_to(PROJECT_ROOT).with_suffix("").parts
         name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
         modules[name] = path
-    return {name: {m for m in runtime_imports(path, name) if m in modules and m != name}
+    return {name: {m for m in imports_of(path, name) if m in modules and m != name}
             for name, path in modules.items()}
 
 
@@ -113,7 +117,76 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_pipelines_core_has_no_import_cycle() -> None:
     graph = core_import_graph()
     assert "pipelines.core.tasks.classification" in graph["pipelines.core.tasks"]
+    assert "pipelines.core.sections" in graph["pipelines.core.tasks.base"]  # a type-checking import is counted
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
+
+
+def concrete_task_imports(module: str, path: Path) -> list[str]:
+    """Imports of a task type's own package (pipelines.core.tasks.<name>...), which only the registry and the
+    package itself may import."""
+    return sorted(m for m in imports_of(path, module)
+                  if m.startswith("pipelines.core.tasks.")
+                  and m.split(".")[3] in {p.name for p in TASKS_DIR.iterdir() if p.is_dir()})
+
+
+def test_no_concrete_task_module_is_imported_outside_the_tasks_folder() -> None:
+    offenders = {}
+    for path in CODE:
+        if TASKS_DIR in path.parents or path.parent == TASKS_DIR:
+            continue
+        module = ".".join(path.relative_to(PROJECT_ROOT).with_suffix("").parts)
+        found = concrete_task_imports(module, path)
+        if found:
+            offenders[str(path.relative_to(PROJECT_ROOT))] = found
+    assert offenders == {}
+
+
+def test_the_import_detector_finds_concrete_task_imports(tmp_path: Path) -> None:
+    module = tmp_path / "m.py"
+    module.write_text("def f():\n    from pipelines.core.tasks.classification.train import train_classifier\n")
+    assert "pipelines.core.tasks.classification.train" in concrete_task_imports("pipelines.m", module)
+    module.write_text("from pipelines.core.tasks import task_for\nfrom pipelines.core.tasks.base import Task\n")
+    assert concrete_task_imports("pipelines.m", module) == []
+
+
+def shared_sections() -> list[type]:
+    return [c for c in vars(sections).values() if isinstance(c, type) and issubclass(c, sections.Frozen)
+            and c.__module__ == sections.__name__ and c not in (sections.Frozen, sections.TaskSection)]
+
+
+def test_the_shared_sections_hold_no_task_specific_field() -> None:
+    """A field of a task section (its own knob, or one that moved there) is in no shared section: a shared
+    section would accept it silently for every other task type."""
+    shared = {f"{c.__name__}.{name}" for c in shared_sections() for name in c.model_fields}
+    for declared in declarations().values():
+        own = set(declared.config_class.model_fields) - {"type"}
+        clashes = sorted(field for field in shared if field.split(".", 1)[1] in own)
+        assert clashes == [], f"{declared.name}'s fields also in shared sections: {clashes}"
+        for old in getattr(declared.config_class, "moved_from", {}):  # the old place is gone from the schema
+            section, *rest = old.split(".")
+            assert not rest or rest[-1] not in {n for c in shared_sections() for n in c.model_fields}, old
+
+
+@pytest.mark.parametrize("code", [
+    "from pipelines.core.spec import read_specs\n"
+    "for folder in ('pipelines/specs', 'benchmarks/specs'):\n"
+    "    found = read_specs(Path(folder))\n"
+    "    assert found.specs and not found.broken, found.broken\n"
+    "    for spec in found.specs:\n"
+    "        task = task_for(spec)\n"
+    "        task.quality_suites(spec), task.descriptions, task.prepared\n",
+    "from pipelines.definitions import defs\n"
+    "assert defs.resolve_asset_graph().get_all_asset_keys()\n",
+], ids=["specs", "definitions"])
+def test_loading_specs_and_definitions_imports_no_torch(code: str) -> None:
+    """`tuneline validate`, `init` and every code-location load pay only for what they use: the task
+    implementations import torch, transformers and peft when a step runs, not when a spec is read."""
+    script = ("import sys\nfrom pathlib import Path\nfrom pipelines.core.tasks import task_for\n" + code
+              + "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", script], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_the_cycle_finder_finds_cycles() -> None:
@@ -142,3 +215,5 @@ def test_every_registered_task_implements_the_task_interface() -> None:
         assert set(task.descriptions) == {"cleaned_dataset", "finetuned_checkpoint", "evaluation_report"}
         assert set(task.evaluation_defaults) == {"primary_metric", "baselines"}
         assert task.evaluation_defaults["primary_metric"] in task.primary_metrics
+        assert task.config_class is declarations()[name].config_class
+        assert set(task.metric_names) >= set(task.primary_metrics)

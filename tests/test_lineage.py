@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipelines.core.sources import combined_digest, sha256_file
+from pipelines.core.digests import combined_digest, sha256_file
 from tests.conftest import tiny_spec
 from tests.test_cli import tuneline
 

@@ -105,7 +105,7 @@ def test_a_dropped_file_starts_a_run_by_itself(tmp_path: Path, trec_slice_csv: P
     """For real: `dagster dev` with its daemon; a file dropped into the watched folder starts a run."""
     import time
 
-    from pipelines.core.sources import combined_digest, sha256_file
+    from pipelines.core.digests import combined_digest, sha256_file
     from tests.test_ui import RUNS_QUERY, graphql, newest_runs_once_finished, running_dagster_dev, write_workspace
 
     watched = tmp_path / "watched"

@@ -81,7 +81,8 @@ def running_dagster_dev(workspace: Path, home: Path, log: Path) -> Iterator[int]
 def blocked_run(tmp_path: Path, tiny_model_dir: Path, write_spec: Callable[..., Path]) -> dict[str, Path]:
     """A DAGSTER_HOME holding one run of the 'gate' pipeline on a label typo, and a workspace that shows it."""
     spec = tiny_spec(BAD / "label_typo.csv", tiny_model_dir)
-    spec["task"] = {"text_column": "text", "label_column": "label", "labels": ["DESC", "HUM", "LOC", "NUM"]}
+    spec["task"] = {**spec["task"], "text_column": "text", "label_column": "label",
+                    "labels": ["DESC", "HUM", "LOC", "NUM"]}
     specs = write_spec("gate", spec)
     home, data = tmp_path / "home", tmp_path / "data"
     env = {**os.environ, "DAGSTER_HOME": str(home)}
@@ -150,7 +151,7 @@ def newest_runs_once_finished(port: int, timeout_s: float) -> list[dict[str, Any
 @pytest.fixture
 def good_workspace(tmp_path: Path, tiny_model_dir: Path, write_spec: Callable[..., Path]) -> dict[str, Path]:
     spec = tiny_spec(BAD / "good.csv", tiny_model_dir)
-    spec["task"] = {"text_column": "text", "label_column": "label"}
+    spec["task"] = {**spec["task"], "text_column": "text", "label_column": "label"}
     specs = write_spec("gate", spec)
     data = tmp_path / "data"
     workspace = write_workspace(tmp_path, specs, data)

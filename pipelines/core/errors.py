@@ -50,3 +50,7 @@ class InstanceError(TunelineError):
 
 class StepInterrupted(TunelineError):
     """A step stopped by SIGINT or SIGTERM (Ctrl-C, `kill`, a stopped container): failed for good, not retried."""
+
+
+class InitError(TunelineError):
+    """`tuneline init` cannot write a spec for this data; the message says why and what to pass."""

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.core.files import write_bytes_atomic
+from pipelines.core.markdown import format_cell, markdown_table
 from pipelines.core.records import CheckpointRecord, EvaluationReport, Promotion, ReportTable
 
 
@@ -107,24 +108,6 @@ def _columns(report: EvaluationReport) -> dict[str, dict[str, float]]:
     if report.champion_metrics is not None:
         columns[f"champion v{report.promotion.champion_version}"] = report.champion_metrics
     return columns
-
-
-def format_cell(value: Any, limit: int = 160) -> str:
-    """One table cell as text: floats to 4 decimals, whitespace collapsed, long text cut."""
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    text = " ".join(str(value).split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], limit: int = 160) -> str:
-    """A Markdown table; cells are formatted by format_cell and their pipes escaped."""
-    def cell(value: Any) -> str:
-        return format_cell(value, limit).replace("|", "\\|")
-
-    lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def _verdicts(report: EvaluationReport) -> str:

@@ -1,6 +1,6 @@
 """Which device and precision this machine computes in: device 'auto' is CUDA when torch sees it, precision 'auto'
 is bf16 only where its matrix products measure faster than fp32. No Dagster import: benchmarks resolve the
-compute settings as a pipeline run does."""
+compute settings as a pipeline run does. torch is imported when settings are resolved, not with the module."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
-from pipelines.core.trainer import ComputeSettings, matmul_rate
+from pipelines.core.training.compute import ComputeSettings
+from pipelines.core.training.cost import matmul_rate
 
 
 def cpu_supports_bf16() -> bool:
@@ -31,8 +30,8 @@ def cpu_bf16_speedup(num_threads: int | None = None) -> float:
     """How much faster this CPU multiplies bf16 matrices than fp32 ones (measured once per process).
 
     The instruction flags do not say: with AMX, bf16 products run several times faster than fp32; on a CPU with
-    AVX512-BF16 but no AMX they were measured at half the speed of fp32 (167 against 334 GFLOP/s on 2 cores), so
-    bf16 autocast there doubled every training and inference step."""
+    AVX512-BF16 but no AMX they can run at half the speed of fp32, so bf16 autocast there would slow every training
+    and inference step."""
     return (matmul_rate(ComputeSettings("cpu", "bf16", num_threads))
             / matmul_rate(ComputeSettings("cpu", "fp32", num_threads)))
 
@@ -40,6 +39,8 @@ def cpu_bf16_speedup(num_threads: int | None = None) -> float:
 def auto_precision(device: str, num_threads: int | None = None) -> str:
     """bf16 where it pays: a GPU that supports it, a CPU whose bf16 matmuls are measurably faster than fp32."""
     if device == "cuda":
+        import torch
+
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     return "bf16" if cpu_supports_bf16() and cpu_bf16_speedup(num_threads) >= BF16_MIN_SPEEDUP else "fp32"
 
@@ -56,6 +57,8 @@ def resolve_compute(device: str, precision: str, num_threads: int | None = None,
                     world_size: int = 1) -> ComputeSettings:
     """Settings for this machine: device 'auto' picks CUDA when torch sees it, precision 'auto' bf16 where it is
     faster (auto_precision)."""
+    import torch  # here, not at import: building the Dagster definitions needs no torch
+
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():

@@ -16,13 +16,12 @@ from typing import Any
 
 import pandas as pd
 
-from pipelines.core.evaluation import markdown_table
+from pipelines.core.markdown import markdown_table
 from pipelines.core.sections import QualityConfig, SplitsConfig
 
 MAX_EXAMPLES = 20
 ERROR, WARN = "ERROR", "WARN"
-_EXAMPLE_COLUMNS = ("text", "label", "category", "response", "roles_problem", "total_tokens", "split", "source_file",
-                    "source_row")
+PROVENANCE_EXAMPLE_COLUMNS = ("split", "source_file", "source_row")  # shown after the task's own columns
 
 
 @dataclass(frozen=True)
@@ -188,13 +187,13 @@ def _run_suite(tables: dict[str, pd.DataFrame], planned: list[_Planned], asset: 
     return results
 
 
-def _examples(result: dict[str, Any], frame: pd.DataFrame) -> tuple[dict[str, Any], ...]:
+def _examples(result: dict[str, Any], frame: pd.DataFrame, columns: tuple[str, ...]) -> tuple[dict[str, Any], ...]:
     index_list = (result.get("result") or {}).get("unexpected_index_list") or []
     rows: list[dict[str, Any]] = []
     for item in index_list[:MAX_EXAMPLES]:
         if "row_id" in item and "row_id" in frame.columns:
             row = frame.loc[frame["row_id"] == item["row_id"]].iloc[0]
-            rows.append({c: _plain(row[c]) for c in _EXAMPLE_COLUMNS if c in frame.columns})
+            rows.append({c: _plain(row[c]) for c in columns if c in frame.columns})
         else:
             rows.append({k: _plain(v) for k, v in item.items()})
     return tuple(rows)
@@ -219,7 +218,10 @@ def _signature(kind: str, kwargs: dict[str, Any]) -> str:
     return kind + json.dumps({k: v for k, v in kwargs.items() if k != "batch_id"}, sort_keys=True, default=str)
 
 
-def evaluate_checks(asset: str, checks: list[_CheckDef], tables: dict[str, pd.DataFrame]) -> QualityReport:
+def evaluate_checks(asset: str, checks: list[_CheckDef], tables: dict[str, pd.DataFrame],
+                    example_columns: tuple[str, ...] = PROVENANCE_EXAMPLE_COLUMNS) -> QualityReport:
+    """Run the checks' expectations on their tables; a failed expectation's example rows show `example_columns`
+    (the task's: its text, label, response, ...) where the table has them."""
     planned = [p for c in checks for p in c.planned]
     for number, plan in enumerate(planned):
         # GX does not return results in the order expectations were added: tag each one to find it again.
@@ -253,7 +255,7 @@ def evaluate_checks(asset: str, checks: list[_CheckDef], tables: dict[str, pd.Da
                 observed=observed,
                 unexpected_count=info.get("unexpected_count"),
                 severity=plan.severity,
-                examples=_examples(result, tables[plan.table]),
+                examples=_examples(result, tables[plan.table], example_columns),
             ))
         failed = [e for e in expectation_outcomes if not e.success]
         severity = ERROR if any(e.severity == ERROR for e in failed) or not failed else WARN
@@ -277,9 +279,11 @@ def with_row_id(frame: pd.DataFrame) -> pd.DataFrame:
 
 # -------------------------------------------------------------------------------------- splits suite
 def validate_splits(frame: pd.DataFrame, splits: SplitsConfig, quality: QualityConfig, group_column: str,
-                    every_group_in_train_and_test: bool) -> QualityReport:
+                    every_group_in_train_and_test: bool,
+                    example_columns: tuple[str, ...] = PROVENANCE_EXAMPLE_COLUMNS) -> QualityReport:
     """Run the splits checks on the asset's value. `group_column` holds the classes (or categories) whose rows
-    are tabulated per split; `every_group_in_train_and_test` makes missing ones an error."""
+    are tabulated per split; `every_group_in_train_and_test` makes missing ones an error; failed checks show
+    `example_columns` of their rows."""
     import great_expectations.expectations as gxe
 
     q = quality
@@ -327,7 +331,7 @@ def validate_splits(frame: pd.DataFrame, splits: SplitsConfig, quality: QualityC
         "add data: the dataset is too small to hold out rows for validation and test",
         (gxe.ExpectColumnValuesToBeBetween(column="rows", min_value=1, row_condition=f"split in {needed!r}",
                                            condition_parser="pandas"), "shares", ERROR)))
-    return evaluate_checks("splits", checks, tables)
+    return evaluate_checks("splits", checks, tables, example_columns)
 
 
 def lost_examples_check(raw_keys: pd.Series, kept_keys: pd.Series, max_lost: float,

@@ -53,6 +53,18 @@ class BaseModelRecord:
                                   "selection": tuple(data.get("selection", ()))})
 
 
+def model_origin(source: str, revision: str | None, local_path: str | None, gguf_file: str | None) -> str:
+    """Where a base model came from, in words: the package version it is shipped in, its commit on the Hugging Face
+    Hub, or its local folder; and the GGUF file it was de-quantized from."""
+    if source == "package":
+        where = f"package {revision}"
+    elif source == "hub":
+        where = f"Hugging Face Hub revision {revision}"
+    else:
+        where = f"{source} folder {local_path}" if local_path else source
+    return where + (f", de-quantized from {gguf_file}" if gguf_file else "")
+
+
 @dataclass(frozen=True)
 class CheckpointRecord:
     """A fine-tuned checkpoint on disk (its manifest names the task, base model and digests), and what produced it."""
@@ -63,7 +75,6 @@ class CheckpointRecord:
     base_model: BaseModelRecord
     spec_hash: str
     data_sha256: str  # digest of the table it was trained and selected on (= that asset's sha256)
-    labels: tuple[str, ...]  # the classes of a classifier; empty for generative tasks
     train_rows: int
     validation_rows: int
     best_epoch: float | None
@@ -75,16 +86,22 @@ class CheckpointRecord:
     history: tuple[dict[str, float], ...] = field(default_factory=tuple)
     mfu: float = 0.0  # model FLOPs per second of training over this machine's measured matmul peak
     model_version: str | None = None  # the registry version, once registered
+    # What the task needs besides the weights to use the checkpoint, as JSON values (a classifier: its labels).
+    task_data: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> CheckpointRecord:
-        """The record `to_dict` made (e.g. sent as JSON by a training process)."""
+        """The record `to_dict` made (e.g. sent as JSON by a training process); a record of an earlier release,
+        with its classes in `labels`, reads as task_data {"labels": [...]}."""
+        data = dict(data)
+        labels = data.pop("labels", None)
+        task_data = dict(data.pop("task_data", None) or ({"labels": list(labels)} if labels else {}))
         return CheckpointRecord(**{**data, "base_model": BaseModelRecord.from_dict(data["base_model"]),
-                                   "labels": tuple(data.get("labels", ())),
-                                   "history": tuple(dict(h) for h in data.get("history", ()))})
+                                   "history": tuple(dict(h) for h in data.get("history", ())),
+                                   "task_data": task_data})
 
 
 @dataclass(frozen=True)

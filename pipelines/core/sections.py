@@ -7,7 +7,8 @@ Every model is frozen, rejects unknown keys and describes its fields.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, ClassVar, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -16,6 +17,17 @@ class Frozen(BaseModel):
     """Base of every spec section: immutable, unknown keys rejected."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TaskSection(Frozen):
+    """Base of a task type's `task:` section: what is learned, from which columns, and the settings of the task's
+    own method (the shared sections hold only what every task reads)."""
+
+    # Settings that lived in a shared section before they moved here: old dotted path -> field of this section.
+    # The old place is still read, with a warning naming the new key, for one release.
+    moved_from: ClassVar[Mapping[str, str]] = {}
+    # Fields that do not decide the trained model (e.g. the data doctor's settings): left out of the spec hash.
+    unhashed: ClassVar[tuple[str, ...]] = ()
 
 
 # --------------------------------------------------------------------------------------------- source
@@ -128,40 +140,18 @@ class QualityConfig(Frozen):
 
     min_rows: int = Field(default=50, ge=1, description="Fewest rows the clean dataset may have.")
     max_rows: int = Field(default=10_000_000, ge=1, description="Most rows the clean dataset may have.")
-    min_rows_per_class: int = Field(
-        default=5, ge=1, description="Without task.labels: a label seen fewer times is an error (often a typo).")
-    min_text_chars: int = Field(default=1, ge=0, description="Shortest text allowed, in characters.")
-    max_text_chars: int = Field(default=2000, ge=1, description="Longest text allowed, in characters.")
-    max_imbalance_ratio: float = Field(
-        default=20.0, ge=1, description="Largest class / smallest class above this is a warning (it does not block: "
-                                        "imbalance is common in real data).")
-    imbalance_error_factor: float | None = Field(
-        default=None, ge=1, description="Set it to make imbalance block: above max_imbalance_ratio times this "
-                                        "factor is an error. A class with fewer than min_rows_per_class rows "
-                                        "always is.")
     max_lost_fraction: float = Field(
         default=0.3, ge=0, le=1,
         description="Largest share of the source's distinct examples that cleaning may drop (empty, unlabelled, "
                     "over-long, conflicting; a duplicate is not a loss). More means the columns or the cleaning "
                     "settings are probably wrong.")
-    max_id_like_fraction: float = Field(
-        default=0.5, ge=0, le=1,
-        description="Largest share of texts that look like ids or numbers (one token with a digit, or no letters "
-                    "at all); more means task.text_column names the wrong column.")
     split_tolerance: float = Field(
         default=0.05, gt=0, lt=1, description="Largest allowed gap between a split's share and the spec's fraction.")
-    max_overlength_fraction: float = Field(
-        default=0.05, ge=0, le=1,
-        description="Instruction tuning: largest share of examples that may be dropped or truncated for being "
-                    "longer than training.max_length (more means max_length is too small for the data).")
 
     @model_validator(mode="after")
     def _bounds(self) -> QualityConfig:
         if self.min_rows > self.max_rows:
             raise ValueError(f"quality.min_rows ({self.min_rows}) must not exceed quality.max_rows ({self.max_rows})")
-        if self.min_text_chars > self.max_text_chars:
-            raise ValueError(f"quality.min_text_chars ({self.min_text_chars}) must not exceed "
-                             f"quality.max_text_chars ({self.max_text_chars})")
         return self
 
 
@@ -248,10 +238,6 @@ class BaseModelConfig(Frozen):
     ranks the ones that do. `model:` (one model) is accepted as a single candidate."""
 
     candidates: tuple[ModelLocation, ...] = Field(description="Models to choose from, in order.")
-    pooling: Literal["auto", "mean", "cls", "max", "last"] = Field(
-        default="auto", description="Classification: how token states become one vector. 'auto' uses what the "
-                                    "model declares (1_Pooling/config.json), else 'last' for decoders, 'mean' "
-                                    "for encoders.")
     allowed_licenses: tuple[str, ...] = Field(
         default=("apache-2.0", "mit", "bsd-3-clause", "bsd-2-clause", "cc-by-4.0"),
         description="Licences (model-card ids, lower case) the fine-tuned model may be built on.")
@@ -321,32 +307,19 @@ class TrainingConfig(Frozen):
     epochs: float = Field(default=3, gt=0, le=100, description="Passes over the training split.")
     batch_size: int = Field(default=32, ge=1, le=4096, description="Rows per optimisation step.")
     learning_rate: float = Field(default=1e-3, gt=0, lt=1, description="Peak learning rate of the adapters.")
-    head_learning_rate: float | None = Field(
-        default=None, gt=0, lt=1, description="Learning rate of the classifier head; defaults to learning_rate.")
     weight_decay: float = Field(default=0.01, ge=0, lt=1, description="AdamW weight decay.")
-    label_smoothing: float = Field(default=0.0, ge=0, lt=1, description="Cross-entropy label smoothing.")
     warmup_fraction: float = Field(default=0.06, ge=0, lt=1, description="Share of steps of linear warm-up.")
     max_length: int = Field(default=64, ge=8, le=8192, description="Longer inputs are truncated (tokens).")
     precision: Literal["auto", "bf16", "fp32"] = Field(
         default="auto", description="'auto': bf16 autocast where it is faster: a GPU that supports it, a CPU whose "
                                     "bf16 matrix products measure at least 1.25x its fp32 ones (AMX); else fp32.")
     group_by_length: bool = Field(default=True, description="Batch rows of similar length together.")
-    padding_free: bool = Field(
-        default=True, description="Instruction tuning: a batch's examples are concatenated into one row, each "
-                                  "with its own position ids and attention kept within it (TRL's padding_free), "
-                                  "so no step computes on padding. Text classification pads length-grouped "
-                                  "batches instead.")
     model_dropout: float | None = Field(
         default=0.0, ge=0, lt=1,
         description="Dropout inside the base model while training (its hidden and attention dropout: 0.1 in "
-                    "BERT-style encoders such as MiniLM); null keeps the model's own. 0 by default: with adapters on "
-                    "a frozen model it trained 18 to 19% faster on TREC and banking77 at the same test accuracy "
-                    "(TREC over five seeds), and attention without dropout runs the fused attention kernel on a CPU.")
-    head_dropout: float = Field(default=0.1, ge=0, lt=1,
-                                description="Text classification: dropout on the pooled embedding before the head.")
-    head_init: Literal["linear_probe", "random"] = Field(
-        default="linear_probe",
-        description="'linear_probe' starts the head from a logistic regression on frozen embeddings (LP-FT).")
+                    "BERT-style encoders such as MiniLM); null keeps the model's own. 0 by default: adapters on a "
+                    "frozen model need little of it, and attention without dropout runs the fused attention kernel "
+                    "on a CPU (benchmarks/training_step_levers.py measures the effect).")
     seed: int = Field(default=13, description="Seed of initialisation and data order.")
     lora: LoraSettingsConfig = Field(default_factory=LoraSettingsConfig)
     logging_steps: int = Field(default=20, ge=1, description="Log loss and progress every N steps.")
@@ -454,9 +427,6 @@ class PromptingConfig(Frozen):
         default=(0, 1), description="Examples shown before each question: per class for classification, pairs "
                                     "for instruction tuning (0: zero-shot). One baseline per value, named "
                                     "prompt_<k>_shot.")
-    label_names: dict[str, str] = Field(
-        default_factory=dict, description="Classification: the words the model reads and answers for each label "
-                                          "(e.g. LOC: location); a label not listed is shown as it is.")
     batch_size: int = Field(default=32, ge=1, description="Rows scored per forward pass.")
 
     @field_validator("shots")
@@ -482,12 +452,6 @@ class EvaluationConfig(Frozen):
         default="", description="The metric that decides whether the model beats a baseline and the champion. "
                                 "Default: the task's (macro_f1 for classification, rouge_l for instruction tuning).")
     batch_size: int = Field(default=128, ge=1, description="Rows per inference batch.")
-    max_new_tokens: int = Field(default=64, ge=1, le=4096,
-                                description="Instruction tuning: most tokens generated per test instruction.")
-    max_generations: int | None = Field(
-        default=None, ge=1, description="Instruction tuning: generate for at most this many test instructions "
-                                        "(all when unset); losses and perplexity always use the whole split.")
-    sample_generations: int = Field(default=10, ge=0, description="Instruction tuning: rows in the samples table.")
     prompting: PromptingConfig = Field(default_factory=PromptingConfig)
 
 
@@ -531,53 +495,16 @@ class SweepConfig(Frozen):
         default=True, description="The first trial uses the spec's own training settings (when the space contains "
                                   "them), so the sweep's best is at least as good on validation as not sweeping.")
     space: dict[str, SweepParameter] = Field(
-        description="training.* settings to search, by their path below training: learning_rate, epochs, "
-                    "batch_size, lora.r, lora.alpha, lora.top_layers, head_init, warmup_fraction, weight_decay, ...")
+        description="Settings to search, by their path: training.* (learning_rate, epochs, batch_size, lora.r, "
+                    "lora.alpha, lora.top_layers, warmup_fraction, weight_decay, ...; a name without a section is a "
+                    "training setting) and task.* (the task's own settings, e.g. task.head_learning_rate).")
 
     @field_validator("space")
     @classmethod
     def _not_empty(cls, value: dict[str, SweepParameter]) -> dict[str, SweepParameter]:
         if not value:
-            raise ValueError("list at least one training setting to search")
+            raise ValueError("list at least one setting to search")
         return value
-
-
-# ---------------------------------------------------------------------------------------------- doctor
-class DoctorConfig(Frozen):
-    """The data doctor: a non-blocking check (WARN) on the splits that lists rows whose label is probably wrong
-    (out-of-fold probabilities of a logistic regression on frozen embeddings, ranked by cleanlab), texts that are
-    near-duplicates under different labels, and a learning curve (would more data help?). Classification only."""
-
-    enabled: bool = Field(default=True, description="Run the doctor (classification pipelines).")
-    model: ModelLocation = Field(
-        default_factory=lambda: CatalogModelConfig(source="catalog", id="all-MiniLM-L6-v2"),
-        description="The frozen encoder whose embeddings the doctor's cheap model reads (only read, never trained "
-                    "or shipped, so base_model's licence list does not apply).")
-    folds: int = Field(default=5, ge=2, le=20, description="Cross-validation folds for out-of-fold probabilities.")
-    max_suspect_fraction: float = Field(
-        default=0.1, ge=0, le=1,
-        description="The check warns when more than this share of the rows are label suspects, or when any two "
-                    "texts of different labels are near-duplicates. Suspects include the cheap model's own "
-                    "confident mistakes (TREC as shipped: 8.8% of rows; with 5% of its train labels flipped: 13.4%).")
-    duplicate_similarity: float = Field(
-        default=0.98, gt=0, le=1, description="Cosine similarity of embeddings from which two texts count as "
-                                              "near-duplicates.")
-    shown_rows: int = Field(default=25, ge=1, le=500, description="Suspects listed in the UI and the report (the CSV "
-                                                                  "holds all of them).")
-    learning_curve: tuple[float, ...] = Field(
-        default=(0.25, 0.5, 1.0), description="Shares of the train split the learning curve's linear probe is fitted "
-                                              "on, each scored on the validation split.")
-
-    @field_validator("learning_curve")
-    @classmethod
-    def _shares(cls, value: tuple[float, ...]) -> tuple[float, ...]:
-        if any(not 0 < share <= 1 for share in value):
-            raise ValueError(f"every share must be in (0, 1], got {list(value)}")
-        return tuple(sorted(set(value)))
-
-    @property
-    def resolved_model(self) -> PackageModelConfig | LocalModelConfig | HubModelConfig:
-        return self.model.resolve() if isinstance(self.model, CatalogModelConfig) else self.model
 
 
 # ------------------------------------------------------------------------------------------- promotion
@@ -605,3 +532,43 @@ class ScheduleConfig(Frozen):
             raise ValueError(f"expected a cron expression with 5 fields (minute hour day month weekday), "
                              f"got {value!r}")
         return value
+
+
+# ------------------------------------------------------------------------------------------- the spec as read
+class SpecView(Protocol):
+    """A validated pipeline spec as the steps below the spec module read it (pipelines.core.spec.PipelineSpec is
+    one). The tasks type against this instead of importing the spec, which is assembled from their sections: the
+    dependency points one way."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def source(self) -> PackageFileSourceConfig | LocalSourceConfig | HubSourceConfig: ...
+    @property
+    def task(self) -> Any: ...  # the task type's own section (a TaskSection)
+    @property
+    def cleaning(self) -> CleaningConfig: ...
+    @property
+    def splits(self) -> SplitsConfig: ...
+    @property
+    def quality(self) -> QualityConfig: ...
+    @property
+    def base_model(self) -> BaseModelConfig: ...
+    @property
+    def training(self) -> TrainingConfig: ...
+    @property
+    def compute(self) -> ComputeConfig: ...
+    @property
+    def evaluation(self) -> EvaluationConfig: ...
+    @property
+    def sweep(self) -> SweepConfig | None: ...
+    @property
+    def promotion(self) -> PromotionConfig: ...
+    @property
+    def spec_hash(self) -> str: ...
+
+    def section_hash(self, *sections: str) -> str: ...
+
+    def to_yaml(self) -> str: ...
+
+    def model_dump(self, *, mode: str = ...) -> dict[str, Any]: ...

@@ -16,14 +16,14 @@ import yaml
 
 import pandas as pd
 
+from pipelines.core.digests import combined_digest, sha256_file
 from pipelines.core.errors import ModelSourceError
 from pipelines.core.records import BaseModelRecord
 from pipelines.core.sections import BaseModelConfig, HubModelConfig, LocalModelConfig, PackageModelConfig
-from pipelines.core.sources import combined_digest, sha256_file
 from pipelines.core.spec import PipelineSpec
 from pipelines.core.tasks import CandidateRejected, task_for
-from pipelines.core.trainer import (STEP_EFFICIENCY, ComputeSettings, ProgressFn, matmul_rate, model_dimensions,
-                                    training_step_flops)
+from pipelines.core.training.compute import ComputeSettings, ProgressFn
+from pipelines.core.training.cost import STEP_EFFICIENCY, matmul_rate, model_dimensions, training_step_flops
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.pt", "*.pth")
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl"}
@@ -208,10 +208,11 @@ def _name(location: ModelLocation) -> str:
 
 
 def pin_candidate(location: ModelLocation, cfg: BaseModelConfig, models: ModelAcquirer,
-                  check_license: bool = True) -> BaseModelRecord:
+                  check_license: bool = True, pooling: str = "auto") -> BaseModelRecord:
     """Resolve one candidate to local weights and pin it; raises ModelSourceError with the reason it is refused
     (unreachable, no weights, pickle weights, licence, remote code). `check_license=False` for a model that is
-    only read, never fine-tuned or shipped (the data doctor's encoder): its licence is recorded, not checked."""
+    only read, never fine-tuned or shipped (the data doctor's encoder): its licence is recorded, not checked.
+    `pooling` is the task's (Task.pooling): 'auto' records the pooling the model declares."""
     folder, revision = models.locate(location, cfg.allow_pickle_weights)
     name = _name(location)
     if location.gguf_file:
@@ -225,7 +226,7 @@ def pin_candidate(location: ModelLocation, cfg: BaseModelConfig, models: ModelAc
         sha = sha256_file(path)
         converted = models.dequantize(folder, location.gguf_file, sha, license_id, name)
         return _record(converted, name, location.source, revision, sha, license_id, parameters, "gguf", cfg,
-                       gguf_file=str(path))
+                       pooling, gguf_file=str(path))
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise ModelSourceError(f"{folder} has no config.json (expected a Hugging Face model folder)")
@@ -241,11 +242,12 @@ def pin_candidate(location: ModelLocation, cfg: BaseModelConfig, models: ModelAc
     license_id = _check_license(model_card_license(folder), cfg, str(folder), check_license)
     return _record(folder, name, location.source, revision,
                    combined_digest([(p.name, sha256_file(p)) for p in used]), license_id, _parameter_count(used),
-                   "safetensors" if safe else "pickle", cfg)
+                   "safetensors" if safe else "pickle", cfg, pooling)
 
 
 def _record(folder: Path, name: str, source: str, revision: str | None, sha: str, license_id: str,
-            parameters: int, weight_format: str, cfg: BaseModelConfig, gguf_file: str | None = None) -> BaseModelRecord:
+            parameters: int, weight_format: str, cfg: BaseModelConfig, pooling_setting: str,
+            gguf_file: str | None = None) -> BaseModelRecord:
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     remote = needs_remote_code(config)
     if remote and not cfg.trust_remote_code:
@@ -253,8 +255,8 @@ def _record(folder: Path, name: str, source: str, revision: str | None, sha: str
                                "a repository you trust")
     architectures = config.get("architectures") or [config.get("model_type", "unknown")]
     decoder = any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
-    if cfg.pooling != "auto":
-        pooling, declared_by = cfg.pooling, "spec (base_model.pooling)"
+    if pooling_setting != "auto":
+        pooling, declared_by = pooling_setting, "spec (task.pooling)"
     elif (folder / "1_Pooling" / "config.json").is_file() or not decoder:
         pooling, declared_by = declared_pooling(folder)
     else:
@@ -268,10 +270,10 @@ def _record(folder: Path, name: str, source: str, revision: str | None, sha: str
         trust_remote_code=bool(remote) and cfg.trust_remote_code)
 
 
-def resolve_base_model(cfg: BaseModelConfig, models: ModelAcquirer) -> BaseModelRecord:
+def resolve_base_model(cfg: BaseModelConfig, models: ModelAcquirer, pooling: str = "auto") -> BaseModelRecord:
     """Pin the spec's first candidate (no probe); errors name the field and the reason."""
     try:
-        return pin_candidate(cfg.model, cfg, models)
+        return pin_candidate(cfg.model, cfg, models, pooling=pooling)
     except ModelSourceError as exc:
         raise ModelSourceError(f"base_model.model: {exc}") from None
 
@@ -321,7 +323,7 @@ def select_base_model(spec: PipelineSpec, splits: pd.DataFrame, models: ModelAcq
                                "probe_score": None, "best_better_on_resamples": None}
         rows.append(row)
         try:
-            record = pin_candidate(location, cfg, models)
+            record = pin_candidate(location, cfg, models, pooling=task.pooling(spec))
             row.update(license=record.license, architecture=record.architecture, weight_format=record.weight_format,
                        parameter_count=record.parameter_count, weights_sha256=record.weights_sha256)
             config = json.loads((Path(record.local_path) / "config.json").read_text(encoding="utf-8"))

@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipelines.core.cleaning import is_missing
+from pipelines.core.digests import combined_digest, sha256_file
 from pipelines.core.errors import SourceError
 from pipelines.core.records import SourceRecord
 from pipelines.core.sections import HubSourceConfig, LocalSourceConfig, PackageFileSourceConfig
@@ -28,23 +29,6 @@ DATA_EXTENSIONS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet
                    ".txt": "label_text_lines", ".yml": "chatterbot_yaml", ".yaml": "chatterbot_yaml"}
 SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
                  "val": "validation", "dev": "validation", "test": "test", "testing": "test"}
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def combined_digest(files: list[tuple[str, str]]) -> str:
-    """One digest for several (name, sha256) pairs, independent of their order."""
-    digest = hashlib.sha256()
-    for name, sha in sorted(files):
-        digest.update(f"{name}\0{sha}\n".encode())
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------- formats

@@ -11,6 +11,7 @@ import difflib
 import hashlib
 import json
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -20,12 +21,17 @@ from pydantic import BaseModel, Discriminator, Field, Tag, ValidationError, fiel
 
 from pipelines.core.errors import SpecError
 from pipelines.core.sections import *  # noqa: F403 (the shared sections are part of the spec's schema)
-from pipelines.core.sections import (BaseModelConfig, CleaningConfig, ComputeConfig, DoctorConfig, EvaluationConfig,
-                                     Frozen, PromotionConfig, QualityConfig, ScheduleConfig, SourceConfig, SplitsConfig,
-                                     SweepConfig, TrainingConfig)
-from pipelines.core.tasks import DEFAULT_TASK, TASKS, task_named
+from pipelines.core.sections import (BaseModelConfig, CleaningConfig, ComputeConfig, EvaluationConfig, Frozen,
+                                     PromotionConfig, QualityConfig, ScheduleConfig, SourceConfig, SplitsConfig,
+                                     SweepConfig, TaskSection, TrainingConfig)
+from pipelines.core.tasks import DEFAULT_TASK, declaration, declarations, on_change, task_named
 
 PIPELINE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+class SpecDeprecationWarning(FutureWarning):
+    """A spec key that still works but has moved (shown by default, unlike DeprecationWarning: a spec's author
+    reads it, not a library's)."""
 
 
 def _task_tag(value: Any) -> str:
@@ -34,13 +40,80 @@ def _task_tag(value: Any) -> str:
     return str(getattr(value, "type", DEFAULT_TASK))
 
 
-# The `task:` section: the section class of the task type it names (the default task when it names none).
-_TASK_SECTIONS = tuple(Annotated[task.config_class, Tag(name)] for name, task in TASKS.items())
-AnyTaskConfig = Annotated[
-    Union[_TASK_SECTIONS],  # noqa: UP007 (a union built from the registry)
-    Discriminator(_task_tag, custom_error_type="task_type",
-                  custom_error_message=f"task.type must be one of {', '.join(repr(n) for n in TASKS)}"),
-]
+def _task_union() -> Any:
+    """The `task:` section: the section class of the task type it names (the default task when it names none)."""
+    found = declarations()
+    sections = tuple(Annotated[d.config_class, Tag(name)] for name, d in found.items())
+    return Annotated[
+        Union[sections],  # noqa: UP007 (a union built from the registry)
+        Discriminator(_task_tag, custom_error_type="task_type",
+                      custom_error_message=f"task.type must be one of {', '.join(repr(n) for n in found)}"),
+    ]
+
+
+def _pop_path(data: dict[str, Any], dotted: str) -> tuple[bool, Any]:
+    """Remove a dotted key from nested mappings: (whether it was there, its value)."""
+    *parents, leaf = dotted.split(".")
+    node: Any = data
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            return False, None
+    if leaf not in node:
+        return False, None
+    return True, node.pop(leaf)
+
+
+def _copy_sections(data: dict[str, Any], dotted: str) -> dict[str, Any]:
+    """`data` with the mappings along `dotted` copied, so that popping from them leaves the caller's input alone."""
+    data = dict(data)
+    node = data
+    for part in dotted.split(".")[:-1]:
+        if not isinstance(node.get(part), dict):
+            break
+        node[part] = dict(node[part])
+        node = node[part]
+    return data
+
+
+def move_task_settings(data: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """Settings given in the shared section they lived in before they moved into a task's section: moved to the task
+    section, with (old key, new key) for each one moved. A setting of another task type is an error naming its
+    task type."""
+    kind = _task_tag(data.get("task") or {})
+    if kind not in declarations():
+        return data, []
+    own = declaration(kind).config_class
+    owners: dict[str, list[str]] = {}
+    for name, found in declarations().items():
+        for old in getattr(found.config_class, "moved_from", {}):
+            owners.setdefault(old, []).append(name)
+    moved = []
+    for old in sorted(owners):
+        data = _copy_sections(data, old)
+        present, value = _pop_path(data, old)
+        if not present:
+            continue
+        new = getattr(own, "moved_from", {}).get(old)
+        if new is None:
+            raise ValueError(f"{old} is a setting of task.type {' / '.join(owners[old])} (now under task:); this "
+                             f"pipeline's task.type is {kind}, which does not read it: remove it")
+        task = dict(data.get("task") or {})
+        if new in task:
+            raise ValueError(f"{old} and task.{new} are both given: keep task.{new} ({old} is its old place)")
+        data = {**data, "task": {**task, new: value}}
+        moved.append((old, f"task.{new}"))
+    sweep = data.get("sweep")
+    if isinstance(sweep, dict) and isinstance(sweep.get("space"), dict):  # a searched setting that moved
+        space = {}
+        for name, parameter in sweep["space"].items():
+            path = name if name.split(".", 1)[0] in ("task", "training") else f"training.{name}"
+            new = getattr(own, "moved_from", {}).get(path)
+            if new is not None:
+                moved.append((f"sweep.space.{name}", f"sweep.space.task.{new}"))
+            space[f"task.{new}" if new is not None else name] = parameter
+        data = {**data, "sweep": {**sweep, "space": space}}
+    return data, moved
 
 
 # ------------------------------------------------------------------------------------------ the spec
@@ -50,7 +123,7 @@ class PipelineSpec(Frozen):
     name: str = Field(description="The pipeline's name: the spec file's stem, the prefix of its asset keys.")
     description: str = Field(default="", description="Shown in the Dagster UI.")
     source: SourceConfig
-    task: AnyTaskConfig = Field(default_factory=TASKS[DEFAULT_TASK].config_class)
+    task: TaskSection = Field(default_factory=lambda: declaration(DEFAULT_TASK).config_class())  # see _use_tasks
     cleaning: CleaningConfig = Field(default_factory=CleaningConfig)
     splits: SplitsConfig = Field(default_factory=SplitsConfig)
     quality: QualityConfig = Field(default_factory=QualityConfig)
@@ -58,7 +131,6 @@ class PipelineSpec(Frozen):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
-    doctor: DoctorConfig = Field(default_factory=DoctorConfig)
     sweep: SweepConfig | None = None
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
     schedule: ScheduleConfig | None = None
@@ -69,12 +141,17 @@ class PipelineSpec(Frozen):
     @model_validator(mode="before")
     @classmethod
     def _task_defaults(cls, data: Any) -> Any:
-        """Evaluation settings the spec leaves out come from its task (e.g. its primary metric and baselines)."""
+        """Settings in their old places move into the task section (with a warning); evaluation settings the spec
+        leaves out come from its task (e.g. its primary metric and baselines)."""
         if isinstance(data, dict):
-            task = TASKS.get(_task_tag(data.get("task") or {}))
+            data, moved = move_task_settings(data)
+            for old, new in moved:
+                warnings.warn(f"{old} has moved to {new}: write it there (the old place is read for one more "
+                              "release)", SpecDeprecationWarning, stacklevel=2)
+            kind = _task_tag(data.get("task") or {})
             evaluation = data.get("evaluation")
-            if task is not None and (evaluation is None or isinstance(evaluation, dict)):
-                data = {**data, "evaluation": {**task.evaluation_defaults, **(evaluation or {})}}
+            if kind in declarations() and (evaluation is None or isinstance(evaluation, dict)):
+                data = {**data, "evaluation": {**task_named(kind).evaluation_defaults, **(evaluation or {})}}
         return data
 
     @model_validator(mode="after")
@@ -86,7 +163,7 @@ class PipelineSpec(Frozen):
     def _sweep_names_training_settings(self) -> PipelineSpec:
         if self.sweep is None:
             return self
-        from pipelines.core.sweep import sample_values, with_settings
+        from pipelines.core.sweep.space import sample_values, with_settings
 
         for name, parameter in self.sweep.space.items():
             for value in sample_values(parameter):
@@ -94,7 +171,7 @@ class PipelineSpec(Frozen):
                     with_settings(self, {name: value})
                 except (KeyError, ValueError) as exc:
                     raise ValueError(f"sweep.space.{name}: {exc}") from None
-        from pipelines.core.sweep import sweep_metric
+        from pipelines.core.sweep.space import sweep_metric
 
         sweep_metric(self)  # raises when sweep.metric is not a validation metric of the task
         return self
@@ -116,11 +193,13 @@ class PipelineSpec(Frozen):
 
     def section_hash(self, *sections: str) -> str:
         """A short, stable hash of some sections of the spec (used as Dagster code versions); with none named, of
-        every section that decides the result (all but `compute`, which says only where training runs, and
-        `doctor`, which only looks at the data)."""
+        every section that decides the result (all but `compute`, which says only where training runs, and the
+        task section's `unhashed` fields, such as the data doctor's settings, which only look at the data)."""
         data = self.model_dump(mode="json")
+        for field in self.task.unhashed:  # e.g. the data doctor's settings: they only look at the data
+            data["task"].pop(field, None)
         picked = ({s: data[s] for s in sections} if sections else
-                  {k: v for k, v in data.items() if k not in ("compute", "doctor")})
+                  {k: v for k, v in data.items() if k != "compute"})
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
@@ -174,7 +253,7 @@ def _problem(error: dict[str, Any], lines: dict[tuple[str, ...], int]) -> str:
     # Discriminated unions add the tag ('package_file', 'hub') to the location; it is not a key in the file.
     loc = [str(part) for part in error["loc"]]
     def is_tag(i: int, part: str) -> bool:
-        if part not in _UNION_TAGS or i == 0:
+        if part not in _union_tags() or i == 0:
             return False
         before = loc[i - 1]
         return before in _UNION_FIELDS or (before.isdigit() and i >= 2 and loc[i - 2] in _UNION_FIELDS)
@@ -192,14 +271,22 @@ def _problem(error: dict[str, Any], lines: dict[tuple[str, ...], int]) -> str:
     message = error["msg"]
     if error["type"] == "extra_forbidden":
         close = difflib.get_close_matches(loc[-1], _known_keys(loc), n=1, cutoff=0.6)
-        message = (f"unknown key; did you mean {close[0]!r}?" if close else
-                   "unknown key (not part of the spec schema; check its spelling and indentation)")
+        owners = [name for name, d in declarations().items() if loc[-1] in d.config_class.model_fields]
+        if file_loc[:1] == ("task",) and len(file_loc) == 2 and owners:
+            message = (f"a setting of task.type {' / '.join(owners)}, not of this pipeline's task type (its task "
+                       "section reads only its own settings)")
+        else:
+            message = (f"unknown key; did you mean {close[0]!r}?" if close else
+                       "unknown key (not part of the spec schema; check its spelling and indentation)")
     elif error["type"] == "missing":
         message = "required key is missing"
     elif message.startswith("Value error, "):
         message = message[len("Value error, "):]
     elif isinstance(error.get("input"), str | int | float) and not isinstance(error.get("input"), bool):
         message += f" (got {error['input']!r})"  # the value as YAML read it: `fast`, -5
+    named = tuple(message.split(" ", 1)[0].split("."))
+    if not file_loc and named in lines:  # a rule across sections that names the key at fault: point at its line
+        return f"line {lines[named]}: {message}"
     where = f"line {line}: " if line is not None else ""
     return f"{where}{path}: {message}"
 
@@ -231,7 +318,21 @@ def _known_keys(loc: list[str]) -> list[str]:
 
 
 _UNION_FIELDS = {"source", "model", "task", "candidates"}
-_UNION_TAGS = {"package_file", "local", "hub", "package", "catalog", *TASKS}
+_SOURCE_AND_MODEL_TAGS = {"package_file", "local", "hub", "package", "catalog"}
+
+
+def _union_tags() -> set[str]:
+    return _SOURCE_AND_MODEL_TAGS | set(declarations())
+
+
+def _use_tasks() -> None:
+    """Point the spec's `task:` field at the union of the registered task sections (again after a registration)."""
+    PipelineSpec.model_fields["task"].annotation = _task_union()
+    PipelineSpec.model_rebuild(force=True)
+
+
+_use_tasks()
+on_change(_use_tasks)
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
@@ -262,10 +363,20 @@ def parse_spec(text: str, *, name: str, origin: str) -> PipelineSpec:
         raise SpecError(origin, [f"line {_line_index(text).get(('name',), '?')}: name: unknown key "
                                  f"(a pipeline is named by its file: {name!r})"])
     try:
-        return PipelineSpec.model_validate({"name": name, **data})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", SpecDeprecationWarning)
+            spec = PipelineSpec.model_validate({"name": name, **data})
     except ValidationError as exc:
         lines = _line_index(text)
         raise SpecError(origin, [_problem(e, lines) for e in exc.errors()]) from None
+    lines = _line_index(text)
+    for warning in caught:  # said again as a warning about the spec file's line
+        if issubclass(warning.category, SpecDeprecationWarning):
+            old = tuple(str(warning.message).split(" ", 1)[0].split("."))
+            warnings.warn_explicit(warning.message, warning.category, origin, lines.get(old, 0))
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return spec
 
 
 def load_spec(path: Path) -> PipelineSpec:

@@ -7,25 +7,28 @@ asset's metadata should show. Assets call one of these, or a method of the pipel
 from __future__ import annotations
 
 import json
+from typing import Any
 from pathlib import Path
 
 import pandas as pd
 
 from pipelines.core.doctor import DoctorReport
+from pipelines.core.digests import frame_digest, value_digest
 from pipelines.core.errors import ModelSourceError
-from pipelines.core.evaluation import markdown_table, report_markdown
+from pipelines.core.evaluation import report_markdown
+from pipelines.core.markdown import markdown_table
 from pipelines.core.plots import png_markdown
-from pipelines.core.lineage import frame_digest, model_origin, value_digest
-from pipelines.core.sections import DoctorConfig, ModelLocation
+from pipelines.core.sections import ModelLocation
 from pipelines.core.records import (BaseModelRecord, CheckpointRecord, DatasetLog, EvaluationReport, FilePath,
-                                    Markdown, ReportTable, StepLog)
+                                    Markdown, ReportTable, StepLog, model_origin)
 from pipelines.core.selection import ModelAcquirer, pin_candidate
 from pipelines.core.sources import read_source
 from pipelines.core.spec import PipelineSpec
 from pipelines.core.splitting import SPLITS, assign_splits
-from pipelines.core.sweep import SweepRecord
+from pipelines.core.sweep.record import SweepRecord
 from pipelines.core.tasks import task_for
-from pipelines.core.trainer import LOSS_CURVE, ComputeSettings, ProgressFn
+from pipelines.core.training.checkpoints import LOSS_CURVE
+from pipelines.core.training.compute import ComputeSettings, ProgressFn
 
 PROVENANCE = ("source_file", "source_row")
 
@@ -162,7 +165,7 @@ def checkpoint_log(spec: PipelineSpec, record: CheckpointRecord) -> StepLog:
             "base_model_sha256": record.base_model.weights_sha256,
             "spec_hash": record.spec_hash,
             "data_sha256": record.data_sha256,
-            **({"labels": list(record.labels)} if record.labels else {}),
+            **record.task_data,  # what the task keeps beside the weights (a classifier's labels)
             "train_rows": record.train_rows,
             "validation_rows": record.validation_rows,
             "best_epoch": record.best_epoch if record.best_epoch is not None else -1,
@@ -231,8 +234,8 @@ def examine_data(spec: PipelineSpec, splits: pd.DataFrame, models: ModelAcquirer
                  root: Path, progress: ProgressFn = print) -> tuple[DoctorReport, dict[str, Path]]:
     """The data doctor on the splits (its encoder pinned like a base model, its licence recorded, not checked:
     it is only read), its files written under doctor_folder(root, splits)."""
-    cfg = spec.doctor
-    encoder = pin_read_only(cfg.resolved_model, spec, models, "doctor.model")
+    cfg = task_for(spec).doctor_settings(spec)
+    encoder = pin_read_only(cfg.resolved_model, spec, models, "task.doctor.model")
     report = task_for(spec).doctor(splits, encoder, spec, compute, progress)
     return report, report.write(doctor_folder(root, splits), cfg.shown_rows)
 
@@ -348,18 +351,19 @@ def pin_read_only(location: ModelLocation, spec: PipelineSpec, models: ModelAcqu
         raise ModelSourceError(f"{field}: {exc}") from None
 
 
-def doctor_verdict(report: DoctorReport, cfg: DoctorConfig) -> tuple[bool, str]:
+def doctor_verdict(report: DoctorReport, cfg: Any) -> tuple[bool, str]:
     """Whether the data doctor's check passes, and what it says: the findings, the learning curve, and what to do
     about each problem found."""
     passed = report.suspect_fraction <= cfg.max_suspect_fraction and report.duplicates.empty
     text = f"{report.summary()}. {report.more_data_helps()[0].upper()}{report.more_data_helps()[1:]}."
     if report.suspect_fraction > cfg.max_suspect_fraction:
-        text += (f" More than doctor.max_suspect_fraction ({cfg.max_suspect_fraction:.1%}) of the rows are suspects: "
+        text += (f" More than task.doctor.max_suspect_fraction ({cfg.max_suspect_fraction:.1%}) of the rows are "
+                 "suspects: "
                  "look at label_suspects.csv (most suspicious first), fix the labels that are wrong at the source, "
                  "or raise the fraction if the classes genuinely overlap.")
     if not report.duplicates.empty:
         text += (" Texts that say the same thing under different labels confuse training: see near_duplicates.csv "
-                 "and keep one label per meaning (or raise doctor.duplicate_similarity).")
+                 "and keep one label per meaning (or raise task.doctor.duplicate_similarity).")
     return passed, text
 
 

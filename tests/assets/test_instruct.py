@@ -24,15 +24,14 @@ def tiny_chat_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def chat_spec(data: Path, model_dir: Path) -> dict[str, Any]:
     return {
         "source": {"kind": "local", "path": str(data)},
-        "task": {"type": "instruction_tuning"},
+        "task": {"type": "instruction_tuning", "max_new_tokens": 8, "sample_generations": 4},
         "splits": {"train": 0.7, "validation": 0.15, "test": 0.15, "seed": 3},
         "quality": {"min_rows": 20, "split_tolerance": 0.1},
         "base_model": {"model": {"source": "local", "path": str(model_dir), "name": "tiny-chat"}},
         "training": {"epochs": 3, "batch_size": 8, "learning_rate": 1e-2, "max_length": 64, "precision": "fp32",
                      "logging_steps": 5, "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj",
                                                                                           "o_proj", "up_proj"]}},
-        "evaluation": {"max_new_tokens": 8, "sample_generations": 4, "baselines": ["base_model", "prompting"],
-                       "prompting": {"shots": [0, 2]}},
+        "evaluation": {"baselines": ["base_model", "prompting"], "prompting": {"shots": [0, 2]}},
     }
 
 
@@ -138,7 +137,7 @@ def test_bad_roles_block_training(tmp_path: Path, tiny_chat_dir: Path, write_spe
 
 
 def test_rendered_text_with_code_fences_stays_one_block() -> None:
-    from pipelines.core.tasks.instruction import _fenced
+    from pipelines.core.tasks.instruction.data import _fenced
 
     text = "Here:\n```\nprint(1)\n```<|im_end|>\n"
     block = _fenced(text)

@@ -11,7 +11,7 @@ import dagster as dg
 import pandas as pd
 
 from pipelines.core.records import CheckpointRecord, EvaluationReport
-from pipelines.core.lineage import frame_digest
+from pipelines.core.digests import frame_digest
 from pipelines.definitions import build_definitions, resources_for
 from tests.conftest import tiny_spec
 
@@ -58,7 +58,7 @@ def test_materialize_whole_graph(tmp_path: Path, trec_slice_csv: Path, tiny_mode
     assert meta("finetuned_checkpoint")["data_sha256"] == checkpoint.data_sha256
     manifest = json.loads((Path(checkpoint.path) / "manifest.json").read_text())
     assert manifest["task"] == checkpoint.task == "text_classification"
-    assert manifest["labels"] == list(checkpoint.labels)
+    assert manifest["task_data"] == checkpoint.task_data == {"labels": sorted(checkpoint.task_data["labels"])}
     assert manifest["weight_files"] == ["adapter/adapter_model.safetensors", "head.safetensors"]
     assert manifest["sha256"] == checkpoint.sha256
 
@@ -112,10 +112,11 @@ def test_prompting_baselines_and_the_verdict_sentence(tmp_path: Path, trec_slice
     from tests.tiny_chat import write_tiny_chat_model
 
     chat = write_tiny_chat_model(tmp_path / "tiny-chat")
-    specs = write_spec("tiny", tiny_spec(trec_slice_csv, tiny_model_dir, evaluation={
+    spec = tiny_spec(trec_slice_csv, tiny_model_dir, evaluation={
         "baselines": ["majority_class", "prompting"],
-        "prompting": {"model": {"source": "local", "path": str(chat), "name": "tiny-chat"}, "shots": [0, 1],
-                      "label_names": {"LOC": "location", "NUM": "number"}}}))
+        "prompting": {"model": {"source": "local", "path": str(chat), "name": "tiny-chat"}, "shots": [0, 1]}})
+    spec["task"] = {**spec["task"], "label_names": {"LOC": "location", "NUM": "number"}}
+    specs = write_spec("tiny", spec)
     data_dir = tmp_path / "data"
     defs = build_definitions(specs_dir=specs, data_dir=data_dir, resources=resources_for(data_dir, num_threads=2))
     result = defs.resolve_job_def("tiny_job").execute_in_process(instance=dg.DagsterInstance.ephemeral())

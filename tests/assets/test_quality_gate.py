@@ -20,10 +20,12 @@ LABELS = ["DESC", "HUM", "LOC", "NUM"]
 
 
 def run_pipeline(tmp_path: Path, write_spec: Callable[..., Path], tiny_model_dir: Path, source: dict[str, Any],
+                 doctor: dict[str, Any] | None = None,
                  **overrides: Any) -> tuple[dg.ExecuteInProcessResult, dg.DagsterInstance, Path]:
     spec = tiny_spec(BAD / "good.csv", tiny_model_dir, **overrides)
     spec["source"] = source
-    spec["task"] = {"text_column": "text", "label_column": "label", "labels": LABELS}
+    spec["task"] = {**spec["task"], "text_column": "text", "label_column": "label", "labels": LABELS,
+                    "doctor": {**spec["task"]["doctor"], **(doctor or {})}}
     specs = write_spec("gate", spec)
     data_dir = tmp_path / "data"
     defs = build_definitions(specs_dir=specs, data_dir=data_dir, resources=resources_for(data_dir, num_threads=2))
@@ -166,7 +168,7 @@ def test_imbalance_slightly_over_is_a_warning_that_does_not_block(
     path = tmp_path / "imbalanced.csv"
     path.write_text("\n".join([header, *kept]) + "\n")
     result, _, _ = run_pipeline(tmp_path, write_spec, tiny_model_dir, local(path),
-                                quality={"max_imbalance_ratio": 2.5, "imbalance_error_factor": 2.0})
+                                task={"max_imbalance_ratio": 2.5, "imbalance_error_factor": 2.0})
     evaluation = {e.check_name: e for e in result.get_asset_check_evaluations()}["classes_are_balanced"]
     assert not evaluation.passed and evaluation.severity == dg.AssetCheckSeverity.WARN
     assert result.success and "finetuned_checkpoint" in materialized(result)
@@ -207,7 +209,8 @@ def test_a_doctor_that_cannot_run_warns_and_the_run_goes_on(
                                 doctor={"model": {"source": "local", "path": str(tmp_path / "no-such-model")}})
     evaluation = {e.check_name: e for e in result.get_asset_check_evaluations()}["labels_look_right"]
     assert not evaluation.passed and evaluation.severity == dg.AssetCheckSeverity.WARN
-    assert evaluation.description.startswith("the data doctor could not run: ModelSourceError: doctor.model: path:")
+    assert evaluation.description.startswith(
+        "the data doctor could not run: ModelSourceError: task.doctor.model: path:")
     assert result.success and "evaluation_report" in materialized(result)
 
 

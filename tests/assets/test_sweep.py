@@ -8,13 +8,15 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+import yaml
 
 from pipelines.core.records import CheckpointRecord
 from pipelines.definitions import build_definitions, resources_for
 from tests.conftest import tiny_spec
 
+# training.* and the task's own settings (task.*) are searched alike.
 SPACE = {"learning_rate": {"low": 1.0e-3, "high": 1.0e-2, "log": True}, "lora.r": {"choices": [2, 4]},
-         "epochs": {"low": 1, "high": 2}}
+         "epochs": {"low": 1, "high": 2}, "task.label_smoothing": {"choices": [0.0, 0.1]}}
 
 
 def test_sweep_trials_are_child_runs_and_the_best_settings_train(
@@ -30,9 +32,9 @@ def test_sweep_trials_are_child_runs_and_the_best_settings_train(
     assert "sweep" in {e.asset_key.path[-1] for e in result.get_asset_materialization_events()}
     sweep = result.asset_value(dg.AssetKey(["tiny", "sweep"]))
     assert len(sweep.trials) == 4 and {t["trial"] for t in sweep.trials} == {0, 1, 2, 3}
-    assert set(sweep.best_params) == {"learning_rate", "lora.r", "epochs"}
+    assert set(sweep.best_params) == set(SPACE)
     # Trial 0 trains the spec's own settings, so the best is at least as good as not sweeping.
-    assert sweep.trials[0]["params"] == {"learning_rate": 5e-3, "lora.r": 4, "epochs": 2}
+    assert sweep.trials[0]["params"] == {"learning_rate": 5e-3, "lora.r": 4, "epochs": 2, "task.label_smoothing": 0.0}
     complete = [t for t in sweep.trials if t["state"] == "complete"]
     assert complete and sweep.best_value == pytest.approx(max(t["value"] for t in complete), abs=1e-4)
     assert Path(sweep.plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -42,6 +44,8 @@ def test_sweep_trials_are_child_runs_and_the_best_settings_train(
     checkpoint: CheckpointRecord = result.asset_value(dg.AssetKey(["tiny", "finetuned_checkpoint"]))
     trained = [h for h in checkpoint.history if "eval_macro_f1" in h]
     assert len(trained) == sweep.best_params["epochs"]
+    trained_spec = yaml.safe_load((Path(checkpoint.path) / "spec.yaml").read_text())
+    assert trained_spec["task"]["label_smoothing"] == sweep.best_params["task.label_smoothing"]
 
     # Each trial is an MLflow child run of the sweep's run, with its settings, per-epoch metrics and duration.
     from mlflow.tracking import MlflowClient
@@ -53,7 +57,7 @@ def test_sweep_trials_are_child_runs_and_the_best_settings_train(
     trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(int(r.data.tags["optuna.trial"]) for r in trials) == [0, 1, 2, 3]
     for run in trials:
-        assert set(run.data.params) == {"learning_rate", "lora.r", "epochs"}
+        assert set(run.data.params) == set(SPACE)
         assert "trial_seconds" in run.data.metrics and "eval_macro_f1" in run.data.metrics
         assert run.info.status in ("FINISHED", "KILLED")
         history = client.get_metric_history(run.info.run_id, "eval_macro_f1")

@@ -14,7 +14,7 @@ from pipelines.core.errors import ModelSourceError
 from pipelines.core.records import BaseModelRecord
 from pipelines.core.selection import select_base_model
 from pipelines.core.spec import PipelineSpec
-from pipelines.core.trainer import ComputeSettings
+from pipelines.core.training.compute import ComputeSettings
 from tests.conftest import store
 from tests.tiny_chat import write_tiny_chat_model
 
@@ -164,13 +164,13 @@ def test_unreachable_hub_candidate_is_rejected_and_a_local_one_wins(tmp_path: Pa
     code = f"""
 import json
 from pathlib import Path
-from pipelines.core.cleaning import clean
-from pipelines.core.tasks.classification import select_examples
+from pipelines.core.tasks.classification.cleaning import clean
+from pipelines.core.tasks.classification.data import select_examples
 from pipelines.core.selection import select_base_model
 from pipelines.core.sources import read_file
 from pipelines.core.splitting import assign_splits
 from pipelines.core.spec import PipelineSpec
-from pipelines.core.trainer import ComputeSettings
+from pipelines.core.training.compute import ComputeSettings
 from tests.conftest import store
 spec = PipelineSpec.model_validate({{
     "name": "sel", "source": {{"kind": "local", "path": "x.csv"}},

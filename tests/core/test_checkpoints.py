@@ -11,7 +11,7 @@ import pytest
 from pipelines.core.errors import CheckpointError
 from pipelines.core.records import BaseModelRecord
 from pipelines.core.tasks import checkpoint_from_folder
-from pipelines.core.trainer import checkpoint_manifest, save_checkpoint, verified_folder
+from pipelines.core.training.checkpoints import checkpoint_manifest, save_checkpoint, verified_folder
 
 
 def base_record(folder: Path) -> BaseModelRecord:
@@ -31,15 +31,16 @@ WEIGHTS = ("adapter/adapter_model.safetensors", "head.safetensors")
 
 def test_a_checkpoint_round_trips_through_its_manifest(tmp_path: Path) -> None:
     base = base_record(tmp_path)
-    manifest = checkpoint_manifest("text_classification", base, "spec", "data", WEIGHTS, ("A", "B"), pooling="mean")
+    manifest = checkpoint_manifest("text_classification", base, "spec", "data", WEIGHTS, {"labels": ["A", "B"]},
+                                   pooling="mean")
     path = save_checkpoint(tmp_path / "ckpt", write_weights, manifest, "spec: yaml\n", ({"loss": 1.0},))
     stored = json.loads((path / "manifest.json").read_text())
     assert stored["task"] == "text_classification" and stored["weight_files"] == list(WEIGHTS)
     assert stored["base_model"]["weights_sha256"] == "b" * 64 and stored["data_sha256"] == "data"
     record = checkpoint_from_folder(path, model_version="3")
     assert record.sha256 == stored["sha256"] and len(record.sha256) == 64
-    assert (record.task, record.labels, record.model_version, record.history) == (
-        "text_classification", ("A", "B"), "3", ({"loss": 1.0},))
+    assert (record.task, record.task_data, record.model_version, record.history) == (
+        "text_classification", {"labels": ["A", "B"]}, "3", ({"loss": 1.0},))
     assert verified_folder(record, WEIGHTS) == path
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary sibling left behind
 
@@ -78,13 +79,13 @@ def test_a_checkpoint_from_before_manifests_still_loads(tmp_path: Path) -> None:
         "spec_hash": "s", "data_sha256": "d"}))
     (folder / "history.json").write_text("[]")
     record = checkpoint_from_folder(folder)
-    assert record.task == "text_classification" and record.labels == ("A", "B")
+    assert record.task == "text_classification" and record.task_data == {"labels": ["A", "B"]}
     assert verified_folder(record, WEIGHTS) == folder
 
 
 def test_resumable_checkpoints_resume_only_their_own_key_and_never_a_partial_save(tmp_path: Path) -> None:
     from pipelines.core.sections import TrainingConfig
-    from pipelines.core.trainer import Resumable
+    from pipelines.core.training.resume import Resumable
 
     cfg = TrainingConfig(checkpoint_every=50)
     plan = Resumable.for_run(tmp_path, cfg, "spec", "data", "base")

@@ -5,12 +5,13 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from pipelines.core.cleaning import DROP_REASONS, clean, dedup_key, normalise_text
+from pipelines.core.cleaning import dedup_key, normalise_text
+from pipelines.core.tasks.classification.cleaning import DROP_REASONS, clean
 from pipelines.core.errors import SourceError
 from pipelines.core.sources import read_source
 from pipelines.core.spec import CleaningConfig, PackageFileSourceConfig
-from pipelines.core.tasks.classification import ClassificationTaskConfig as TaskConfig
-from pipelines.core.tasks.classification import select_examples
+from pipelines.core.tasks.classification.config import ClassificationTaskConfig as TaskConfig
+from pipelines.core.tasks.classification.data import select_examples
 from tests.conftest import PROJECT_ROOT
 
 DEFAULT = CleaningConfig()

@@ -9,8 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipelines.core.doctor import examine, out_of_fold_probabilities
-from pipelines.core.tasks.classification import classification_metrics, fit_linear_probe
+from pipelines.core.tasks.classification.doctor import examine, out_of_fold_probabilities
+from pipelines.core.tasks.classification.metrics import classification_metrics
+from pipelines.core.tasks.classification.model import fit_linear_probe
 
 LABELS = ["a", "b", "c"]
 
@@ -121,7 +122,7 @@ def test_minilm_doctor_finds_flipped_trec_labels(tmp_path: Path, trec_lines: lis
     among the top suspects (chance would put 1.5 of them in the top 30; 14 measured)."""
     from pipelines.core.spec import PipelineSpec
     from pipelines.core.steps import examine_data
-    from pipelines.core.trainer import ComputeSettings
+    from pipelines.core.training.compute import ComputeSettings
     from tests.conftest import store
 
     seen: dict[str, str] = {}

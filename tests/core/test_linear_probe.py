@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.core.linear_probe import fit_probe
+from pipelines.core.tasks.classification.linear_probe import fit_probe
 
 
 def blobs(rows: int, classes: int, features: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -11,9 +11,14 @@ import pytest
 import torch
 
 from pipelines.core.attention import attend_with_logsumexp, combine_attention
-from pipelines.core.prompting import (conversation_prefix, few_shot_examples, render, score_choices,
-                                      shared_prefix_attention)
-from pipelines.core.trainer import ComputeSettings
+from pipelines.core.tasks.classification.prompting import (
+    conversation_prefix,
+    few_shot_examples,
+    render,
+    score_choices,
+    shared_prefix_attention,
+)
+from pipelines.core.training.compute import ComputeSettings
 
 FP32 = ComputeSettings("cpu", "fp32", num_threads=2)
 
@@ -45,7 +50,7 @@ def test_cached_scores_equal_scoring_each_conversation_alone(tiny_chat_dir: Path
     as transformers does; eager: a model not on SDPA, which keeps its own attention and gets the copies."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import pipelines.core.prompting as prompting
+    import pipelines.core.tasks.classification.prompting as prompting
 
     calls: list[int] = []
 

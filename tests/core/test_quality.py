@@ -9,16 +9,20 @@ from pipelines.core.cleaning import dedup_key
 from pipelines.core.quality import QualityReport
 from pipelines.core.spec import PipelineSpec, parse_spec
 from pipelines.core.tasks import task_for
-from pipelines.core.tasks.classification import CLEANED_CHECKS, SPLITS_CHECKS
+from pipelines.core.tasks.classification.data import CLEANED_CHECKS, SPLITS_CHECKS
 
 BASE = """\
 source: {kind: local, path: x.csv}
 base_model: {model: {source: hub, name: m}}
-quality: {min_rows: 4, min_rows_per_class: 2, max_imbalance_ratio: 3, imbalance_error_factor: 2}
+quality: {min_rows: 4}
+task: {min_rows_per_class: 2, max_imbalance_ratio: 3, imbalance_error_factor: 2}
 """
 
 
 def spec(extra: str = "") -> PipelineSpec:
+    """The base spec; a `task: {...}` line in `extra` adds to the base's task section."""
+    if extra.startswith("task: {"):
+        return parse_spec(BASE.replace("task: {", extra[:-2] + ", ", 1), name="q", origin="q.yaml")
     return parse_spec(BASE + extra, name="q", origin="q.yaml")
 
 
@@ -176,6 +180,6 @@ def test_imbalance_alone_warns_and_a_class_too_small_to_learn_blocks() -> None:
     pairs = [(f"q {label} {i}", label) for label, n in {"A": 70, "B": 2}.items() for i in range(n)]
     check = validate_cleaned_dataset(clean_frame(pairs), pipeline).check("classes_are_balanced")
     assert (check.passed, check.severity) == (False, "WARN")  # 35 times smaller: a warning, training goes on
-    tiny = pairs[:-1]  # B has 1 row, under quality.min_rows_per_class (2)
+    tiny = pairs[:-1]  # B has 1 row, under task.min_rows_per_class (2)
     check = validate_cleaned_dataset(clean_frame(tiny), pipeline).check("classes_are_balanced")
     assert (check.passed, check.severity) == (False, "ERROR")

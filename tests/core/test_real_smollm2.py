@@ -10,12 +10,13 @@ import pandas as pd
 import pytest
 import torch
 
-from pipelines.core.chat import render_conversations
-from pipelines.core.tasks.instruction import _dataset, build_sft_config, load_causal_lm
+from pipelines.core.tasks.instruction.chat import render_conversations
+from pipelines.core.tasks.instruction.train import _dataset, build_sft_config, load_causal_lm
 from pipelines.core.records import BaseModelRecord
 from pipelines.core.selection import resolve_base_model
 from pipelines.core.spec import BaseModelConfig, LoraSettingsConfig, TrainingConfig
-from pipelines.core.trainer import ComputeSettings, build_lora_config
+from pipelines.core.training.arguments import build_lora_config
+from pipelines.core.training.compute import ComputeSettings
 from tests.conftest import store
 
 pytestmark = pytest.mark.real_model
@@ -117,7 +118,7 @@ def test_a_few_steps_change_only_lora_weights_and_prompts_carry_no_loss(smollm2:
 def test_trained_adapter_exports_as_one_model_that_answers(smollm2: BaseModelRecord, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipelines.core.tasks.instruction import export_merged, load_finetuned_lm, train_causal_lm
+    from pipelines.core.tasks.instruction.train import export_merged, load_finetuned_lm, train_causal_lm
     from pipelines.core.spec import parse_spec
 
     spec = parse_spec(

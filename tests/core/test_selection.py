@@ -60,8 +60,8 @@ def test_pooling_defaults_to_mean_and_spec_overrides(tmp_path: Path, tiny_model_
     shutil.rmtree(folder / "1_Pooling")
     record = resolve_base_model(local(folder), store(tmp_path))
     assert (record.pooling, record.pooling_declared_by) == ("mean", "default (the model declares no pooling)")
-    record = resolve_base_model(local(folder, pooling="cls"), store(tmp_path))
-    assert (record.pooling, record.pooling_declared_by) == ("cls", "spec (base_model.pooling)")
+    record = resolve_base_model(local(folder), store(tmp_path), pooling="cls")
+    assert (record.pooling, record.pooling_declared_by) == ("cls", "spec (task.pooling)")
 
 
 def test_folder_without_weights(tmp_path: Path, tiny_model_dir: Path) -> None:

@@ -10,8 +10,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from pipelines.core.digests import sha256_file
 from pipelines.core.errors import SourceError
-from pipelines.core.sources import read_file, read_source, sha256_file
+from pipelines.core.sources import read_file, read_source
 from pipelines.core.spec import HubSourceConfig, LocalSourceConfig, PackageFileSourceConfig
 from tests.conftest import PROJECT_ROOT
 

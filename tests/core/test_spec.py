@@ -64,7 +64,8 @@ def test_instruction_tuning_gets_its_own_evaluation_defaults() -> None:
      "['base_model', 'prompting']"),
     ("evaluation: {primary_metric: rouge_l}\n", "evaluation.primary_metric 'rouge_l' does not fit task.type "
                                                 "text_classification: use one of ['accuracy', 'macro_f1', 'weighted_f1']"),
-    ("task: {type: instruction_tuning, label_column: x}\n", "line 8: task.label_column: unknown key"),
+    ("task: {type: instruction_tuning, label_column: x}\n", "line 8: task.label_column: a setting of task.type "
+                                                            "text_classification, not of this pipeline's task type"),
     ("task: {type: summarisation}\n", "task.type must be one of 'text_classification', 'instruction_tuning'"),
     ("task: {type: instruction_tuning, overlength: cut}\n", "task.overlength: Input should be 'drop' or 'truncate'"),
 ])
@@ -230,3 +231,58 @@ def test_catalog_ids_resolve_to_packaged_models() -> None:
                                    "  candidates:\n  - {source: catalog, id: bert-base}\n"))
     assert found == ["line 6: base_model.candidates.0.id: 'bert-base' is not in the catalog of packaged models; "
                      "it knows ['SmolLM2-135M-Instruct', 'all-MiniLM-L6-v2']"]
+
+
+OLD_PLACES = VALID + """\
+training: {head_learning_rate: 0.0002, head_init: random, head_dropout: 0.2, label_smoothing: 0.1}
+quality: {min_rows_per_class: 3, max_imbalance_ratio: 10, max_id_like_fraction: 0.4, max_text_chars: 900}
+evaluation: {prompting: {label_names: {LOC: location}}}
+doctor: {max_suspect_fraction: 0.2}
+sweep: {space: {head_learning_rate: {low: 0.0001, high: 0.001}}}
+"""
+NEW_PLACES = VALID + """\
+task:
+  head_learning_rate: 0.0002
+  head_init: random
+  head_dropout: 0.2
+  label_smoothing: 0.1
+  min_rows_per_class: 3
+  max_imbalance_ratio: 10
+  max_id_like_fraction: 0.4
+  max_text_chars: 900
+  label_names: {LOC: location}
+  doctor: {max_suspect_fraction: 0.2}
+sweep: {space: {task.head_learning_rate: {low: 0.0001, high: 0.001}}}
+"""
+
+
+def test_settings_in_their_old_shared_places_still_load_with_a_warning_naming_the_new_key() -> None:
+    with pytest.warns(FutureWarning) as caught:
+        old = parse_spec(OLD_PLACES, name="demo", origin="specs/demo.yaml")
+    assert old == parse_spec(NEW_PLACES, name="demo", origin="specs/demo.yaml")
+    said = {(w.filename, w.lineno, str(w.message).split(" has moved to ")[1].split(":")[0]) for w in caught}
+    assert ("specs/demo.yaml", 8, "task.head_learning_rate") in said  # the file and the line of the old key
+    assert ("specs/demo.yaml", 11, "task.doctor") in said and ("specs/demo.yaml", 10, "task.label_names") in said
+    assert ("specs/demo.yaml", 12, "sweep.space.task.head_learning_rate") in said
+    assert len(caught) == 11
+
+
+def test_an_old_place_of_another_tasks_setting_and_a_setting_given_twice_are_errors() -> None:
+    assert problems(VALID + "task: {type: instruction_tuning}\ntraining: {head_init: random}\n") == [
+        "line 9: training.head_init is a setting of task.type text_classification (now under task:); this "
+        "pipeline's task.type is instruction_tuning, which does not read it: remove it"]
+    assert problems(VALID + "task: {padding_free: false}\n") == [
+        "line 8: task.padding_free: a setting of task.type instruction_tuning, not of this pipeline's task type (its "
+        "task section reads only its own settings)"]
+    assert problems(VALID.replace("base_model:", "base_model:\n  pooling: mean") + "task: {pooling: cls}\n") == [
+        "line 5: base_model.pooling and task.pooling are both given: keep task.pooling (base_model.pooling is its old "
+        "place)"]
+
+
+def test_the_committed_specs_use_the_new_places() -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        for path in [*SPECS_DIR.glob("*.yaml"), *(PROJECT_ROOT / "benchmarks" / "specs").glob("*.yaml")]:
+            load_spec(path)

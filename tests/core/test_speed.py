@@ -15,10 +15,18 @@ from pipelines.core.errors import ModelSourceError
 from pipelines.core.sections import LoraSettingsConfig
 from pipelines.core.selection import resolve_base_model, select_base_model
 from pipelines.core.spec import PipelineSpec, parse_spec
-from pipelines.core.tasks.classification import (FrozenLowerBlocks, PooledClassifier, embed_texts, frozen_embeddings,
-                                                 load_classifier, load_encoder, load_tokenizer, predict_proba,
-                                                 train_classifier)
-from pipelines.core.trainer import ComputeSettings, build_lora_config, lora_layers, store_frozen_weights_for
+from pipelines.core.tasks.classification.model import (
+    FrozenLowerBlocks,
+    PooledClassifier,
+    embed_texts,
+    frozen_embeddings,
+    load_encoder,
+    load_tokenizer,
+)
+from pipelines.core.tasks.classification.train import load_classifier, predict_proba, train_classifier
+from pipelines.core.training.arguments import build_lora_config
+from pipelines.core.training.compute import ComputeSettings
+from pipelines.core.training.model import lora_layers, store_frozen_weights_for
 from tests.conftest import store
 from tests.core.test_candidates import rows, spec_for
 from tests.tiny_chat import write_tiny_chat_model
@@ -107,7 +115,7 @@ def test_training_on_the_top_blocks_saves_a_checkpoint_of_the_whole_model(tmp_pa
     assert keys and all(".layer.1." in k for k in keys), keys
     model, tokenizer = load_classifier(record)  # the whole model, the frozen block computed as usual
     probabilities = predict_proba(model, tokenizer, TEXTS, 32, FP32)
-    assert probabilities.shape == (len(TEXTS), len(record.labels))
+    assert probabilities.shape == (len(TEXTS), len(record.task_data["labels"]))
     assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
 
 
@@ -117,7 +125,7 @@ def test_model_dropout_turns_the_models_own_dropout_off(decoder: bool) -> None:
     Llama-style attention reads): a training-mode forward is then deterministic. None leaves the model alone."""
     from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel
 
-    from pipelines.core.trainer import dropout_note, set_model_dropout
+    from pipelines.core.training.model import dropout_note, set_model_dropout
 
     torch.manual_seed(0)
     model = (LlamaModel(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
@@ -136,9 +144,9 @@ def test_model_dropout_turns_the_models_own_dropout_off(decoder: bool) -> None:
 def test_frozen_blocks_over_the_memory_budget_are_run_at_every_step(tmp_path: Path, tiny_model_dir: Path,
                                                                      trec_splits: pd.DataFrame,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipelines.core.tasks import classification
+    from pipelines.core.tasks.classification import train
 
-    monkeypatch.setattr(classification, "FROZEN_STATES_BUDGET_MB", 0.01)
+    monkeypatch.setattr(train, "FROZEN_STATES_BUDGET_MB", 0.01)
     spec = _spec(tiny_model_dir, epochs=1, lora={"r": 4, "alpha": 8, "dropout": 0.0, "top_layers": 1})
     base = resolve_base_model(spec.base_model, store(tmp_path))  # type: ignore[attr-defined]
     said: list[str] = []
@@ -179,7 +187,8 @@ def test_the_probe_takes_its_sample_from_a_split_already_embedded(tmp_path: Path
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """When the data doctor has embedded every split with a candidate, selection's probe reads its sample's rows
     from those embeddings (nothing is run again) and fits on the same features as when it embeds the sample."""
-    from pipelines.core.tasks import classification, task_for
+    from pipelines.core.tasks import task_for
+    from pipelines.core.tasks.classification import model as classification
 
     data = _spec(tiny_model_dir).model_dump(mode="json", exclude_none=True)  # type: ignore[attr-defined]
     data["base_model"]["probe"]["sample_rows"] = 8  # samples of 32 train and 8 validation rows, not whole splits
@@ -236,7 +245,7 @@ def test_packed_attention_attends_example_by_example_as_the_masked_sdpa_does(tmp
     from transformers import AutoModelForCausalLM
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from pipelines.core.tasks import instruction
+    from pipelines.core.tasks.instruction import train as instruction
 
     folder = write_tiny_chat_model(tmp_path / "llama")
     model = AutoModelForCausalLM.from_pretrained(str(folder), attn_implementation="sdpa")
@@ -289,7 +298,7 @@ def test_packed_attention_leaves_sliding_windows_and_biases_to_transformers() ->
 
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from pipelines.core.tasks.instruction import packed_sdpa_attention
+    from pipelines.core.tasks.instruction.train import packed_sdpa_attention
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, 9, 4) for _ in range(3))
@@ -315,7 +324,7 @@ def test_response_only_logits_give_the_models_own_loss_and_gradients(tmp_path: P
     from transformers import AutoModelForCausalLM
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from pipelines.core.tasks.instruction import _sft_trainer_with_plain_loss
+    from pipelines.core.tasks.instruction.train import _sft_trainer_with_plain_loss
 
     folder = write_tiny_chat_model(tmp_path / "llama")
     model = AutoModelForCausalLM.from_pretrained(str(folder))
@@ -520,7 +529,7 @@ def test_gguf_header_reader_gives_what_the_gguf_library_reads(tmp_path: Path) ->
 def test_linear_probe_head_computes_the_probes_decision(classes: int) -> None:
     """The probe is fitted on standardized embeddings; the head that starts from it works on raw embeddings, with
     the scaler folded into its weights, and gives the probe's own scores."""
-    from pipelines.core.tasks.classification import _head_from_probe, fit_linear_probe
+    from pipelines.core.tasks.classification.model import _head_from_probe, fit_linear_probe
 
     rng = np.random.default_rng(0)
     scale = np.array([300.0, 1.0, 0.01, 5.0, 1.0, 50.0])  # a few huge dimensions, as decoders' hidden states have
@@ -537,7 +546,7 @@ def test_linear_probe_head_computes_the_probes_decision(classes: int) -> None:
 
 
 def test_linear_probe_head_never_starts_on_a_label_its_probe_did_not_see() -> None:
-    from pipelines.core.tasks.classification import _head_from_probe, fit_linear_probe
+    from pipelines.core.tasks.classification.model import _head_from_probe, fit_linear_probe
 
     rng = np.random.default_rng(1)
     y = rng.choice([0, 2], 120)  # label 1 has no training row
@@ -554,7 +563,7 @@ def test_linear_probe_head_never_starts_on_a_label_its_probe_did_not_see() -> No
 def test_selection_probe_embeddings_are_cached(tmp_path: Path, tiny_model_dir: Path, trec_splits: pd.DataFrame,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Selecting again on the same data probes from the embedding cache: no candidate is loaded to embed."""
-    import pipelines.core.tasks.classification as classification
+    import pipelines.core.tasks.classification.model as classification
 
     compute = ComputeSettings("cpu", "fp32", 2, cache_dir=str(tmp_path / "cache"))
     first = rows(select_base_model(spec_for([tiny_model_dir]), trec_splits, store(tmp_path, tmp_path / "m"),

@@ -14,8 +14,9 @@ from pipelines.core.cleaning import dedup_key
 from pipelines.core.errors import CheckpointError
 from pipelines.core.selection import resolve_base_model
 from pipelines.core.spec import parse_spec
-from pipelines.core.tasks.classification import load_classifier, pool, predict_proba, train_classifier
-from pipelines.core.trainer import ComputeSettings
+from pipelines.core.tasks.classification.train import load_classifier, predict_proba, train_classifier
+from pipelines.core.tasks.classification.model import pool
+from pipelines.core.training.compute import ComputeSettings
 from tests.conftest import MINILM_PACKAGE, MINILM_PATH, PROJECT_ROOT, store
 
 SPEC = f"""\
@@ -69,7 +70,8 @@ def test_lora_learns_base_stays_and_checkpoint_reloads(tmp_path: Path, trec_line
     record = train_classifier(splits, base, spec, tmp_path / "ckpt", compute, progress=lambda _: None, sink=sink)
 
     assert any("loss" in metrics for _, metrics in sink.rows)
-    assert record.labels == ("HUM", "LOC", "NUM") and record.train_rows == 72 and record.validation_rows == 18
+    assert record.task_data == {"labels": ["HUM", "LOC", "NUM"]}
+    assert record.train_rows == 72 and record.validation_rows == 18
 
     # Only adapter weights are saved, and every LoRA B matrix (initialised to zero by peft) has learned.
     with safe_open(str(Path(record.path) / "adapter" / "adapter_model.safetensors"), "pt") as handle:
@@ -91,7 +93,8 @@ def test_lora_learns_base_stays_and_checkpoint_reloads(tmp_path: Path, trec_line
     # The saved checkpoint reproduces the model that training scored on validation (best epoch kept).
     validation = splits[splits["split"] == "validation"]
     probs = predict_proba(model, tokenizer, validation["text"].tolist(), 32, compute)
-    reloaded_accuracy = float(np.mean(np.array(record.labels)[probs.argmax(-1)] == validation["label"].to_numpy()))
+    predicted = np.array(record.task_data["labels"])[probs.argmax(-1)]
+    reloaded_accuracy = float(np.mean(predicted == validation["label"].to_numpy()))
     best = max((h for h in record.history if "eval_macro_f1" in h), key=lambda h: h["eval_macro_f1"])  # primary
     assert record.best_epoch == best["epoch"]
     assert reloaded_accuracy == pytest.approx(best["eval_accuracy"])

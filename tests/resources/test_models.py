@@ -12,7 +12,7 @@ from pipelines.core.errors import ModelSourceError
 from pipelines.core.sections import BaseModelConfig
 from pipelines.core.selection import resolve_base_model, select_base_model
 from pipelines.core.spec import PipelineSpec
-from pipelines.core.trainer import ComputeSettings
+from pipelines.core.training.compute import ComputeSettings
 from resources.models import LocalFolderModelStore, ModelStoreResource
 from tests.conftest import MINILM_PACKAGE, MINILM_PATH
 
@@ -47,10 +47,10 @@ def test_the_double_serves_its_folders_by_name_and_refuses_anything_else(tmp_pat
 
 def test_selection_ranks_candidates_the_double_serves(tmp_path: Path, tiny_model_dir: Path,
                                                       trec_slice_csv: Path) -> None:
-    from pipelines.core.cleaning import clean
+    from pipelines.core.tasks.classification.cleaning import clean
     from pipelines.core.sources import read_file
     from pipelines.core.splitting import assign_splits
-    from pipelines.core.tasks.classification import select_examples
+    from pipelines.core.tasks.classification.data import select_examples
 
     spec = PipelineSpec.model_validate({
         "name": "sel", "source": {"kind": "local", "path": "x.csv"},

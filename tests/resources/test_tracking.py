@@ -151,7 +151,7 @@ def test_two_materializations_track_register_and_gate(
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     [prediction] = json.loads(out.stdout)
-    assert prediction["label"] in checkpoint2.labels and 0 < prediction["probability"] <= 1
+    assert prediction["label"] in checkpoint2.task_data["labels"] and 0 < prediction["probability"] <= 1
     assert prediction["model"] == "tiny v1"
 
 

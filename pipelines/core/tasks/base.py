@@ -1,6 +1,8 @@
-"""The Task protocol: everything that differs between task types, behind one interface.
+"""The Task protocol: everything that differs between task types, behind one interface; and the light
+declaration the registry holds for each task type.
 
-A task owns its `task:` spec section and its evaluation defaults, how raw rows become clean examples, its
+A task owns its `task:` spec section (its own settings included) and its evaluation defaults, how raw rows become
+clean examples, its
 quality suites, its optional prepared data (an asset between splits and training), what model selection
 needs (model support, memory estimate, a timed step, a probe), and training, evaluation, prediction and
 export. The asset graph, the CLI and selection call these methods and never compare task types.
@@ -8,20 +10,72 @@ export. The asset graph, the CLI and selection call these methods and never comp
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import pandas as pd
 
+from pipelines.core.columns import ColumnProfile, TaskChoice
 from pipelines.core.quality import QualitySuite
-from pipelines.core.records import BaseModelRecord, CheckpointRecord, EvaluationReport, StepLog
+from pipelines.core.records import (
+    BaseModelRecord,
+    CheckpointRecord,
+    EvaluationReport,
+    StepLog,
+)
 from pipelines.core.sections import EvaluationConfig, Frozen
-from pipelines.core.trainer import ComputeSettings, MetricsSink, ProgressFn, estimate_training_memory_mb
+from pipelines.core.training.compute import ComputeSettings, MetricsSink, ProgressFn
+from pipelines.core.training.cost import estimate_training_memory_mb
 
 if TYPE_CHECKING:  # the spec is assembled from the tasks' sections, so it can only be named for typing here
-    from pipelines.core.spec import PipelineSpec
+    from pipelines.core.sections import SpecView
+
+
+@dataclass(frozen=True)
+class TaskDeclaration:
+    """What the registry knows of a task type without importing its implementation (no torch): enough to load and
+    validate a spec, and to find the rest."""
+
+    name: str  # the value of task.type
+    config_class: type[Frozen]  # its `task:` section
+    description: str  # one line: what it learns from what
+    implementation: str  # "module:Class" of the Task
+    starter: str  # "module:Class" of its Starter (`tuneline init`), a module that imports no torch
+
+
+class Starter(Protocol):
+    """How `tuneline init` proposes a spec of one task type from a data file's columns. Lives in the task package's
+    light `init` module: it reads columns and writes sections, it never loads a model."""
+
+    priority: int  # starters are asked in this order (lower first); the most permissive guess comes last
+    column_fields: tuple[str, ...]  # the task-section fields that name columns (what `init --column` may set)
+    expects: str  # the columns it looks for, in words (for the message when no task type fits)
+
+    def choose(self, profiles: Sequence[ColumnProfile], given: Mapping[str, str]) -> TaskChoice | None:
+        """This task type and its columns when the data looks like it (given: column fields the user named), None
+        when it does not; raise columns.Undecided when it looks like it but the columns are ambiguous."""
+        ...
+
+    def sections(self, frame: pd.DataFrame, choice: TaskChoice, source: Mapping[str, Any],
+                 own_splits: Sequence[str], data_name: str, notes: list[str]) -> dict[str, Any]:
+        """The spec's sections (description and task first), copied from the task's default recipe and adapted
+        to the data; `notes` collects what was adapted and why."""
+        ...
+
+    def task_comment(self, sections: Mapping[str, Any], counts: Mapping[str, int]) -> str:
+        """What to check in the task section, written above it (after the shared comment)."""
+        ...
+
+    def judge(self, spec: SpecView, choice: TaskChoice, counts: Mapping[str, int], splits: Any,
+              warnings: list[str], checklist: list[str]) -> None:
+        """Warnings about the cleaned data that will block or weaken training, and what to check before running."""
+        ...
+
+    def summary(self, choice: TaskChoice, counts: Mapping[str, int]) -> list[str]:
+        """Lines of init's printed summary about the groups (labels, categories) after cleaning."""
+        ...
 
 
 class CandidateRejected(Exception):
@@ -66,21 +120,32 @@ class Task(Protocol):
     report_kinds: frozenset[str]  # Dagster kinds of its evaluation report
     auto_model_class: str  # transformers Auto class whose skeleton lists the model's linear layers
     trainer_name: str  # what trains it, for the records
+    example_columns: tuple[str, ...]  # columns a failed check's example rows show, in order
+    metric_names: tuple[str, ...]  # the report's metrics, in the order the run summary prints them
 
     def check_evaluation(self, evaluation: EvaluationConfig) -> None:
         """Raise ValueError, naming the field, when the evaluation section does not fit the task."""
         ...
 
-    def clean(self, raw: pd.DataFrame, spec: PipelineSpec) -> tuple[pd.DataFrame, StepLog]:
+    def clean(self, raw: pd.DataFrame, spec: SpecView) -> tuple[pd.DataFrame, StepLog]:
         """The task's examples from the raw rows, cleaned, with what was dropped and why."""
         ...
 
-    def quality_suites(self, spec: PipelineSpec) -> tuple[QualitySuite, ...]:
+    def quality_suites(self, spec: SpecView) -> tuple[QualitySuite, ...]:
         """The blocking checks on cleaned_dataset, splits and the prepared data."""
         ...
 
-    def prepare(self, splits: pd.DataFrame, base: BaseModelRecord, spec: PipelineSpec) -> tuple[pd.DataFrame, StepLog]:
+    def prepare(self, splits: pd.DataFrame, base: BaseModelRecord, spec: SpecView) -> tuple[pd.DataFrame, StepLog]:
         """The prepared data (only for a task whose `prepared` is set)."""
+        ...
+
+    def pooling(self, spec: SpecView) -> str:
+        """How the base model's token states become one vector ('auto': as the model declares); recorded with the
+        chosen model."""
+        ...
+
+    def doctor_settings(self, spec: SpecView) -> Any:
+        """The data doctor's settings (a DoctorConfig) when the doctor runs for this spec, else None."""
         ...
 
     def model_support(self, config: dict[str, Any]) -> str | None:
@@ -92,29 +157,27 @@ class Task(Protocol):
         """Estimated training memory for one batch."""
         ...
 
-    def mean_tokens(self, record: BaseModelRecord, spec: PipelineSpec, splits: pd.DataFrame) -> float:
+    def mean_tokens(self, record: BaseModelRecord, spec: SpecView, splits: pd.DataFrame) -> float:
         """Mean tokens per training example with this model's tokenizer (a train sample, at most max_length)."""
         ...
 
-    def time_train_step(self, record: BaseModelRecord, spec: PipelineSpec, splits: pd.DataFrame,
+    def time_train_step(self, record: BaseModelRecord, spec: SpecView, splits: pd.DataFrame,
                         compute: ComputeSettings, steps: int) -> float:
         """Median seconds per LoRA training step of the real model on real rows."""
         ...
 
-    def probe(self, record: BaseModelRecord, spec: PipelineSpec, splits: pd.DataFrame,
+    def probe(self, record: BaseModelRecord, spec: SpecView, splits: pd.DataFrame,
               compute: ComputeSettings) -> ProbeResult:
         """A cheap look at the model on validation rows; a higher score is better."""
         ...
 
-    doctor_supported: bool  # whether doctor() exists (the data doctor's check is built for this task)
-
-    def doctor(self, splits: pd.DataFrame, encoder: BaseModelRecord, spec: PipelineSpec, compute: ComputeSettings,
+    def doctor(self, splits: pd.DataFrame, encoder: BaseModelRecord, spec: SpecView, compute: ComputeSettings,
                progress: ProgressFn = print) -> Any:
         """The data doctor's findings (a pipelines.core.doctor.DoctorReport) on every row of the splits, from the
         frozen embeddings of `encoder`."""
         ...
 
-    def train(self, data: pd.DataFrame, base: BaseModelRecord, spec: PipelineSpec, out_dir: Path,
+    def train(self, data: pd.DataFrame, base: BaseModelRecord, spec: SpecView, out_dir: Path,
               compute: ComputeSettings, progress: ProgressFn = print,
               sink: MetricsSink | None = None, scratch: Path | None = None) -> CheckpointRecord:
         """LoRA fine-tuning on the train rows of `data`; the best epoch on validation is saved to `out_dir`.
@@ -130,7 +193,7 @@ class Task(Protocol):
     sweep_metrics: Mapping[str, str]  # validation metrics a sweep may optimise (as the history names them without
     # the eval_ prefix) -> "maximize" / "minimize"
 
-    def evaluate(self, data: pd.DataFrame, checkpoint: CheckpointRecord, spec: PipelineSpec, out_dir: Path,
+    def evaluate(self, data: pd.DataFrame, checkpoint: CheckpointRecord, spec: SpecView, out_dir: Path,
                  compute: ComputeSettings, champion: CheckpointRecord | None = None,
                  progress: ProgressFn = print, prompt_model: BaseModelRecord | None = None) -> EvaluationReport:
         """Test metrics of the checkpoint, its baselines and the champion, with the promotion decision."""
@@ -139,6 +202,10 @@ class Task(Protocol):
     def predict(self, record: CheckpointRecord, texts: list[str], compute: ComputeSettings,
                 max_new_tokens: int) -> list[dict[str, Any]]:
         """One row per input text: the model's answer (label and probability, or a response)."""
+        ...
+
+    def prediction_line(self, row: Mapping[str, Any]) -> str:
+        """One row of predict() as a line of text for the terminal."""
         ...
 
     def export(self, record: CheckpointRecord, out_dir: Path) -> Path:
@@ -163,10 +230,19 @@ class TaskBase:
             raise ValueError(f"evaluation.baselines {wrong} do not fit task.type {self.name}: it compares with "
                              f"{list(self.baselines)}")
 
-    doctor_supported = False  # tasks with a data doctor set this and implement doctor()
     prompts_another_model = False  # tasks whose prompting baseline needs evaluation.prompting.model set this
+    example_columns: tuple[str, ...] = ("text", "split", "source_file", "source_row")
 
-    def doctor(self, splits: pd.DataFrame, encoder: BaseModelRecord, spec: PipelineSpec, compute: ComputeSettings,
+    def pooling(self, spec: SpecView) -> str:
+        return "auto"
+
+    def doctor_settings(self, spec: SpecView) -> Any:
+        return None
+
+    def prediction_line(self, row: Mapping[str, Any]) -> str:
+        return "\t".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.values())
+
+    def doctor(self, splits: pd.DataFrame, encoder: BaseModelRecord, spec: SpecView, compute: ComputeSettings,
                progress: ProgressFn = print) -> Any:
         raise NotImplementedError(f"task.type {self.name} has no data doctor")
 

@@ -6,9 +6,9 @@ gradient; for two classes the two softmax rows are the halves of scikit-learn's 
 the device training uses. One deliberate difference: a feature constant up to the rounding of the input's precision
 is left unscaled, where scikit-learn divides it by its spread (MiniLM's dead dimensions, spread 1e-32, became
 weights of 6e30 in the head folded from its scaler). scikit-learn's fit ran its matrix products in
-numpy's BLAS, whose own thread pool competed with torch's in the same process: on a 16-core GPU machine the three
-fits of a linear-probe head took 45.6 s for 4,289 rows of 576 features (40 ms per gradient), against 5.5 s on a
-2-core CPU. In torch the products use the threads (or the GPU) the rest of the step uses.
+numpy's BLAS, whose own thread pool competes with torch's in the same process (slow on a many-core machine:
+benchmarks/linear_probe.py compares the two); in torch the products use the threads (or the GPU) the rest of the
+step uses.
 
 The probe is the starting point of the LP-FT head, the `linear_probe` baseline of evaluation, selection's probe
 and the data doctor's out-of-fold label check.

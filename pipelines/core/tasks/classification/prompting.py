@@ -24,8 +24,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipelines.core.attention import attend_with_logsumexp, combine_attention, switched_attention
-from pipelines.core.trainer import ComputeSettings, ProgressFn
+from pipelines.core.attention import (
+    attend_with_logsumexp,
+    combine_attention,
+    switched_attention,
+)
+from pipelines.core.training.compute import ComputeSettings, ProgressFn
 
 SYSTEM_PROMPT = ("Classify the user's text into exactly one of these categories: {labels}. "
                  "Answer with the category name only.")
@@ -243,7 +247,7 @@ def classification_prompting(model_path: str, weights_sha256: str, train: pd.Dat
 
     shown = [names.get(label, label) for label in labels]
     if len(set(shown)) != len(shown):
-        raise ValueError(f"evaluation.prompting.label_names give two labels the same name: {shown}")
+        raise ValueError(f"task.label_names give two labels the same name: {shown}")
     loaded: list[tuple[Any, Any]] = []
     results = {}
     for k in shots:

@@ -1,4 +1,4 @@
-"""Running a sweep (pipelines/core/sweep.py says what one is): the worker processes that share an Optuna study,
+"""Running a sweep (pipelines/core/sweep/__init__.py says what one is): the worker processes that share an Optuna study,
 each trial's training, and the record of what the study found. Training never sees the tracker: a trial reports
 through a metrics sink to a TrialRuns object that the caller hands in."""
 
@@ -17,7 +17,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from pipelines.core.sweep import SweepError, SweepRecord, TrialRuns, spec_settings, suggest, sweep_metric, with_settings
+from pipelines.core.sweep.record import SweepError, SweepRecord, TrialRuns
+from pipelines.core.sweep.space import spec_settings, suggest, sweep_metric, with_settings
 
 
 # ------------------------------------------------------------------------------------------ a worker
@@ -50,7 +51,7 @@ def run_worker(job: dict[str, Any]) -> None:
     from pipelines.core.records import BaseModelRecord
     from pipelines.core.spec import PipelineSpec
     from pipelines.core.tasks import task_for
-    from pipelines.core.trainer import ComputeSettings
+    from pipelines.core.training.compute import ComputeSettings
     from pipelines.quiet import quiet_libraries
 
     quiet_libraries()
