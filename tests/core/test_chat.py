@@ -13,17 +13,9 @@ from pipelines.core.errors import SourceError
 from pipelines.core.sources import read_file, read_source
 from pipelines.core.spec import CleaningConfig, PackageFileSourceConfig, SplitsConfig
 from pipelines.core.splitting import assign_splits
-from pipelines.core.tasks.instruction.chat import (
-    FALLBACK_CHAT_TEMPLATE,
-    clean_conversations,
-    exact_match,
-    render_conversations,
-    render_example,
-    role_problem,
-    rouge_l,
-    score_generation,
-    token_f1,
-)
+from pipelines.core.tasks.instruction.chat import (FALLBACK_CHAT_TEMPLATE, clean_conversations, exact_match,
+                                                   render_conversations, render_example, role_problem, rouge_l,
+                                                   score_generation, token_f1)
 from pipelines.core.tasks.instruction.config import InstructionTuningTaskConfig
 from pipelines.core.tasks.instruction.data import select_conversations
 from tests.tiny_chat import write_tiny_chat_model

@@ -11,13 +11,8 @@ import pytest
 import torch
 
 from pipelines.core.attention import attend_with_logsumexp, combine_attention
-from pipelines.core.tasks.classification.prompting import (
-    conversation_prefix,
-    few_shot_examples,
-    render,
-    score_choices,
-    shared_prefix_attention,
-)
+from pipelines.core.tasks.classification.prompting import (conversation_prefix, few_shot_examples, render,
+                                                           score_choices, shared_prefix_attention)
 from pipelines.core.training.compute import ComputeSettings
 
 FP32 = ComputeSettings("cpu", "fp32", num_threads=2)

@@ -15,14 +15,8 @@ from pipelines.core.errors import ModelSourceError
 from pipelines.core.sections import LoraSettingsConfig
 from pipelines.core.selection import resolve_base_model, select_base_model
 from pipelines.core.spec import PipelineSpec, parse_spec
-from pipelines.core.tasks.classification.model import (
-    FrozenLowerBlocks,
-    PooledClassifier,
-    embed_texts,
-    frozen_embeddings,
-    load_encoder,
-    load_tokenizer,
-)
+from pipelines.core.tasks.classification.model import (FrozenLowerBlocks, PooledClassifier, embed_texts,
+                                                       frozen_embeddings, load_encoder, load_tokenizer)
 from pipelines.core.tasks.classification.train import load_classifier, predict_proba, train_classifier
 from pipelines.core.training.arguments import build_lora_config
 from pipelines.core.training.compute import ComputeSettings

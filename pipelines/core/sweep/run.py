@@ -15,10 +15,17 @@ import time
 import traceback
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipelines.core.sweep.record import SweepError, SweepRecord, TrialRuns
 from pipelines.core.sweep.space import spec_settings, suggest, sweep_metric, with_settings
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from pipelines.core.records import BaseModelRecord
+    from pipelines.core.sections import SpecView
+    from pipelines.core.training.compute import ComputeSettings, ProgressFn
 
 
 # ------------------------------------------------------------------------------------------ a worker
@@ -151,8 +158,8 @@ def _worker_main(job: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------------ the sweep
-def run_sweep(spec: Any, data: Any, base: Any, compute: Any, folder: Path, storage: str, study: str,
-              runs: TrialRuns | None = None, progress: Any = print) -> SweepRecord:
+def run_sweep(spec: SpecView, data: pd.DataFrame, base: BaseModelRecord, compute: ComputeSettings, folder: Path,
+              storage: str, study: str, runs: TrialRuns | None = None, progress: ProgressFn = print) -> SweepRecord:
     """Run the spec's sweep in `sweep.parallel` worker processes and return what it found. `folder` holds the
     data the workers read and their scratch space; `runs` tracks each trial (an MLflow child run)."""
     import dataclasses

@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from pipelines.core.sections import SpecView, SweepParameter
+
 SECTIONS = ("task", "training")  # the spec's sections a sweep can search
 
 
@@ -19,14 +21,14 @@ def setting_path(name: str) -> tuple[str, list[str]]:
     return "training", name.split(".")
 
 
-def sample_values(parameter: Any) -> list[Any]:
+def sample_values(parameter: SweepParameter) -> list[Any]:
     """Values a parameter can take that the spec checks (its choices, or its range's ends)."""
     if parameter.choices is not None:
         return list(parameter.choices)
     return [parameter.low, parameter.high]
 
 
-def with_settings(spec: Any, settings: Mapping[str, Any]) -> Any:
+def with_settings(spec: SpecView, settings: Mapping[str, Any]) -> SpecView:
     """The spec with task and training settings replaced ({'task.label_smoothing': 0.1, 'learning_rate': 1e-3,
     'lora.r': 16}; see setting_path), validated again. A KeyError names the section that lacks a setting."""
     from pydantic import ValidationError
@@ -53,7 +55,7 @@ def with_settings(spec: Any, settings: Mapping[str, Any]) -> Any:
         raise ValueError(f"{where}: {first['msg']}" if where else first["msg"]) from None
 
 
-def sweep_metric(spec: Any) -> tuple[str, str]:
+def sweep_metric(spec: SpecView) -> tuple[str, str]:
     """(validation metric, direction) the spec's sweep optimises."""
     from pipelines.core.tasks import task_named
 
@@ -66,7 +68,7 @@ def sweep_metric(spec: Any) -> tuple[str, str]:
     return metric, metrics[metric]
 
 
-def spec_settings(spec: Any) -> dict[str, Any] | None:
+def spec_settings(spec: SpecView) -> dict[str, Any] | None:
     """The spec's own values of the searched settings (task.* and training.*), when every one lies in the search
     space."""
     sections = {section: getattr(spec, section).model_dump(mode="json") for section in SECTIONS}
@@ -86,7 +88,7 @@ def spec_settings(spec: Any) -> dict[str, Any] | None:
     return found
 
 
-def suggest(trial: Any, name: str, parameter: Any) -> Any:
+def suggest(trial: Any, name: str, parameter: SweepParameter) -> Any:
     if parameter.choices is not None:
         return trial.suggest_categorical(name, list(parameter.choices))
     if isinstance(parameter.low, int) and isinstance(parameter.high, int) and not isinstance(parameter.low, bool):

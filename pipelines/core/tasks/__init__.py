@@ -13,15 +13,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipelines.core.tasks.base import (
-    CandidateRejected,
-    PreparedData,
-    ProbeResult,
-    Starter,
-    Task,
-    TaskBase,
-    TaskDeclaration,
-)
+from pipelines.core.tasks.base import (CandidateRejected, PreparedData, ProbeResult, Starter, Task, TaskBase,
+                                       TaskDeclaration)
 from pipelines.core.tasks.classification import TASK as _CLASSIFICATION
 from pipelines.core.tasks.instruction import TASK as _INSTRUCTION
 

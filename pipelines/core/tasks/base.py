@@ -19,12 +19,7 @@ import pandas as pd
 
 from pipelines.core.columns import ColumnProfile, TaskChoice
 from pipelines.core.quality import QualitySuite
-from pipelines.core.records import (
-    BaseModelRecord,
-    CheckpointRecord,
-    EvaluationReport,
-    StepLog,
-)
+from pipelines.core.records import BaseModelRecord, CheckpointRecord, EvaluationReport, StepLog
 from pipelines.core.sections import EvaluationConfig, Frozen
 from pipelines.core.training.compute import ComputeSettings, MetricsSink, ProgressFn
 from pipelines.core.training.cost import estimate_training_memory_mb

@@ -5,12 +5,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from pipelines.core.cleaning import (
-    CleaningResult,
-    dedup_key,
-    is_missing,
-    normalise_text,
-)
+from pipelines.core.cleaning import CleaningResult, dedup_key, is_missing, normalise_text
 from pipelines.core.sections import CleaningConfig
 
 # The order in which rows are dropped; a row is counted under the first reason that applies.

@@ -9,15 +9,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pipelines.core.sections import (
-    CatalogModelConfig,
-    Frozen,
-    HubModelConfig,
-    LocalModelConfig,
-    ModelLocation,
-    PackageModelConfig,
-    TaskSection,
-)
+from pipelines.core.sections import (CatalogModelConfig, Frozen, HubModelConfig, LocalModelConfig, ModelLocation,
+                                     PackageModelConfig, TaskSection)
 
 
 class DoctorConfig(Frozen):

@@ -11,15 +11,8 @@ import pandas as pd
 
 from pipelines.core.cleaning import dedup_key, is_missing
 from pipelines.core.errors import SourceError
-from pipelines.core.quality import (
-    ERROR,
-    WARN,
-    QualityReport,
-    check_def,
-    evaluate_checks,
-    lost_examples_check,
-    with_row_id,
-)
+from pipelines.core.quality import (ERROR, WARN, QualityReport, check_def, evaluate_checks, lost_examples_check,
+                                    with_row_id)
 from pipelines.core.tasks.classification.cleaning import clean
 from pipelines.core.tasks.classification.config import ClassificationTaskConfig
 

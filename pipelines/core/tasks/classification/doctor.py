@@ -20,12 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from pipelines.core.doctor import (
-    DUPLICATE_COLUMNS,
-    MAX_DUPLICATE_PAIRS,
-    SUSPECT_COLUMNS,
-    DoctorReport,
-)
+from pipelines.core.doctor import DUPLICATE_COLUMNS, MAX_DUPLICATE_PAIRS, SUSPECT_COLUMNS, DoctorReport
 from pipelines.core.records import BaseModelRecord
 from pipelines.core.training.compute import ComputeSettings, ProgressFn
 
@@ -162,12 +157,8 @@ def run_doctor(splits: pd.DataFrame, encoder: BaseModelRecord, spec: SpecView, c
     from torch import nn
 
     from pipelines.core.tasks.classification.metrics import classification_metrics
-    from pipelines.core.tasks.classification.model import (
-        fit_linear_probe,
-        frozen_embeddings,
-        load_encoder,
-        load_tokenizer,
-    )
+    from pipelines.core.tasks.classification.model import (fit_linear_probe, frozen_embeddings, load_encoder,
+                                                           load_tokenizer)
 
     cfg, seed = spec.task.doctor, spec.training.seed
     frame = splits.reset_index(drop=True)

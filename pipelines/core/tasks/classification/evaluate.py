@@ -15,24 +15,11 @@ from torch import nn
 from pipelines.core.errors import CheckpointError
 from pipelines.core.evaluation import build_report, champion_metrics
 from pipelines.core.files import write_bytes_atomic
-from pipelines.core.records import (
-    BaseModelRecord,
-    CheckpointRecord,
-    EvaluationReport,
-    ReportTable,
-)
+from pipelines.core.records import BaseModelRecord, CheckpointRecord, EvaluationReport, ReportTable
 from pipelines.core.tasks.classification import NAME
-from pipelines.core.tasks.classification.metrics import (
-    REPORT_METRICS,
-    classification_metrics,
-    per_class_table,
-)
-from pipelines.core.tasks.classification.model import (
-    fit_linear_probe,
-    frozen_embeddings,
-    load_encoder,
-    load_tokenizer,
-)
+from pipelines.core.tasks.classification.metrics import REPORT_METRICS, classification_metrics, per_class_table
+from pipelines.core.tasks.classification.model import (fit_linear_probe, frozen_embeddings, load_encoder,
+                                                       load_tokenizer)
 from pipelines.core.tasks.classification.prompting import classification_prompting
 from pipelines.core.tasks.classification.train import load_classifier, predict_proba
 from pipelines.core.training.compute import ComputeSettings, ProgressFn

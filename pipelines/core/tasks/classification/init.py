@@ -12,16 +12,8 @@ from typing import Any
 import pandas as pd
 
 from pipelines.core.cleaning import dedup_key
-from pipelines.core.columns import (
-    ColumnProfile,
-    TaskChoice,
-    Undecided,
-    by_name,
-    cell_text,
-    missing,
-    quantile,
-    text_lengths,
-)
+from pipelines.core.columns import (ColumnProfile, TaskChoice, Undecided, by_name, cell_text, missing, quantile,
+                                    text_lengths)
 from pipelines.core.errors import InitError
 
 NAME = "text_classification"

@@ -7,7 +7,7 @@ import functools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -23,8 +23,6 @@ from pipelines.core.tasks.classification.linear_probe import LinearProbe, fit_pr
 from pipelines.core.training.compute import ComputeSettings
 from pipelines.core.training.model import transformer_blocks
 
-if TYPE_CHECKING:
-    pass
 
 
 # ------------------------------------------------------------------------------------------ the model
@@ -380,10 +378,7 @@ def probe_candidate(record: BaseModelRecord, spec: SpecView, splits: pd.DataFram
                     compute: ComputeSettings) -> ProbeResult:
     """A logistic regression on frozen embeddings of a train sample, scored on a validation sample, with the
     score on 1,000 bootstrap resamples of that sample (the same resamples for every candidate)."""
-    from pipelines.core.tasks.classification.metrics import (
-        bootstrap_metric,
-        classification_metrics,
-    )
+    from pipelines.core.tasks.classification.metrics import bootstrap_metric, classification_metrics
 
     probe, seed = spec.base_model.probe, spec.training.seed
     validation = sample_split(splits, "validation", probe.sample_rows, seed)

@@ -24,11 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipelines.core.attention import (
-    attend_with_logsumexp,
-    combine_attention,
-    switched_attention,
-)
+from pipelines.core.attention import attend_with_logsumexp, combine_attention, switched_attention
 from pipelines.core.training.compute import ComputeSettings, ProgressFn
 
 SYSTEM_PROMPT = ("Classify the user's text into exactly one of these categories: {labels}. "

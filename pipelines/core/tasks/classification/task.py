@@ -16,27 +16,12 @@ from pipelines.core.cleaning import cleaning_log
 from pipelines.core.errors import CheckpointError
 from pipelines.core.markdown import markdown_table
 from pipelines.core.quality import QualityReport, QualitySuite, validate_splits
-from pipelines.core.records import (
-    BaseModelRecord,
-    CheckpointRecord,
-    EvaluationReport,
-    Markdown,
-    StepLog,
-)
+from pipelines.core.records import BaseModelRecord, CheckpointRecord, EvaluationReport, Markdown, StepLog
 from pipelines.core.tasks.base import PreparedData, ProbeResult, TaskBase
 from pipelines.core.tasks.classification import NAME, WEIGHT_FILES
-from pipelines.core.tasks.classification.config import (
-    ClassificationTaskConfig,
-    DoctorConfig,
-)
-from pipelines.core.tasks.classification.data import (
-    CLEANED_CHECKS,
-    DESCRIPTIONS,
-    EXAMPLE_COLUMNS,
-    SPLITS_CHECKS,
-    select_examples,
-    validate_cleaned_examples,
-)
+from pipelines.core.tasks.classification.config import ClassificationTaskConfig, DoctorConfig
+from pipelines.core.tasks.classification.data import (CLEANED_CHECKS, DESCRIPTIONS, EXAMPLE_COLUMNS, SPLITS_CHECKS,
+                                                      select_examples, validate_cleaned_examples)
 from pipelines.core.training.compute import ComputeSettings, MetricsSink, ProgressFn
 
 if TYPE_CHECKING:
@@ -105,9 +90,7 @@ class ClassificationTask(TaskBase):
         return doctor if doctor.enabled else None
 
     def model_support(self, config: dict[str, Any]) -> str | None:
-        from transformers.models.auto.modeling_auto import (
-            MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
-        )
+        from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
         model_type = config.get("model_type")
         if model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
@@ -165,10 +148,7 @@ class ClassificationTask(TaskBase):
 
     def predict(self, record: CheckpointRecord, texts: list[str], compute: ComputeSettings,
                 max_new_tokens: int) -> list[dict[str, Any]]:
-        from pipelines.core.tasks.classification.train import (
-            load_classifier,
-            predict_proba,
-        )
+        from pipelines.core.tasks.classification.train import load_classifier, predict_proba
 
         model, tokenizer = load_classifier(record)
         probs = predict_proba(model, tokenizer, texts, 512, compute)

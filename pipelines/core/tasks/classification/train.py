@@ -18,40 +18,17 @@ from pipelines.core.records import BaseModelRecord, CheckpointRecord
 from pipelines.core.splitting import sample_split
 from pipelines.core.tasks.classification import NAME, WEIGHT_FILES
 from pipelines.core.tasks.classification.metrics import _classification_metrics
-from pipelines.core.tasks.classification.model import (
-    FROZEN_STATES_BUDGET_MB,
-    FrozenLowerBlocks,
-    PooledClassifier,
-    _forward_batches,
-    _head_from_probe,
-    fit_linear_probe,
-    frozen_embeddings,
-    load_encoder,
-    load_tokenizer,
-)
-from pipelines.core.training.arguments import (
-    build_lora_config,
-    common_training_arguments,
-)
+from pipelines.core.tasks.classification.model import (FROZEN_STATES_BUDGET_MB, FrozenLowerBlocks, PooledClassifier,
+                                                       _forward_batches, _head_from_probe, fit_linear_probe,
+                                                       frozen_embeddings, load_encoder, load_tokenizer)
+from pipelines.core.training.arguments import build_lora_config, common_training_arguments
 from pipelines.core.training.checkpoints import checkpoint_manifest, verified_folder
 from pipelines.core.training.compute import ComputeSettings, MetricsSink, ProgressFn
 from pipelines.core.training.cost import model_flops_utilization
-from pipelines.core.training.loop import (
-    best_epoch_callback,
-    run_trainer,
-    save_trained,
-    time_training_steps,
-    with_global_batch_order,
-)
-from pipelines.core.training.model import (
-    dropout_note,
-    lora_layers,
-    peak_memory_mb,
-    set_model_dropout,
-    store_frozen_weights_for,
-    trainable_parameters,
-    transformer_blocks,
-)
+from pipelines.core.training.loop import (best_epoch_callback, run_trainer, save_trained, time_training_steps,
+                                          with_global_batch_order)
+from pipelines.core.training.model import (dropout_note, lora_layers, peak_memory_mb, set_model_dropout,
+                                           store_frozen_weights_for, trainable_parameters, transformer_blocks)
 from pipelines.core.training.resume import Resumable
 
 if TYPE_CHECKING:

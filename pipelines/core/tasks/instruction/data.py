@@ -14,22 +14,10 @@ from pipelines.core.cleaning import dedup_key, is_missing
 from pipelines.core.digests import frame_digest
 from pipelines.core.errors import SourceError
 from pipelines.core.markdown import markdown_table
-from pipelines.core.quality import (
-    ERROR,
-    QualityReport,
-    check_def,
-    evaluate_checks,
-    lost_examples_check,
-    with_row_id,
-)
+from pipelines.core.quality import ERROR, QualityReport, check_def, evaluate_checks, lost_examples_check, with_row_id
 from pipelines.core.records import DatasetLog, Markdown, StepLog
 from pipelines.core.splitting import SPLITS
-from pipelines.core.tasks.instruction.chat import (
-    RENDER_DROP_REASONS,
-    ROLES,
-    clean_conversations,
-    role_problem,
-)
+from pipelines.core.tasks.instruction.chat import RENDER_DROP_REASONS, ROLES, clean_conversations, role_problem
 from pipelines.core.tasks.instruction.config import InstructionTuningTaskConfig
 
 if TYPE_CHECKING:

@@ -16,20 +16,11 @@ import torch
 
 from pipelines.core.evaluation import build_report, champion_metrics
 from pipelines.core.files import write_bytes_atomic
-from pipelines.core.records import (
-    BaseModelRecord,
-    CheckpointRecord,
-    EvaluationReport,
-    ReportTable,
-)
+from pipelines.core.records import BaseModelRecord, CheckpointRecord, EvaluationReport, ReportTable
 from pipelines.core.splitting import sample_split
 from pipelines.core.tasks.base import ProbeResult
 from pipelines.core.tasks.instruction import NAME
-from pipelines.core.tasks.instruction.chat import (
-    render_conversations,
-    render_prompt,
-    score_generation,
-)
+from pipelines.core.tasks.instruction.chat import render_conversations, render_prompt, score_generation
 from pipelines.core.tasks.instruction.data import GENERATION_METRICS, REPORT_METRICS
 from pipelines.core.tasks.instruction.train import load_causal_lm, load_finetuned_lm
 from pipelines.core.training.compute import ComputeSettings, ProgressFn

@@ -11,14 +11,7 @@ from typing import Any
 
 import pandas as pd
 
-from pipelines.core.columns import (
-    ColumnProfile,
-    TaskChoice,
-    by_name,
-    missing,
-    quantile,
-    text_lengths,
-)
+from pipelines.core.columns import ColumnProfile, TaskChoice, by_name, missing, quantile, text_lengths
 
 NAME = "instruction_tuning"
 # Instruction/response column pairs, in order of preference (names compared in lower case).

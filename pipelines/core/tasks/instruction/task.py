@@ -16,28 +16,13 @@ import pandas as pd
 from pipelines.core.cleaning import cleaning_log
 from pipelines.core.markdown import markdown_table
 from pipelines.core.quality import QualityReport, QualitySuite, validate_splits
-from pipelines.core.records import (
-    BaseModelRecord,
-    CheckpointRecord,
-    EvaluationReport,
-    Markdown,
-    StepLog,
-)
+from pipelines.core.records import BaseModelRecord, CheckpointRecord, EvaluationReport, Markdown, StepLog
 from pipelines.core.tasks.base import PreparedData, ProbeResult, TaskBase
 from pipelines.core.tasks.instruction import NAME, WEIGHT_FILES
 from pipelines.core.tasks.instruction.config import InstructionTuningTaskConfig
-from pipelines.core.tasks.instruction.data import (
-    CLEANED_CHECKS,
-    DESCRIPTIONS,
-    EXAMPLE_COLUMNS,
-    GENERATION_METRICS,
-    RENDERED_CHECKS,
-    REPORT_METRICS,
-    SPLITS_CHECKS,
-    select_conversations,
-    validate_cleaned_conversations,
-    validate_rendered_dataset,
-)
+from pipelines.core.tasks.instruction.data import (CLEANED_CHECKS, DESCRIPTIONS, EXAMPLE_COLUMNS, GENERATION_METRICS,
+                                                   RENDERED_CHECKS, REPORT_METRICS, SPLITS_CHECKS, select_conversations,
+                                                   validate_cleaned_conversations, validate_rendered_dataset)
 from pipelines.core.training.compute import ComputeSettings, MetricsSink, ProgressFn
 
 if TYPE_CHECKING:
@@ -118,9 +103,7 @@ class InstructionTuningTask(TaskBase):
         return result.frame, rendered_log(spec.name, result, spec, overlength)
 
     def model_support(self, config: dict[str, Any]) -> str | None:
-        from transformers.models.auto.modeling_auto import (
-            MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        )
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
         architectures = [str(a) for a in config.get("architectures") or []]
         if config.get("model_type") not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or not any(

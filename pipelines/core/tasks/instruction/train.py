@@ -21,32 +21,15 @@ from pipelines.core.records import BaseModelRecord, CheckpointRecord
 from pipelines.core.splitting import sample_split
 from pipelines.core.tasks.base import CandidateRejected
 from pipelines.core.tasks.instruction import NAME, WEIGHT_FILES
-from pipelines.core.tasks.instruction.chat import (
-    ensure_chat_template,
-    render_conversations,
-)
-from pipelines.core.training.arguments import (
-    build_lora_config,
-    common_training_arguments,
-)
+from pipelines.core.tasks.instruction.chat import ensure_chat_template, render_conversations
+from pipelines.core.training.arguments import build_lora_config, common_training_arguments
 from pipelines.core.training.checkpoints import checkpoint_manifest, verified_folder
 from pipelines.core.training.compute import ComputeSettings, MetricsSink, ProgressFn
 from pipelines.core.training.cost import model_flops_utilization
-from pipelines.core.training.loop import (
-    best_epoch_callback,
-    run_trainer,
-    save_trained,
-    time_training_steps,
-    with_global_batch_order,
-)
-from pipelines.core.training.model import (
-    dropout_note,
-    lora_layers,
-    peak_memory_mb,
-    set_model_dropout,
-    store_frozen_weights_for,
-    trainable_parameters,
-)
+from pipelines.core.training.loop import (best_epoch_callback, run_trainer, save_trained, time_training_steps,
+                                          with_global_batch_order)
+from pipelines.core.training.model import (dropout_note, lora_layers, peak_memory_mb, set_model_dropout,
+                                           store_frozen_weights_for, trainable_parameters)
 from pipelines.core.training.resume import Resumable
 
 if TYPE_CHECKING:
