@@ -22,6 +22,7 @@ import yaml
 from pipelines.core.columns import NOT_DATA_COLUMNS, ColumnProfile, TaskChoice, Undecided, missing, profile_columns
 from pipelines.core.errors import InitError, SourceError, SpecError
 from pipelines.core.files import write_bytes_atomic
+from pipelines.core.markdown import wrap_words
 from pipelines.core.sections import LocalSourceConfig
 from pipelines.core.sources import DATA_EXTENSIONS, SPLIT_ALIASES, read_source
 from pipelines.core.spec import PIPELINE_NAME, PipelineSpec, parse_spec
@@ -262,23 +263,10 @@ def render_spec(sections: dict[str, Any], choice: TaskChoice, counts: dict[str, 
              "# unknown keys are rejected.", ""]
     for key, value in sections.items():
         comment = _section_comment(key, sections, choice, counts)
-        lines += [f"# {line}" for line in _wrap(comment, 116)]
+        lines += [f"# {line}" for line in wrap_words(comment.split(), 116)]
         lines.append(_dump(key, value))
         lines.append("")
     return "\n".join(lines)
-
-
-def _wrap(text: str, width: int) -> list[str]:
-    """Lines of at most `width` characters, breaking between words."""
-    parts = text.split()
-    lines, current = [], ""
-    for word in parts:
-        if current and len(current) + 1 + len(word) > width:
-            lines.append(current)
-            current = word
-        else:
-            current = f"{current} {word}" if current else word
-    return [*lines, current] if current else lines
 
 
 # ----------------------------------------------------------------------------------------------- init

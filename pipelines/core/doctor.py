@@ -2,14 +2,6 @@
 texts are near-duplicates under different labels, and whether more data would help; how they are written (CSV,
 JSON, a plot) and summed up. The analysis that finds them belongs to the task (text classification's
 pipelines/core/tasks/classification/doctor.py). The doctor never changes the data: it lists, a person decides.
-
-- Label suspects: out-of-fold class probabilities of a logistic regression (each row predicted by a model that
-  did not see it), ranked by cleanlab's `find_label_issues` (confident learning: a row is a suspect when the
-  model is confidently sure of another class, with per-class thresholds), lowest confidence in the given label
-  first.
-- Near-duplicates across classes: pairs of texts whose embeddings are almost the same (cosine) but whose labels
-  differ; cleaning already drops exact and normalised duplicates.
-- Learning curve: a linear probe fitted on growing shares of the train split, scored on the validation split.
 """
 
 from __future__ import annotations

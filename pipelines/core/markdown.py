@@ -22,3 +22,16 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], limit: 
     lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def wrap_words(words: Sequence[str], width: int) -> list[str]:
+    """Lines of at most `width` characters, joining `words` with spaces and breaking only between them (a word
+    longer than `width` stands on its own line)."""
+    lines, current = [], ""
+    for word in words:
+        if current and len(current) + 1 + len(word) > width:
+            lines.append(current)
+            current = word
+        else:
+            current = f"{current} {word}" if current else word
+    return [*lines, current] if current else lines

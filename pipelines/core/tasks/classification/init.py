@@ -15,6 +15,7 @@ from pipelines.core.cleaning import dedup_key
 from pipelines.core.columns import (ColumnProfile, TaskChoice, Undecided, by_name, cell_text, missing, quantile,
                                     text_lengths)
 from pipelines.core.errors import InitError
+from pipelines.core.markdown import wrap_words
 
 NAME = "text_classification"
 TEXT_NAMES = ("text", "sentence", "question", "utterance", "review", "content", "body", "message", "comment",
@@ -200,16 +201,5 @@ class ClassificationStarter:
     def summary(self, choice: TaskChoice, counts: Mapping[str, int]) -> list[str]:
         ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
         return [f"labels:     {len(ordered)} classes, most rows first:",
-                *[f"  {line}" for line in _wrap_items([f"{k} {n:,}" for k, n in ordered], 110)]]
-
-
-def _wrap_items(items: Sequence[str], width: int) -> list[str]:
-    """Items joined by ', ' in lines of at most `width` characters."""
-    lines, current = [], ""
-    for word in [f"{item}," for item in items[:-1]] + list(items[-1:]):
-        if current and len(current) + 1 + len(word) > width:
-            lines.append(current)
-            current = word
-        else:
-            current = f"{current} {word}" if current else word
-    return [*lines, current] if current else lines
+                *[f"  {line}" for line in wrap_words([f"{k} {n:,}," for k, n in ordered[:-1]]
+                                                   + [f"{k} {n:,}" for k, n in ordered[-1:]], 110)]]
