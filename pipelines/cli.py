@@ -241,12 +241,24 @@ def _pipeline_job(args: argparse.Namespace) -> tuple[Any, Any, Any] | int:
         print(f"error: {broken}", file=sys.stderr)
         return 2
     if job_name not in jobs:
-        known = ", ".join(j.removesuffix("_job") for j in jobs)
-        print(f"error: no pipeline {args.pipeline!r}; pipelines are: {known}", file=sys.stderr)
+        print(f"error: {_unknown_pipeline(args.pipeline, [j.removesuffix('_job') for j in jobs])}", file=sys.stderr)
         return 2
     instance = shared_instance()
     _fail_abandoned_runs(instance, job_name)
     return defs, defs.resolve_job_def(job_name), instance
+
+
+def _unknown_pipeline(name: str, known: list[str]) -> str:
+    """No pipeline `name`: the closest names (a typo, another case, '-' for '_') and every pipeline there is."""
+    import difflib
+
+    if not known:
+        return f"no pipeline {name!r}: the specs folder has no valid pipeline spec (tuneline init writes one)"
+    folded = {k.lower(): k for k in known}
+    close = difflib.get_close_matches(name.lower().replace("-", "_").replace(" ", "_"), list(folded), n=1,
+                                      cutoff=0.6)
+    hint = f" (did you mean {folded[close[0]]!r}?)" if close else ""
+    return f"no pipeline {name!r}{hint}; pipelines are: {', '.join(sorted(known))}"
 
 
 def _execute(job: Any, instance: Any, args: argparse.Namespace, **kwargs: Any) -> Any:
@@ -430,7 +442,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     tracking = _tracking(args)
     tasks = data_chains(build_definitions(specs_dir=Path(args.specs_dir) if args.specs_dir else SPECS_DIR))
     if args.pipeline and args.pipeline not in tasks:
-        print(f"error: no pipeline {args.pipeline!r}; pipelines are: {', '.join(sorted(tasks))}", file=sys.stderr)
+        print(f"error: {_unknown_pipeline(args.pipeline, list(tasks))}", file=sys.stderr)
         return 2
     instance = shared_instance()
     if args.data:

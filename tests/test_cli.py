@@ -317,3 +317,12 @@ def test_predict_without_a_champion_names_the_registered_versions(tmp_path: Path
     assert cli.main(["predict", "--pipeline", "demo", "--data-dir", str(tmp_path), "hello"]) == 2
     error = capsys.readouterr().err
     assert "has 1 registered version(s) (1)" in error and "pass --version 1 to use the newest anyway" in error
+
+
+@pytest.mark.parametrize(("name", "meant"), [("trec_question", "trec_questions"), ("TREC-Questions", "trec_questions"),
+                                             ("chatterbot", "chatterbot_instruct")])
+def test_a_misspelt_pipeline_name_gets_did_you_mean(tmp_path: Path, name: str, meant: str) -> None:
+    out = tuneline("run", "--pipeline", name, home=tmp_path / "home")
+    assert out.returncode == 2
+    assert out.stderr.strip() == (f"error: no pipeline {name!r} (did you mean {meant!r}?); pipelines are: "
+                                  "chatterbot_instruct, trec_questions")

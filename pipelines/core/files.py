@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,3 +42,37 @@ def process_alive(pid: int) -> bool:
     except PermissionError:  # it exists, owned by another user
         return True
     return True
+
+
+_SPECIAL_KINDS = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+                  (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def special_kind(path: Path) -> str | None:
+    """What `path` (after symbolic links) is when it exists but is neither a regular file nor a folder: "a named
+    pipe (FIFO)", "a character device", ... (reading one may block forever or never end); None otherwise."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    return next((name for test, name in _SPECIAL_KINDS if test(mode)), None)
+
+
+class TooLarge(Exception):
+    """A file holds more bytes than its reader accepts (it may still be growing)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"more than {limit} bytes")
+        self.limit = limit
+
+
+def read_bounded(path: Path, limit: int) -> bytes:
+    """The bytes of a regular file, refused with TooLarge as soon as it holds more than `limit` (its size is checked
+    before reading, and reading stops past the limit, so a file that grows while read is never read whole)."""
+    with path.open("rb") as handle:
+        if os.fstat(handle.fileno()).st_size > limit:
+            raise TooLarge(limit)
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise TooLarge(limit)
+    return data

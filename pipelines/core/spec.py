@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from pipelines.core.errors import SpecError
+from pipelines.core.files import TooLarge, read_bounded, special_kind
 from pipelines.core.sections import *  # noqa: F403 (the shared sections are part of the spec's schema)
 from pipelines.core.sections import (BaseModelConfig, CleaningConfig, ComputeConfig, EvaluationConfig, Frozen,
                                      PromotionConfig, QualityConfig, ScheduleConfig, SourceConfig, SplitsConfig,
@@ -213,15 +214,74 @@ class PipelineSpec(Frozen):
 
 
 # ---------------------------------------------------------------------------------------- loading
-def _key_lines(text: str) -> tuple[dict[tuple[str, ...], int], list[str]]:
-    """Each key path of a YAML document with its 1-based line number, and the keys given twice in one mapping
-    with both lines (YAML itself silently keeps the last)."""
+MAX_SPEC_BYTES = 1 << 20
+"""Largest spec file read (a spec is a few KiB; a bigger file is not a spec)."""
+MAX_SPEC_NODES = 20_000
+"""Most values a spec may hold once its aliases (*name) are expanded: a few aliases that repeat each other can
+stand for billions of values ("billion laughs"), which are refused before they are built."""
+MAX_SPEC_DEPTH = 40
+"""Deepest nesting of mappings and lists in a spec (a real one nests four or five deep)."""
+
+
+def _compose(text: str) -> yaml.Node | None:
+    """The spec's YAML as a node graph, refused (ValueError) past the limits above before any value is built: the
+    nesting is counted on the parser's events (no recursion), the size with aliases expanded on the graph."""
+    depth = values = 0
+    try:  # libyaml's parser when present: fast, and its errors are found again below with PyYAML's clearer words
+        for event in yaml.parse(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_SPEC_DEPTH:
+                    raise ValueError(f"line {event.start_mark.line + 1}: nested more than {MAX_SPEC_DEPTH} levels "
+                                     "deep (a spec nests a few levels)")
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+            values += isinstance(event, yaml.NodeEvent)
+            if values > MAX_SPEC_NODES:
+                raise ValueError(f"line {event.start_mark.line + 1}: holds more than {MAX_SPEC_NODES} values (a spec "
+                                 "holds a few hundred)")
+    except yaml.YAMLError:
+        pass
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    if root is None:
+        return None
+    # Values per node with aliases expanded, children before parents; a node reached again on the path that led to
+    # it is an alias inside its own anchor (a cycle).
+    sizes: dict[int, int] = {}
+    depths: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    on_path: set[int] = set()
+    while stack:
+        node, done = stack.pop()
+        children = ([v for pair in node.value for v in pair] if isinstance(node, yaml.MappingNode) else
+                    list(node.value) if isinstance(node, yaml.SequenceNode) else [])
+        if done:
+            on_path.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes[id(c)] for c in children)
+            depths[id(node)] = 1 + max((depths[id(c)] for c in children), default=0)
+            if sizes[id(node)] > MAX_SPEC_NODES or depths[id(node)] > MAX_SPEC_DEPTH:
+                raise ValueError(
+                    f"line {node.start_mark.line + 1}: its aliases (*name) expand to more than "
+                    + (f"{MAX_SPEC_NODES} values" if sizes[id(node)] > MAX_SPEC_NODES else
+                       f"{MAX_SPEC_DEPTH} levels of nesting")
+                    + " (a spec holds a few hundred): write the values out, or use fewer aliases")
+            continue
+        if id(node) in sizes:
+            continue
+        if id(node) in on_path:
+            raise ValueError(f"line {node.start_mark.line + 1}: an alias (*name) refers to a value that contains it "
+                             "(a loop): write the value out")
+        on_path.add(id(node))
+        stack.append((node, True))
+        stack.extend((c, False) for c in children if id(c) not in sizes)
+    return root
+
+
+def _key_lines(root: yaml.Node | None) -> tuple[dict[tuple[str, ...], int], list[str]]:
+    """Each key path of a composed YAML document with its 1-based line number, and the keys given twice in one
+    mapping with both lines (YAML itself silently keeps the last)."""
     index: dict[tuple[str, ...], int] = {}
     duplicates: list[str] = []
-    try:
-        root = yaml.compose(text)
-    except yaml.YAMLError:
-        return index, duplicates
 
     def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
         index[path] = node.start_mark.line + 1
@@ -243,10 +303,6 @@ def _key_lines(text: str) -> tuple[dict[tuple[str, ...], int], list[str]]:
     if root is not None:
         walk(root, ())
     return index, duplicates
-
-
-def _line_index(text: str) -> dict[tuple[str, ...], int]:
-    return _key_lines(text)[0]
 
 
 def _problem(error: dict[str, Any], lines: dict[tuple[str, ...], int]) -> str:
@@ -349,27 +405,28 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
 def parse_spec(text: str, *, name: str, origin: str) -> PipelineSpec:
     """Validate YAML text as the spec of pipeline `name`; `origin` names the file in errors."""
     try:
-        data = yaml.safe_load(text)
+        root = _compose(text)
+        data = yaml.SafeLoader("").construct_document(root) if root is not None else None
     except yaml.YAMLError as exc:
         raise SpecError(origin, [_yaml_problem(exc)]) from None
+    except ValueError as exc:  # past a limit of _compose
+        raise SpecError(origin, [str(exc)]) from None
     if data is None:
         raise SpecError(origin, ["the file is empty; expected a mapping with source, base_model, ..."])
     if not isinstance(data, dict):
         raise SpecError(origin, [f"expected a mapping at the top level, got {type(data).__name__}"])
-    duplicates = _key_lines(text)[1]
+    lines, duplicates = _key_lines(root)
     if duplicates:
         raise SpecError(origin, duplicates)
     if "name" in data:
-        raise SpecError(origin, [f"line {_line_index(text).get(('name',), '?')}: name: unknown key "
+        raise SpecError(origin, [f"line {lines.get(('name',), '?')}: name: unknown key "
                                  f"(a pipeline is named by its file: {name!r})"])
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", SpecDeprecationWarning)
             spec = PipelineSpec.model_validate({"name": name, **data})
     except ValidationError as exc:
-        lines = _line_index(text)
         raise SpecError(origin, [_problem(e, lines) for e in exc.errors()]) from None
-    lines = _line_index(text)
     for warning in caught:  # said again as a warning about the spec file's line
         if issubclass(warning.category, SpecDeprecationWarning):
             old = tuple(str(warning.message).split(" ", 1)[0].split("."))
@@ -379,15 +436,42 @@ def parse_spec(text: str, *, name: str, origin: str) -> PipelineSpec:
     return spec
 
 
+def _not_utf8(data: bytes, exc: UnicodeDecodeError) -> str:
+    """Where a spec file stops being UTF-8 (line and column), and what its encoding likely is."""
+    line = data.count(b"\n", 0, exc.start) + 1
+    column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+    where = f"line {line}, column {column}: not UTF-8 text (byte 0x{data[exc.start]:02x})"
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff") or data[:200].count(b"\0") > len(data[:200]) // 4:
+        guess, source = "UTF-16 (as Windows Notepad and Excel save \"Unicode\" text)", "UTF-16"
+    else:
+        try:
+            shown = data.decode("cp1252").splitlines()[line - 1].strip()
+            guess, source = f"Windows-1252 / Latin-1 (read that way the line is {shown[:60]!r})", "WINDOWS-1252"
+        except (UnicodeDecodeError, IndexError):
+            guess, source = "", ""
+    if not guess:
+        return f"{where}: save the file as UTF-8"
+    return (f"{where}: it looks like {guess}; save it as UTF-8, e.g. iconv -f {source} -t UTF-8 FILE > NEW "
+            "and move NEW over FILE")
+
+
 def load_spec(path: Path) -> PipelineSpec:
     """Load and validate one spec file; the pipeline is named after the file's stem."""
+    special = special_kind(path)
+    if special is not None:
+        raise SpecError(str(path), [f"is {special}, not a spec file (a spec is a regular YAML file)"])
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise SpecError(str(path), [f"not UTF-8 text (byte {exc.start})"]) from exc
+        data = read_bounded(path, MAX_SPEC_BYTES)
+    except TooLarge:
+        raise SpecError(str(path), [f"is larger than {MAX_SPEC_BYTES // 1024} KiB: not a spec file (a spec is a few "
+                                    "KiB of YAML)"]) from None
     except OSError as exc:
-        raise SpecError(str(path), [f"cannot be read: {exc.strerror or exc}"]) from exc
-    return parse_spec(text, name=path.stem, origin=str(path))
+        raise SpecError(str(path), [f"cannot be read: {exc.strerror or exc}"]) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(str(path), [_not_utf8(data, exc)]) from None
+    return parse_spec(text.removeprefix("\ufeff"), name=path.stem, origin=str(path))
 
 
 @dataclass(frozen=True)

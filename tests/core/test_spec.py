@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -214,11 +217,54 @@ def test_load_specs_reports_every_broken_file(tmp_path: Path) -> None:
     assert "good.yaml" not in text
 
 
-def test_non_utf8_spec_is_named(tmp_path: Path) -> None:
+def test_non_utf8_spec_is_named_by_its_line_and_likely_encoding(tmp_path: Path) -> None:
     path = tmp_path / "latin.yaml"
     path.write_bytes(VALID.encode() + b"description: caf\xe9\n")
-    with pytest.raises(SpecError, match=r"(?s)latin.yaml: 1 problem .*not UTF-8 text \(byte \d+\)"):
+    with pytest.raises(SpecError) as info:
         load_spec(path)
+    assert info.value.problems == [
+        "line 8, column 17: not UTF-8 text (byte 0xe9): it looks like Windows-1252 / Latin-1 (read that way the line "
+        "is 'description: caf\xe9'); save it as UTF-8, e.g. iconv -f WINDOWS-1252 -t UTF-8 FILE > NEW and move NEW "
+        "over FILE"]
+    path.write_bytes(VALID.encode("utf-16"))
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert info.value.problems[0].startswith("line 1, column 1: not UTF-8 text (byte 0xff): it looks like UTF-16 ")
+    path.write_bytes(b"\xef\xbb\xbf" + VALID.encode())  # UTF-8 with a byte order mark is UTF-8
+    assert load_spec(path).name == "latin"
+
+
+LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(c)}: &{chr(c)} [*{chr(c - 1)}, *{chr(c - 1)}, *{chr(c - 1)}, *{chr(c - 1)}, *{chr(c - 1)}, *{chr(c - 1)}, "
+    f"*{chr(c - 1)}, *{chr(c - 1)}, *{chr(c - 1)}, *{chr(c - 1)}]\n" for c in range(ord("b"), ord("j") + 1))
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    (VALID + LAUGHS,
+     "line 12: its aliases (*name) expand to more than 20000 values (a spec holds a few hundred): write the values "
+     "out, or use fewer aliases"),
+    (VALID + "sweep: &s {space: [*s]}\n",
+     "line 8: an alias (*name) refers to a value that contains it (a loop): write the value out"),
+    (VALID + "description: " + "[" * 100 + "]" * 100 + "\n",
+     "line 8: nested more than 40 levels deep (a spec nests a few levels)"),
+], ids=["billion-laughs", "alias-loop", "deep-nesting"])
+def test_specs_past_the_yaml_limits_are_refused_before_they_are_built(text: str, problem: str) -> None:
+    assert problems(text) == [problem]
+
+
+def test_a_spec_file_too_large_or_not_a_file_is_refused_unread(tmp_path: Path) -> None:
+    big = tmp_path / "big.yaml"
+    with big.open("wb") as handle:  # sparse: a size past the limit without writing it
+        handle.truncate(3 << 30)
+    with pytest.raises(SpecError, match=r"big.yaml: 1 problem .*\n  - is larger than 1024 KiB: not a spec file"):
+        load_spec(big)
+    fifo = tmp_path / "pipe.yaml"
+    os.mkfifo(fifo)  # opening it would wait for a writer forever
+    with pytest.raises(SpecError, match=r"pipe.yaml: 1 problem .*\n  - is a named pipe \(FIFO\), not a spec file"):
+        load_spec(fifo)
+    (tmp_path / "zero.yaml").symlink_to("/dev/zero")
+    with pytest.raises(SpecError, match=r"zero.yaml: 1 problem .*\n  - is a character device, not a spec file"):
+        load_spec(tmp_path / "zero.yaml")
 
 
 def test_catalog_ids_resolve_to_packaged_models() -> None:
@@ -286,3 +332,26 @@ def test_the_committed_specs_use_the_new_places() -> None:
         warnings.simplefilter("error", FutureWarning)
         for path in [*SPECS_DIR.glob("*.yaml"), *(PROJECT_ROOT / "benchmarks" / "specs").glob("*.yaml")]:
             load_spec(path)
+
+
+def test_refusing_hostile_spec_files_keeps_memory_bounded(tmp_path: Path) -> None:
+    """The code location reads every spec of its folder: hostile ones are refused without building them."""
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    deeper = "".join(f"k{n}: &k{n} [" + ", ".join([f"*k{n - 1}"] * 10) + "]\n" for n in range(1, 40))
+    (specs / "laughs.yaml").write_text(VALID + "description: &k0 lol\n" + deeper)
+    wide = "[" + ", ".join(["*a"] * 150_000) + "]"  # just under the size limit, every value an alias
+    (specs / "wide.yaml").write_text(VALID + "x: &a [1, 2, 3]\ny: " + wide + "\n")
+    with (specs / "sparse.yaml").open("wb") as handle:
+        handle.truncate(3 << 30)
+    (specs / "valid.yaml").write_text(VALID)
+    script = ("import resource, sys; from pathlib import Path; from pipelines.core.spec import read_specs\n"
+              "found = read_specs(Path(sys.argv[1]))\n"
+              "print([s.name for s in found.specs], sorted(Path(e.path).stem for e in found.broken))\n"
+              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", script, str(specs)], cwd=PROJECT_ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    names, peak_kib = out.stdout.splitlines()
+    assert names == "['valid'] ['laughs', 'sparse', 'wide']"
+    assert int(peak_kib) < 1024 * 1024, f"peak memory {int(peak_kib) // 1024} MiB"
