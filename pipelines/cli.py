@@ -221,6 +221,9 @@ def _pipeline_job(args: argparse.Namespace) -> tuple[Any, Any, Any] | int:
         print(f"error: --specs-dir {args.specs_dir}: no such folder (expected the folder of spec files)",
               file=sys.stderr)
         return 2
+    from pipelines.core.files import ensure_writable
+
+    ensure_writable(Path(args.data_dir).resolve() if args.data_dir else project_root() / "data")  # before any write
     ensure_dagster_home()
     from pipelines.quiet import VERBOSE_VARIABLE, quiet_libraries
 

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 import dagster as dg
 import pandas as pd
 
-from pipelines.core.files import atomic_path
+from pipelines.core.files import atomic_path, ensure_writable, write_problem
 
 RUNS_FOLDER = ".runs"  # each run's own asset values, beside the latest
 
@@ -60,6 +60,11 @@ class PipelineIOManager(dg.ConfigurableIOManager):
     data_dir: str
     KEPT_RUNS: ClassVar[int] = 20
 
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        """Every step stores its value here: a data folder that cannot be written fails the step before it starts,
+        naming the folder and what to do (not a PermissionError deep in a library, with half a result written)."""
+        ensure_writable(Path(self.data_dir))
+
     def _path(self, key: dg.AssetKey, suffix: str) -> Path:
         return Path(self.data_dir, "assets", *key.path).with_suffix(suffix)
 
@@ -67,6 +72,15 @@ class PipelineIOManager(dg.ConfigurableIOManager):
         return Path(self.data_dir, "assets", *key.path[:-1], RUNS_FOLDER, run_id, key.path[-1]).with_suffix(suffix)
 
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
+        try:
+            self._store(context, obj)
+        except OSError as exc:  # no permission, a read-only disk, no space: said once, never retried
+            problem = write_problem(exc, Path(self.data_dir))
+            if problem is None:
+                raise
+            raise dg.Failure(description=str(problem), allow_retries=False) from problem
+
+    def _store(self, context: dg.OutputContext, obj: Any) -> None:
         if obj is None:
             return
         key = context.asset_key

@@ -326,3 +326,27 @@ def test_a_misspelt_pipeline_name_gets_did_you_mean(tmp_path: Path, name: str, m
     assert out.returncode == 2
     assert out.stderr.strip() == (f"error: no pipeline {name!r} (did you mean {meant!r}?); pipelines are: "
                                   "chatterbot_instruct, trec_questions")
+
+
+def test_a_data_folder_that_cannot_be_written_is_one_block_and_nothing_is_written(
+        tmp_path: Path, trec_slice_csv: Path, tiny_model_dir: Path, write_spec: Callable[..., Path]) -> None:
+    """A data folder the user may not write (as root, the command runs without the capability to override file
+    permissions, as any other user would): one error line naming the folder and what to do; nothing written."""
+    specs = write_spec("tiny", tiny_spec(trec_slice_csv, tiny_model_dir))
+    data = tmp_path / "data"
+    data.mkdir()
+    data.chmod(0o555)
+    command = [sys.executable, "-m", "pipelines.cli", "run", "--pipeline", "tiny", "--specs-dir", str(specs),
+               "--data-dir", str(data / "run")]
+    if os.geteuid() == 0:
+        command = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *command]
+    try:
+        out = subprocess.run(command, cwd=PROJECT_ROOT, env={**os.environ, "DAGSTER_HOME": str(tmp_path / "home")},
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 2 and out.stdout == ""
+        assert out.stderr.splitlines() == [
+            f"error: the data folder {data / 'run'} cannot be written: permission denied at {data}; make it "
+            f"writable (chmod u+w {data}) or pass --data-dir to a folder you can write. Nothing was written"]
+        assert list(data.iterdir()) == []
+    finally:
+        data.chmod(0o755)

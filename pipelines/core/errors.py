@@ -54,3 +54,8 @@ class StepInterrupted(TunelineError):
 
 class InitError(TunelineError):
     """`tuneline init` cannot write a spec for this data; the message says why and what to pass."""
+
+
+class DataFolderError(TunelineError):
+    """The folder tuneline writes its data to (or one inside it) cannot be written: no permission, a read-only file
+    system, no space left."""

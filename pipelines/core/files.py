@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import stat
+import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from pipelines.core.errors import DataFolderError
 
 
 @contextmanager
@@ -76,3 +80,38 @@ def read_bounded(path: Path, limit: int) -> bytes:
     if len(data) > limit:
         raise TooLarge(limit)
     return data
+
+
+_WRITE_PROBLEMS = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+                   errno.EROFS: "it is on a read-only file system", errno.ENOSPC: "no space left on the device",
+                   errno.EDQUOT: "the disk quota is used up", errno.ENOTDIR: "a file is in the way of the folder"}
+
+
+def write_problem(exc: OSError, folder: Path) -> DataFolderError | None:
+    """An OSError from writing under `folder` (the data folder) as one error that says what to do, or None when it
+    is not about the folder being writable."""
+    why = _WRITE_PROBLEMS.get(exc.errno or 0)
+    if why is None:
+        return None
+    where = Path(exc.filename) if exc.filename else folder
+    blocked = next((p for p in (where, *where.parents) if p.exists()), where)
+    fix = {errno.EROFS: "pass --data-dir (or set the data folder of the code location) to a writable folder",
+           errno.ENOSPC: "free some space, or pass --data-dir to a folder on another disk",
+           errno.EDQUOT: "free some space, or pass --data-dir to a folder on another disk",
+           errno.ENOTDIR: f"move the file {blocked} away"}.get(
+        exc.errno or 0, f"make it writable (chmod u+w {blocked}) or pass --data-dir to a folder you can write")
+    return DataFolderError(f"the data folder {folder} cannot be written: {why} at {blocked}; {fix}. Nothing was "
+                           "written")
+
+
+def ensure_writable(folder: Path) -> None:
+    """Raise DataFolderError when `folder` (or, while it does not exist yet, the folder it would be made in) cannot
+    be written. Writes nothing."""
+    nearest = next(p for p in (folder, *folder.parents) if p.exists() or p == p.parent)
+    if not nearest.is_dir():
+        code = errno.ENOTDIR
+    elif os.access(nearest, os.W_OK | os.X_OK):
+        return
+    else:
+        code = errno.EROFS if os.statvfs(nearest).f_flag & os.ST_RDONLY else errno.EACCES
+    raise write_problem(OSError(code, os.strerror(code), str(nearest)), folder) or DataFolderError(str(folder))

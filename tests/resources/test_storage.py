@@ -54,3 +54,25 @@ def test_a_table_parquet_cannot_hold_fails_at_once_naming_the_column_and_keeps_t
     assert "column x" in str(failure.value.description)
     assert load(manager, key, None)["x"].tolist() == ["ok"]  # type: ignore[index]
     assert not [p for p in (tmp_path / "assets" / "p").rglob("*") if p.is_file() and "tmp" in p.name]
+
+
+def test_a_data_folder_that_cannot_be_written_fails_the_step_before_it_starts_and_writes_nothing(
+        tmp_path: Path) -> None:
+    """A file where the data folder should be (the folder cannot be made): the io manager's setup refuses, naming
+    the folder and the file in the way; a write that fails later is one Failure that is not retried."""
+    import pytest
+
+    from pipelines.core.errors import DataFolderError
+
+    (tmp_path / "data").write_text("not a folder")
+    manager = PipelineIOManager(data_dir=str(tmp_path / "data" / "run"))
+    with pytest.raises(DataFolderError) as refused:
+        manager.setup_for_execution(dg.build_init_resource_context())
+    assert str(refused.value) == (f"the data folder {tmp_path / 'data' / 'run'} cannot be written: a file is in the "
+                                  f"way of the folder at {tmp_path / 'data'}; move the file {tmp_path / 'data'} away. "
+                                  "Nothing was written")
+    key = dg.AssetKey(["p", "raw_data"])
+    with dg.build_output_context(asset_key=key, run_id="run-a") as context, pytest.raises(dg.Failure) as failure:
+        manager.handle_output(context, pd.DataFrame({"x": ["ok"]}))
+    assert failure.value.allow_retries is False and failure.value.description == str(refused.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
