@@ -136,6 +136,49 @@ CASES = {
                   "observed 1 unexpected row(s) — e.g. {bad}/multiline_label_typo.csv row 108 (label 'H0M'). "
                   "To fix: correct the misspelt labels",),
         not_run=AFTER_CLEANED),
+    # Values that are not what they seem: ids, line breaks, look-alike labels, control characters, null turns.
+    "label_column_holds_ids": Case(
+        "label_ids.csv", task={"text_column": "text", "label_column": "ticket"},
+        errors=(check("cleaned_dataset", "labels_look_like_classes")
+                + "expect_column_values_to_be_between(column='distinct_share', max_value=0.5) observed 1 unexpected "
+                  "row(s) — e.g. distinct_share 1.0, label_column 'ticket'. To fix: task.label_column 'ticket' holds "
+                  "240 distinct values in 240 rows (e.g. 'TCK-10000', 'TCK-10001', 'TCK-10002'): ids (ticket numbers, "
+                  "uuids), not classes a model can learn; point task.label_column at the column that holds the "
+                  "classes",
+                check("cleaned_dataset", "labels_are_known"), check("cleaned_dataset", "classes_are_balanced")),
+        not_run=AFTER_CLEANED),
+    "label_line_breaks": Case(
+        "label_line_breaks.csv",
+        errors=(check("cleaned_dataset", "labels_are_plain_text")
+                + "expect_column_values_to_not_match_regex(column='label', regex='[\\\\x00-\\\\x1f\\\\x7f-\\\\x9f"
+                  "\\\\u2028\\\\u2029]') observed 12 unexpected row(s) — e.g. {bad}/label_line_breaks.csv row 62 "
+                  "(label 'HUM\\n(checked)'); {bad}/label_line_breaks.csv row 68 (label 'HUM\\n(checked)'); "
+                  "{bad}/label_line_breaks.csv row 74 (label 'HUM\\n(checked)'). To fix: correct the listed labels",),
+        not_run=AFTER_CLEANED),
+    "label_look_alike": Case(
+        "label_case_variants.csv", task={"text_column": "text", "label_column": "label",
+                                         "labels": ["DESC", "HUM", "LOC", "NUM"]},
+        errors=(check("cleaned_dataset", "labels_are_known")
+                + "expect_column_values_to_be_in_set(column='label', value_set=['DESC', 'HUM', 'LOC', 'NUM']) "
+                  "observed 20 unexpected row(s) — e.g. {bad}/label_case_variants.csv row 3 (label 'loc'); "
+                  "{bad}/label_case_variants.csv row 6 (label 'loc'); {bad}/label_case_variants.csv row 9 (label "
+                  "'loc'). To fix: 'loc' (20 rows) looks like 'LOC' but differs in case; correct the misspelt labels",),
+        not_run=AFTER_CLEANED),
+    "terminal_escapes_in_texts": Case(
+        "terminal_escapes.csv",
+        errors=(check("cleaned_dataset", "cleaning_kept_most_rows")
+                + "expect_column_values_to_be_between(column='share_lost', max_value=0.3) observed 1 unexpected "
+                  "row(s) — e.g. share_lost 0.5, rows_dropped_by_reason 'control_characters 120'. To fix: ",),
+        not_run=AFTER_CLEANED),
+    "null_chat_turns": Case(
+        "null_chat_turns.jsonl", task={"type": "instruction_tuning"},
+        spec={"base_model": {"model": {"source": "local", "path": "tmp:chat", "name": "tiny-chat"}},
+              "training": {"max_length": 64}},
+        errors=(check("cleaned_dataset", "cleaning_kept_most_rows")
+                + "expect_column_values_to_be_between(column='share_lost', max_value=0.3) observed 1 unexpected "
+                  "row(s) — e.g. share_lost 0.5, rows_dropped_by_reason 'malformed_message 60, empty_turn 60'. "
+                  "To fix: ",),
+        not_run=("splits", "base_model", "rendered_dataset", "finetuned_checkpoint", "evaluation_report")),
     "leaky_official_splits": Case(
         "leaky_splits", spec={"source": {"split_files": {"train": "train.csv", "test": "test.csv"}}},
         errors=(check("splits", "splits_do_not_overlap"),),
@@ -158,6 +201,9 @@ CASES = {
         not_run=("finetuned_checkpoint", "evaluation_report")),
     # Inputs that must train: read as they are, or a warning that does not block.
     "excel_semicolon_bom": Case("excel_semicolon_bom.csv", progress=("raw_data: read 240 rows from",)),
+    "labels_in_two_unicode_forms": Case(  # e + U+0301 in the data and the spec reads as é: four classes, not six
+        "labels_unicode_forms.csv", task={"text_column": "text", "label_column": "label", "labels": [
+            "Lieu", "Personne", "Quantite\u0301", "De\u0301finition"]}),
     "imbalanced_like_reuters_r8": Case(
         "imbalanced.csv",
         warnings=("warning: check gate/cleaned_dataset:classes_are_balanced (WARN): classes_are_balanced failed: ",)),

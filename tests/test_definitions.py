@@ -34,7 +34,7 @@ def test_default_definitions_list_both_pipelines() -> None:
 
 
 CHECKS = {
-    "cleaned_dataset": ["labels_are_known",
+    "cleaned_dataset": ["labels_look_like_classes", "labels_are_plain_text", "labels_are_known",
                         "declared_labels_have_rows", "labels_are_distinct", "texts_look_like_text",
                         "cleaning_kept_most_rows", "text_lengths_within_bounds", "texts_are_unique",
                         "row_count_within_bounds", "classes_are_balanced"],

@@ -321,3 +321,16 @@ def test_written_classification_spec_materializes_its_data_assets(tmp_path: Path
     assert {"labels_are_known", "classes_are_balanced", "splits_do_not_overlap", "every_class_in_train_and_test"} \
         <= set(blocking)
     assert all(blocking.values()), blocking
+
+
+def test_labels_are_proposed_as_the_task_reads_them(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """One label in two Unicode forms is one label (NFC), and a label with a line break is left out, with a note."""
+    labels = ["Café", "Cafe\u0301", "Thé"]
+    rows = [(f"review number {i} of the coffee shop", labels[i % 3]) for i in range(90)]
+    rows += [(f"review number {i} of the tea shop", "Thé\n(checked)") for i in range(90, 93)]
+    data = tmp_path / "drinks.csv"
+    pd.DataFrame(rows, columns=["text", "label"]).to_csv(data, index=False)
+    assert init(data, "--specs-dir", tmp_path) == 0
+    assert load_spec(tmp_path / "drinks.yaml").task.labels == ("Café", "Thé")
+    assert "left out of task.labels: 'Thé\\n(checked)' (a line break, tab or control character" in (
+        capsys.readouterr().out)

@@ -350,8 +350,8 @@ def lost_examples_check(raw_keys: pd.Series, kept_keys: pd.Series, max_lost: flo
     return check_def(
         "cleaning_kept_most_rows",
         f"Cleaning dropped at most quality.max_lost_fraction ({max_lost:g}) of the source's distinct examples "
-        "(rows with an empty text, a missing label or response, over-long or with conflicting labels; duplicates "
-        "are not losses).",
+        "(rows with an empty text, a missing label or response, an empty turn, a malformed message, control "
+        "characters, over-long or with conflicting labels; duplicates are not losses).",
         "see rows_dropped_by_reason and the cleaned_dataset's dropped examples: point task.*_column at the right "
         "columns, fill the empty values, raise cleaning.max_chars, or raise quality.max_lost_fraction",
         (gxe.ExpectColumnValuesToBeBetween(column="share_lost", max_value=max_lost), "lost", ERROR)), table

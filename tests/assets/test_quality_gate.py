@@ -152,7 +152,7 @@ def test_good_data_goes_through_every_check(tmp_path: Path, write_spec: Callable
     assert result.success
     evaluations = result.get_asset_check_evaluations()
     blocking = [e for e in evaluations if e.blocking]
-    assert len(blocking) == 13 and all(e.passed for e in blocking)
+    assert len(blocking) == 15 and all(e.passed for e in blocking)
     # Plus the data doctor, which only warns (here about the tiny random model's look-alike embeddings).
     assert [e.check_name for e in evaluations if not e.blocking] == ["labels_look_right"]
     assert {"finetuned_checkpoint", "evaluation_report"} <= materialized(result)

@@ -202,8 +202,9 @@ def test_cleaning_counts_and_keeps_several_answers() -> None:
         "source_file": "f.csv", "source_row": range(2, 9)})
     result = clean_conversations(select_conversations(raw, TASK), CleaningConfig(max_chars=40))
     assert result.frame["response"].tolist() == ["A field.", "A science."]  # two answers to one instruction
-    assert result.dropped == {"malformed_source_row": 0, "empty_instruction": 1, "empty_response": 1,
-                              "too_long": 1, "exact_duplicate": 1, "normalised_duplicate": 1}
+    assert result.dropped == {"malformed_source_row": 0, "malformed_message": 0, "empty_instruction": 1,
+                              "empty_response": 1, "empty_turn": 0, "control_characters": 0, "too_long": 1,
+                              "exact_duplicate": 1, "normalised_duplicate": 1}
     splits = assign_splits(result.frame, SplitsConfig(), group_column="category").frame
     assert splits.groupby("norm_text")["split"].nunique().max() == 1  # an instruction stays in one split
 
@@ -282,3 +283,77 @@ def test_generation_metrics(prediction: str, reference: str, em: float, f1: floa
 def test_scores_take_the_best_reference() -> None:
     scores = score_generation("A field of science.", ["Sort of.", "A field of science"])
     assert scores == {"exact_match": 1.0, "token_f1": 1.0, "rouge_l": 1.0}
+
+
+# ------------------------------------------------------------------------- values that are not what they seem
+def _conversations(*conversations: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame({"messages": list(conversations), "source_file": "chat.jsonl",
+                         "source_row": range(1, len(conversations) + 1)})
+
+
+def _turns(*contents: object) -> list[dict]:
+    return [{"role": "user" if i % 2 == 0 else "assistant", "content": c} for i, c in enumerate(contents)]
+
+
+def test_null_roles_null_turns_and_control_characters_are_dropped_with_their_reason() -> None:
+    raw = _conversations(
+        _turns("What is 2 plus 2?", "4"),
+        _turns("What is 3 plus 3?", None, "Please answer.", "6"),    # a null assistant turn before the response
+        _turns("What is 4 plus 4?", "  ", "Please answer.", "8"),    # a blank one
+        _turns("What is 5 plus 5?", "10", None, "Anything else?"),  # a null user turn
+        [{"role": None, "content": "What is 6 plus 6?"}, {"role": "assistant", "content": "12"}],
+        _turns("What is 7 plus 7?", None),                           # a null response: empty_response, as before
+        _turns("What is \x1b[1m8\x1b[0m plus 8?", "16"),             # a terminal's escape codes
+        _turns("What is 9 plus 9?", "18\x00"),                       # NUL in the response
+        [{"role": "system", "content": None}, *_turns("What is 10 plus 10?", "20")])
+    selected = select_conversations(raw, TASK)
+    assert selected["message_problem"].tolist()[4] == "message 0 has no role (null)"
+    result = clean_conversations(selected, CleaningConfig())
+    assert result.frame["response"].tolist() == ["4", "20"]
+    assert {why: n for why, n in result.dropped.items() if n} == {
+        "malformed_message": 1, "empty_response": 1, "empty_turn": 3, "control_characters": 2}
+    assert [r["source_row"] for r in result.dropped_examples["empty_turn"]] == [2, 3, 4]
+    assert result.dropped_examples["malformed_message"][0]["message_problem"] == "message 0 has no role (null)"
+    shown = result.dropped_examples["control_characters"]
+    assert [(r["text"], r["response"]) for r in shown] == [("What is \\x1b[1m8\\x1b[0m plus 8?", "16"),
+                                                            ("What is 9 plus 9?", "18\\x00")]
+    # An empty system message carries nothing: it is left out, as an empty system column is.
+    assert json.loads(result.frame["messages"][1]) == _turns("What is 10 plus 10?", "20")
+    assert all(role_problem(json.loads(m)) is None for m in result.frame["messages"])
+
+
+def test_bytes_booleans_and_numbers_in_messages_and_columns_are_read_as_text() -> None:
+    raw = _conversations(
+        _turns(b"Qu'est-ce qu'un caf\xc3\xa9 ?", [{"type": "text", "text": b"Une boisson."}]),
+        [{"role": b"user", "content": "Is it true?"}, {"role": "assistant", "content": True}],
+        _turns("How many?", 12.5))
+    conversations = select_conversations(raw, TASK)
+    assert conversations["text"].tolist() == ["Qu'est-ce qu'un café ?", "Is it true?", "How many?"]
+    assert conversations["response"].tolist() == ["Une boisson.", "true", "12.5"]  # never b'...' or True
+    pairs = pd.DataFrame({"instruction": [b"Say hi", "Say bye"], "response": ["Hi", b"Bye"],
+                          "category": [b"greeting", None], "source_file": "p.parquet", "source_row": [1, 2]})
+    conversations = select_conversations(pairs, TASK)
+    assert conversations["text"].tolist() == ["Say hi", "Say bye"]
+    assert conversations["response"].tolist() == ["Hi", "Bye"]
+    assert conversations["category"].tolist() == ["greeting", "none"]
+
+
+@pytest.mark.parametrize(("conversation", "problem"), [
+    (_turns("Q", b"\xff\xfe"), r"chat\.jsonl, row 1, column 'messages': holds bytes that are not UTF-8 text "
+                               r"\(b'\\xff\\xfe': byte 0xff at offset 0\).* \(expected text as message 1's content\)"),
+    (_turns("Q", {"answer": "A"}), r"row 1, column 'messages': message 1 has a content part without a 'text' string "
+                                   r"\(\{'answer': 'A'\}\)"),
+    ([{"role": "user", "content": "Q"}, {"role": "assistant", "content": object()}],
+     r"holds a value of type object .*\(expected text as message 1's content\)"),
+])
+def test_message_content_that_is_not_text_names_the_row(conversation: list[dict], problem: str) -> None:
+    with pytest.raises(SourceError, match=problem):
+        select_conversations(_conversations(conversation), TASK)
+
+
+def test_an_instruction_column_that_is_not_text_names_the_row() -> None:
+    raw = pd.DataFrame({"instruction": ["a", {"q": "b"}], "response": ["x", "y"], "source_file": "p.jsonl",
+                        "source_row": [1, 2]})
+    with pytest.raises(SourceError, match=r"p\.jsonl, row 2, column 'instruction': holds a JSON object "
+                                          r"\(\{'q': 'b'\}\), not text \(expected text\)"):
+        select_conversations(raw, TASK)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import unicodedata
+
+import numpy as np
 import pandas as pd
 import pytest
 
-from pipelines.core.cleaning import dedup_key, normalise_text
+from pipelines.core.cleaning import TEXT_CONTROL, NotText, cell_text, dedup_key, normalise_text
 from pipelines.core.tasks.classification.cleaning import DROP_REASONS, clean
 from pipelines.core.errors import SourceError
 from pipelines.core.sources import read_source
 from pipelines.core.spec import CleaningConfig, PackageFileSourceConfig
+from pipelines.core.splitting import row_position
 from pipelines.core.tasks.classification.config import ClassificationTaskConfig as TaskConfig
 from pipelines.core.tasks.classification.data import select_examples
 from tests.conftest import PROJECT_ROOT
@@ -150,3 +154,89 @@ def test_real_trec_file_shows_its_duplicates() -> None:
     assert result.dropped["exact_duplicate"] > 9_000
     assert set(result.counts("label")) == {"ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"}
     assert result.frame["norm_text"].is_unique
+
+
+# ------------------------------------------------------------------------- values that are not what they seem
+@pytest.mark.parametrize(("value", "text"), [
+    ("plain", "plain"),
+    (b"caf\xc3\xa9", "café"),                 # bytes are decoded as UTF-8, never kept as "b'caf\\xc3\\xa9'"
+    (bytearray(b"LOC"), "LOC"),
+    (None, None), (float("nan"), None), (pd.NA, None), (np.nan, None),
+    (True, "true"), (np.bool_(False), "false"),  # as JSON spells them, not Python's True
+    (3, "3"), (np.int64(4), "4"), (2.5, "2.5"), (np.float32(1.5), "1.5"),
+    (pd.Timestamp("2024-01-02"), "2024-01-02 00:00:00"),
+])
+def test_cell_text_reads_every_scalar_as_text_and_never_as_a_repr(value: object, text: str | None) -> None:
+    assert cell_text(value) == text
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    (b"\xffLOC", r"holds bytes that are not UTF-8 text \(b'\\xffLOC': byte 0xff at offset 0\)"),
+    ({"label": "LOC"}, r"holds a JSON object \(\{'label': 'LOC'\}\), not text"),
+    (["a", "b"], r"holds a list"),
+    (np.array([1, 2]), r"holds a list"),
+    (object(), r"holds a value of type object"),
+])
+def test_cell_text_refuses_what_is_not_text(value: object, message: str) -> None:
+    with pytest.raises(NotText, match=message):
+        cell_text(value)
+
+
+def test_bytes_texts_and_labels_are_decoded_and_labels_are_one_line_in_nfc() -> None:
+    raw = pd.DataFrame({"text": [b"Where is caf\xc3\xa9 Arden ?", "Who ?", b"  Why ?  "],
+                        "label": [b"LOC", "Cafe\u0301\r\n", np.bytes_(b"DESC")],
+                        "source_file": "b.parquet", "source_row": [1, 2, 3]})
+    out = select_examples(raw, TaskConfig())
+    assert out["text"].tolist() == ["Where is café Arden ?", "Who ?", "  Why ?  "]
+    assert out["label"].tolist() == ["LOC", "Café", "DESC"]  # stripped; e + U+0301 composed (NFC)
+    assert "\u0301" not in out["label"][1]
+    result = clean(out, DEFAULT)
+    assert result.frame["text"].tolist() == ["Where is café Arden ?", "Who ?", "Why ?"]
+    assert not any(str(v).startswith("b'") for v in [*result.frame["text"], *result.frame["label"]])
+
+
+def test_a_cell_that_is_not_utf8_names_its_file_row_and_column() -> None:
+    raw = pd.DataFrame({"text": ["a", b"caf\xe9"], "label": ["A", "B"], "source_file": "b.parquet",
+                        "source_row": [1, 2]})
+    with pytest.raises(SourceError) as info:
+        select_examples(raw, TaskConfig())
+    assert str(info.value) == ("b.parquet, row 2, column 'text': holds bytes that are not UTF-8 text (b'caf\\xe9': "
+                               "byte 0xe9 at offset 3); store it as text (decoded with its real encoding) "
+                               "(expected a text)")
+    raw = pd.DataFrame({"text": ["a", "b"], "label": ["A", b"\xff"], "source_file": "b.parquet",
+                        "source_row": [1, 2]})
+    with pytest.raises(SourceError, match=r"b\.parquet, row 2, column 'label': holds bytes that are not UTF-8 .*"
+                                          r"\(expected a label\)"):
+        select_examples(raw, TaskConfig())
+
+
+@pytest.mark.parametrize(("text", "dropped"), [
+    ("Where is \x00 Arden ?", True),           # NUL
+    ("\x1b[1mWhere is Arden ?\x1b[0m", True),  # a terminal's escape codes
+    ("Where is Arden\x7f ?", True),            # DEL
+    ("Whereâ\x80\x99s Arden ?", True),         # C1: UTF-8 read as Latin-1 (mojibake)
+    ("Where is Arden\x1f ?", True),            # a unit separator, which collapsing white space would hide
+    ("Where is Arden\x85", True),              # NEL (C1), also white space to Python
+    ("Where\tis\nArden\r\n?\x0c", False),      # tab, line breaks and a form feed are ordinary white space
+    ("Wo liegt Müller’s Café ?", False),
+])
+def test_texts_with_control_characters_are_dropped_and_shown_escaped(text: str, dropped: bool) -> None:
+    result = clean(frame([(text, "A"), ("another question", "A")]), DEFAULT)
+    assert result.dropped["control_characters"] == int(dropped)
+    assert (len(result.frame) == 1) is dropped
+    if dropped:
+        [row] = result.dropped_examples["control_characters"]
+        assert row["source_row"] == 2 and "\\x" in row["text"]
+        assert not TEXT_CONTROL.search(row["text"])  # escaped: the table shows where they are
+
+
+def test_texts_in_two_unicode_forms_are_one_text_for_duplicates_and_splits() -> None:
+    """Texts keep cleaning.unicode_normalization (NFKC by default, 'none' keeps them as given); duplicates, conflicts
+    and the split hash compare the NFKC, case-folded key either way."""
+    composed, decomposed = "Où est le café ?", unicodedata.normalize("NFD", "Où est le café ?")
+    assert composed != decomposed and dedup_key(composed) == dedup_key(decomposed)
+    assert row_position(dedup_key(composed), 13) == row_position(dedup_key(decomposed), 13)
+    for cfg in (DEFAULT, CleaningConfig(unicode_normalization="none")):
+        result = clean(frame([(composed, "A"), (decomposed, "A"), ("other", "B")]), cfg)
+        assert len(result.frame) == 2 and sum(result.dropped.values()) == 1
+    assert clean(frame([(decomposed, "A")]), DEFAULT).frame["text"][0] == composed  # NFKC composes

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import uuid
+
 import pandas as pd
 import pytest
 
@@ -183,3 +186,111 @@ def test_imbalance_alone_warns_and_a_class_too_small_to_learn_blocks() -> None:
     tiny = pairs[:-1]  # B has 1 row, under task.min_rows_per_class (2)
     check = validate_cleaned_dataset(clean_frame(tiny), pipeline).check("classes_are_balanced")
     assert (check.passed, check.severity) == (False, "ERROR")
+
+
+# ------------------------------------------------------------------------- values that are not what they seem
+@pytest.mark.parametrize("label", ["A\nB", "A\tB", "A\x00", "A\u2028B", "A\x85B"])
+def test_a_label_with_a_line_break_tab_or_control_character_blocks_naming_its_row(label: str) -> None:
+    report = validate_cleaned_dataset(clean_frame(GOOD[:5] + [("question x", label)] + GOOD[5:]), spec())
+    check = report.check("labels_are_plain_text")
+    assert not check.passed and check.severity == "ERROR"
+    assert check.examples == [{"text": "question x", "label": label, "source_file": "f.csv", "source_row": 7}]
+    assert f"f.csv row 7 (label {label!r})" in check.summary()
+    assert report.check("labels_are_plain_text").failed_expectations[0].unexpected_count == 1
+    assert validate_cleaned_dataset(clean_frame(GOOD + [("q y", "A B é")]), spec()).check(
+        "labels_are_plain_text").passed  # spaces and accents are text
+
+
+def test_a_label_column_of_ids_is_named_with_its_counts_and_examples() -> None:
+    tickets = [(f"printer {i} is broken", f"TCK-{10000 + i}") for i in range(40)]
+    check = validate_cleaned_dataset(clean_frame(tickets), spec()).check("labels_look_like_classes")
+    assert not check.passed and check.severity == "ERROR"
+    assert check.examples == [{"label_column": "label", "distinct_share": 1.0}]
+    assert check.summary().endswith(
+        "To fix: task.label_column 'label' holds 40 distinct values in 40 rows (e.g. 'TCK-10000', 'TCK-10001', "
+        "'TCK-10002'): ids (ticket numbers, uuids), not classes a model can learn; point task.label_column at the "
+        "column that holds the classes")
+    # 16 distinct in 24 rows (67%): uuids are ids; the same share of words is many small classes.
+    for label, ids in ((lambda i: str(uuid.UUID(int=i)), True), (lambda i: f"topic {'abcdefghijklmnop'[i]}", False)):
+        pairs = [(f"order {n} arrived late", label(n % 16)) for n in range(24)]
+        check = validate_cleaned_dataset(clean_frame(pairs), spec()).check("labels_look_like_classes")
+        assert check.passed is not ids
+        assert check.expectations[0].kwargs["max_value"] == (0.5 if ids else 0.9)  # id-shaped: a lower bar
+    names = [(f"note {i}", f"customer {i}") for i in range(30)]  # not id-shaped, but nearly every one distinct
+    assert not validate_cleaned_dataset(clean_frame(names), spec()).check("labels_look_like_classes").passed
+
+
+@pytest.mark.parametrize(("classes", "rows_per_class"), [
+    (77, 20),  # banking77's shape: 77 classes, many rows each
+    (12, 3),   # a small dataset of many small classes (36 rows)
+    (15, 2),   # 2 rows a class: 50% distinct, not id-shaped
+    (9, 2),    # fewer than 20 rows: too few to tell
+])
+def test_many_classes_are_not_taken_for_ids_but_small_ones_get_the_rows_per_class_message(
+        classes: int, rows_per_class: int) -> None:
+    pairs = [(f"question {c} {r}", f"intent_{c}") for c in range(classes) for r in range(rows_per_class)]
+    pipeline = parse_spec(BASE.replace("min_rows_per_class: 2", "min_rows_per_class: 5"), name="q", origin="q.yaml")
+    report = validate_cleaned_dataset(clean_frame(pairs), pipeline)
+    assert report.check("labels_look_like_classes").passed
+    small = rows_per_class < 5
+    assert report.check("classes_are_balanced").passed is not small
+    if small:
+        assert "collect more rows of the small classes" in report.check("classes_are_balanced").summary()
+
+
+def test_with_declared_labels_only_undeclared_values_count_as_ids() -> None:
+    pipeline = spec("task: {labels: [A, B]}\n")
+    assert validate_cleaned_dataset(clean_frame(GOOD * 3), pipeline).check("labels_look_like_classes").passed
+    tickets = [(f"printer {i} is broken", f"TCK-{10000 + i}") for i in range(30)]
+    check = validate_cleaned_dataset(clean_frame(GOOD + tickets), pipeline).check("labels_look_like_classes")
+    assert not check.passed and "holds 30 distinct undeclared values in 40 rows" in check.summary()
+
+
+@pytest.mark.parametrize(("label", "hint"), [
+    ("a", "'a' (2 rows) looks like 'A' but differs in case"),
+    ("Ｂ", "'Ｂ' (2 rows) looks like 'B' but differs in Unicode normalization"),      # full-width
+    ("Café\u00a0Noir", "'Café\\xa0Noir' (2 rows) looks like 'Café Noir' but differs in Unicode normalization or "
+                       "spacing"),                                                   # a no-break space
+    ("CAFÉ  NOIR!", "'CAFÉ  NOIR!' (2 rows) looks like 'Café Noir' but differs in case and punctuation and "
+                    "spacing"),
+])
+def test_an_undeclared_label_that_looks_like_a_declared_one_says_how_they_differ(label: str, hint: str) -> None:
+    pipeline = spec("task: {labels: [A, B, 'Café Noir']}\n")
+    pairs = GOOD + [(f"coffee {i}", "Café Noir") for i in range(3)] + [(f"odd {i}", label) for i in range(2)]
+    check = validate_cleaned_dataset(clean_frame(pairs), pipeline).check("labels_are_known")
+    assert not check.passed
+    assert f"To fix: {hint}; correct the misspelt labels in the source" in check.summary()
+    typo = validate_cleaned_dataset(clean_frame(GOOD + [("q x", "C")]), pipeline).check("labels_are_known")
+    assert "looks like" not in typo.summary()  # another label altogether: no hint
+
+
+def test_labels_in_two_unicode_forms_are_one_declared_label() -> None:
+    """e + U+0301 in the data or in task.labels is é: both are read in NFC, so the rows are known and one class."""
+    pipeline = spec("task: {labels: ['Cafe\u0301', 'The\u0301']}\n")
+    assert pipeline.task.labels == ("Café", "Thé")
+    raw = pd.DataFrame({"text": [f"cup {i}" for i in range(12)],
+                        "label": [("Café", "Cafe\u0301", "Thé", "The\u0301")[i % 4] for i in range(12)],
+                        "source_file": "f.csv", "source_row": range(2, 14)})
+    cleaned = task_for(pipeline).clean(raw, pipeline)[0]
+    assert sorted(set(cleaned["label"])) == ["Café", "Thé"]
+    report = validate_cleaned_dataset(cleaned, pipeline)
+    for name in ("labels_are_known", "declared_labels_have_rows", "labels_are_distinct", "labels_are_plain_text"):
+        assert report.check(name).passed, report.check(name).summary()
+
+
+@pytest.mark.parametrize(("labels", "problem"), [
+    (["LOC ", "HUM"], "'LOC ' has white space around it, which the data's labels are read without: write 'LOC'"),
+    (["LO\nC", "HUM"], "'LO\\nC' holds a line break, a tab or a control character: a label is one line of text"),
+    (["LOC", "A\tB"], "'A\\tB' holds a line break, a tab or a control character"),
+    (["LOC", " \t"], "an empty label: a row whose label is empty has no label"),
+    (["Café", "Cafe\u0301"], "labels are listed more than once: ['Café']"),  # one label in two Unicode forms
+])
+def test_declared_labels_are_one_line_of_text_as_the_data_reads_them(labels: list[str], problem: str) -> None:
+    from pydantic import ValidationError
+
+    from pipelines.core.tasks.classification.config import ClassificationTaskConfig
+
+    with pytest.raises(ValidationError, match=re.escape(problem)):
+        ClassificationTaskConfig(labels=labels)
+    names = ClassificationTaskConfig(label_names={"Cafe\u0301": "coffee"}).label_names
+    assert names == {"Café": "coffee"}  # the prompting baseline finds the name of the data's (NFC) label

@@ -4,6 +4,7 @@ the classifier head, the class-balance and text checks, the prompting baseline's
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
@@ -11,6 +12,10 @@ from pydantic import Field, field_validator, model_validator
 
 from pipelines.core.sections import (CatalogModelConfig, Frozen, HubModelConfig, LocalModelConfig, ModelLocation,
                                      PackageModelConfig, TaskSection)
+
+
+# A label is one line of text: no control character, tab or line break (Unicode's line separators too).
+LABEL_CONTROL = r"[\x00-\x1f\x7f-\x9f\u2028\u2029]"
 
 
 class DoctorConfig(Frozen):
@@ -138,8 +143,24 @@ class ClassificationTaskConfig(TaskSection):
             elif not isinstance(item, str):
                 raise ValueError(f"{item!r} is not a label: write each label as the data spells it, in quotes "
                                  f"(e.g. '{item}')")
-            labels.append(item)
+            if re.search(LABEL_CONTROL, item.strip()):
+                raise ValueError(f"{item!r} holds a line break, a tab or a control character: a label is one line "
+                                 "of text")
+            if not item.strip():
+                raise ValueError("an empty label: a row whose label is empty has no label (cleaning drops it as "
+                                 "missing_label)")
+            if item != item.strip():
+                raise ValueError(f"{item!r} has white space around it, which the data's labels are read without: "
+                                 f"write {item.strip()!r}")
+            # One Unicode form (NFC) for the declared labels and the data's: 'Cafe\u0301' is 'Café'.
+            labels.append(unicodedata.normalize("NFC", item))
         return labels
+
+    @field_validator("label_names")
+    @classmethod
+    def _label_names_in_nfc(cls, value: dict[str, str]) -> dict[str, str]:
+        """Keyed by labels in the form the data's are read in (NFC), so 'Cafe\\u0301' finds the name of 'Café'."""
+        return {unicodedata.normalize("NFC", label): name for label, name in value.items()}
 
     @field_validator("label_column")
     @classmethod

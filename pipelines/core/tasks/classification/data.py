@@ -4,17 +4,18 @@ checks on the cleaned rows (labels known and distinct, texts that look like text
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from pipelines.core.cleaning import dedup_key, is_missing
+from pipelines.core.cleaning import NotText, cell_text, column_text, dedup_key
 from pipelines.core.errors import SourceError
 from pipelines.core.quality import (ERROR, WARN, QualityReport, check_def, evaluate_checks, lost_examples_check,
                                     with_row_id)
 from pipelines.core.tasks.classification.cleaning import clean
-from pipelines.core.tasks.classification.config import ClassificationTaskConfig
+from pipelines.core.tasks.classification.config import LABEL_CONTROL, ClassificationTaskConfig
 
 if TYPE_CHECKING:
     from pipelines.core.sections import SpecView
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 
 # Columns a failed check's example rows show (where the checked table has them), in this order.
 EXAMPLE_COLUMNS = ("text", "label", "split", "source_file", "source_row")
-CLEANED_CHECKS = ("labels_are_known",
+CLEANED_CHECKS = ("labels_look_like_classes", "labels_are_plain_text", "labels_are_known",
                   "declared_labels_have_rows", "labels_are_distinct", "texts_look_like_text", "cleaning_kept_most_rows",
                   "text_lengths_within_bounds", "texts_are_unique", "row_count_within_bounds", "classes_are_balanced")
 
@@ -32,6 +33,8 @@ SPLITS_CHECKS = ("splits_do_not_overlap", "split_proportions_match_spec", "every
 
 
 DESCRIPTIONS = {
+    "labels_look_like_classes": "The label column holds classes, not ids (nearly every label distinct).",
+    "labels_are_plain_text": "No label holds a line break, a tab or another control character.",
     "labels_are_known": "Every label is declared in task.labels (or, without them, frequent enough not to be a typo).",
     "text_lengths_within_bounds": "Every text length is within task.min_text_chars and task.max_text_chars.",
     "texts_are_unique": "No normalised text occurs twice (within a split, when the source brings splits).",
@@ -58,6 +61,16 @@ def _require_column(raw: pd.DataFrame, column: str, field_name: str) -> None:
                           file=", ".join(files) or None, column=column)
 
 
+def read_label(value: Any) -> str | None:
+    """A label cell as the task reads it: bytes decoded as UTF-8, a whole number as written (a column of whole
+    numbers with a gap reads as floats: 1.0 is '1'), stripped, and in one Unicode form, NFC, as task.labels is read
+    ('Cafe\\u0301' and 'Café' are one class); None when missing or empty. Raises NotText for what is not text."""
+    if isinstance(value, float | np.floating) and float(value).is_integer():
+        value = int(value)
+    text = cell_text(value)
+    return None if text is None else unicodedata.normalize("NFC", text.strip()) or None
+
+
 def select_examples(raw: pd.DataFrame, task: ClassificationTaskConfig) -> pd.DataFrame:
     """Pick the spec's text and label columns and derive the label; keep provenance and source splits."""
     _require_column(raw, task.text_column, "task.text_column")
@@ -80,10 +93,15 @@ def select_examples(raw: pd.DataFrame, task: ClassificationTaskConfig) -> pd.Dat
                               f"(named by {field_name}); tuneline reads the top-level fields of each record: "
                               "flatten the nested one into a column of its own (e.g. pandas.json_normalize)",
                               file=nested[0], row=int(nested[1]), column=column)
-    frame["text"] = [None if is_missing(v) else str(v) for v in frame["text"]]
-    # A label column of whole numbers with a gap reads as floats (1.0): the label is the number as written, 1.
-    frame["label"] = [None if is_missing(v) else (str(int(v)) if isinstance(v, float) and v.is_integer() else
-                                                  str(v)).strip() or None for v in frame["label"]]
+    # Bytes are decoded as UTF-8, never kept as their repr (b'...'); a cell that is not text names its row.
+    frame["text"] = column_text(frame["text"], frame["source_file"], frame["source_row"], task.text_column, "a text")
+    labels = []
+    for value, file, row in zip(frame["label"], frame["source_file"], frame["source_row"], strict=True):
+        try:
+            labels.append(read_label(value))
+        except NotText as exc:
+            raise SourceError(f"{exc} (expected a label)", file=file, row=int(row), column=task.label_column) from None
+    frame["label"] = labels
     if task.label_pattern is not None:
         pattern = re.compile(task.label_pattern)
         derived = []
@@ -101,6 +119,63 @@ def select_examples(raw: pd.DataFrame, task: ClassificationTaskConfig) -> pd.Dat
 
 
 ID_LIKE = r"^(?:[\W\d_]*|[\x21-\x7e]*\d[\x21-\x7e]*)$"  # no letters, or one ASCII token with a digit: 42, TCK-00123
+# A label column holds ids, not classes, when nearly every label is distinct (from IDS_MIN_ROWS rows on): more than
+# IDS_DISTINCT_SHARE of the rows, or more than IDS_PATTERN_DISTINCT_SHARE when the labels look like ids (uuids,
+# hashes, numbers of 4+ digits such as TCK-10000). Many small classes (banking77: 77 labels in 13,000 rows; 2 or 3
+# rows a class) stay far below: those are classes_are_balanced's to report.
+IDS_MIN_ROWS, IDS_DISTINCT_SHARE, IDS_PATTERN_DISTINCT_SHARE = 20, 0.9, 0.5
+ID_LABEL = re.compile(r"(?:[0-9a-f]{8}-(?:[0-9a-f]{4}-){3}[0-9a-f]{12}|[0-9a-f]{16,}|\S*\d{4,}\S*)", re.IGNORECASE)
+
+
+def _ids_table(labels: pd.Series, column: str, declared: tuple[str, ...] | None) -> tuple[pd.DataFrame, float, str]:
+    """`labels_look_like_classes`: the label column's distinct values per row (with task.labels, only the undeclared
+    ones count), the largest share allowed, and what to fix (naming the column, the counts and examples)."""
+    rows = len(labels)
+    values = labels if declared is None else labels[~labels.isin(declared)]
+    distinct = [str(v) for v in values.drop_duplicates()]
+    patterned = bool(distinct) and sum(bool(ID_LABEL.fullmatch(v)) for v in distinct) >= 0.9 * len(distinct)
+    table = pd.DataFrame([{"label_column": column, "rows": rows, "distinct_labels": len(distinct),
+                           "distinct_share": round(len(distinct) / max(rows, 1), 4)}])
+    table = table if rows >= IDS_MIN_ROWS else table.iloc[:0]  # too few rows to tell ids from many small classes
+    shown = ", ".join(repr(v if len(v) <= 40 else v[:37] + "...") for v in distinct[:3])
+    fix = (f"task.label_column {column!r} holds {len(distinct)} distinct "
+           + ("undeclared " if declared is not None else "") + f"values in {rows} rows (e.g. {shown}): "
+           "ids (ticket numbers, uuids), not classes a model can learn; point task.label_column at the column that "
+           "holds the classes")
+    return table, IDS_PATTERN_DISTINCT_SHARE if patterned else IDS_DISTINCT_SHARE, fix
+
+
+_SPACES, _PUNCTUATION = re.compile(r"\s+"), re.compile(r"[^\w\s]|_")
+# How two spellings of a label may differ and still look alike, each with the normalisation that hides it.
+LOOK_ALIKE = (("Unicode normalization", lambda x: unicodedata.normalize("NFKC", x)), ("case", str.casefold),
+              ("punctuation", lambda x: _PUNCTUATION.sub("", x)), ("spacing", lambda x: _SPACES.sub(" ", x).strip()))
+
+
+def _loose(label: str, skip: str | None = None, only: str | None = None) -> str:
+    for kind, normalise in LOOK_ALIKE:
+        if kind != skip and only in (None, kind):
+            label = normalise(label)
+    return label
+
+
+def _shown(label: str) -> str:
+    """The label quoted, with its combining marks written as escapes: 'Cafe\\u0301' does not look like 'Café'."""
+    return "".join(f"\\u{ord(c):04x}" if unicodedata.combining(c) else c for c in repr(label))
+
+
+def look_alike(label: str, declared: tuple[str, ...], rows: int | None = None) -> str | None:
+    """Why an undeclared `label` (on `rows` rows) that equals a declared one once Unicode compatibility forms, case,
+    punctuation and spacing are ignored is still another label; None when it looks like none of them."""
+    for known in declared:
+        if label == known or _loose(label) != _loose(known):
+            continue
+        # A kind tells them apart when ignoring every other kind still leaves them different.
+        kinds = [kind for kind, _ in LOOK_ALIKE if _loose(label, skip=kind) != _loose(known, skip=kind)]
+        joined = " and ".join(kinds) or " or ".join(
+            kind for kind, _ in LOOK_ALIKE if _loose(label, only=kind) == _loose(known, only=kind))
+        return (f"{_shown(label)}" + ("" if rows is None else f" ({rows} rows)")
+                + f" looks like {_shown(known)} but differs in {joined}")
+    return None
 
 
 def _example_keys(examples: pd.DataFrame) -> pd.Series:
@@ -126,10 +201,28 @@ def validate_cleaned_examples(frame: pd.DataFrame, spec: SpecView,
     largest = int(label_counts.max()) if len(label_counts) else 0
 
     checks: list[Any] = []
+    labels = rows["label"].astype(object) if "label" in present else pd.Series([], dtype=object)
+    tables["ids"], max_share, ids_fix = _ids_table(labels, t.label_column, t.labels)
+    checks.append(check_def(
+        "labels_look_like_classes",
+        f"The label column holds classes, not ids: at most {IDS_DISTINCT_SHARE:g} of its values are distinct "
+        f"({IDS_PATTERN_DISTINCT_SHARE:g} when they look like ids: uuids, ticket numbers), from {IDS_MIN_ROWS} "
+        "rows on.", ids_fix,
+        (gxe.ExpectColumnValuesToBeBetween(column="distinct_share", max_value=max_share), "ids", ERROR)))
+    checks.append(check_def(
+        "labels_are_plain_text", "No label holds a line break, a tab or another control character: a label is one "
+                                 "line of text.",
+        "correct the listed labels in the source (each would train as a class of its own; a line break inside a "
+        "label often comes from a quoted field that lost its closing quote)",
+        (gxe.ExpectColumnValuesToNotMatchRegex(column="label", regex=LABEL_CONTROL), "rows", ERROR)))
     if spec.task.labels is not None:
+        unknown = labels[~labels.isin(spec.task.labels)].value_counts()
+        hints = [hint for hint in (look_alike(str(v), spec.task.labels, int(n)) for v, n in unknown.items())
+                 if hint][:3]
         checks.append(check_def(
             "labels_are_known", f"Every label is one of task.labels {list(spec.task.labels)}.",
-            "correct the misspelt labels in the source, or add the label to task.labels",
+            "".join(f"{hint}; " for hint in hints)
+            + "correct the misspelt labels in the source, or add the label to task.labels",
             (gxe.ExpectColumnValuesToBeInSet(column="label", value_set=list(spec.task.labels)), "rows", ERROR)))
         tables["declared"] = pd.DataFrame({"label": list(spec.task.labels),
                                            "rows": [int(label_counts.get(x, 0)) for x in spec.task.labels]})

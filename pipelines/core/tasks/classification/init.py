@@ -4,6 +4,7 @@ and the warnings that matter before training (tiny classes, imbalance, label var
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -11,11 +12,12 @@ from typing import Any
 
 import pandas as pd
 
-from pipelines.core.cleaning import dedup_key
-from pipelines.core.columns import (ColumnProfile, TaskChoice, Undecided, by_name, cell_text, missing, quantile,
-                                    text_lengths)
+from pipelines.core.cleaning import NotText, dedup_key
+from pipelines.core.columns import ColumnProfile, TaskChoice, Undecided, by_name, quantile, text_lengths
 from pipelines.core.errors import InitError
 from pipelines.core.markdown import wrap_words
+from pipelines.core.tasks.classification.config import LABEL_CONTROL
+from pipelines.core.tasks.classification.data import read_label
 
 NAME = "text_classification"
 TEXT_NAMES = ("text", "sentence", "question", "utterance", "review", "content", "body", "message", "comment",
@@ -89,7 +91,16 @@ class ClassificationStarter:
     def sections(self, frame: pd.DataFrame, choice: TaskChoice, source: Mapping[str, Any],
                  own_splits: Sequence[str], data_name: str, notes: list[str]) -> dict[str, Any]:
         text, label = choice.columns["text_column"], choice.columns["label_column"]
-        labels = natural(sorted({cell_text(v) for v in frame[label] if not missing(v)} - {""}))
+        found = set()
+        for value in frame[label]:
+            with contextlib.suppress(NotText):  # a cell that is not text: cleaning names its row
+                found.add(read_label(value))
+        broken = sorted(v for v in found - {None} if re.search(LABEL_CONTROL, v))
+        if broken:
+            notes.append(f"left out of task.labels: {', '.join(repr(v) for v in broken[:5])} (a line break, tab or "
+                         "control character in a label: labels_are_plain_text blocks training until the source is "
+                         "corrected)")
+        labels = natural(sorted(found - {None} - set(broken)))
         if len(labels) < 2:
             raise InitError(f"{source['path']}: the label column {label!r} has "
                             f"{'only the label ' + repr(labels[0]) if labels else 'no labels'}: classification needs "

@@ -13,12 +13,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipelines.core.cleaning import CleaningResult, dedup_key, is_missing
+from pipelines.core.cleaning import CleaningResult, control_character, dedup_key, escape_controls, is_missing
 from pipelines.core.sections import CleaningConfig
 
 ROLES = ("system", "user", "assistant")
-CHAT_DROP_REASONS = ("malformed_source_row", "empty_instruction", "empty_response", "too_long", "exact_duplicate",
-                     "normalised_duplicate")
+CHAT_DROP_REASONS = ("malformed_source_row", "malformed_message", "empty_instruction", "empty_response", "empty_turn",
+                     "control_characters", "too_long", "exact_duplicate", "normalised_duplicate")
 RENDER_DROP_REASONS = ("over_max_length", "prompt_over_max_length")
 # Used only when a base model has no chat template of its own (reported as such in the asset's metadata).
 FALLBACK_CHAT_TEMPLATE = (
@@ -56,7 +56,10 @@ def _normalise(text: str, cfg: CleaningConfig) -> str:
 def clean_conversations(examples: pd.DataFrame, cfg: CleaningConfig) -> CleaningResult:
     """Normalise message texts; drop malformed, empty, over-long and duplicate conversations, counting each.
 
-    The same instruction with different responses is kept (several references); splits keep them together.
+    Malformed: the source row (source_problem) or one of its messages (message_problem: a null role). Empty: no
+    instruction, no response, or another user or assistant turn without content (null or blank). Conversations
+    whose messages hold control characters (NUL, escape, C1: binary or mis-decoded data) are dropped too, never
+    trained. The same instruction with different responses is kept (several references); splits keep them together.
     """
     rows_in = len(examples)
     frame = examples.copy()
@@ -66,16 +69,24 @@ def clean_conversations(examples: pd.DataFrame, cfg: CleaningConfig) -> Cleaning
         mask = pd.Series(np.asarray(mask, dtype=bool), index=frame.index)
         reason[mask & reason.isna()] = why
 
-    if "source_problem" in frame.columns:
-        mark(frame["source_problem"].map(lambda v: v is not None and not is_missing(v)), "malformed_source_row")
+    for column, why in (("source_problem", "malformed_source_row"), ("message_problem", "malformed_message")):
+        if column in frame.columns:
+            mark(frame[column].map(lambda v: v is not None and not is_missing(v)), why)
     normalised: list[str | None] = []
+    empty_turns, controls = [], []
     for value in frame["messages"]:
         if is_missing(value):
             normalised.append(None)
+            empty_turns.append(False)
+            controls.append(False)
             continue
         messages = json.loads(value)
+        # Found before normalising: NFKC and stripping would hide some, and they are never trained.
+        controls.append(any(control_character(m["content"] or "") is not None for m in messages))
         for message in messages:
             message["content"] = _normalise(message["content"] or "", cfg)
+        # The last message is the response (empty_response); a blank turn before it would train on nothing.
+        empty_turns.append(any(m["role"] in ("user", "assistant") and not m["content"] for m in messages[:-1]))
         normalised.append(json.dumps(messages, ensure_ascii=False))
     frame["messages"] = pd.Series(normalised, index=frame.index, dtype=object)
     # pandas 3 stores None in a text column as NaN: everything below goes through plain lists and is_missing.
@@ -85,6 +96,8 @@ def clean_conversations(examples: pd.DataFrame, cfg: CleaningConfig) -> Cleaning
     frame["response"] = pd.Series(responses, index=frame.index, dtype=object)
     mark([not t for t in texts], "empty_instruction")
     mark([not t for t in responses], "empty_response")
+    mark(empty_turns, "empty_turn")
+    mark(controls, "control_characters")
     lengths = [0 if is_missing(v) else sum(len(m["content"]) for m in json.loads(v)) for v in frame["messages"]]
     mark([n > cfg.max_chars for n in lengths], "too_long")
     frame["norm_text"] = [dedup_key(t) for t in texts]
@@ -101,10 +114,17 @@ def clean_conversations(examples: pd.DataFrame, cfg: CleaningConfig) -> Cleaning
             mark(alive & frame[alive].duplicated(subset=subset, keep="first").reindex(frame.index, fill_value=False),
                  why)
     dropped = {why: int((reason == why).sum()) for why in CHAT_DROP_REASONS}
-    shown = [c for c in ("text", "response", "source_problem", "source_file", "source_row") if c in frame.columns]
+    shown = [c for c in ("text", "response", "source_problem", "message_problem", "source_file", "source_row")
+             if c in frame.columns]
     examples_by_reason = {
         why: frame.loc[reason == why, shown].head(5).astype(object).where(lambda f: f.notna(), None).to_dict("records")
         for why in CHAT_DROP_REASONS if dropped[why]}
+    if dropped["control_characters"]:  # as read, the control characters as escapes: a NUL would not show at all
+        read = examples.loc[reason == "control_characters", ["text", "response"]].head(5)
+        for row, (text, response) in zip(examples_by_reason["control_characters"], read.itertuples(index=False),
+                                         strict=True):
+            row["text"] = escape_controls("" if is_missing(text) else str(text))
+            row["response"] = escape_controls("" if is_missing(response) else str(response))
     kept = frame[reason.isna()].reset_index(drop=True)
     columns = ["messages", "text", "response", "category", "norm_text", "norm_response", "source_file", "source_row"]
     columns += ["source_split"] if "source_split" in kept.columns else []

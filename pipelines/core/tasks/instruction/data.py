@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from pipelines.core.cleaning import dedup_key, is_missing
+from pipelines.core.cleaning import NotText, cell_text, column_text, dedup_key, is_missing
 from pipelines.core.digests import frame_digest
 from pipelines.core.errors import SourceError
 from pipelines.core.markdown import markdown_table
@@ -60,8 +60,13 @@ DESCRIPTIONS = {
 
 
 # -------------------------------------------------------------------------------- conversations, quality
-def _text(value: Any) -> str | None:
-    return None if is_missing(value) else str(value)
+def _text(value: Any, file: str, row: int, column: str, what: str) -> str | None:
+    """A cell as text (bytes decoded as UTF-8, never b'...'); a cell that is not text names its file, row and
+    column."""
+    try:
+        return cell_text(value)
+    except NotText as exc:
+        raise SourceError(f"{exc} (expected {what})", file=file, row=row, column=column) from None
 
 
 # Role names of other chat formats, read as ours (ShareGPT's human / gpt, Gemma's model, and common others).
@@ -73,32 +78,37 @@ TEXT_PART_TYPES = ("text", "input_text", "output_text")  # content parts of Open
 
 
 def _message_content(content: Any, index: int, file: str, row: int, column: str) -> str:
-    """A message's content as text: a string as it is, a number as written, a list of content parts (OpenAI's
-    [{"type": "text", "text": ...}, ...]) as its text parts joined by newlines. A part that is not text (an image)
-    is an error: a text model cannot read it, and dropping it would train on half a message."""
-    if is_missing(content) is True and not isinstance(content, (list, dict, np.ndarray)):
-        return ""
-    if isinstance(content, (str, int, float, bool, np.number)):
-        return str(content)
-    parts = content.tolist() if isinstance(content, np.ndarray) else content if isinstance(content, list) \
-        else [content]
+    """A message's content as text: a string as it is, bytes decoded as UTF-8, a number or boolean as JSON writes
+    it, null as empty (cleaning drops an empty turn), a list of content parts (OpenAI's [{"type": "text", "text":
+    ...}, ...]) as its text parts joined by newlines. A part that is not text (an image) is an error: a text model
+    cannot read it, and dropping it would train on half a message."""
+    if not isinstance(content, (list, tuple, dict, np.ndarray)):  # null is an empty turn, which cleaning drops
+        return _text(content, file, row, column, f"text as message {index}'s content") or ""
+    parts = content.tolist() if isinstance(content, np.ndarray) else list(content) \
+        if isinstance(content, (list, tuple)) else [content]
     texts = []
     for part in parts:
-        if isinstance(part, str):
-            texts.append(part)
+        if isinstance(part, (str, bytes)):
+            texts.append(_text(part, file, row, column, f"text in message {index}'s content") or "")
             continue
         kind = (part.get("type") or "text") if isinstance(part, dict) else type(part).__name__
-        if not isinstance(part, dict) or kind not in TEXT_PART_TYPES or not isinstance(part.get("text"), str):
+        if not isinstance(part, dict) or kind not in TEXT_PART_TYPES:
             raise SourceError(f"message {index} has a content part of type {kind!r}; expected text (a string, or "
                               'parts like {"type": "text", "text": "..."}): a text model cannot read it',
                               file=file, row=row, column=column)
-        texts.append(part["text"])
+        if not isinstance(part.get("text"), (str, bytes)):
+            raise SourceError(f"message {index} has a content part without a 'text' string "
+                              f"({str(part)[:60]}); expected parts like {{\"type\": \"text\", \"text\": \"...\"}}",
+                              file=file, row=row, column=column)
+        texts.append(_text(part["text"], file, row, column, f"text in message {index}'s content") or "")
     return "\n".join(texts)
 
 
-def _parse_messages(value: Any, file: str, row: int, column: str) -> list[dict[str, Any]]:
-    """A conversation as a list of {role, content} dicts; structure errors name the file, row and column. Also
-    reads ShareGPT's {"from", "value"} messages and role names (human, gpt), and content given as parts."""
+def _parse_messages(value: Any, file: str, row: int, column: str) -> tuple[list[dict[str, Any]], str | None]:
+    """A conversation as a list of {role, content} dicts, and what is wrong with one of its messages (a null role:
+    cleaning drops the row as malformed_message); structure errors name the file, row and column. Also reads
+    ShareGPT's {"from", "value"} messages and role names (human, gpt), and content given as parts. An empty system
+    message is left out, as an empty system column is."""
     if isinstance(value, str):
         try:
             value = json.loads(value)
@@ -111,21 +121,33 @@ def _parse_messages(value: Any, file: str, row: int, column: str) -> list[dict[s
     if not isinstance(value, list) or not value:
         raise SourceError(f"expected a non-empty list of messages, got {type(value).__name__}",
                           file=file, row=row, column=column)
-    messages = []
+    messages: list[dict[str, Any]] = []
+    problem = None
     for i, message in enumerate(value):
-        if isinstance(message, dict) and message.get("role") is None and message.get("from") is not None:
+        if isinstance(message, dict) and is_missing(message.get("role")) and not is_missing(message.get("from")):
             message = {"role": message["from"], "content": message.get("value")}  # ShareGPT
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise SourceError(f"message {i} is not an object with 'role' and 'content': {str(message)[:80]!r}",
                               file=file, row=row, column=column)
-        role = str(message["role"]).strip().lower()
+        content = _message_content(message["content"], i, file, row, column)
+        raw_role = message["role"]
+        if isinstance(raw_role, (bytes, np.bytes_)):
+            raw_role = _text(raw_role, file, row, column, f"text as message {i}'s role")
+        if not isinstance(raw_role, str):  # null or a number: this row's defect, not the file's role names
+            problem = problem or (f"message {i} has no role (null)" if is_missing(raw_role) else
+                                  f"message {i} has the role {str(raw_role)[:40]} ({type(raw_role).__name__}), "
+                                  "not a role name")
+            messages.append({"role": None, "content": content})
+            continue
+        role = raw_role.strip().lower()
         role = ROLE_ALIASES.get(role, role)
         if role not in ROLES:
-            raise SourceError(f"message {i} has the role {str(message['role'])[:40]!r}; expected system, user or "
+            raise SourceError(f"message {i} has the role {raw_role[:40]!r}; expected system, user or "
                               f"assistant (also read: {', '.join(sorted(ROLE_ALIASES))})",
                               file=file, row=row, column=column)
-        messages.append({"role": role, "content": _message_content(message["content"], i, file, row, column)})
-    return messages
+        messages.append({"role": role, "content": content})
+    said = [m for m in messages if m["role"] != "system" or m["content"].strip()]
+    return said or messages, problem
 
 
 def select_conversations(raw: pd.DataFrame, task: InstructionTuningTaskConfig) -> pd.DataFrame:
@@ -138,11 +160,13 @@ def select_conversations(raw: pd.DataFrame, task: InstructionTuningTaskConfig) -
     files = raw["source_file"].astype(str).tolist()
     rows = raw["source_row"].astype("int64").tolist()
     conversations: list[list[dict[str, Any]] | None] = []
+    problems: list[str | None] = [None] * len(raw)
     pairs = task.instruction_column in columns and task.response_column in columns
     if task.messages_column in columns:
         for n, (value, file, row) in enumerate(zip(raw[task.messages_column], files, rows, strict=True)):
             if is_missing(value) is not True or isinstance(value, (list, np.ndarray)):
-                conversations.append(_parse_messages(value, file, row, task.messages_column))
+                messages, problems[n] = _parse_messages(value, file, row, task.messages_column)
+                conversations.append(messages)
             elif pairs:  # a file that mixes both forms: this row is an instruction / response pair
                 conversations.append(_pair_messages(raw, task, columns, n))
             else:
@@ -174,13 +198,16 @@ def select_conversations(raw: pd.DataFrame, task: InstructionTuningTaskConfig) -
         "messages": pd.Series(out_messages, dtype=object),
         "text": pd.Series(texts, dtype=object),
         "response": pd.Series(responses, dtype=object),
-        "category": (raw[task.category_column].map(lambda v: _text(v) or "none").astype(str).to_numpy()
+        "category": ([c or "none" for c in column_text(raw[task.category_column], files, rows,
+                                                          task.category_column, "a category")]
                      if task.category_column in columns else "all"),
+        "message_problem": pd.Series(problems, dtype=object),
         "source_file": files,
         "source_row": rows,
     })
     if "source_problem" in columns:
-        frame["source_problem"] = raw["source_problem"].map(_text).astype(object).to_numpy()
+        frame["source_problem"] = pd.Series(column_text(raw["source_problem"], files, rows, "source_problem"),
+                                            dtype=object)
     if "source_split" in columns:
         frame["source_split"] = raw["source_split"].astype(str).to_numpy()
     return frame
@@ -190,13 +217,15 @@ def _pair_messages(raw: pd.DataFrame, task: InstructionTuningTaskConfig, columns
                    n: int) -> list[dict[str, Any]]:
     """Row `n`'s instruction (with its input and system message, where those columns are) and response as
     messages."""
+    file, row = str(raw["source_file"].iat[n]), int(raw["source_row"].iat[n])
+
     def cell(column: str) -> str | None:
-        return _text(raw[column].iat[n]) if column in columns else None
+        return _text(raw[column].iat[n], file, row, column, "text") if column in columns else None
 
     prompt, extra, system = cell(task.instruction_column), cell(task.input_column), cell(task.system_column)
     if prompt is not None and extra and extra.strip():
         prompt = f"{prompt}\n\n{extra}"
-    messages = [{"role": "system", "content": system}] if system else []
+    messages = [{"role": "system", "content": system}] if system and system.strip() else []
     return messages + [{"role": "user", "content": prompt},
                        {"role": "assistant", "content": cell(task.response_column)}]
 
