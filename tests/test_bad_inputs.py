@@ -7,6 +7,8 @@ that names the check or step, the file/row/column or field, and what to do. Neve
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import re
 import shutil
@@ -193,6 +195,32 @@ CASES = {
         errors=("error: step raw_data failed: {data}/a.csv: is a symbolic link loop (it points back to itself): "
                 "replace it with the file",),
         not_run=tuple(CLASSIFICATION_ASSETS[1:])),
+    "named_pipe_in_folder": Case(
+        "tmp:fifo",
+        errors=("error: step raw_data failed: {data}/more.csv: is a named pipe (FIFO), not a regular file: only "
+                "regular files are read (reading a pipe or a device can wait forever or never end); write the data "
+                "to a file and point the source at it",),
+        not_run=tuple(CLASSIFICATION_ASSETS[1:])),
+    "spreadsheets_only": Case(
+        "tmp:spreadsheets",
+        errors=("error: step raw_data failed: {data}: folder has no data files (expected .csv, .json, .jsonl, "
+                ".parquet, .tsv, .txt, .yaml, .yml files); it holds answers.xlsx, questions.xlsx; spreadsheets "
+                "(.xlsx) are not read: save each sheet as CSV UTF-8 (Excel: File > Save As > CSV UTF-8; LibreOffice: "
+                "Save As > Text CSV, character set UTF-8)",),
+        not_run=tuple(CLASSIFICATION_ASSETS[1:])),
+    "json_wrapped_in_an_object": Case(
+        "tmp:wrapped",
+        errors=("error: step raw_data failed: {data}: is one JSON object whose key 'data' holds a list of 240 records "
+                "(beside ['source']); expected one JSON object per line (JSON Lines) or a JSON array of objects: "
+                "convert it with  python -c \"import json, sys; [print(json.dumps(r, ensure_ascii=False)) for r in "
+                "json.load(sys.stdin)['data']]\" < questions.json > questions.jsonl  and use questions.jsonl in its "
+                "place",),
+        not_run=tuple(CLASSIFICATION_ASSETS[1:])),
+    "over_max_rows": Case(
+        "good.csv", spec={"source": {"max_rows": 100}},
+        errors=("error: step raw_data failed: {bad}/good.csv: has 240 rows, more than source.max_rows allows (100): "
+                "raise source.max_rows in the spec to read it",),
+        not_run=tuple(CLASSIFICATION_ASSETS[1:])),
     "model_folder_missing": Case(
         "good.csv", spec={"base_model": {"model": {"source": "local", "path": "tmp:no_such_model",
                                                    "name": "mine"}}},
@@ -215,9 +243,22 @@ CASES = {
 
 
 def _tmp_data(kind: str, root: Path) -> Path:
+    """The data of a case the test builds: a folder, or for "wrapped" a file."""
     folder = root / kind
     folder.mkdir()
-    if kind == "broken_symlink":
+    if kind == "fifo":
+        shutil.copy(BAD / "good.csv", folder / "good.csv")
+        os.mkfifo(folder / "more.csv")
+    elif kind == "spreadsheets":
+        for name in ("questions.xlsx", "answers.xlsx"):
+            (folder / name).write_bytes(b"PK\x03\x04")
+    elif kind == "wrapped":
+        with (BAD / "good.csv").open(encoding="utf-8", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        (folder / "questions.json").write_text(json.dumps({"source": "export", "data": rows}, indent=2),
+                                               encoding="utf-8")
+        return folder / "questions.json"
+    elif kind == "broken_symlink":
         shutil.copy(BAD / "good.csv", folder / "good.csv")
         (folder / "more.csv").symlink_to("missing.csv")
     elif kind == "loop":
@@ -267,6 +308,8 @@ def test_bad_data_gets_one_short_error_block_or_trains_as_it_should(
         assert line.startswith(start.format(data=data, bad=BAD, model=model.get("path"))), (line, start)
         assert "To fix:" in line or not line.startswith("error: check "), line
     assert rest[-2] == f"not run, because of the failures above: {', '.join(case.not_run)}"
+    if case.errors[0].startswith("error: step raw_data failed"):  # nothing half-written: no raw data stored
+        assert not list((tmp_path / "d").rglob("raw_data*")), sorted((tmp_path / "d").rglob("*"))
     assert re.fullmatch(r"gate: Dagster run [0-9a-f-]{36} failed; its events are in the Dagster UI \(make ui\)",
                         rest[-1]), rest[-1]
     assert not (tmp_path / "d" / "checkpoints").exists()

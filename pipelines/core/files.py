@@ -6,7 +6,6 @@ import errno
 import os
 import shutil
 import stat
-import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -63,23 +62,45 @@ def special_kind(path: Path) -> str | None:
 
 
 class TooLarge(Exception):
-    """A file holds more bytes than its reader accepts (it may still be growing)."""
+    """A file holds more bytes than its reader accepts: `size` is what its metadata said, `grew` whether it passed
+    the limit only while being read (a file still being written, or one without an end)."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, size: int, grew: bool) -> None:
         super().__init__(f"more than {limit} bytes")
-        self.limit = limit
+        self.limit, self.size, self.grew = limit, size, grew
+
+
+class NotRegular(Exception):
+    """A path that was a regular file when checked became something else (a pipe, say) before it was opened."""
+
+
+CHUNK_BYTES = 1 << 20
+
+
+def read_chunks(path: Path, limit: int) -> Iterator[bytes]:
+    """The bytes of a regular file in chunks of at most 1 MiB: TooLarge before reading when its size is over
+    `limit`, and as soon as more than `limit` bytes have come in. Opened without waiting (a path that became a named
+    pipe after its caller checked it raises NotRegular instead of blocking)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise NotRegular(str(path))
+        if info.st_size > limit:
+            raise TooLarge(limit, info.st_size, grew=False)
+        done = 0
+        while chunk := os.read(fd, min(CHUNK_BYTES, limit + 1 - done)):
+            done += len(chunk)
+            if done > limit:
+                raise TooLarge(limit, info.st_size, grew=True)
+            yield chunk
+    finally:
+        os.close(fd)
 
 
 def read_bounded(path: Path, limit: int) -> bytes:
-    """The bytes of a regular file, refused with TooLarge as soon as it holds more than `limit` (its size is checked
-    before reading, and reading stops past the limit, so a file that grows while read is never read whole)."""
-    with path.open("rb") as handle:
-        if os.fstat(handle.fileno()).st_size > limit:
-            raise TooLarge(limit)
-        data = handle.read(limit + 1)
-    if len(data) > limit:
-        raise TooLarge(limit)
-    return data
+    """The bytes of a regular file of at most `limit` bytes (see read_chunks)."""
+    return b"".join(read_chunks(path, limit))
 
 
 _WRITE_PROBLEMS = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",

@@ -31,6 +31,17 @@ class TaskSection(Frozen):
 
 
 # --------------------------------------------------------------------------------------------- source
+MaxFileMb = Annotated[float, Field(
+    gt=0, description="Largest data file the source may hold, in MB (1 MB = 1,000,000 bytes): a bigger file, or "
+                      "one that grows past it while read (a file still being written), is refused before it fills "
+                      "the memory. Raise it to read a bigger file.")]
+MaxRows = Annotated[int, Field(
+    ge=1, description="Most rows the source may hold, all its files together: counted before the rows are built "
+                      "(lines, records, Parquet metadata). Raise it to read a bigger source.")]
+# The limits decide only whether a source is read, never what is read from it: left out of the spec hash.
+SOURCE_LIMITS = ("max_file_mb", "max_rows")
+
+
 class PackageFileSourceConfig(Frozen):
     """A data file shipped inside an installed Python distribution, found through importlib.metadata."""
 
@@ -42,6 +53,9 @@ class PackageFileSourceConfig(Frozen):
         description="'label_text_lines': each line is a label, one space, then the text (TREC's format); "
                     "'chatterbot_yaml': chatterbot-corpus files, one row per conversation (instruction = its "
                     "first line, response = the next, category = the file's name).")
+    max_file_mb: MaxFileMb = 512
+    max_rows: MaxRows = 10_000_000
+    unhashed: ClassVar[tuple[str, ...]] = SOURCE_LIMITS
 
 
 class LocalSourceConfig(Frozen):
@@ -57,6 +71,9 @@ class LocalSourceConfig(Frozen):
                     "{train: train.csv, test: test.csv}. Splits it lacks are carved from train.")
     split_column: str | None = Field(
         default=None, description="The source brings its own splits as a column naming each row's split.")
+    max_file_mb: MaxFileMb = 512
+    max_rows: MaxRows = 10_000_000
+    unhashed: ClassVar[tuple[str, ...]] = SOURCE_LIMITS
 
     @model_validator(mode="after")
     def _one_way_to_split(self) -> LocalSourceConfig:
@@ -75,6 +92,9 @@ class HubSourceConfig(Frozen):
     config_name: str | None = Field(default=None, description="Dataset configuration, if it has several.")
     revision: str = Field(default="main", description="Git revision: pin a commit sha for reproducibility.")
     use_hub_splits: bool = Field(default=True, description="Keep the splits the Hub dataset defines.")
+    max_file_mb: MaxFileMb = 512
+    max_rows: MaxRows = 10_000_000
+    unhashed: ClassVar[tuple[str, ...]] = SOURCE_LIMITS
 
 
 SourceConfig = Annotated[PackageFileSourceConfig | LocalSourceConfig | HubSourceConfig,

@@ -195,10 +195,13 @@ class PipelineSpec(Frozen):
     def section_hash(self, *sections: str) -> str:
         """A short, stable hash of some sections of the spec (used as Dagster code versions); with none named, of
         every section that decides the result (all but `compute`, which says only where training runs, and the
-        task section's `unhashed` fields, such as the data doctor's settings, which only look at the data)."""
+        `unhashed` fields of the task and source sections, such as the data doctor's settings, which only look at the
+        data, and the source's size limits)."""
         data = self.model_dump(mode="json")
         for field in self.task.unhashed:  # e.g. the data doctor's settings: they only look at the data
             data["task"].pop(field, None)
+        for field in self.source.unhashed:  # the source's limits: they decide whether it is read, not what
+            data["source"].pop(field, None)
         picked = ({s: data[s] for s in sections} if sections else
                   {k: v for k, v in data.items() if k != "compute"})
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]

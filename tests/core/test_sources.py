@@ -1,19 +1,24 @@
-"""Sources: package file, CSV / JSONL / Parquet files and folders, source splits, and errors that name the place."""
+"""Sources: package file, CSV / JSONL / Parquet files and folders, source splits, errors that name the place, and the
+limits that refuse a huge, endless or special file before it is read."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from pydantic import ValidationError
 
 from pipelines.core.digests import sha256_file
 from pipelines.core.errors import SourceError
-from pipelines.core.sources import read_file, read_source
-from pipelines.core.spec import HubSourceConfig, LocalSourceConfig, PackageFileSourceConfig
+from pipelines.core.sources import SourceLimits, fingerprint_source, read_file, read_source
+from pipelines.core.spec import HubSourceConfig, LocalSourceConfig, PackageFileSourceConfig, PipelineSpec
 from tests.conftest import PROJECT_ROOT
 
 
@@ -262,3 +267,352 @@ def test_a_utf16_file_with_its_byte_order_mark_is_read(tmp_path: Path) -> None:
         tmp_path / "excel.tsv", sep="\t", index=False, encoding="utf-16")
     frame, _ = read_file(tmp_path / "excel.tsv", "csv")
     assert frame["text"].tolist() == ["Où est-il ?", "Who, then?"] and frame["label"].tolist() == ["LOC", "HUM"]
+
+
+# ------------------------------------------------------------------------------------------- limits
+NOT_REGULAR = ("not a regular file: only regular files are read (reading a pipe or a device can wait forever or never "
+               "end); write the data to a file and point the source at it")
+
+
+@pytest.fixture
+def no_hang() -> Iterator[None]:
+    """Fail, instead of waiting forever, when the code under test opens a named pipe or reads a device."""
+    def stop(*_: object) -> None:
+        raise TimeoutError("blocked on a special file: it was opened or read")
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(20)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def _special(tmp_path: Path, kind: str) -> tuple[LocalSourceConfig, Path, str]:
+    """A source whose file (or one file of its folder) is a named pipe or a device: the config, the file, its kind."""
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    (folder / "good.csv").write_text("text,label\na,A\n", encoding="utf-8")
+    if kind == "zero_link":
+        link = folder / "zero.csv"
+        link.symlink_to("/dev/zero")
+        return local(link), link, "is a symbolic link to /dev/zero, which is a character device"
+    pipe = folder / "more.csv"
+    os.mkfifo(pipe)
+    if kind == "pipe":
+        return local(pipe), pipe, "is a named pipe (FIFO)"
+    if kind == "pipe_link":
+        link = folder / "link.csv"
+        link.symlink_to(pipe)
+        return local(link), link, f"is a symbolic link to {pipe}, which is a named pipe (FIFO)"
+    if kind == "pipe_in_folder":
+        return local(folder), pipe, "is a named pipe (FIFO)"
+    assert kind == "pipe_as_split_file"
+    return local(folder, split_files={"train": "good.csv", "test": "more.csv"}), pipe, "is a named pipe (FIFO)"
+
+
+@pytest.mark.parametrize("kind", ["pipe", "pipe_link", "pipe_in_folder", "pipe_as_split_file", "zero_link"])
+def test_a_pipe_or_device_is_named_and_never_opened_by_the_reader_or_the_watcher(tmp_path: Path, kind: str,
+                                                                                no_hang: None) -> None:
+    cfg, file, what = _special(tmp_path, kind)
+    for call in (read_source, fingerprint_source):  # the sensor and the schedule watch through fingerprint_source
+        with pytest.raises(SourceError) as info:
+            call(cfg, tmp_path)
+        assert str(info.value) == f"{file}: {what}, {NOT_REGULAR}", call.__name__
+
+
+def test_a_file_over_max_file_mb_is_refused_from_its_size_before_it_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "big.csv"
+    with path.open("wb") as handle:  # a sparse file: its size says 3 MB, nothing is written
+        handle.truncate(3_000_000)
+    cfg = local(path, max_file_mb=2.5)
+    for call in (read_source, fingerprint_source):
+        with pytest.raises(SourceError) as info:
+            call(cfg, tmp_path)
+        assert str(info.value) == (f"{path}: is 3.0 MB, more than source.max_file_mb allows (2.5 MB): raise "
+                                   "source.max_file_mb in the spec to read it")
+    path.write_text("text,label\n" + "a question,A\n" * 200_000, encoding="utf-8")  # 2.6 MB of real rows
+    with pytest.raises(SourceError, match=r"is 2\.6 MB, more than source\.max_file_mb allows \(2\.5 MB\)"):
+        read_source(cfg, tmp_path)
+    frame, _ = read_source(local(path, max_file_mb=3), tmp_path)  # raising the setting reads it
+    assert len(frame) == 200_000
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="needs Linux /proc")
+def test_a_file_that_grows_past_the_limit_while_read_is_refused_once_it_passes(tmp_path: Path) -> None:
+    # A /proc file is a regular file whose size says 0 bytes while its content runs on: like a file still being
+    # written, only the reading can tell how big it is.
+    link = tmp_path / "growing.csv"
+    link.symlink_to("/proc/self/smaps")
+    cfg = local(link, max_file_mb=0.001)
+    for call in (read_source, fingerprint_source):
+        with pytest.raises(SourceError) as info:
+            call(cfg, tmp_path)
+        assert str(info.value) == (f"{link}: grew past source.max_file_mb (0.001 MB) while it was read (its size said "
+                                   "0 bytes): a file still being written, or one without an end, is not read; wait "
+                                   "until it is complete, or raise source.max_file_mb")
+
+
+def _parquet_rows(path: Path, n: int) -> None:
+    pd.DataFrame({"text": [f"q{i}" for i in range(n)], "label": ["A"] * n}).to_parquet(path)
+
+
+@pytest.mark.parametrize(("name", "write"), [
+    ("d.csv", lambda p: p.write_text('text,label\n"two\nlines",A\nb,B\nc,C\n', encoding="utf-8")),
+    ("d.tsv", lambda p: p.write_text("text\tlabel\na\tA\nb\tB\nc\tC\n", encoding="utf-8")),
+    ("d.jsonl", lambda p: p.write_text("".join(f'{{"text": "{t}", "label": "A"}}\n' for t in "abc"), encoding="utf-8")),
+    ("d.json", lambda p: p.write_text(json.dumps([{"text": t, "label": "A"} for t in "abc"]), encoding="utf-8")),
+    ("d.txt", lambda p: p.write_text("A one\nB two\nA three\n", encoding="utf-8")),
+    ("d.yml", lambda p: p.write_text("conversations:\n- - hi\n  - hello\n- - a\n  - b\n- - c\n  - d\n",
+                                     encoding="utf-8")),
+    ("d.parquet", lambda p: _parquet_rows(p, 3)),
+])
+def test_rows_over_max_rows_are_refused_before_they_are_built(tmp_path: Path, name: str,
+                                                              write: Callable[[Path], object]) -> None:
+    path = tmp_path / name
+    write(path)
+    with pytest.raises(SourceError) as info:
+        read_source(local(path, max_rows=2), tmp_path)
+    assert str(info.value) == (f"{path}: has 3 rows, more than source.max_rows allows (2): raise source.max_rows in "
+                               "the spec to read it")
+    frame, _ = read_source(local(path, max_rows=3), tmp_path)
+    assert len(frame) == 3
+
+
+def test_blank_lines_are_not_rows(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text('\n\n{"text": "a", "label": "A"}\n\n\n{"text": "b", "label": "B"}\n\n', encoding="utf-8")
+    frame, _ = read_file(path, "auto", SourceLimits(max_rows=2))
+    assert frame["source_row"].tolist() == [3, 6]
+
+
+def test_max_rows_counts_every_file_of_a_source_together(tmp_path: Path) -> None:
+    for name in ("a.csv", "b.csv"):
+        (tmp_path / name).write_text("text,label\nx,A\ny,B\n", encoding="utf-8")
+    for cfg in (local(tmp_path, max_rows=3), local(tmp_path, max_rows=3, split_files={"train": "a.csv",
+                                                                                      "test": "b.csv"})):
+        with pytest.raises(SourceError) as info:
+            read_source(cfg, tmp_path)
+        assert str(info.value) == (f"{tmp_path / 'b.csv'}: has 2 rows, which with the 2 rows of the source's files "
+                                   "read before it are more than source.max_rows allows (3): raise source.max_rows "
+                                   "in the spec to read it")
+    assert len(read_source(local(tmp_path, max_rows=4), tmp_path)[0]) == 4
+
+
+def test_the_limits_are_settings_of_every_source_kind_outside_the_spec_hash() -> None:
+    for cls, required in ((LocalSourceConfig, {"kind": "local", "path": "x.csv"}),
+                          (PackageFileSourceConfig, {"kind": "package_file", "package": "p", "path": "x",
+                                                     "format": "csv"}),
+                          (HubSourceConfig, {"kind": "hub", "dataset": "a/b"})):
+        cfg = cls(**required)
+        assert (cfg.max_file_mb, cfg.max_rows) == (512, 10_000_000)
+        assert SourceLimits.of(cls(**required, max_file_mb=0.5, max_rows=7)) == SourceLimits(0.5, 7)
+        with pytest.raises(ValidationError, match="max_file_mb"):
+            cls(**required, max_file_mb=0)
+        with pytest.raises(ValidationError, match="max_rows"):
+            cls(**required, max_rows=0)
+    spec = PipelineSpec.model_validate({"name": "limits", "source": {"kind": "local", "path": "x.csv"},
+                                        "base_model": {"model": {"source": "local", "path": "unused"}},
+                                        "task": {"text_column": "text", "label_column": "label"}})
+    raised = spec.model_copy(update={"source": spec.source.model_copy(update={"max_rows": 20_000_000})})
+    # Whether a source may be read decides no row of it: raising a limit does not make raw_data stale.
+    assert raised.section_hash("source") == spec.section_hash("source") and raised.spec_hash == spec.spec_hash
+    moved = spec.model_copy(update={"source": spec.source.model_copy(update={"path": "y.csv"})})
+    assert moved.section_hash("source") != spec.section_hash("source")
+
+
+def test_refusing_a_huge_or_endless_source_keeps_memory_small(tmp_path: Path) -> None:
+    (tmp_path / "zero.csv").symlink_to("/dev/zero")
+    with (tmp_path / "sparse.csv").open("wb") as handle:
+        handle.truncate(3 * 1024**3)  # 3 GiB that take no disk
+    os.mkfifo(tmp_path / "pipe.csv")
+    code = (
+        "import json, resource, sys\n"
+        "from pathlib import Path\n"
+        "from pipelines.core.errors import SourceError\n"
+        "from pipelines.core.sources import fingerprint_source, read_source\n"
+        "from pipelines.core.spec import LocalSourceConfig\n"
+        "out = []\n"
+        "for name in sys.argv[2:]:\n"
+        "    cfg = LocalSourceConfig(kind='local', path=str(Path(sys.argv[1]) / name))\n"
+        "    for call in (read_source, fingerprint_source):\n"
+        "        try:\n"
+        "            call(cfg, Path('.'))\n"
+        "            out.append('read')\n"
+        "        except SourceError as exc:\n"
+        "            out.append(str(exc))\n"
+        "peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux\n"
+        "print(json.dumps([out, peak_kb / 1024]))\n"
+    )
+    names = ["zero.csv", "sparse.csv", "pipe.csv"]
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path), *names], cwd=PROJECT_ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    refused, peak_mb = json.loads(done.stdout)
+    assert [m.split(": ", 1)[0] for m in refused] == [str(tmp_path / n) for n in names for _ in range(2)]
+    assert all("is a symbolic link to /dev/zero, which is a character device, not a regular file" in m
+               for m in refused[:2]), refused
+    assert all("is 3,221.2 MB, more than source.max_file_mb allows (512 MB)" in m for m in refused[2:4]), refused
+    assert all("is a named pipe (FIFO), not a regular file" in m for m in refused[4:]), refused
+    assert peak_mb < 400, f"the refusing process peaked at {peak_mb:.0f} MB"
+
+
+# ------------------------------------------------------------------------------ values that are not text
+def test_bytes_in_a_parquet_column_are_read_as_their_utf8_text(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": pa.array(["café".encode(), b"plain", None], pa.binary()),
+                             "label": pa.array([b"A", b"B", b"A"], pa.large_binary())}), tmp_path / "b.parquet")
+    frame, _ = read_file(tmp_path / "b.parquet", "auto")
+    assert frame["text"].tolist() == ["café", "plain", None] and frame["label"].tolist() == ["A", "B", "A"]
+    assert frame["text"].astype(str).tolist()[0] == "café"  # never "b'caf\\xc3\\xa9'"
+
+
+def test_bytes_that_are_not_utf8_name_the_column_and_rows(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "images.parquet"
+    pq.write_table(pa.table({"text": ["a", "b", "c", "d"],
+                             "image": pa.array([b"ok", b"\x89PNG\r\n", b"fine", b"caf\xe9"], pa.binary())}), path)
+    with pytest.raises(SourceError) as info:
+        read_file(path, "auto")
+    assert str(info.value) == (f"{path}, row 2, column 'image': holds bytes that are not UTF-8 text in 2 row(s), "
+                               "first row 2 (b'\\x89PNG\\r\\n'), row 4 (b'caf\\xe9'); expected text: write the column "
+                               "as strings (UTF-8), or drop it from the file")
+
+
+def test_json_values_that_are_not_text_become_their_json_text_not_python_reprs(tmp_path: Path) -> None:
+    path = tmp_path / "mixed.jsonl"
+    path.write_text('{"text": "a", "label": 1}\n{"text": "b", "label": "x"}\n{"text": "c", "label": true}\n'
+                    '{"text": "d", "label": 2.5}\n', encoding="utf-8")
+    frame, _ = read_file(path, "auto")
+    assert frame["label"].tolist() == ["1", "x", "true", "2.5"]
+
+
+# ------------------------------------------------------------------------------ messages with the cause
+def test_a_folder_without_data_files_names_what_it_holds_and_how_to_convert_it(tmp_path: Path) -> None:
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    for name in ("q1.xlsx", "q2.xlsx", "old.xls", "notes.docx"):
+        (folder / name).write_bytes(b"PK\x03\x04")
+    (folder / "2023").mkdir()
+    (folder / ".DS_Store").write_bytes(b"\0")
+    with pytest.raises(SourceError) as info:
+        read_source(local(folder), tmp_path)
+    assert str(info.value) == (
+        f"{folder}: folder has no data files (expected .csv, .json, .jsonl, .parquet, .tsv, .txt, .yaml, .yml files); "
+        "it holds notes.docx, old.xls, q1.xlsx, q2.xlsx, 2023/; spreadsheets (.xls, .xlsx) are not read: save each "
+        "sheet as CSV UTF-8 (Excel: File > Save As > CSV UTF-8; LibreOffice: Save As > Text CSV, character set "
+        "UTF-8); documents (.docx) are not read: put their rows into a CSV or JSON Lines file; subfolders are not "
+        "read: point source.path at the folder that holds the files")
+    for i in range(4):
+        (folder / f"more{i}.ods").write_bytes(b"PK")
+    with pytest.raises(SourceError, match=r"it holds more0\.ods, more1\.ods, more2\.ods, more3\.ods, notes\.docx and "
+                                          r"4 more; spreadsheets \(\.ods, \.xls, \.xlsx\) are not read"):
+        read_source(local(folder), tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SourceError, match=r"empty: folder is empty \(expected \.csv, "):
+        read_source(local(empty), tmp_path)
+    assert fingerprint_source(local(empty), tmp_path) is None  # the sensor waits for files
+
+
+def test_a_spreadsheet_as_the_source_file_says_how_to_convert_it(tmp_path: Path) -> None:
+    (tmp_path / "q.xlsx").write_bytes(b"PK\x03\x04")
+    with pytest.raises(SourceError, match=r"q\.xlsx: cannot tell the format from the extension '\.xlsx'; expected one "
+                                          r"of .* or set source\.format; spreadsheets \(\.xlsx\) are not read: save "
+                                          r"each sheet as CSV UTF-8"):
+        read_source(local(tmp_path / "q.xlsx"), tmp_path)
+
+
+def test_tsv_files_are_read_as_csv_alone_and_in_a_folder(tmp_path: Path) -> None:
+    (tmp_path / "a.tsv").write_text("text\tlabel\nwhere, then?\tLOC\n", encoding="utf-8")
+    (tmp_path / "b.tsv").write_text("text\tlabel\nwho\tHUM\n", encoding="utf-8")
+    frame, _ = read_source(local(tmp_path / "a.tsv"), tmp_path)
+    assert frame["text"].tolist() == ["where, then?"]
+    frame, record = read_source(local(tmp_path), tmp_path)
+    assert frame["label"].tolist() == ["LOC", "HUM"] and [n for n, _ in record.files] == ["a.tsv", "b.tsv"]
+    assert fingerprint_source(local(tmp_path), tmp_path) == record.sha256
+
+
+def _wrapped_cases() -> list[tuple[str, str, str]]:
+    rows = [{"text": f"question {i}", "label": "A"} for i in range(3)]
+    python = "python -c \"import json, sys; [print(json.dumps(r, ensure_ascii=False)) for r in json.load(sys.stdin)"
+    expected = "expected one JSON object per line (JSON Lines) or a JSON array of objects"
+    return [
+        ("api.json", json.dumps({"version": 2, "data": rows}, indent=2),
+         f"is one JSON object whose key 'data' holds a list of 3 records (beside ['version']); {expected}: convert it "
+         f"with  {python}['data']]\" < api.json > api.jsonl  and use api.jsonl in its place"),
+        ("dump.jsonl", json.dumps({"rows": rows}),  # json.dump's one line: one "record" that holds the rows
+         f"is one JSON object whose key 'rows' holds a list of 3 records; {expected}: convert it with  "
+         f"{python}['rows']]\" < dump.jsonl > dump_lines.jsonl  and use dump_lines.jsonl in its place"),
+        ("splits.json", json.dumps({"train": rows, "test": rows[:1]}, indent=1),
+         f"is one JSON object whose keys hold several lists of records: 'train' (3 records), 'test' (1 record); "
+         f"{expected}: write each list to a file of its own, e.g.  {python}['train']]\" < splits.json > train.jsonl  "
+         "and the same for 'test', then name them in source.split_files"),
+        ("meta.json", json.dumps({"name": "x", "count": 3}, indent=2),
+         f"is one JSON object (keys ['name', 'count']) that holds no list of records; {expected}"),
+        ("pretty.jsonl", json.dumps(rows, indent=2),
+         "is one JSON array of 3 elements over several lines, not JSON Lines (one JSON object per line): name the "
+         "file .json to read it as a JSON array"),
+    ]
+
+
+@pytest.mark.parametrize(("name", "body", "message"), _wrapped_cases(), ids=lambda v: str(v)[:12])
+def test_one_json_document_wrapping_the_records_says_what_it_is_and_how_to_convert_it(
+        tmp_path: Path, name: str, body: str, message: str) -> None:
+    path = tmp_path / name
+    path.write_text(body, encoding="utf-8")
+    with pytest.raises(SourceError) as info:
+        read_source(local(path), tmp_path)
+    assert str(info.value) == f"{path}: {message}"
+
+
+def test_a_one_line_chat_file_is_still_one_conversation(tmp_path: Path) -> None:
+    path = tmp_path / "chat.jsonl"
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    path.write_text(json.dumps({"messages": turns}) + "\n", encoding="utf-8")
+    frame, _ = read_file(path, "auto")
+    assert frame["messages"].tolist() == [turns]
+
+
+def test_hub_dataset_limits_and_bytes_apply_after_download(tmp_path: Path) -> None:
+    # A dataset already in the local Hugging Face cache (as a download leaves it): read offline, in a fresh
+    # interpreter so the Hub libraries see the cache settings at import.
+    snapshot = tmp_path / "hub" / "datasets--me--tiny" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (tmp_path / "hub" / "datasets--me--tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "datasets--me--tiny" / "refs" / "main").write_text("abc123")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": pa.array([b"caf\xc3\xa9", b"b", b"c"], pa.binary()), "label": ["A", "B", "A"]}),
+                   snapshot / "train.parquet")
+    code = (
+        "import json, sys\n"
+        "from pathlib import Path\n"
+        "from pipelines.core.errors import SourceError\n"
+        "from pipelines.core.sources import read_source\n"
+        "from pipelines.core.spec import HubSourceConfig\n"
+        "out = []\n"
+        "for limits in ({}, {'max_rows': 2}, {'max_file_mb': 0.0001}):\n"
+        "    try:\n"
+        "        frame, _ = read_source(HubSourceConfig(kind='hub', dataset='me/tiny', **limits), Path('.'))\n"
+        "        out.append(frame['text'].tolist())\n"
+        "    except SourceError as exc:\n"
+        "        out.append(str(exc))\n"
+        "print(json.dumps(out))\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"),
+           "HF_DATASETS_CACHE": str(tmp_path / "datasets"), "HF_DATASETS_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    read, rows, size = json.loads(done.stdout.splitlines()[-1])
+    where = "the Hugging Face Hub dataset 'me/tiny' at revision 'main'"
+    assert read == ["café", "b", "c"]
+    assert rows == (f"{where} has 3 rows (train 3), more than source.max_rows allows (2): raise source.max_rows in "
+                    "the spec to read it")
+    assert size.startswith(f"{where} has a file 'train.parquet' of 0.0 MB, more than source.max_file_mb allows "
+                           "(0.0001 MB)")
