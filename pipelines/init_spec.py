@@ -109,9 +109,6 @@ def plan_source(data: Path, project_root: Path) -> SourcePlan:
     if by_split:
         notes.append(f"{', '.join(p.name for ps in by_split.values() for p in ps)} name(s) a split, but "
                      "source.split_files needs a train file: every file is read and split by hash instead")
-    if tsv:  # without split_files the folder reader lists only .csv/.jsonl/.json/.parquet files
-        raise InitError(f"{data}: a folder of .tsv files is read only with official split files (train.tsv, "
-                        "test.tsv, ...); rename the files to .csv (the delimiter is detected), or run init on one file")
     return SourcePlan({"kind": "local", "path": where}, tuple(files), {}, tuple(notes))
 
 

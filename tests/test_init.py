@@ -334,3 +334,18 @@ def test_labels_are_proposed_as_the_task_reads_them(tmp_path: Path, capsys: pyte
     assert load_spec(tmp_path / "drinks.yaml").task.labels == ("Café", "Thé")
     assert "left out of task.labels: 'Thé\\n(checked)' (a line break, tab or control character" in (
         capsys.readouterr().out)
+
+
+def test_a_folder_of_tsv_files_is_read_whole(tmp_path: Path) -> None:
+    from pipelines.core.sources import read_source
+
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    for part in range(2):
+        pd.DataFrame({"sentence": [f"how do I reset item {i}" if i % 2 else f"where is parcel {i}"
+                                   for i in range(30 * part, 30 * part + 30)],
+                      "label": ["reset", "track"] * 15}).to_csv(folder / f"part{part}.tsv", sep="\t", index=False)
+    assert init(folder, "--specs-dir", tmp_path) == 0
+    spec = load_spec(tmp_path / "exports.yaml")
+    frame, record = read_source(spec.source, tmp_path)
+    assert len(frame) == 60 and sorted(name for name, _ in record.files) == ["part0.tsv", "part1.tsv"]
