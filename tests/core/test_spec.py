@@ -355,3 +355,20 @@ def test_refusing_hostile_spec_files_keeps_memory_bounded(tmp_path: Path) -> Non
     names, peak_kib = out.stdout.splitlines()
     assert names == "['valid'] ['laughs', 'sparse', 'wide']"
     assert int(peak_kib) < 1024 * 1024, f"peak memory {int(peak_kib) // 1024} MiB"
+
+
+def test_a_number_too_long_to_be_one_is_named_by_its_line() -> None:
+    assert problems(VALID + "training:\n  epochs: " + "9" * 5000 + "\n") == [
+        "line 9: a number written with 5000 characters (a spec's numbers are a few digits long)"]
+
+
+@pytest.mark.parametrize(("source", "problem"), [
+    ({"kind": "package_file", "package": "", "path": "x.txt", "format": "csv"}, "source.package: must not be empty"),
+    ({"kind": "local", "path": "d", "split_files": {"train": "a\0.csv"}},
+     "source.split_files.train: 'a\\x00.csv' holds a line break, a tab or a control character"),
+    ({"kind": "hub", "dataset": " "}, "source.dataset: must not be empty"),
+])
+def test_source_names_and_paths_are_one_line_of_text(source: dict[str, object], problem: str) -> None:
+    text = yaml.safe_dump({"source": source, "base_model": {"model": {"source": "hub", "name": "m/x"}}})
+    found = problems(text)
+    assert len(found) == 1 and found[0].endswith(problem), found
