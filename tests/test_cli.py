@@ -346,7 +346,7 @@ def test_a_data_folder_that_cannot_be_written_is_one_block_and_nothing_is_writte
         assert out.returncode == 2 and out.stdout == ""
         assert out.stderr.splitlines() == [
             f"error: the data folder {data / 'run'} cannot be written: permission denied at {data}; make it "
-            f"writable (chmod u+w {data}) or pass --data-dir to a folder you can write. Nothing was written"]
+            f"writable (chmod u+rwx {data}) or pass --data-dir to a folder you can write. Nothing was written"]
         assert list(data.iterdir()) == []
     finally:
         data.chmod(0o755)

@@ -115,20 +115,32 @@ def write_problem(exc: OSError, folder: Path) -> DataFolderError | None:
     if why is None:
         return None
     where = Path(exc.filename) if exc.filename else folder
-    blocked = next((p for p in (where, *where.parents) if p.exists()), where)
+    blocked = _nearest(where)
     fix = {errno.EROFS: "pass --data-dir (or set the data folder of the code location) to a writable folder",
            errno.ENOSPC: "free some space, or pass --data-dir to a folder on another disk",
            errno.EDQUOT: "free some space, or pass --data-dir to a folder on another disk",
            errno.ENOTDIR: f"move the file {blocked} away"}.get(
-        exc.errno or 0, f"make it writable (chmod u+w {blocked}) or pass --data-dir to a folder you can write")
+        exc.errno or 0, f"make it writable (chmod u+rwx {blocked}) or pass --data-dir to a folder you can write")
     return DataFolderError(f"the data folder {folder} cannot be written: {why} at {blocked}; {fix}. Nothing was "
                            "written")
+
+
+def _nearest(path: Path) -> Path:
+    """`path`, or the nearest folder above it that exists and can be looked at (a folder without search permission
+    hides what is inside it)."""
+    for candidate in (path, *path.parents):
+        try:
+            os.stat(candidate)
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            continue
+        return candidate
+    return path
 
 
 def ensure_writable(folder: Path) -> None:
     """Raise DataFolderError when `folder` (or, while it does not exist yet, the folder it would be made in) cannot
     be written. Writes nothing."""
-    nearest = next(p for p in (folder, *folder.parents) if p.exists() or p == p.parent)
+    nearest = _nearest(folder)
     if not nearest.is_dir():
         code = errno.ENOTDIR
     elif os.access(nearest, os.W_OK | os.X_OK):

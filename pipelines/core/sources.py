@@ -27,6 +27,7 @@ from pipelines.core.errors import SourceError
 from pipelines.core.files import NotRegular, TooLarge, read_chunks, special_kind
 from pipelines.core.records import SourceRecord
 from pipelines.core.sections import HubSourceConfig, LocalSourceConfig, PackageFileSourceConfig
+from pipelines.core.yaml_limits import YamlLimit, check_events
 
 PROVENANCE_COLUMNS = ("source_file", "source_row", "source_split")
 DATA_EXTENSIONS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet",
@@ -42,6 +43,7 @@ CONVERSIONS = (
     ((".zip", ".gz", ".tgz", ".bz2", ".xz", ".zst", ".7z", ".tar"), "archives", "extract their files into the folder"),
 )
 MB = 1_000_000
+MAX_YAML_DEPTH = 20  # a YAML data file nested deeper is refused before it is composed (which recurses)
 SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
                  "val": "validation", "dev": "validation", "test": "test", "testing": "test"}
 
@@ -319,6 +321,8 @@ def _read_jsonl(data: bytes, file: str, max_rows: int) -> pd.DataFrame:
                 raise whole from None
             raise SourceError(f"not valid JSON ({exc.msg} at character {exc.pos + 1}); expected one "
                               "JSON object per line", file=file, row=number) from None
+        except (ValueError, RecursionError) as exc:  # nested too deep for the parser, a number too long for Python
+            raise SourceError(f"not read: {_json_limit(exc)}", file=file, row=number) from None
         if not isinstance(record, dict):
             raise SourceError(f"expected a JSON object, got {type(record).__name__}", file=file, row=number)
         records.append(record)
@@ -371,12 +375,21 @@ def _wrapped(document: dict[str, object], file: str) -> SourceError:
                        + (", then name them in source.split_files" if splits else ""), file=file)
 
 
+def _json_limit(exc: ValueError | RecursionError) -> str:
+    """What a JSON text that parses but cannot be read is: nested too deep, or a number too long."""
+    if isinstance(exc, RecursionError):
+        return "its values nest deeper than the JSON parser follows (thousands of levels): not a data record"
+    if "digits" in str(exc):  # Python's limit on converting long integers
+        return "holds a number more than 4300 digits long: not a data value"
+    return str(exc)
+
+
 def _one_document(text: str, file: str) -> SourceError | None:
     """The error for a file that is not JSON Lines but one JSON document over several lines: an object wrapping the
     records, or an array in a .jsonl file. None when the text is not one JSON document."""
     try:
         document = json.loads(text)
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
         return None
     if isinstance(document, dict):
         return _wrapped(document, file)
@@ -437,6 +450,8 @@ def _read_json_array(text: str, file: str, max_rows: int) -> pd.DataFrame:
     except json.JSONDecodeError as exc:
         raise SourceError(f"not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); expected one JSON "
                           "array of objects, or one JSON object per line", file=file, row=exc.lineno) from None
+    except (ValueError, RecursionError) as exc:
+        raise SourceError(f"not read: {_json_limit(exc)}", file=file) from None
     _check_rows(len(records), max_rows)
     for number, record in enumerate(records, start=1):
         if not isinstance(record, dict):
@@ -498,7 +513,10 @@ def _read_chatterbot_yaml(data: bytes, file: str, max_rows: int) -> pd.DataFrame
 
     text = _decode(data, file)
     try:
-        root = yaml.compose(text)
+        check_events(text, max_depth=MAX_YAML_DEPTH, hint=" (a chatterbot-corpus file nests three levels)")
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except YamlLimit as exc:
+        raise SourceError(f"not read: {exc.problem}", file=file, row=exc.line) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         raise SourceError(f"not valid YAML: {getattr(exc, 'problem', exc)}", file=file,

@@ -20,12 +20,13 @@ import yaml
 from pydantic import BaseModel, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from pipelines.core.errors import SpecError
-from pipelines.core.files import TooLarge, read_bounded, special_kind
+from pipelines.core.files import NotRegular, TooLarge, read_bounded, special_kind
 from pipelines.core.sections import *  # noqa: F403 (the shared sections are part of the spec's schema)
 from pipelines.core.sections import (BaseModelConfig, CleaningConfig, ComputeConfig, EvaluationConfig, Frozen,
                                      PromotionConfig, QualityConfig, ScheduleConfig, SourceConfig, SplitsConfig,
                                      SweepConfig, TaskSection, TrainingConfig)
 from pipelines.core.tasks import DEFAULT_TASK, declaration, declarations, on_change, task_named
+from pipelines.core.yaml_limits import check_events
 
 PIPELINE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -230,22 +231,8 @@ MAX_SPEC_DEPTH = 40
 def _compose(text: str) -> yaml.Node | None:
     """The spec's YAML as a node graph, refused (ValueError) past the limits above before any value is built: the
     nesting is counted on the parser's events (no recursion), the size with aliases expanded on the graph."""
-    depth = values = 0
-    try:  # libyaml's parser when present: fast, and its errors are found again below with PyYAML's clearer words
-        for event in yaml.parse(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
-            if isinstance(event, yaml.CollectionStartEvent):
-                depth += 1
-                if depth > MAX_SPEC_DEPTH:
-                    raise ValueError(f"line {event.start_mark.line + 1}: nested more than {MAX_SPEC_DEPTH} levels "
-                                     "deep (a spec nests a few levels)")
-            elif isinstance(event, yaml.CollectionEndEvent):
-                depth -= 1
-            values += isinstance(event, yaml.NodeEvent)
-            if values > MAX_SPEC_NODES:
-                raise ValueError(f"line {event.start_mark.line + 1}: holds more than {MAX_SPEC_NODES} values (a spec "
-                                 "holds a few hundred)")
-    except yaml.YAMLError:
-        pass
+    check_events(text, max_depth=MAX_SPEC_DEPTH, max_values=MAX_SPEC_NODES,
+                 hint=" (a spec holds a few hundred values, nested a few levels)")
     root = yaml.compose(text, Loader=yaml.SafeLoader)
     if root is None:
         return None
@@ -262,7 +249,8 @@ def _compose(text: str) -> yaml.Node | None:
         if done:
             on_path.discard(id(node))
             sizes[id(node)] = 1 + sum(sizes[id(c)] for c in children)
-            depths[id(node)] = 1 + max((depths[id(c)] for c in children), default=0)
+            depths[id(node)] = 0 if isinstance(node, yaml.ScalarNode) else \
+                1 + max((depths[id(c)] for c in children), default=0)
             if sizes[id(node)] > MAX_SPEC_NODES or depths[id(node)] > MAX_SPEC_DEPTH:
                 raise ValueError(
                     f"line {node.start_mark.line + 1}: its aliases (*name) expand to more than "
@@ -449,29 +437,28 @@ def parse_spec(text: str, *, name: str, origin: str) -> PipelineSpec:
 def _not_utf8(data: bytes, exc: UnicodeDecodeError) -> str:
     """Where a spec file stops being UTF-8 (line and column), and what its encoding likely is."""
     line = data.count(b"\n", 0, exc.start) + 1
-    column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+    start = data.rfind(b"\n", 0, exc.start) + 1
+    column = len(data[start:exc.start].decode("utf-8", errors="replace")) + 1  # characters, not bytes
     where = f"line {line}, column {column}: not UTF-8 text (byte 0x{data[exc.start]:02x})"
     if data[:2] in (b"\xff\xfe", b"\xfe\xff") or data[:200].count(b"\0") > len(data[:200]) // 4:
         guess, source = "UTF-16 (as Windows Notepad and Excel save \"Unicode\" text)", "UTF-16"
     else:
-        try:
-            shown = data.decode("cp1252").splitlines()[line - 1].strip()
-            guess, source = f"Windows-1252 / Latin-1 (read that way the line is {shown[:60]!r})", "WINDOWS-1252"
-        except (UnicodeDecodeError, IndexError):
-            guess, source = "", ""
-    if not guess:
-        return f"{where}: save the file as UTF-8"
+        end = data.find(b"\n", exc.start)
+        shown = data[start:end if end >= 0 else len(data)].decode("cp1252", errors="replace").strip()
+        guess, source = f"Windows-1252 / Latin-1 (read that way the line is {shown[:60]!r})", "WINDOWS-1252"
     return (f"{where}: it looks like {guess}; save it as UTF-8, e.g. iconv -f {source} -t UTF-8 FILE > NEW "
             "and move NEW over FILE")
 
 
 def load_spec(path: Path) -> PipelineSpec:
     """Load and validate one spec file; the pipeline is named after the file's stem."""
-    special = special_kind(path)
+    special = "a folder" if path.is_dir() else special_kind(path)
     if special is not None:
         raise SpecError(str(path), [f"is {special}, not a spec file (a spec is a regular YAML file)"])
     try:
         data = read_bounded(path, MAX_SPEC_BYTES)
+    except NotRegular:
+        raise SpecError(str(path), ["is no longer a regular file (it was replaced while being read)"]) from None
     except TooLarge:
         raise SpecError(str(path), [f"is larger than {MAX_SPEC_BYTES // 1024} KiB: not a spec file (a spec is a few "
                                     "KiB of YAML)"]) from None

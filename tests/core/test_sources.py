@@ -616,3 +616,26 @@ def test_hub_dataset_limits_and_bytes_apply_after_download(tmp_path: Path) -> No
                     "the spec to read it")
     assert size.startswith(f"{where} has a file 'train.parquet' of 0.0 MB, more than source.max_file_mb allows "
                            "(0.0001 MB)")
+
+
+@pytest.mark.parametrize(("name", "content", "fmt", "message"), [
+    ("deep.jsonl", '{"text": "a", "label": "b"}\n{"text": ' + "[" * 100_000 + "]" * 100_000 + "}\n", "auto",
+     "deep.jsonl, row 2: not read: its values nest deeper than the JSON parser follows"),
+    ("deep.json", '[{"text": ' + "[" * 100_000 + "]" * 100_000 + "}]", "auto",
+     "deep.json: not read: its values nest deeper than the JSON parser follows"),
+    ("long.jsonl", '{"text": "a", "label": ' + "9" * 5000 + "}\n", "auto",
+     "long.jsonl, row 1: not read: holds a number more than 4300 digits long: not a data value"),
+    ("deep.yml", "conversations:\n- " + "[" * 500 + "]" * 500 + "\n", "chatterbot_yaml",
+     "deep.yml, row 2: not read: nested more than 20 levels deep (a chatterbot-corpus file nests three levels)"),
+])
+def test_data_nested_too_deep_or_numbers_too_long_are_refused_by_row(
+        tmp_path: Path, name: str, content: str, fmt: str, message: str) -> None:
+    """Read in a child process: after a RecursionError, CPython 3.11.7's compiler can fail in the same process
+    ("AST constructor recursion depth mismatch"), which would break pytest, not the step that refused the file."""
+    (tmp_path / name).write_text(content)
+    script = ("import sys; from pathlib import Path; from pipelines.core.sources import read_file\n"
+              "from pipelines.core.errors import SourceError\n"
+              "try:\n    read_file(Path(sys.argv[1]), sys.argv[2])\nexcept SourceError as exc:\n    print(exc)")
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / name), fmt], cwd=PROJECT_ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith(f"{tmp_path}/{message}"), (out.stdout, out.stderr[-2000:])

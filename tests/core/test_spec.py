@@ -12,7 +12,7 @@ import yaml
 from pydantic import ValidationError
 
 from pipelines.core.errors import SpecError
-from pipelines.core.spec import PipelineSpec, load_spec, load_specs, parse_spec
+from pipelines.core.spec import PipelineSpec, load_spec, load_specs, parse_spec, read_specs
 from tests.conftest import PROJECT_ROOT
 
 SPECS_DIR = PROJECT_ROOT / "pipelines" / "specs"
@@ -246,7 +246,7 @@ LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
     (VALID + "sweep: &s {space: [*s]}\n",
      "line 8: an alias (*name) refers to a value that contains it (a loop): write the value out"),
     (VALID + "description: " + "[" * 100 + "]" * 100 + "\n",
-     "line 8: nested more than 40 levels deep (a spec nests a few levels)"),
+     "line 8: nested more than 40 levels deep (a spec holds a few hundred values, nested a few levels)"),
 ], ids=["billion-laughs", "alias-loop", "deep-nesting"])
 def test_specs_past_the_yaml_limits_are_refused_before_they_are_built(text: str, problem: str) -> None:
     assert problems(text) == [problem]
@@ -372,3 +372,11 @@ def test_source_names_and_paths_are_one_line_of_text(source: dict[str, object], 
     text = yaml.safe_dump({"source": source, "base_model": {"model": {"source": "hub", "name": "m/x"}}})
     found = problems(text)
     assert len(found) == 1 and found[0].endswith(problem), found
+
+
+def test_a_folder_named_like_a_spec_is_reported_not_raised(tmp_path: Path) -> None:
+    (tmp_path / "notes.yaml").mkdir()
+    (tmp_path / "valid.yaml").write_text(VALID)
+    found = read_specs(tmp_path)
+    assert [s.name for s in found.specs] == ["valid"]
+    assert [e.problems for e in found.broken] == [["is a folder, not a spec file (a spec is a regular YAML file)"]]

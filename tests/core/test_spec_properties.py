@@ -13,7 +13,7 @@ random cron expressions and time zones. The fields come from the schema itself, 
   cleaned_dataset with its blocking checks in a real Dagster instance; a step fails only with a tuneline error
   (a clean message) and a check step only because a blocking check failed.
 
-CI runs a fixed number of examples, derandomized (about half a minute in all). A longer, random run by hand:
+CI runs a fixed number of examples, derandomized. A longer, random run by hand:
     TUNELINE_HYPOTHESIS_EXAMPLES=5000 .venv/bin/python -m pytest -q tests/core/test_spec_properties.py
 (property B runs a twentieth as many: each of its examples is a Dagster run).
 """
