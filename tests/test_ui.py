@@ -107,7 +107,7 @@ def test_ui_shows_failed_blocking_check_and_no_checkpoint(dagster_dev: int) -> N
     port = dagster_dev
     data = graphql(port, CHECKS_QUERY, {"path": ["gate", "cleaned_dataset"]})
     checks = {c["name"]: c for c in data["assetNodes"][0]["assetChecksOrError"]["checks"]}
-    assert len(checks) == 9 and all(c["blocking"] for c in checks.values())
+    assert len(checks) == 11 and all(c["blocking"] for c in checks.values())
     typo = checks["labels_are_known"]["executionForLatestMaterialization"]
     assert typo["status"] == "FAILED"
     assert typo["evaluation"]["severity"] == "ERROR" and typo["evaluation"]["success"] is False
