@@ -7,7 +7,7 @@ from __future__ import annotations
 import datetime
 import re
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -100,17 +100,21 @@ def cell_text(value: object) -> str | None:
     raise NotText(f"holds a value of type {type(value).__name__} ({str(value)[:60]}), not text")
 
 
-def column_text(values: Iterable[Any], files: Iterable[Any], rows: Iterable[Any], column: str,
-                what: str = "text") -> list[str | None]:
-    """Every cell of a column as text (cell_text); a cell that is not text is a SourceError naming its file, row
+def cell_text_at(value: object, file: Any, row: Any, column: str, what: str = "text",
+                 read: Callable[[object], str | None] | None = None) -> str | None:
+    """One cell read by `read` (cell_text by default); a cell that is not text is a SourceError naming its file, row
     and column, and `what` the column was meant to hold (a text, a label)."""
-    out: list[str | None] = []
-    for value, file, row in zip(values, files, rows, strict=True):
-        try:
-            out.append(cell_text(value))
-        except NotText as exc:
-            raise SourceError(f"{exc} (expected {what})", file=str(file), row=int(row), column=column) from None
-    return out
+    try:
+        return (read or cell_text)(value)
+    except NotText as exc:
+        raise SourceError(f"{exc} (expected {what})", file=str(file), row=int(row), column=column) from None
+
+
+def column_text(values: Iterable[Any], files: Iterable[Any], rows: Iterable[Any], column: str,
+                what: str = "text", read: Callable[[object], str | None] | None = None) -> list[str | None]:
+    """Every cell of a column as text (cell_text_at)."""
+    return [cell_text_at(value, file, row, column, what, read)
+            for value, file, row in zip(values, files, rows, strict=True)]
 
 
 # C0 and C1 control characters other than the white space of ordinary text (tab, line feed, vertical tab, form

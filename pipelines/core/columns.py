@@ -11,7 +11,7 @@ from typing import Any
 
 import pandas as pd
 
-from pipelines.core.cleaning import is_missing
+from pipelines.core.cleaning import NotText, cell_text, is_missing
 from pipelines.core.sources import PROVENANCE_COLUMNS
 
 NOT_DATA_COLUMNS = {*PROVENANCE_COLUMNS, "source_problem"}
@@ -59,9 +59,13 @@ def missing(value: Any) -> bool:
     return not isinstance(value, list | dict) and not hasattr(value, "tolist") and is_missing(value)
 
 
-def cell_text(value: Any) -> str:
-    """A scalar cell as text, the way the tasks read labels and categories (the value as text, stripped)."""
-    return str(value).strip()
+def shown_text(value: Any) -> str:
+    """A scalar cell as text the way the tasks read it (cleaning.cell_text: bytes decoded, never a repr), stripped;
+    a cell that is not text is shown as Python writes it (the task's cleaning names its row)."""
+    try:
+        return (cell_text(value) or "").strip()
+    except NotText:
+        return str(value).strip()
 
 
 def is_messages(value: Any) -> bool:
@@ -89,7 +93,7 @@ def profile_columns(frame: pd.DataFrame) -> list[ColumnProfile]:
         strings = bool(values) and all(isinstance(v, str) for v in values)
         scalar = bool(values) and all(isinstance(v, str | bool | int) or (isinstance(v, float) and v.is_integer())
                                       for v in values)
-        shown = [cell_text(v) for v in values] if scalar else [str(v) for v in values]
+        shown = [shown_text(v) for v in values] if scalar else [str(v) for v in values]
         sample = values[:200]
         profiles.append(ColumnProfile(
             name=str(name), values=len(values), distinct=len(set(shown)), strings=strings, scalar=scalar,

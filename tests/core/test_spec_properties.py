@@ -471,15 +471,21 @@ def test_a_schedule_either_fails_naming_its_field_or_has_a_next_tick(cron: str, 
         assert next_tick(schedule) >= time.time() - 60
 
 
-@examples(ci=200)
-@given(mutated_specs(LEAVES))
-def test_a_generated_spec_fails_naming_its_field_or_builds_its_definitions(
-        generated: tuple[dict[str, Any], list[str]]) -> None:
+def validated(generated: tuple[dict[str, Any], list[str]]) -> tuple[str, PipelineSpec | None]:
+    """A generated spec's YAML, and the spec when it validates (validate asserts how a refusal names its field)."""
     spec_dict, changed = generated
     text = dump(spec_dict)
     note(text)
     spec = validate(text, changed)
     event("valid" if spec is not None else "refused")
+    return text, spec
+
+
+@examples(ci=200)
+@given(mutated_specs(LEAVES))
+def test_a_generated_spec_fails_naming_its_field_or_builds_its_definitions(
+        generated: tuple[dict[str, Any], list[str]]) -> None:
+    text, spec = validated(generated)
     if spec is None:
         return
     assert spec.spec_hash and PipelineSpec.model_validate(spec.model_dump()) == spec
@@ -526,11 +532,7 @@ def failures(result: dg.ExecuteInProcessResult) -> list[Failure]:
                      hostile=False))
 def test_a_generated_spec_that_validates_runs_to_its_first_data_check(
         generated: tuple[dict[str, Any], list[str]]) -> None:
-    spec_dict, changed = generated
-    text = dump(spec_dict)
-    note(text)
-    spec = validate(text, changed)
-    event("valid" if spec is not None else "refused")
+    text, spec = validated(generated)
     if spec is None:
         return
     with tempfile.TemporaryDirectory() as folder:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from pipelines.core.cleaning import NotText, cell_text, column_text, dedup_key
+from pipelines.core.cleaning import cell_text, column_text, dedup_key
 from pipelines.core.errors import SourceError
 from pipelines.core.quality import (ERROR, WARN, QualityReport, check_def, evaluate_checks, lost_examples_check,
                                     with_row_id)
@@ -95,13 +95,8 @@ def select_examples(raw: pd.DataFrame, task: ClassificationTaskConfig) -> pd.Dat
                               file=nested[0], row=int(nested[1]), column=column)
     # Bytes are decoded as UTF-8, never kept as their repr (b'...'); a cell that is not text names its row.
     frame["text"] = column_text(frame["text"], frame["source_file"], frame["source_row"], task.text_column, "a text")
-    labels = []
-    for value, file, row in zip(frame["label"], frame["source_file"], frame["source_row"], strict=True):
-        try:
-            labels.append(read_label(value))
-        except NotText as exc:
-            raise SourceError(f"{exc} (expected a label)", file=file, row=int(row), column=task.label_column) from None
-    frame["label"] = labels
+    frame["label"] = column_text(frame["label"], frame["source_file"], frame["source_row"], task.label_column,
+                                 "a label", read=read_label)
     if task.label_pattern is not None:
         pattern = re.compile(task.label_pattern)
         derived = []

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from pipelines.core.cleaning import NotText, cell_text, column_text, dedup_key, is_missing
+from pipelines.core.cleaning import cell_text_at, column_text, dedup_key, is_missing
 from pipelines.core.digests import frame_digest
 from pipelines.core.errors import SourceError
 from pipelines.core.markdown import markdown_table
@@ -60,15 +60,6 @@ DESCRIPTIONS = {
 
 
 # -------------------------------------------------------------------------------- conversations, quality
-def _text(value: Any, file: str, row: int, column: str, what: str) -> str | None:
-    """A cell as text (bytes decoded as UTF-8, never b'...'); a cell that is not text names its file, row and
-    column."""
-    try:
-        return cell_text(value)
-    except NotText as exc:
-        raise SourceError(f"{exc} (expected {what})", file=file, row=row, column=column) from None
-
-
 # Role names of other chat formats, read as ours (ShareGPT's human / gpt, Gemma's model, and common others).
 ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant", "ai": "assistant",
                 "chatgpt": "assistant"}
@@ -83,13 +74,13 @@ def _message_content(content: Any, index: int, file: str, row: int, column: str)
     ...}, ...]) as its text parts joined by newlines. A part that is not text (an image) is an error: a text model
     cannot read it, and dropping it would train on half a message."""
     if not isinstance(content, (list, tuple, dict, np.ndarray)):  # null is an empty turn, which cleaning drops
-        return _text(content, file, row, column, f"text as message {index}'s content") or ""
+        return cell_text_at(content, file, row, column, f"text as message {index}'s content") or ""
     parts = content.tolist() if isinstance(content, np.ndarray) else list(content) \
         if isinstance(content, (list, tuple)) else [content]
     texts = []
     for part in parts:
         if isinstance(part, (str, bytes)):
-            texts.append(_text(part, file, row, column, f"text in message {index}'s content") or "")
+            texts.append(cell_text_at(part, file, row, column, f"text in message {index}'s content") or "")
             continue
         kind = (part.get("type") or "text") if isinstance(part, dict) else type(part).__name__
         if not isinstance(part, dict) or kind not in TEXT_PART_TYPES:
@@ -100,7 +91,7 @@ def _message_content(content: Any, index: int, file: str, row: int, column: str)
             raise SourceError(f"message {index} has a content part without a 'text' string "
                               f"({str(part)[:60]}); expected parts like {{\"type\": \"text\", \"text\": \"...\"}}",
                               file=file, row=row, column=column)
-        texts.append(_text(part["text"], file, row, column, f"text in message {index}'s content") or "")
+        texts.append(cell_text_at(part["text"], file, row, column, f"text in message {index}'s content") or "")
     return "\n".join(texts)
 
 
@@ -132,7 +123,7 @@ def _parse_messages(value: Any, file: str, row: int, column: str) -> tuple[list[
         content = _message_content(message["content"], i, file, row, column)
         raw_role = message["role"]
         if isinstance(raw_role, (bytes, np.bytes_)):
-            raw_role = _text(raw_role, file, row, column, f"text as message {i}'s role")
+            raw_role = cell_text_at(raw_role, file, row, column, f"text as message {i}'s role")
         if not isinstance(raw_role, str):  # null or a number: this row's defect, not the file's role names
             problem = problem or (f"message {i} has no role (null)" if is_missing(raw_role) else
                                   f"message {i} has the role {str(raw_role)[:40]} ({type(raw_role).__name__}), "
@@ -220,7 +211,7 @@ def _pair_messages(raw: pd.DataFrame, task: InstructionTuningTaskConfig, columns
     file, row = str(raw["source_file"].iat[n]), int(raw["source_row"].iat[n])
 
     def cell(column: str) -> str | None:
-        return _text(raw[column].iat[n], file, row, column, "text") if column in columns else None
+        return cell_text_at(raw[column].iat[n], file, row, column, "text") if column in columns else None
 
     prompt, extra, system = cell(task.instruction_column), cell(task.input_column), cell(task.system_column)
     if prompt is not None and extra and extra.strip():
