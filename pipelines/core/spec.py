@@ -143,8 +143,8 @@ class PipelineSpec(Frozen):
     @model_validator(mode="before")
     @classmethod
     def _task_defaults(cls, data: Any) -> Any:
-        """Settings in their old places move into the task section (with a warning); evaluation settings the spec
-        leaves out come from its task (e.g. its primary metric and baselines)."""
+        """Settings in their old places move into the task section (with a warning); evaluation and training settings
+        the spec leaves out come from its task (e.g. its primary metric and baselines, its recipe's learning rate)."""
         if isinstance(data, dict):
             data, moved = move_task_settings(data)
             for old, new in moved:
@@ -154,6 +154,9 @@ class PipelineSpec(Frozen):
             evaluation = data.get("evaluation")
             if kind in declarations() and (evaluation is None or isinstance(evaluation, dict)):
                 data = {**data, "evaluation": {**task_named(kind).evaluation_defaults, **(evaluation or {})}}
+            training = data.get("training")
+            if kind in declarations() and (training is None or isinstance(training, dict)):
+                data = {**data, "training": {**task_named(kind).training_defaults, **(training or {})}}
         return data
 
     @model_validator(mode="after")

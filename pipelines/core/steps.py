@@ -141,7 +141,7 @@ def base_model_log(record: BaseModelRecord) -> StepLog:
 def training_params(spec: PipelineSpec, base: BaseModelRecord, compute: ComputeSettings) -> StepLog:
     """What is known before training starts: the hyperparameters, the base model and the resolved spec."""
     return StepLog(
-        data_version="", message=f"training {base.name} ({spec.task.type}) with LoRA r={spec.training.lora.r}",
+        data_version="", message=f"training {base.name} ({spec.task.type})",
         params={**{f"training.{k}": v for k, v in spec.training.model_dump().items() if k != "lora"},
                 **{f"lora.{k}": v for k, v in spec.training.lora.model_dump().items()},
                 "precision": compute.precision, "device": compute.device, "trainer": task_for(spec).trainer_name,

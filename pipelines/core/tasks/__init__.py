@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from pipelines.core.tasks.base import (CandidateRejected, PreparedData, ProbeResult, Starter, Task, TaskBase,
                                        TaskDeclaration)
 from pipelines.core.tasks.classification import TASK as _CLASSIFICATION
+from pipelines.core.tasks.embedding import TASK as _EMBEDDING
 from pipelines.core.tasks.instruction import TASK as _INSTRUCTION
 
 if TYPE_CHECKING:
@@ -107,7 +108,7 @@ def checkpoint_from_folder(path: Path, model_version: str | None = None) -> Chec
     return record_from_folder(path, model_version, legacy)
 
 
-for _builtin in (_CLASSIFICATION, _INSTRUCTION):
+for _builtin in (_CLASSIFICATION, _INSTRUCTION, _EMBEDDING):
     register(_builtin)
 DEFAULT_TASK = _CLASSIFICATION.name  # a spec whose task section names no type
 

@@ -105,6 +105,7 @@ class Task(Protocol):
     name: str  # the value of task.type
     config_class: type[Frozen]  # its `task:` section
     evaluation_defaults: Mapping[str, Any]  # evaluation.* values used when the spec does not set them
+    training_defaults: Mapping[str, Any]  # training.* values used when the spec does not set them (its recipe)
     primary_metrics: tuple[str, ...]  # what evaluation.primary_metric may be
     baselines: tuple[str, ...]  # what evaluation.baselines may list
     split_group_column: str  # the column splits are stratified and tabulated by
@@ -226,6 +227,7 @@ class TaskBase:
                              f"{list(self.baselines)}")
 
     prompts_another_model = False  # tasks whose prompting baseline needs evaluation.prompting.model set this
+    training_defaults: Mapping[str, Any] = {}  # the shared section's own defaults fit LoRA fine-tuning
     example_columns: tuple[str, ...] = ("text", "split", "source_file", "source_row")
 
     def pooling(self, spec: SpecView) -> str:

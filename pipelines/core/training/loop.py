@@ -106,7 +106,8 @@ def best_epoch_callback(model: torch.nn.Module, progress: ProgressFn, sink: Metr
             value = float(metrics.get(f"eval_{select_by}", math.nan))
             score = -math.inf if math.isnan(value) else value if higher_is_better else -value
             shown = ", ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in metrics.items()
-                              if k in ("eval_accuracy", "eval_macro_f1", "eval_loss") and isinstance(v, (int, float)))
+                              if k in ("eval_accuracy", "eval_macro_f1", "eval_loss", f"eval_{select_by}")
+                              and isinstance(v, (int, float)))
             progress(f"epoch {state.epoch:.2f}: validation {shown}")
             if score > self.best_score:
                 self.best_score, self.best_epoch = score, float(state.epoch)

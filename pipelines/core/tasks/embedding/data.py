@@ -1,0 +1,300 @@
+"""Retrieval's examples: the spec's query/document (or text/label) columns read from the raw rows, cleaned, and the
+blocking checks on the cleaned rows and the splits (complete pairs, no query in two splits, no test document that
+was a training query, a corpus larger than the k of the metrics, a relevant document for every query)."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from pipelines.core.cleaning import (CleaningResult, cell_text_at, control_character, dedup_key, escape_controls,
+                                     normalise_text)
+from pipelines.core.errors import SourceError
+from pipelines.core.quality import (ERROR, QualityReport, check_def, evaluate_checks, lost_examples_check,
+                                    validate_splits, with_row_id)
+from pipelines.core.tasks.embedding.config import EmbeddingTaskConfig
+
+if TYPE_CHECKING:
+    from pipelines.core.sections import CleaningConfig, SpecView
+
+# Columns a failed check's example rows show (where the checked table has them), in this order.
+EXAMPLE_COLUMNS = ("text", "document", "label", "split", "source_file", "source_row")
+CLEAN_COLUMNS = ("text", "norm_text", "document", "document_id", "negative", "negative_id", "score", "label", "group",
+                 "source_file", "source_row")
+DROP_REASONS = ("empty_query", "empty_document", "missing_label", "identical_pair", "control_characters", "too_long",
+                "conflicting_labels", "exact_duplicate")
+BROKEN = ("empty_query", "empty_document", "identical_pair")  # what pairs_are_complete counts
+METRIC_K = 10  # the largest k of the cut-off metrics (NDCG@10, MRR@10, recall@10): the corpus must be larger
+
+CLEANED_CHECKS = ("pairs_are_complete", "cleaning_kept_most_rows", "row_count_within_bounds")
+SPLITS_CHECKS = ("splits_do_not_overlap", "split_proportions_match_spec", "validation_and_test_are_not_empty",
+                 "test_documents_were_not_training_queries", "corpus_is_larger_than_k",
+                 "every_query_has_a_relevant_document")
+
+DESCRIPTIONS = {
+    "pairs_are_complete": "No row has an empty query, an empty document, or a query equal to its own document.",
+    "cleaning_kept_most_rows": "Cleaning dropped at most quality.max_lost_fraction of the source's distinct pairs.",
+    "row_count_within_bounds": "The clean dataset has between quality.min_rows and quality.max_rows rows.",
+    "splits_do_not_overlap": "No query is in two splits (splits are by query).",
+    "split_proportions_match_spec": "Split shares (of queries) are within quality.split_tolerance of the spec.",
+    "validation_and_test_are_not_empty": "Validation and test have queries.",
+    "test_documents_were_not_training_queries": "No test query's relevant document was a training query.",
+    "corpus_is_larger_than_k": f"The corpus holds more documents than the k of the metrics ({METRIC_K}) and of "
+                               "task.top_k.",
+    "every_query_has_a_relevant_document": "Every validation and test query has a relevant document in the corpus.",
+}
+
+
+def text_id(prefix: str, key: str) -> str:
+    """A stable id of a text from its normalised key (the same text, the same id, in every split and run)."""
+    return prefix + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------ reading
+def _require_column(raw: pd.DataFrame, column: str, field_name: str) -> None:
+    if column not in raw.columns:
+        files = sorted(set(raw["source_file"].astype(str))) if "source_file" in raw.columns else []
+        available = [c for c in raw.columns if c not in ("source_file", "source_row", "source_split")]
+        raise SourceError(f"has no column {column!r} (named by {field_name}); its columns are {available}",
+                          file=", ".join(files) or None, column=column)
+
+
+def _texts(raw: pd.DataFrame, column: str, what: str) -> list[str | None]:
+    return [cell_text_at(value, file, row, column, what)
+            for value, file, row in zip(raw[column], raw["source_file"], raw["source_row"], strict=True)]
+
+
+def _score(value: Any, file: Any, row: Any, column: str) -> float:
+    try:
+        score = float(value)
+    except (TypeError, ValueError):
+        raise SourceError(f"holds {str(value)[:40]!r}, not a similarity score (a number in [0, 1])", file=str(file),
+                          row=int(row), column=column) from None
+    if not 0 <= score <= 1:  # NaN included
+        raise SourceError(f"holds {value!r}: a similarity score is a number in [0, 1] (named by task.score_column)",
+                          file=str(file), row=int(row), column=column)
+    return score
+
+
+def select_pairs(raw: pd.DataFrame, task: EmbeddingTaskConfig) -> pd.DataFrame:
+    """The task's columns from the raw rows, as read (text, document, negative, score, label), with provenance."""
+    frame = pd.DataFrame({"source_file": raw["source_file"].astype(str),
+                          "source_row": raw["source_row"].astype("int64")})
+    if task.mode == "labels":
+        _require_column(raw, task.text_column, "task.text_column")
+        _require_column(raw, task.relevance_label_column, "task.relevance_label_column")  # type: ignore[arg-type]
+        frame["text"] = _texts(raw, task.text_column, "a text")
+        frame["label"] = [None if v is None else v.strip() or None
+                          for v in _texts(raw, task.relevance_label_column, "a label")]  # type: ignore[arg-type]
+        frame["document"] = None
+        frame["negative"] = None
+        frame["score"] = math.nan
+    else:
+        _require_column(raw, task.query_column, "task.query_column")
+        _require_column(raw, task.document_column, "task.document_column")
+        frame["text"] = _texts(raw, task.query_column, "a query")
+        frame["document"] = _texts(raw, task.document_column, "a document")
+        if task.negative_column is not None:
+            _require_column(raw, task.negative_column, "task.negative_column")
+            frame["negative"] = _texts(raw, task.negative_column, "a negative document")
+        else:
+            frame["negative"] = None
+        if task.score_column is not None:
+            _require_column(raw, task.score_column, "task.score_column")
+            frame["score"] = [_score(v, f, r, task.score_column)
+                              for v, f, r in zip(raw[task.score_column], frame["source_file"], frame["source_row"],
+                                                 strict=True)]
+        else:
+            frame["score"] = math.nan
+        frame["label"] = None
+    for column in ("text", "document", "negative", "label"):
+        frame[column] = frame[column].astype(object)
+    if "source_split" in raw.columns:
+        frame["source_split"] = raw["source_split"].astype(str).to_numpy()
+    return frame
+
+
+# ----------------------------------------------------------------------------------------------- cleaning
+def clean_pairs(selected: pd.DataFrame, task: EmbeddingTaskConfig, cfg: CleaningConfig) -> CleaningResult:
+    """Normalise texts; drop rows with an empty query or document, a missing label, a query equal to its document,
+    control characters, over-long texts (queries: cleaning.max_chars; documents: task.max_document_chars), texts
+    with conflicting labels, and exact duplicates (within a source split). Every dropped row is counted by reason."""
+    frame = selected.copy()
+    rows_in = len(frame)
+    raw_texts = {c: list(frame[c]) for c in ("text", "document", "negative")}
+    controls = pd.Series([any(v is not None and control_character(v) is not None
+                              for v in (raw_texts["text"][i], raw_texts["document"][i], raw_texts["negative"][i]))
+                          for i in range(rows_in)], index=frame.index)
+    for column in ("text", "document", "negative"):
+        frame[column] = pd.Series([None if v is None else normalise_text(v, cfg) or None for v in frame[column]],
+                                  index=frame.index, dtype=object)
+    labels_mode = task.mode == "labels"
+    frame["norm_text"] = [None if t is None else dedup_key(t) for t in frame["text"]]
+    doc_keys = [None if d is None else dedup_key(d) for d in frame["document"]]
+    reason = pd.Series([None] * rows_in, index=frame.index, dtype=object)
+
+    def mark(mask: Any, why: str) -> None:
+        mask = pd.Series(np.asarray(mask, dtype=bool), index=frame.index)
+        reason[mask & reason.isna()] = why
+
+    mark([t is None or len(t) < cfg.min_chars for t in frame["text"]], "empty_query")
+    if labels_mode:
+        mark([v is None for v in frame["label"]], "missing_label")
+    else:
+        mark([d is None for d in frame["document"]], "empty_document")
+        mark([q is not None and q == d for q, d in zip(frame["norm_text"], doc_keys, strict=True)], "identical_pair")
+    mark(controls, "control_characters")
+    mark([t is not None and len(t) > cfg.max_chars for t in frame["text"]], "too_long")
+    mark([d is not None and len(d) > task.max_document_chars for d in frame["document"]], "too_long")
+    split = ["source_split"] if "source_split" in frame.columns else []
+    if labels_mode and cfg.drop_conflicting:
+        alive = reason.isna()
+        labels_per_text = frame[alive].groupby(["norm_text", *split])["label"].transform("nunique")
+        mark(alive & (labels_per_text.reindex(frame.index) > 1).fillna(False), "conflicting_labels")
+    if cfg.drop_duplicates:
+        alive = reason.isna()
+        key = ["norm_text", *split] + ([] if labels_mode else ["doc_key"])
+        keyed = frame.assign(doc_key=doc_keys)
+        mark(alive & keyed[alive].duplicated(subset=key, keep="first").reindex(frame.index, fill_value=False),
+             "exact_duplicate")
+
+    dropped = {why: int((reason == why).sum()) for why in DROP_REASONS}
+    shown = ["text", "document", "label", "source_file", "source_row"]
+    examples = {why: frame.loc[reason == why, shown].head(5).astype(object).where(lambda f: f.notna(), None)
+                .to_dict("records") for why in DROP_REASONS if dropped[why]}
+    for row in examples.get("control_characters", []):
+        for column in ("text", "document"):
+            if isinstance(row[column], str):
+                row[column] = escape_controls(row[column])
+    kept = frame[reason.isna()].reset_index(drop=True)
+    kept["document_id"] = [None if d is None else text_id("d", dedup_key(d)) for d in kept["document"]]
+    kept["negative_id"] = [None if d is None else text_id("d", dedup_key(d)) for d in kept["negative"]]
+    kept["group"] = kept["label"] if labels_mode else "query"
+    kept["score"] = kept["score"].astype(float)
+    columns = list(CLEAN_COLUMNS) + split
+    return CleaningResult(kept[columns].astype({"text": str, "norm_text": str, "group": str}), rows_in, dropped,
+                          examples)
+
+
+# -------------------------------------------------------------------------------------------------- checks
+def _pair_keys(frame: pd.DataFrame) -> pd.Series:
+    """The key of a distinct example: the query, and its document or label."""
+    other = frame["document"].where(frame["document"].notna(), frame["label"])
+    return pd.Series([f"{dedup_key(str(t))}\x1f{dedup_key(str(o))}" for t, o in zip(frame["text"], other,
+                                                                                    strict=True)], dtype=object)
+
+
+def validate_cleaned_pairs(frame: pd.DataFrame, spec: SpecView, raw_data: pd.DataFrame | None = None) -> QualityReport:
+    """Run the cleaned_dataset checks on the asset's value (given the raw rows: the broken pairs cleaning dropped,
+    and how much cleaning lost)."""
+    import great_expectations.expectations as gxe
+
+    task: EmbeddingTaskConfig = spec.task
+    q = spec.quality
+    rows = with_row_id(frame)
+    tables: dict[str, pd.DataFrame] = {"rows": rows}
+    checks = []
+    broken = pd.DataFrame(columns=["row_id", "problem", "text", "document", "source_file", "source_row"])
+    lost = None
+    if raw_data is not None:
+        selected = select_pairs(raw_data, task)
+        result = clean_pairs(selected, task, spec.cleaning)
+        problems = _broken_rows(selected, task, spec.cleaning)
+        broken = with_row_id(problems)
+        lost, tables["lost"] = lost_examples_check(_pair_keys(selected), _pair_keys(frame), q.max_lost_fraction,
+                                                   result.dropped)
+    share = len(broken) / max(len(raw_data) if raw_data is not None else len(frame), 1)
+    tables["broken"] = broken
+    tables["broken_share"] = pd.DataFrame([{"broken_rows": len(broken), "share": share}])
+    limit = task.max_broken_pair_fraction
+    checks.append(check_def(
+        "pairs_are_complete",
+        f"At most task.max_broken_pair_fraction ({limit:g}) of the rows have an empty query, an empty document, or "
+        "a query equal to its own document (such rows teach nothing and are dropped).",
+        "fill or remove the listed rows in the source (point task.query_column / task.document_column at the right "
+        "columns if every row is affected), or raise task.max_broken_pair_fraction",
+        (gxe.ExpectColumnValuesToBeBetween(column="share", max_value=limit), "broken_share", ERROR),
+        *(((gxe.ExpectColumnValuesToBeNull(column="problem", mostly=1.0), "broken", ERROR),) if limit == 0 else ())))
+    if lost is not None:
+        checks.append(lost)
+    else:
+        tables["lost"] = pd.DataFrame([{"share_lost": 0.0}])
+        checks.append(check_def("cleaning_kept_most_rows", DESCRIPTIONS["cleaning_kept_most_rows"], "nothing to fix",
+                                (gxe.ExpectColumnValuesToBeBetween(column="share_lost", max_value=1.0), "lost",
+                                 ERROR)))
+    checks.append(check_def(
+        "row_count_within_bounds", f"The clean dataset has between {q.min_rows} and {q.max_rows} rows.",
+        "provide more pairs (or fewer are being dropped by cleaning: see the asset's metadata), or change "
+        "quality.min_rows / quality.max_rows",
+        (gxe.ExpectTableRowCountToBeBetween(min_value=q.min_rows, max_value=q.max_rows), "rows", ERROR)))
+    return evaluate_checks("cleaned_dataset", checks, tables, EXAMPLE_COLUMNS)
+
+
+def _broken_rows(selected: pd.DataFrame, task: EmbeddingTaskConfig, cfg: CleaningConfig) -> pd.DataFrame:
+    """The raw rows with an empty query or document, or a query equal to its document, and which it is."""
+    problems = []
+    for text, document, file, row in zip(selected["text"], selected["document"], selected["source_file"],
+                                         selected["source_row"], strict=True):
+        query = None if text is None else normalise_text(text, cfg) or None
+        doc = None if document is None else normalise_text(document, cfg) or None
+        problem = ("empty query" if query is None or len(query) < cfg.min_chars
+                   else None if task.mode == "labels"
+                   else "empty document" if doc is None
+                   else "query equals its document" if dedup_key(query) == dedup_key(doc) else None)
+        if problem:
+            problems.append({"problem": problem, "text": text, "document": document, "source_file": file,
+                             "source_row": int(row)})
+    return pd.DataFrame(problems, columns=["problem", "text", "document", "source_file", "source_row"])
+
+
+def validate_retrieval_splits(frame: pd.DataFrame, spec: SpecView) -> QualityReport:
+    """The splits checks: validate_splits' (overlap, shares, non-empty) on the queries, and retrieval's own (no test
+    document that was a training query, a corpus larger than k, a relevant document for every query)."""
+    import great_expectations.expectations as gxe
+
+    from pipelines.core.tasks.embedding.retrieval import retrieval_set
+
+    task: EmbeddingTaskConfig = spec.task
+    shared = validate_splits(frame, spec.splits, spec.quality, "group",
+                             every_group_in_train_and_test=False, example_columns=EXAMPLE_COLUMNS)
+    rows = with_row_id(frame)
+    train_queries = set(rows.loc[rows["split"] == "train", "norm_text"])
+    if task.mode == "labels":  # the documents are the train texts: a test text among them is the overlap above
+        leaked = rows.iloc[:0].assign(document_was_training_query=pd.Series(dtype=bool))
+    else:
+        test = rows[rows["split"] == "test"]
+        leaked = test.assign(document_was_training_query=[dedup_key(d) in train_queries for d in test["document"]])
+    sets = retrieval_set(frame, task)
+    corpus = pd.DataFrame([{"corpus": "shared by every split", "documents": len(sets.corpus_ids)}])
+    needed = max(METRIC_K, task.top_k) + 1
+    relevant = rows[rows["split"].isin(["validation", "test"])].copy()
+    relevant["relevant_documents"] = [len(sets.relevant_of(split, key)) for split, key in
+                                      zip(relevant["split"], relevant["norm_text"], strict=True)]
+    checks = [
+        check_def("test_documents_were_not_training_queries", DESCRIPTIONS["test_documents_were_not_training_queries"]
+                  + " (with task.relevance_label_column the documents are the train texts, so the overlap check covers it).",
+                  "a document that was trained on as a query is easy to find again: drop the listed test rows, or "
+                  "move the training rows with that text to the test split",
+                  (gxe.ExpectColumnValuesToNotBeInSet(column="document_was_training_query", value_set=[True]),
+                   "leaked", ERROR)),
+        check_def("corpus_is_larger_than_k",
+                  f"The corpus holds at least {needed} documents: more than the k of the metrics ({METRIC_K}) and "
+                  f"of task.top_k ({task.top_k}), or every ranking finds everything.",
+                  "add documents (rows), or lower task.top_k",
+                  (gxe.ExpectColumnValuesToBeBetween(column="documents", min_value=needed), "corpus", ERROR)),
+        check_def("every_query_has_a_relevant_document", DESCRIPTIONS["every_query_has_a_relevant_document"]
+                  + (" With task.relevance_label_column: another text with its label in the train split." if task.mode ==
+                     "labels" else ""),
+                  "add train rows of the listed labels, or drop those queries" if task.mode == "labels" else
+                  "give every query a relevant document" + (" scored at least task.relevance_threshold" if
+                                                            task.score_column else ""),
+                  (gxe.ExpectColumnValuesToBeBetween(column="relevant_documents", min_value=1), "relevant", ERROR)),
+    ]
+    own = evaluate_checks("splits", checks, {"leaked": leaked, "corpus": corpus, "relevant": relevant},
+                          EXAMPLE_COLUMNS)
+    return QualityReport("splits", shared.checks + own.checks,
+                         {"asset": "splits", "results": {**shared.gx_result["results"], **own.gx_result["results"]}})
