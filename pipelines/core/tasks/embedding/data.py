@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from pipelines.core.sections import CleaningConfig, SpecView
 
 # Columns a failed check's example rows show (where the checked table has them), in this order.
-EXAMPLE_COLUMNS = ("text", "document", "label", "split", "source_file", "source_row")
+EXAMPLE_COLUMNS = ("problem", "text", "document", "label", "split", "source_file", "source_row")
 CLEAN_COLUMNS = ("text", "norm_text", "document", "document_id", "negative", "negative_id", "score", "label", "group",
                  "source_file", "source_row")
 DROP_REASONS = ("empty_query", "empty_document", "missing_label", "identical_pair", "control_characters", "too_long",
@@ -63,9 +63,11 @@ def _require_column(raw: pd.DataFrame, column: str, field_name: str) -> None:
                           file=", ".join(files) or None, column=column)
 
 
-def _texts(raw: pd.DataFrame, column: str, what: str) -> list[str | None]:
-    return [cell_text_at(value, file, row, column, what)
-            for value, file, row in zip(raw[column], raw["source_file"], raw["source_row"], strict=True)]
+def _texts(raw: pd.DataFrame, column: str, what: str) -> pd.Series:
+    """A column's cells as text or None (pandas 3 would turn None into NaN in a column of strings)."""
+    return pd.Series([cell_text_at(value, file, row, column, what)
+                      for value, file, row in zip(raw[column], raw["source_file"], raw["source_row"], strict=True)],
+                     index=raw.index, dtype=object)
 
 
 def _score(value: Any, file: Any, row: Any, column: str) -> float:
@@ -88,10 +90,11 @@ def select_pairs(raw: pd.DataFrame, task: EmbeddingTaskConfig) -> pd.DataFrame:
         _require_column(raw, task.text_column, "task.text_column")
         _require_column(raw, task.relevance_label_column, "task.relevance_label_column")  # type: ignore[arg-type]
         frame["text"] = _texts(raw, task.text_column, "a text")
-        frame["label"] = [None if v is None else v.strip() or None
-                          for v in _texts(raw, task.relevance_label_column, "a label")]  # type: ignore[arg-type]
-        frame["document"] = None
-        frame["negative"] = None
+        frame["label"] = pd.Series([None if v is None else v.strip() or None
+                                    for v in _texts(raw, task.relevance_label_column, "a label")],
+                                   index=frame.index, dtype=object)
+        frame["document"] = pd.Series([None] * len(frame), index=frame.index, dtype=object)
+        frame["negative"] = pd.Series([None] * len(frame), index=frame.index, dtype=object)
         frame["score"] = math.nan
     else:
         _require_column(raw, task.query_column, "task.query_column")
@@ -102,7 +105,7 @@ def select_pairs(raw: pd.DataFrame, task: EmbeddingTaskConfig) -> pd.DataFrame:
             _require_column(raw, task.negative_column, "task.negative_column")
             frame["negative"] = _texts(raw, task.negative_column, "a negative document")
         else:
-            frame["negative"] = None
+            frame["negative"] = pd.Series([None] * len(frame), index=frame.index, dtype=object)
         if task.score_column is not None:
             _require_column(raw, task.score_column, "task.score_column")
             frame["score"] = [_score(v, f, r, task.score_column)
@@ -110,9 +113,7 @@ def select_pairs(raw: pd.DataFrame, task: EmbeddingTaskConfig) -> pd.DataFrame:
                                                  strict=True)]
         else:
             frame["score"] = math.nan
-        frame["label"] = None
-    for column in ("text", "document", "negative", "label"):
-        frame[column] = frame[column].astype(object)
+        frame["label"] = pd.Series([None] * len(frame), index=frame.index, dtype=object)
     if "source_split" in raw.columns:
         frame["source_split"] = raw["source_split"].astype(str).to_numpy()
     return frame
@@ -126,7 +127,7 @@ def clean_pairs(selected: pd.DataFrame, task: EmbeddingTaskConfig, cfg: Cleaning
     frame = selected.copy()
     rows_in = len(frame)
     raw_texts = {c: list(frame[c]) for c in ("text", "document", "negative")}
-    controls = pd.Series([any(v is not None and control_character(v) is not None
+    controls = pd.Series([any(isinstance(v, str) and control_character(v) is not None
                               for v in (raw_texts["text"][i], raw_texts["document"][i], raw_texts["negative"][i]))
                           for i in range(rows_in)], index=frame.index)
     for column in ("text", "document", "negative"):
