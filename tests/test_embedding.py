@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import subprocess
 import sys
 from collections.abc import Callable
@@ -240,8 +241,9 @@ def test_batches_never_hold_two_rows_sharing_a_key() -> None:
 
     from pipelines.core.tasks.embedding.train import disjoint_batch_sampler
 
-    keys = [frozenset({f"g{i % 6}", f"q{i}"}) for i in range(60)]
-    sampler = disjoint_batch_sampler(keys)(Dataset.from_dict({"x": list(range(60))}), batch_size=4,
+    keys = tuple(frozenset({f"g{i % 6}", f"q{i}"}) for i in range(60))
+    factory = pickle.loads(pickle.dumps(disjoint_batch_sampler(keys)))  # resumable checkpoints pickle it
+    sampler = factory(Dataset.from_dict({"x": list(range(60))}), batch_size=4,
                                            drop_last=False, seed=7)
     batches = list(sampler)
     assert len(batches) == len(sampler) and all(len(b) == 4 for b in batches[:-1])
@@ -270,7 +272,7 @@ def test_the_pipeline_runs_end_to_end_and_predict_and_export_use_its_model(
         "description": "tiny retrieval", "source": {"kind": "local", "path": str(data)},
         "task": {"type": "embedding", "top_k": 3}, "splits": {"seed": 3},
         "base_model": {"model": {"source": "local", "path": str(tiny_model_dir), "name": "tiny-bert"}},
-        "training": {**TRAINING, "epochs": 2, "batch_size": 16, "learning_rate": 2e-3}})
+        "training": {**TRAINING, "epochs": 2, "batch_size": 16, "learning_rate": 2e-3, "checkpoint_every": 3}})
     home = tmp_path / "home"
     common = ("--specs-dir", str(specs), "--data-dir", str(tmp_path / "data"))
     out = tuneline("run", "--pipeline", "emb", "--json", *common, home=home)

@@ -30,6 +30,12 @@ def decide_promotion(candidate: dict[str, float], champion: dict[str, float] | N
         reason = (f"first model: {primary} {value:.4f} beats every baseline ({', '.join(beaten) or 'none'})"
                   if promote else f"first model but not promoted: {primary} {value:.4f} does not beat "
                                   f"{', '.join(missed)}")
+    elif missed := [b for b, m in baselines.items() if not value > m[primary]]:
+        # A champion beats every baseline: a candidate better than a weak champion but not than a baseline that
+        # needs no training is not one.
+        promote = False
+        reason = (f"not promoted: {primary} {value:.4f} does not beat {', '.join(missed)} (a champion beats every "
+                  "baseline)")
     else:
         gain = value - champion[primary]
         promote = gain >= min_improvement

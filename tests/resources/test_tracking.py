@@ -45,6 +45,8 @@ def client_for(data_dir: Path) -> MlflowClient:
                        "+0.0100 (needs at least +0.005, promotion.min_improvement)"),
     (0.80, 0.798, False, "not promoted: macro_f1 0.8000 vs champion v1 0.7980 on the same test split, a change of "
                          "+0.0020 (needs at least +0.005, promotion.min_improvement)"),
+    (0.65, 0.60, False, "not promoted: macro_f1 0.6500 does not beat linear_probe (a champion beats every "
+                        "baseline)"),
 ])
 def test_promotion_rule(candidate: float, champion: float | None, promote: bool, reason: str) -> None:
     baselines = {"majority_class": {"macro_f1": 0.1}, "linear_probe": {"macro_f1": 0.7}}

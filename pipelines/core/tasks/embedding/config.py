@@ -41,8 +41,8 @@ class EmbeddingTaskConfig(TaskSection):
     - pairs (default): each row holds a query and a relevant document (query_column, document_column), optionally
       a negative document (negative_column) or a similarity score (score_column, for the cosent loss). A query on
       several rows has several relevant documents; the corpus is every document of every split;
-    - relevance_label_column: each row holds one text (text_column) and a label; texts with the same label are relevant to
-      each other (a labelled intent set becomes a retrieval set). The corpus is the train split's texts; the
+    - relevance_label_column: each row holds one text (text_column) and a label; texts with the same label are
+      relevant to each other (a labelled intent set becomes a retrieval set). The corpus is the train split's texts; the
       validation and test texts are the queries.
     """
 
@@ -101,7 +101,8 @@ class EmbeddingTaskConfig(TaskSection):
         if self.score_column is not None and self.loss != "cosent":
             raise ValueError(f"task.score_column is read by the cosent loss only; task.loss is {self.loss}")
         if self.score_column is not None and self.relevance_label_column is not None:
-            raise ValueError("task.score_column scores query/document pairs: it does not go with task.relevance_label_column")
+            raise ValueError("task.score_column scores query/document pairs: it does not go with "
+                             "task.relevance_label_column")
         return self
 
     @property

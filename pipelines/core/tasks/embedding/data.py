@@ -4,7 +4,6 @@ was a training query, a corpus larger than the k of the metrics, a relevant docu
 
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +16,7 @@ from pipelines.core.errors import SourceError
 from pipelines.core.quality import (ERROR, QualityReport, check_def, evaluate_checks, lost_examples_check,
                                     validate_splits, with_row_id)
 from pipelines.core.tasks.embedding.config import EmbeddingTaskConfig
+from pipelines.core.tasks.embedding.retrieval import retrieval_set, text_id
 
 if TYPE_CHECKING:
     from pipelines.core.sections import CleaningConfig, SpecView
@@ -47,11 +47,6 @@ DESCRIPTIONS = {
                                "task.top_k.",
     "every_query_has_a_relevant_document": "Every validation and test query has a relevant document in the corpus.",
 }
-
-
-def text_id(prefix: str, key: str) -> str:
-    """A stable id of a text from its normalised key (the same text, the same id, in every split and run)."""
-    return prefix + hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -257,8 +252,6 @@ def validate_retrieval_splits(frame: pd.DataFrame, spec: SpecView) -> QualityRep
     document that was a training query, a corpus larger than k, a relevant document for every query)."""
     import great_expectations.expectations as gxe
 
-    from pipelines.core.tasks.embedding.retrieval import retrieval_set
-
     task: EmbeddingTaskConfig = spec.task
     shared = validate_splits(frame, spec.splits, spec.quality, "group",
                              every_group_in_train_and_test=False, example_columns=EXAMPLE_COLUMNS)
@@ -277,7 +270,8 @@ def validate_retrieval_splits(frame: pd.DataFrame, spec: SpecView) -> QualityRep
                                       zip(relevant["split"], relevant["norm_text"], strict=True)]
     checks = [
         check_def("test_documents_were_not_training_queries", DESCRIPTIONS["test_documents_were_not_training_queries"]
-                  + " (with task.relevance_label_column the documents are the train texts, so the overlap check covers it).",
+                  + " (with task.relevance_label_column the documents are the train texts, so the overlap check "
+                  "covers it).",
                   "a document that was trained on as a query is easy to find again: drop the listed test rows, or "
                   "move the training rows with that text to the test split",
                   (gxe.ExpectColumnValuesToNotBeInSet(column="document_was_training_query", value_set=[True]),
@@ -288,7 +282,8 @@ def validate_retrieval_splits(frame: pd.DataFrame, spec: SpecView) -> QualityRep
                   "add documents (rows), or lower task.top_k",
                   (gxe.ExpectColumnValuesToBeBetween(column="documents", min_value=needed), "corpus", ERROR)),
         check_def("every_query_has_a_relevant_document", DESCRIPTIONS["every_query_has_a_relevant_document"]
-                  + (" With task.relevance_label_column: another text with its label in the train split." if task.mode ==
+                  + (" With task.relevance_label_column: another text with its label in the train split."
+                     if task.mode ==
                      "labels" else ""),
                   "add train rows of the listed labels, or drop those queries" if task.mode == "labels" else
                   "give every query a relevant document" + (" scored at least task.relevance_threshold" if

@@ -5,6 +5,7 @@ metrics, computed by sentence-transformers' InformationRetrievalEvaluator on tho
 from __future__ import annotations
 
 import copy
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -13,13 +14,13 @@ import numpy as np
 import pandas as pd
 
 from pipelines.core.tasks.embedding.config import EmbeddingTaskConfig
-from pipelines.core.tasks.embedding.data import text_id
 
 if TYPE_CHECKING:
     from pipelines.core.training.compute import ComputeSettings
 
 RETRIEVED = 100  # documents ranked per query: enough for MAP@100
-METRICS = ("ndcg_at_10", "mrr_at_10", "map_at_100", "recall_at_1", "recall_at_5", "recall_at_10", "hit_at_1", "hit_at_10")
+METRICS = ("ndcg_at_10", "mrr_at_10", "map_at_100", "recall_at_1", "recall_at_5", "recall_at_10", "hit_at_1",
+           "hit_at_10")
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,11 @@ def retrieval_set(frame: pd.DataFrame, task: EmbeddingTaskConfig) -> RetrievalSe
         origin = f"the {len(corpus)} distinct documents of every split" + (
             " (relevant: pairs scored at least task.relevance_threshold)" if scored else "")
     return RetrievalSet(tuple(corpus), tuple(corpus.values()), queries, relevant, origin, query_ids)
+
+
+def text_id(prefix: str, key: str) -> str:
+    """A stable id of a text from its normalised key (the same text, the same id, in every split and run)."""
+    return prefix + hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------------------------ ranking

@@ -21,6 +21,7 @@ from pipelines.core.records import BaseModelRecord, CheckpointRecord, Evaluation
 from pipelines.core.tasks.base import PreparedData, ProbeResult, TaskBase
 from pipelines.core.tasks.embedding import NAME, WEIGHT_FILES
 from pipelines.core.tasks.embedding.config import EmbeddingTaskConfig
+from pipelines.core.tasks.embedding.retrieval import METRICS
 from pipelines.core.tasks.embedding.data import (CLEANED_CHECKS, DESCRIPTIONS, EXAMPLE_COLUMNS, SPLITS_CHECKS,
                                                  clean_pairs, select_pairs, validate_cleaned_pairs,
                                                  validate_retrieval_splits)
@@ -29,7 +30,6 @@ from pipelines.core.training.compute import ComputeSettings, MetricsSink, Progre
 if TYPE_CHECKING:
     from pipelines.core.sections import SpecView
 
-METRICS = ("ndcg_at_10", "mrr_at_10", "map_at_100", "recall_at_1", "recall_at_5", "recall_at_10", "hit_at_1", "hit_at_10")
 
 
 class EmbeddingTask(TaskBase):
@@ -44,7 +44,8 @@ class EmbeddingTask(TaskBase):
                          "max_length": 128, "weight_decay": 0.01}
     primary_metrics = ("ndcg_at_10", "mrr_at_10", "map_at_100", "recall_at_10", "hit_at_1")
     baselines = ("base_model", "bm25")
-    sweep_metrics = {"ndcg_at_10": "maximize", "mrr_at_10": "maximize", "map_at_100": "maximize", "recall_at_10": "maximize",
+    sweep_metrics = {"ndcg_at_10": "maximize", "mrr_at_10": "maximize", "map_at_100": "maximize",
+                     "recall_at_10": "maximize",
                      "hit_at_1": "maximize"}
     split_group_column = "group"  # the label with task.relevance_label_column; else every row is a query
     prepared = PreparedData(

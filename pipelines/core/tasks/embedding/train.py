@@ -4,22 +4,22 @@ fine-tuning with SentenceTransformerTrainer through the shared kernel, and loadi
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import torch
+from sentence_transformers.base.sampler import DefaultBatchSampler
 
 from pipelines.core.digests import checkpoint_digest, frame_digest
 from pipelines.core.markdown import markdown_table
 from pipelines.core.records import BaseModelRecord, CheckpointRecord, Markdown, StepLog
 from pipelines.core.tasks.embedding import NAME, WEIGHT_FILES
 from pipelines.core.tasks.embedding.config import EmbeddingTaskConfig
-from pipelines.core.tasks.embedding.data import text_id
-from pipelines.core.tasks.embedding.retrieval import (METRICS, Scorer, encode, load_sentence_model, rank_by_model,
+from pipelines.core.tasks.embedding.retrieval import (Scorer, load_sentence_model, rank_by_model,
                                                       retrieval_set)
 from pipelines.core.training.arguments import build_lora_config, common_training_arguments
 from pipelines.core.training.checkpoints import checkpoint_manifest, verified_folder
@@ -44,8 +44,9 @@ def _negative_columns(frame: pd.DataFrame) -> int:
 def training_pairs(splits: pd.DataFrame, base: BaseModelRecord, spec: SpecView, compute: ComputeSettings,
                    progress: ProgressFn = print) -> tuple[pd.DataFrame, StepLog]:
     """The splits with what training reads added to the train rows: `positive` (the row's document; with
-    task.relevance_label_column another train text of the same label, drawn with training.seed) and `negatives` (the row's
-    given negative, or hard negatives mined from the base model's ranking of the corpus, never a relevant document)."""
+    task.relevance_label_column another train text of the same label, drawn with training.seed) and `negatives` (the
+    row's given negative, or hard negatives mined from the base model's ranking of the corpus, never a relevant
+    document)."""
     task: EmbeddingTaskConfig = spec.task
     frame = splits.copy()
     train = frame["split"] == "train"
@@ -139,51 +140,58 @@ def _mine(frame: pd.DataFrame, base: BaseModelRecord, spec: SpecView, compute: C
 
 
 # ------------------------------------------------------------------------------------------------ batches
-def disjoint_batch_sampler(keys: Sequence[frozenset[str]]) -> Any:
-    """A batch sampler whose batches never hold two rows sharing a key (a query, a document, a label): every other
-    row of a batch is a true negative for the in-batch ranking losses. Rows that do not fit a batch wait for the
-    next one; an epoch ends when the rows left cannot fill half a batch. The order is drawn from the trainer's seed
-    and the epoch."""
-    from sentence_transformers.base.sampler import DefaultBatchSampler
+class DisjointKeysBatchSampler(DefaultBatchSampler):
+    """Batches that never hold two rows sharing a key (a query, a document, a label): every other row of a batch is
+    a true negative for the in-batch ranking losses. Rows that do not fit a batch wait for the next one; an epoch
+    ends when the rows left cannot fill half a batch. The order is drawn from the trainer's seed and the epoch."""
 
-    class DisjointKeysBatchSampler(DefaultBatchSampler):
-        def _plan(self, epoch: int) -> list[list[int]]:
-            generator = torch.Generator()
-            generator.manual_seed(int(self.seed) + epoch)
-            pending = torch.randperm(len(keys), generator=generator).tolist()
-            batches = []
-            while pending:
-                batch: list[int] = []
-                used: set[str] = set()
-                rest: list[int] = []
-                for i in pending:
-                    if len(batch) < self.batch_size and used.isdisjoint(keys[i]):
-                        batch.append(i)
-                        used |= keys[i]
-                    else:
-                        rest.append(i)
-                # What is left shares keys (a few labels): batches of one or two rows teach nothing and would
-                # be most of the steps; the rows wait for another epoch's order.
-                if len(batch) < self.batch_size and (self.drop_last or len(batch) < max(2, self.batch_size // 2)):
-                    break
-                batches.append(batch)
-                pending = rest
-            return batches
+    def __init__(self, dataset: Any, keys: Sequence[frozenset[str]], **kwargs: Any) -> None:
+        super().__init__(dataset, **kwargs)
+        self.keys = keys
 
-        def __iter__(self) -> Any:
-            yield from self._plan(self.epoch)
+    def _plan(self, epoch: int) -> list[list[int]]:
+        generator = torch.Generator()
+        generator.manual_seed(int(self.seed) + epoch)
+        pending = torch.randperm(len(self.keys), generator=generator).tolist()
+        batches = []
+        while pending:
+            batch: list[int] = []
+            used: set[str] = set()
+            rest: list[int] = []
+            for i in pending:
+                if len(batch) < self.batch_size and used.isdisjoint(self.keys[i]):
+                    batch.append(i)
+                    used |= self.keys[i]
+                else:
+                    rest.append(i)
+            # What is left shares keys (a few labels): batches of one or two rows teach nothing and would be most
+            # of the steps; the rows wait for another epoch's order.
+            if len(batch) < self.batch_size and (self.drop_last or len(batch) < max(2, self.batch_size // 2)):
+                break
+            batches.append(batch)
+            pending = rest
+        return batches
 
-        def __len__(self) -> int:
-            if not hasattr(self, "_length"):
-                self._length = len(self._plan(0))
-            return self._length
+    def __iter__(self) -> Any:
+        yield from self._plan(self.epoch)
 
-    def make(dataset: Any, batch_size: int, drop_last: bool, valid_label_columns: Any = None, generator: Any = None,
-             seed: int = 0) -> Any:
-        return DisjointKeysBatchSampler(dataset, batch_size=batch_size, drop_last=drop_last,
+    def __len__(self) -> int:
+        if not hasattr(self, "_length"):
+            self._length = len(self._plan(0))
+        return self._length
+
+
+@dataclass(frozen=True)
+class disjoint_batch_sampler:  # noqa: N801 (a factory the trainer calls, named like one)
+    """What SentenceTransformerTrainingArguments(batch_sampler=...) calls to make a DisjointKeysBatchSampler over
+    rows with these keys; a plain object, so that resumable checkpoints can pickle the arguments."""
+
+    keys: tuple[frozenset[str], ...]
+
+    def __call__(self, dataset: Any, batch_size: int, drop_last: bool, valid_label_columns: Any = None,
+                 generator: Any = None, seed: int = 0) -> DisjointKeysBatchSampler:
+        return DisjointKeysBatchSampler(dataset, self.keys, batch_size=batch_size, drop_last=drop_last,
                                         valid_label_columns=valid_label_columns, generator=generator, seed=seed)
-
-    return make
 
 
 def train_dataset(data: pd.DataFrame, task: EmbeddingTaskConfig) -> tuple[Any, list[frozenset[str]]]:
@@ -296,7 +304,7 @@ def train_embedding(data: pd.DataFrame, base: BaseModelRecord, spec: SpecView, o
              f"precision={compute.precision}")
     evaluator = validation_evaluator(data, task, spec.evaluation.batch_size)
     callback = best_epoch_callback(model, progress, sink, SELECT_BY)
-    sampler = disjoint_batch_sampler(keys) if keys else "batch_sampler"
+    sampler = disjoint_batch_sampler(tuple(keys)) if keys else "batch_sampler"
 
     def make_trainer(folder: Path) -> Any:
         args = build_training_arguments(cfg, folder, compute, evaluator is not None, spec.evaluation.batch_size,
