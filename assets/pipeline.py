@@ -53,7 +53,10 @@ def build_pipeline_assets(spec: PipelineSpec, project_root: Path) -> list[dg.Ass
     def ins(**names: str) -> dict[str, dg.AssetIn]:
         return {param: dg.AssetIn(dg.AssetKey([spec.name, name])) for param, name in names.items()}
 
-    @dg.asset(**common, code_version=spec.section_hash("source"), kinds=RAW_KINDS | source_kinds(spec))
+    # A task that reads files beside the source (an embedding corpus) names them in its task section.
+    raw_sections = ("source", "task") if task.side_sources(spec) else ("source",)
+
+    @dg.asset(**common, code_version=spec.section_hash(*raw_sections), kinds=RAW_KINDS | source_kinds(spec))
     def raw_data(context: dg.AssetExecutionContext, tracking: TrackingResource) -> dg.Output[pd.DataFrame]:
         """Rows read from the spec's data source, with the file and row each came from."""
         with tracking.asset_run(context, spec.name) as run:

@@ -8,7 +8,8 @@ from pathlib import Path
 import dagster as dg
 
 from pipelines.core.errors import SourceError
-from pipelines.core.sources import fingerprint_source
+from pipelines.core.sources import fingerprint_sources
+from pipelines.core.tasks import task_for
 from pipelines.core.spec import PipelineSpec
 from pipelines.jobs import job_name
 from pipelines.sensors import SOURCE_TAG, unchanged_reason
@@ -23,7 +24,7 @@ def pipeline_schedule(spec: PipelineSpec, project_root: Path,
 
     def evaluate(context: dg.ScheduleEvaluationContext) -> dg.RunRequest | dg.SkipReason:
         try:
-            fingerprint = fingerprint_source(spec.source, project_root)
+            fingerprint = fingerprint_sources(spec.source, task_for(spec).side_sources(spec), project_root)
         except SourceError:
             fingerprint = None  # the run itself reports the missing source with its path
         reason = unchanged_reason(context.instance, spec, fingerprint, code_versions)

@@ -9,7 +9,8 @@ from pathlib import Path
 import dagster as dg
 
 from pipelines.core.errors import SourceError
-from pipelines.core.sources import fingerprint_source
+from pipelines.core.sources import fingerprint_sources
+from pipelines.core.tasks import task_for
 from pipelines.core.spec import PipelineSpec
 from pipelines.jobs import job_name
 
@@ -52,7 +53,7 @@ def pipeline_sensor(spec: PipelineSpec, project_root: Path,
                description=f"Retrain {spec.name} when the files of its source change.")
     def new_data(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
         try:
-            fingerprint = fingerprint_source(spec.source, project_root)
+            fingerprint = fingerprint_sources(spec.source, task_for(spec).side_sources(spec), project_root)
         except SourceError as exc:  # e.g. the watched folder does not exist yet
             return dg.SkipReason(f"{spec.name}: {exc}")
         if fingerprint is None:

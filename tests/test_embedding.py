@@ -123,6 +123,106 @@ def test_empty_and_identical_pairs_block_training_and_name_their_rows() -> None:
     assert all(c.passed for c in clean_report.checks), [c.summary() for c in clean_report.checks]
 
 
+# ------------------------------------------------------------------------------- a corpus file and qrels
+def corpus_files(folder: Path, extra: int = 30, queries: int = 80) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """query -> document-id pairs in pairs.csv, and corpus.jsonl with every document plus `extra` no query names."""
+    pairs = topics(queries)
+    docs = [{"id": 1000 + i, "text": d} for i, d in enumerate(pairs["document"])]
+    docs += [{"id": 5000 + i, "text": f"An unrelated note {i} about the weather in spring and autumn."}
+             for i in range(extra)]
+    qrels = pd.DataFrame({"question": pairs["query"], "doc": [1000 + i for i in range(len(pairs))]})
+    corpus = pd.DataFrame(docs)
+    write_files(folder, qrels, corpus)
+    return qrels, corpus
+
+
+def write_files(folder: Path, qrels: pd.DataFrame, corpus: pd.DataFrame) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    qrels.to_csv(folder / "pairs.csv", index=False)
+    corpus.to_json(folder / "corpus.jsonl", orient="records", lines=True)
+
+
+def corpus_spec(**corpus: Any) -> PipelineSpec:
+    return PipelineSpec.model_validate({
+        "name": "emb", "source": {"kind": "local", "path": "pairs.csv"},
+        "base_model": {"model": {"source": "local", "path": "m"}},
+        "task": {"type": "embedding", "query_column": "question", "document_id_column": "doc",
+                 "corpus": {"path": "corpus.jsonl", **corpus}}})
+
+
+def test_a_corpus_file_with_query_relevance_pairs_is_one_retrieval_set(tmp_path: Path) -> None:
+    from pipelines.core.sources import fingerprint_sources
+    from pipelines.core.steps import read_raw_data, split_dataset
+    from pipelines.core.tasks.embedding.retrieval import retrieval_set
+
+    qrels, corpus = corpus_files(tmp_path)
+    spec = corpus_spec()
+    task = task_named("embedding")
+    raw_rows, raw_log = read_raw_data(spec, tmp_path)
+    assert raw_log.metadata["source"] == "pairs.csv + corpus corpus.jsonl"
+    assert {f["file"] for f in raw_log.metadata["source_files"]} == {"pairs.csv", "corpus/corpus.jsonl"}
+    sides = task.side_sources(spec)
+    assert fingerprint_sources(spec.source, sides, tmp_path) == raw_log.params["source_sha256"]
+    cleaned, _ = task.clean(raw_rows, spec)
+    assert all(c.passed for c in validate_cleaned_pairs(cleaned, spec, raw_rows).checks)
+    splits, split_log = split_dataset(cleaned, spec)
+    assert split_log.metadata["shared_rows"] == len(corpus)
+    assert sum(split_log.metadata[f"{s}_rows"] for s in ("train", "validation", "test")) == len(qrels)
+    report = validate_retrieval_splits(splits, spec)
+    assert all(c.passed for c in report.checks), [c.summary() for c in report.checks]
+    sets = retrieval_set(splits, spec.task)
+    assert set(sets.corpus_ids) == {str(i) for i in corpus["id"]}  # the documents no query names are ranked too
+    assert "corpus file corpus.jsonl" in sets.corpus_origin
+    test = splits[splits["split"] == "test"]
+    assert [sets.relevant_of("test", k) for k in test["norm_text"]] == [{str(d)} for d in test["document_id"]]
+    # The corpus is watched with the source: a changed document is new data.
+    corpus.loc[len(corpus) - 1, "text"] = "A changed note."
+    write_files(tmp_path, qrels, corpus)
+    assert fingerprint_sources(spec.source, sides, tmp_path) != raw_log.params["source_sha256"]
+
+
+def test_unknown_ids_duplicate_documents_and_a_bad_corpus_are_named(tmp_path: Path) -> None:
+    from pipelines.core.steps import read_raw_data
+
+    qrels, corpus = corpus_files(tmp_path)
+    qrels.loc[3, "doc"] = 777  # no such document
+    corpus.loc[len(corpus) - 1, "text"] = corpus.loc[0, "text"]  # the same text under another id
+    write_files(tmp_path, qrels, corpus)
+    spec = corpus_spec()
+    raw_rows, _ = read_raw_data(spec, tmp_path)
+    cleaned, log = task_named("embedding").clean(raw_rows, spec)
+    assert log.metadata["dropped_unknown_document"] == 1
+    report = validate_cleaned_pairs(cleaned, spec, raw_rows)
+    broken = report.check("pairs_are_complete")
+    assert not broken.passed and [(r["source_row"], r["problem"]) for r in broken.examples if "problem" in r] == [
+        (5, "document id not in the corpus")]
+    copies = report.check("documents_are_distinct")
+    assert not copies.passed
+    assert {(r["document_id"], r["same_text_as"]) for r in copies.examples if "document_id" in r} == {
+        ("1000", "5029"), ("5029", "1000")}
+    assert validate_cleaned_pairs(cleaned, corpus_spec(max_duplicate_fraction=0.05), raw_rows).check(
+        "documents_are_distinct").passed
+
+    write_files(tmp_path, qrels, corpus.rename(columns={"text": "body"}))
+    with pytest.raises(SourceError, match=r"corpus.jsonl, column 'text': has no column 'text' \(named by "
+                                          r"task.corpus.text_column\); its columns are \['id', 'body'\]"):
+        task_named("embedding").clean(read_raw_data(spec, tmp_path)[0], spec)
+    clash = pd.concat([corpus, pd.DataFrame([{"id": 1000, "text": "Another text."}])], ignore_index=True)
+    write_files(tmp_path, qrels, clash)
+    with pytest.raises(SourceError, match=r"corpus.jsonl, row \d+, column 'id': repeats document id '1000' of "
+                                          r".*corpus.jsonl row 1 with another text"):
+        task_named("embedding").clean(read_raw_data(spec, tmp_path)[0], spec)
+    (tmp_path / "corpus.jsonl").write_text("")
+    with pytest.raises(SourceError, match="corpus.jsonl"):
+        read_raw_data(spec, tmp_path)
+    (tmp_path / "corpus.jsonl").unlink()
+    with pytest.raises(SourceError, match=r"task.corpus.path 'corpus.jsonl' does not exist"):
+        read_raw_data(spec, tmp_path)
+    with pytest.raises(SpecError, match="task.negative_column holds a negative document's text"):
+        parse_spec(SPEC + "task: {type: embedding, negative_column: n, corpus: {path: c.jsonl}}\n", name="e",
+                   origin="e.yaml")
+
+
 def split(spec: PipelineSpec, frame: pd.DataFrame) -> pd.DataFrame:
     cleaned, _ = task_named("embedding").clean(raw(frame), spec)
     return assign_splits(cleaned, spec.splits, group_column="group").frame
@@ -254,6 +354,33 @@ def test_batches_never_hold_two_rows_sharing_a_key() -> None:
     assert list(sampler) != batches  # another epoch, another order
 
 
+def test_length_grouped_batches_hold_texts_of_similar_length() -> None:
+    from datasets import Dataset
+
+    from pipelines.core.tasks.embedding.train import disjoint_batch_sampler
+
+    rows = 400
+    generator = np.random.default_rng(3)
+    lengths = tuple(int(n) for n in generator.integers(5, 500, rows))
+    keys = tuple(frozenset({f"g{i % 40}", f"q{i}"}) for i in range(rows))
+    dataset = Dataset.from_dict({"x": list(range(rows))})
+
+    def spread(factory: object) -> tuple[list[list[int]], float]:
+        sampler = factory(dataset, batch_size=8, drop_last=False, seed=1)
+        batches = list(sampler)
+        return batches, float(np.mean([max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches]))
+
+    grouped, grouped_spread = spread(pickle.loads(pickle.dumps(disjoint_batch_sampler(keys, lengths))))
+    plain, plain_spread = spread(disjoint_batch_sampler(keys))
+    assert grouped_spread < plain_spread / 4  # a batch's texts are of similar length
+    for batch in grouped:  # and still never share a key
+        assert len({i % 40 for i in batch}) == len(batch)
+    assert sum(map(len, grouped)) >= rows * 0.9
+    # the batches are shuffled: not in order of length
+    maxima = [max(lengths[i] for i in b) for b in grouped]
+    assert maxima != sorted(maxima) and maxima != sorted(maxima, reverse=True)
+
+
 # --------------------------------------------------------------------------- the graph, predict and export
 def tuneline(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "DAGSTER_HOME": str(home)}
@@ -261,16 +388,23 @@ def tuneline(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.parametrize("relevance", ["pairs", "corpus"])
 def test_the_pipeline_runs_end_to_end_and_predict_and_export_use_its_model(
-        tmp_path: Path, tiny_model_dir: Path, write_spec: Callable[..., Path]) -> None:
+        relevance: str, tmp_path: Path, tiny_model_dir: Path, write_spec: Callable[..., Path]) -> None:
     from sentence_transformers import SentenceTransformer
 
     data = tmp_path / "raw" / "pairs.csv"
     data.parent.mkdir()
     topics(160).to_csv(data, index=False)
+    task: dict[str, Any] = {"type": "embedding", "top_k": 3}
+    documents = 160
+    if relevance == "corpus":  # a corpus file with 40 documents no query names, and query -> id pairs
+        documents = len(corpus_files(data.parent, extra=40, queries=160)[1])
+        task.update(query_column="question", document_id_column="doc",
+                    corpus={"path": str(data.parent / "corpus.jsonl")})
     specs = write_spec("emb", {
         "description": "tiny retrieval", "source": {"kind": "local", "path": str(data)},
-        "task": {"type": "embedding", "top_k": 3}, "splits": {"seed": 3},
+        "task": task, "splits": {"seed": 3},
         "base_model": {"model": {"source": "local", "path": str(tiny_model_dir), "name": "tiny-bert"}},
         "training": {**TRAINING, "epochs": 2, "batch_size": 16, "learning_rate": 2e-3, "checkpoint_every": 3}})
     home = tmp_path / "home"
@@ -280,7 +414,7 @@ def test_the_pipeline_runs_end_to_end_and_predict_and_export_use_its_model(
     summary = json.loads(out.stdout)
     assert summary["task"] == "embedding" and set(summary["baselines"]) == {"base_model", "bm25"}
     report = json.loads(Path(summary["report_json"]).read_text())
-    assert report["details"]["corpus_documents"] == 160 and report["test_rows"] > 5
+    assert report["details"]["corpus_documents"] == documents and report["test_rows"] > 5
     assert [t["title"].split(" (")[0] for t in report["tables"]][:2] == [
         "Queries fine-tuning improved most", "Queries fine-tuning worsened most"]
     assert summary["ndcg_at_10"] > summary["baselines"]["base_model"]["ndcg_at_10"]  # random tiny weights

@@ -15,7 +15,7 @@ import io
 import json
 import os
 import re
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -813,6 +813,57 @@ def read_source(cfg: PackageFileSourceConfig | LocalSourceConfig | HubSourceConf
     if isinstance(cfg, LocalSourceConfig):
         return _read_local(cfg, project_root)
     return _read_hub(cfg)
+
+
+def read_sources(cfg: PackageFileSourceConfig | LocalSourceConfig | HubSourceConfig,
+                 sides: Mapping[str, LocalSourceConfig], project_root: Path) -> tuple[pd.DataFrame, SourceRecord]:
+    """Read the spec's source and the files its task reads beside it (`sides`, by role and spec field, e.g. an
+    embedding corpus named by task.corpus). Without sides this is read_source. With them, the rows of each are
+    tagged by `source_role` ('source' or the side's role), the record lists every file (a side's as
+    '<role>/<file>'), and its digest combines the source's and each side's digest (what fingerprint_sources
+    gives for the same bytes)."""
+    frame, record = read_source(cfg, project_root)
+    if not sides:
+        return frame, record
+    frames = [frame.assign(source_role="source")]
+    files, sizes = list(record.files), list(record.sizes or (0,) * len(record.files))
+    digests, locations = [("source", record.sha256)], [record.location]
+    for role, side in sides.items():
+        part, side_record = _read_side(role, side, project_root)
+        frames.append(part.assign(source_role=role))
+        files += [(f"{role}/{name}", sha) for name, sha in side_record.files]
+        sizes += list(side_record.sizes or (0,) * len(side_record.files))
+        digests.append((role, side_record.sha256))
+        locations.append(f"{role} {side_record.location}")
+    combined = pd.concat(frames, ignore_index=True)
+    return combined, SourceRecord(record.kind, " + ".join(locations), combined_digest(digests), tuple(files),
+                                  tuple(sizes))
+
+
+def _read_side(role: str, side: LocalSourceConfig, project_root: Path) -> tuple[pd.DataFrame, SourceRecord]:
+    try:
+        return read_source(side, project_root)
+    except SourceError as exc:  # its messages name source.path: here the field is the task's
+        raise SourceError(str(exc).replace("source.path", f"task.{role}.path")) from None
+
+
+def fingerprint_sources(cfg: PackageFileSourceConfig | LocalSourceConfig | HubSourceConfig,
+                        sides: Mapping[str, LocalSourceConfig], project_root: Path) -> str | None:
+    """fingerprint_source of the spec's source and its task's side files together: equal to read_sources' digest
+    when nothing changed; None when any of them has no data files yet (or is a Hub source)."""
+    main = fingerprint_source(cfg, project_root)
+    if not sides or main is None:
+        return main
+    digests = [("source", main)]
+    for role, side in sides.items():
+        try:
+            found = fingerprint_source(side, project_root)
+        except SourceError as exc:
+            raise SourceError(str(exc).replace("source.path", f"task.{role}.path")) from None
+        if found is None:
+            return None
+        digests.append((role, found))
+    return combined_digest(digests)
 
 
 def fingerprint_source(cfg: PackageFileSourceConfig | LocalSourceConfig | HubSourceConfig,

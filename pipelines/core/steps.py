@@ -22,7 +22,7 @@ from pipelines.core.sections import ModelLocation
 from pipelines.core.records import (BaseModelRecord, CheckpointRecord, DatasetLog, EvaluationReport, FilePath,
                                     Markdown, ReportTable, StepLog, model_origin)
 from pipelines.core.selection import ModelAcquirer, pin_candidate
-from pipelines.core.sources import read_source
+from pipelines.core.sources import read_sources
 from pipelines.core.spec import PipelineSpec
 from pipelines.core.splitting import SPLITS, assign_splits
 from pipelines.core.sweep.record import SweepRecord
@@ -31,12 +31,14 @@ from pipelines.core.training.checkpoints import LOSS_CURVE
 from pipelines.core.training.compute import ComputeSettings, ProgressFn
 
 PROVENANCE = ("source_file", "source_row")
+SHARED_SPLIT = "shared"  # the split of rows every split reads (split_dataset)
 
 
 def read_raw_data(spec: PipelineSpec, project_root: Path) -> tuple[pd.DataFrame, StepLog]:
     """Rows read from the spec's source, with the file and row each came from; the data version is the digest
-    of the source's bytes, so re-reading an unchanged source is recognisably the same data."""
-    frame, record = read_source(spec.source, project_root)
+    of the source's bytes, so re-reading an unchanged source is recognisably the same data. Files the task reads
+    beside the source (an embedding corpus) are read with it, their rows tagged by `source_role`."""
+    frame, record = read_sources(spec.source, task_for(spec).side_sources(spec), project_root)
     columns = [c for c in frame.columns if c not in PROVENANCE]
     sizes = record.sizes or (None,) * len(record.files)
     metadata = {
@@ -63,22 +65,29 @@ def read_raw_data(spec: PipelineSpec, project_root: Path) -> tuple[pd.DataFrame,
 
 def split_dataset(cleaned: pd.DataFrame, spec: PipelineSpec) -> tuple[pd.DataFrame, StepLog]:
     """Every clean row assigned to train, validation or test by a hash of its normalised text (or the source's
-    own splits), stratified by the task's group column."""
+    own splits), stratified by the task's group column. Rows a task marks `shared` (an embedding corpus's documents
+    no query names) are not examples: every split reads them, so they keep the split 'shared' outside the counts."""
     group = task_for(spec).split_group_column
-    result = assign_splits(cleaned, spec.splits, group_column=group)
-    digest = frame_digest(result.frame)
+    shared = cleaned["shared"].to_numpy(dtype=bool) if "shared" in cleaned.columns else None
+    result = assign_splits(cleaned[~shared] if shared is not None else cleaned, spec.splits, group_column=group)
     counts = result.counts()
     table = result.class_table()
     total = max(sum(counts.values()), 1)
     parts = [(name, result.frame[result.frame["split"] == name]) for name in SPLITS]
-    return result.frame, StepLog(
+    frame = result.frame
+    if shared is not None:
+        frame = pd.concat([frame, cleaned[shared].drop(columns=["source_split"], errors="ignore")
+                           .assign(split=SHARED_SPLIT, split_origin="shared")], ignore_index=True)
+    digest = frame_digest(frame)
+    return frame, StepLog(
         data_version=digest[:32],
         message=", ".join(f"{n} {s}" for s, n in counts.items()) + f" rows ({result.origin} split)"
                 + (f"; dropped {result.dropped_for_overlap} rows whose text is in a later split (splits.overlap)"
                    if result.dropped_for_overlap else ""),
         metadata={
-            "dagster/row_count": len(result.frame),
+            "dagster/row_count": len(frame),
             **{f"{s}_rows": n for s, n in counts.items()},
+            **({"shared_rows": int(shared.sum())} if shared is not None else {}),
             "proportions": {s: round(n / total, 4) for s, n in counts.items()},
             "origin": "the source's own splits" if result.origin == "source" else f"hash (seed {spec.splits.seed})",
             "moved_for_stratification": result.moved_for_stratification,

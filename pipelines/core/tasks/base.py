@@ -20,7 +20,7 @@ import pandas as pd
 from pipelines.core.columns import ColumnProfile, TaskChoice
 from pipelines.core.quality import QualitySuite
 from pipelines.core.records import BaseModelRecord, CheckpointRecord, EvaluationReport, StepLog
-from pipelines.core.sections import EvaluationConfig, Frozen
+from pipelines.core.sections import EvaluationConfig, Frozen, LocalSourceConfig
 from pipelines.core.training.compute import ComputeSettings, MetricsSink, ProgressFn
 from pipelines.core.training.cost import estimate_training_memory_mb
 
@@ -121,6 +121,12 @@ class Task(Protocol):
 
     def check_evaluation(self, evaluation: EvaluationConfig) -> None:
         """Raise ValueError, naming the field, when the evaluation section does not fit the task."""
+        ...
+
+    def side_sources(self, spec: SpecView) -> Mapping[str, LocalSourceConfig]:
+        """Files the task reads beside spec.source, by role (a task field's name: task.<role>): raw_data reads them
+        with the source (rows tagged by `source_role`), and their bytes are part of the data version, of lineage and
+        of what the new-data sensor watches."""
         ...
 
     def clean(self, raw: pd.DataFrame, spec: SpecView) -> tuple[pd.DataFrame, StepLog]:
@@ -232,6 +238,9 @@ class TaskBase:
 
     def pooling(self, spec: SpecView) -> str:
         return "auto"
+
+    def side_sources(self, spec: SpecView) -> Mapping[str, LocalSourceConfig]:
+        return {}
 
     def doctor_settings(self, spec: SpecView) -> Any:
         return None

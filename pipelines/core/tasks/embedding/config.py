@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipelines.core.sections import Frozen, Name, TaskSection
+from pipelines.core.sections import Frozen, LocalSourceConfig, MaxFileMb, MaxRows, Name, TaskSection
 
 LOSSES = ("multiple_negatives_ranking", "cached_multiple_negatives_ranking", "triplet", "cosent")
 
@@ -34,6 +34,29 @@ class HardNegativesConfig(Frozen):
         return self
 
 
+class CorpusConfig(Frozen):
+    """A corpus file: one document per row, with an id the relevance pairs name (task.document_id_column)."""
+
+    path: Name = Field(description="File or folder of CSV, JSONL or Parquet files; a relative path is taken from the "
+                                   "project root, as source.path is.")
+    format: Literal["auto", "csv", "jsonl", "parquet"] = Field(
+        default="auto", description="'auto' chooses by file extension (.csv, .jsonl/.json, .parquet).")
+    id_column: Name = Field(default="id", description="Column holding each document's id.")
+    text_column: Name = Field(default="text", description="Column holding each document's text.")
+    max_duplicate_fraction: float = Field(
+        default=0.0, ge=0, le=1,
+        description="Largest share of documents whose text another document holds under another id before "
+                    "documents_are_distinct blocks training (a duplicate that is not marked relevant counts as a "
+                    "wrong answer, so the metrics understate the model).")
+    max_file_mb: MaxFileMb = 512
+    max_rows: MaxRows = 10_000_000
+
+    def as_source(self) -> LocalSourceConfig:
+        """The corpus as raw_data reads it (beside the spec's source)."""
+        return LocalSourceConfig(kind="local", path=self.path, format=self.format, max_file_mb=self.max_file_mb,
+                                 max_rows=self.max_rows)
+
+
 class EmbeddingTaskConfig(TaskSection):
     """What is learned: an embedding under which a query is close to the documents relevant to it.
 
@@ -43,7 +66,10 @@ class EmbeddingTaskConfig(TaskSection):
       several rows has several relevant documents; the corpus is every document of every split;
     - relevance_label_column: each row holds one text (text_column) and a label; texts with the same label are
       relevant to each other (a labelled intent set becomes a retrieval set). The corpus is the train split's texts; the
-      validation and test texts are the queries.
+      validation and test texts are the queries;
+    - corpus: a corpus file (id and text per document) and, in the source, query-relevance pairs: each row holds a
+      query and the id of a relevant document (document_id_column). The corpus is the whole file, documents no
+      query names included.
     """
 
     type: Literal["embedding"]
@@ -58,6 +84,10 @@ class EmbeddingTaskConfig(TaskSection):
     text_column: Name = Field(default="text", description="With relevance_label_column: the column holding the text.")
     relevance_label_column: Name | None = Field(
         default=None, description="Relevance from labels: texts sharing a label are relevant to each other.")
+    corpus: CorpusConfig | None = Field(
+        default=None, description="A corpus file the source's rows point into by document id (query-relevance pairs).")
+    document_id_column: Name = Field(default="document_id", description="With corpus: the source's column holding the "
+                                                                        "id of a document relevant to the query.")
     relevance_threshold: float = Field(default=0.5, ge=0, le=1, description="With score_column: the score from which "
                                                                             "a pair counts as relevant.")
 
@@ -100,6 +130,12 @@ class EmbeddingTaskConfig(TaskSection):
             raise ValueError("task.loss cosent learns from scored pairs: set task.score_column")
         if self.score_column is not None and self.loss != "cosent":
             raise ValueError(f"task.score_column is read by the cosent loss only; task.loss is {self.loss}")
+        if self.corpus is not None and self.relevance_label_column is not None:
+            raise ValueError("task.corpus holds the documents of query-relevance pairs; with "
+                             "task.relevance_label_column the documents are the train texts: give one of them")
+        if self.corpus is not None and self.negative_column is not None:
+            raise ValueError("task.negative_column holds a negative document's text, which a corpus file names by "
+                             "id: with task.corpus, mine negatives instead (task.hard_negatives.enabled: true)")
         if self.score_column is not None and self.relevance_label_column is not None:
             raise ValueError("task.score_column scores query/document pairs: it does not go with "
                              "task.relevance_label_column")
@@ -107,5 +143,5 @@ class EmbeddingTaskConfig(TaskSection):
 
     @property
     def mode(self) -> str:
-        """How relevance is given: 'pairs' or 'labels'."""
-        return "labels" if self.relevance_label_column is not None else "pairs"
+        """How relevance is given: 'pairs', 'labels' or 'corpus'."""
+        return "labels" if self.relevance_label_column is not None else "corpus" if self.corpus is not None else "pairs"

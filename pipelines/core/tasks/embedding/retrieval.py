@@ -70,7 +70,8 @@ def retrieval_set(frame: pd.DataFrame, task: EmbeddingTaskConfig) -> RetrievalSe
                 if doc_id is not None and isinstance(text, str):
                     corpus.setdefault(doc_id, text)
         scored = task.score_column is not None
-        for split, part in frame.groupby("split", sort=False):
+        examples = frame[~frame["shared"].to_numpy(dtype=bool)] if "shared" in frame.columns else frame
+        for split, part in examples.groupby("split", sort=False):
             for key, text, doc_id, score in zip(part["norm_text"], part["text"], part["document_id"], part["score"],
                                                 strict=True):
                 qid = text_id("q", key)
@@ -79,7 +80,8 @@ def retrieval_set(frame: pd.DataFrame, task: EmbeddingTaskConfig) -> RetrievalSe
                 docs = relevant.setdefault(str(split), {}).setdefault(qid, set())
                 if not scored or float(score) >= task.relevance_threshold:
                     docs.add(doc_id)
-        origin = f"the {len(corpus)} distinct documents of every split" + (
+        origin = (f"the {len(corpus)} documents of the corpus file {task.corpus.path}" if task.corpus is not None
+                  else f"the {len(corpus)} distinct documents of every split") + (
             " (relevant: pairs scored at least task.relevance_threshold)" if scored else "")
     return RetrievalSet(tuple(corpus), tuple(corpus.values()), queries, relevant, origin, query_ids)
 

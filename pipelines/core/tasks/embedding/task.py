@@ -23,12 +23,12 @@ from pipelines.core.tasks.embedding import NAME, WEIGHT_FILES
 from pipelines.core.tasks.embedding.config import EmbeddingTaskConfig
 from pipelines.core.tasks.embedding.retrieval import METRICS
 from pipelines.core.tasks.embedding.data import (CLEANED_CHECKS, DESCRIPTIONS, EXAMPLE_COLUMNS, SPLITS_CHECKS,
-                                                 clean_pairs, select_pairs, validate_cleaned_pairs,
+                                                 clean_pairs, query_rows, select_pairs, validate_cleaned_pairs,
                                                  validate_retrieval_splits)
 from pipelines.core.training.compute import ComputeSettings, MetricsSink, ProgressFn
 
 if TYPE_CHECKING:
-    from pipelines.core.sections import SpecView
+    from pipelines.core.sections import LocalSourceConfig, SpecView
 
 
 
@@ -71,23 +71,32 @@ class EmbeddingTask(TaskBase):
     example_columns = EXAMPLE_COLUMNS
     metric_names = METRICS
 
+    def side_sources(self, spec: SpecView) -> Mapping[str, LocalSourceConfig]:
+        task: EmbeddingTaskConfig = spec.task
+        return {"corpus": task.corpus.as_source()} if task.corpus is not None else {}
+
     def clean(self, raw: pd.DataFrame, spec: SpecView) -> tuple[pd.DataFrame, StepLog]:
         task: EmbeddingTaskConfig = spec.task
         result = clean_pairs(select_pairs(raw, task), task, spec.cleaning)
         frame = result.frame
-        metadata: dict[str, Any] = {"relevance": {"pairs": "query/document pairs",
-                                                  "labels": "texts sharing a label"}[task.mode]}
+        examples = query_rows(frame)
+        metadata: dict[str, Any] = {"relevance": {"pairs": "query/document pairs", "labels": "texts sharing a label",
+                                                  "corpus": "query / document-id pairs into a corpus file"}[task.mode]}
         if task.mode == "labels":
             counts = frame["group"].value_counts()
             metadata["labels"] = int(len(counts))
             metadata["rows_per_label"] = Markdown(markdown_table(["label", "rows"], list(counts.items())[:200]))
         else:
-            metadata["distinct_queries"] = int(frame["norm_text"].nunique())
+            metadata["distinct_queries"] = int(examples["norm_text"].nunique())
             metadata["distinct_documents"] = int(frame["document_id"].nunique())
-            metadata["pairs_with_a_negative"] = int(frame["negative"].notna().sum())
+            metadata["pairs_with_a_negative"] = int(examples["negative"].notna().sum())
+        if task.mode == "corpus":
+            metadata["corpus_documents"] = int(frame["document_id"].nunique())
+            metadata["documents_no_query_names"] = int(len(set(frame["document_id"]) - set(examples["document_id"])))
+        labels = task.mode == "labels"
         metadata["preview"] = Markdown(markdown_table(
-            ["query" if task.mode == "pairs" else "text", "document" if task.mode == "pairs" else "label"],
-            [[r.text, r.document if task.mode == "pairs" else r.label] for r in frame.head(5).itertuples()], 100))
+            ["text" if labels else "query", "label" if labels else "document"],
+            [[r.text, r.label if labels else r.document] for r in examples.head(5).itertuples()], 100))
         return frame, cleaning_log(spec.name, result, spec.cleaning, "rows", metadata)
 
     def quality_suites(self, spec: SpecView) -> tuple[QualitySuite, ...]:

@@ -32,6 +32,7 @@ from pipelines.core.training.resume import Resumable
 if TYPE_CHECKING:
     from pipelines.core.sections import SpecView
 
+GROUP_WINDOW = 50  # batches whose rows are sorted by length together (training.group_by_length)
 SELECT_BY = "ndcg_at_10"  # the validation metric whose best epoch is kept
 
 
@@ -143,16 +144,26 @@ def _mine(frame: pd.DataFrame, base: BaseModelRecord, spec: SpecView, compute: C
 class DisjointKeysBatchSampler(DefaultBatchSampler):
     """Batches that never hold two rows sharing a key (a query, a document, a label): every other row of a batch is
     a true negative for the in-batch ranking losses. Rows that do not fit a batch wait for the next one; an epoch
-    ends when the rows left cannot fill half a batch. The order is drawn from the trainer's seed and the epoch."""
+    ends when the rows left cannot fill half a batch. The order is drawn from the trainer's seed and the epoch.
 
-    def __init__(self, dataset: Any, keys: Sequence[frozenset[str]], **kwargs: Any) -> None:
+    With `lengths` (each row's length in characters), the shuffled rows are sorted by length within windows of
+    GROUP_WINDOW batches before batches are formed, and the batches are then shuffled: a batch holds texts of similar
+    length, so little of each step is padding, while every batch is still drawn from across the whole set."""
+
+    def __init__(self, dataset: Any, keys: Sequence[frozenset[str]], lengths: Sequence[int] = (),
+                 **kwargs: Any) -> None:
         super().__init__(dataset, **kwargs)
         self.keys = keys
+        self.lengths = lengths
 
     def _plan(self, epoch: int) -> list[list[int]]:
         generator = torch.Generator()
         generator.manual_seed(int(self.seed) + epoch)
         pending = torch.randperm(len(self.keys), generator=generator).tolist()
+        if self.lengths:
+            window = self.batch_size * GROUP_WINDOW
+            pending = [i for start in range(0, len(pending), window)
+                       for i in sorted(pending[start:start + window], key=lambda i: self.lengths[i])]
         batches = []
         while pending:
             batch: list[int] = []
@@ -170,6 +181,8 @@ class DisjointKeysBatchSampler(DefaultBatchSampler):
                 break
             batches.append(batch)
             pending = rest
+        if self.lengths:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
         return batches
 
     def __iter__(self) -> Any:
@@ -187,10 +200,11 @@ class disjoint_batch_sampler:  # noqa: N801 (a factory the trainer calls, named 
     rows with these keys; a plain object, so that resumable checkpoints can pickle the arguments."""
 
     keys: tuple[frozenset[str], ...]
+    lengths: tuple[int, ...] = ()  # each row's length: batches of similar lengths (empty: no grouping)
 
     def __call__(self, dataset: Any, batch_size: int, drop_last: bool, valid_label_columns: Any = None,
                  generator: Any = None, seed: int = 0) -> DisjointKeysBatchSampler:
-        return DisjointKeysBatchSampler(dataset, self.keys, batch_size=batch_size, drop_last=drop_last,
+        return DisjointKeysBatchSampler(dataset, self.keys, self.lengths, batch_size=batch_size, drop_last=drop_last,
                                         valid_label_columns=valid_label_columns, generator=generator, seed=seed)
 
 
@@ -228,6 +242,12 @@ def train_dataset(data: pd.DataFrame, task: EmbeddingTaskConfig) -> tuple[Any, l
     for n in range(width):
         columns[f"negative_{n + 1}"] = [negs[n] for negs in negatives]
     return Dataset.from_dict(columns), keys
+
+
+def row_lengths(dataset: Any) -> tuple[int, ...]:
+    """Each training row's length: the characters of its texts (every column but a score)."""
+    columns = [list(dataset[c]) for c in dataset.column_names if c != "score"]
+    return tuple(sum(len(str(column[i])) for column in columns) for i in range(len(dataset)))
 
 
 def build_loss(model: Any, task: EmbeddingTaskConfig) -> Any:
@@ -304,7 +324,8 @@ def train_embedding(data: pd.DataFrame, base: BaseModelRecord, spec: SpecView, o
              f"precision={compute.precision}")
     evaluator = validation_evaluator(data, task, spec.evaluation.batch_size)
     callback = best_epoch_callback(model, progress, sink, SELECT_BY)
-    sampler = disjoint_batch_sampler(tuple(keys)) if keys else "batch_sampler"
+    lengths = row_lengths(dataset) if keys and cfg.group_by_length else ()
+    sampler = disjoint_batch_sampler(tuple(keys), lengths) if keys else "batch_sampler"
 
     def make_trainer(folder: Path) -> Any:
         args = build_training_arguments(cfg, folder, compute, evaluator is not None, spec.evaluation.batch_size,
@@ -375,7 +396,7 @@ def mean_tokens(record: BaseModelRecord, spec: SpecView, splits: pd.DataFrame) -
     if not texts:
         return 0.0
     lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=spec.training.max_length)["input_ids"]]
-    return float(np.mean(lengths)) * (2 if spec.task.mode == "pairs" else 1)
+    return float(np.mean(lengths)) * (1 if spec.task.mode == "labels" else 2)
 
 
 def time_train_step(record: BaseModelRecord, spec: SpecView, splits: pd.DataFrame, compute: ComputeSettings,
