@@ -129,7 +129,7 @@ def test_a_dropped_file_starts_a_run_by_itself(tmp_path: Path, trec_slice_csv: P
         assert graphql(port, RUNS_QUERY, {})["runsOrError"]["results"] == []
         shutil.copy(trec_slice_csv, watched / "questions.csv")
         digest = combined_digest([("questions.csv", sha256_file(watched / "questions.csv"))])
-        runs = newest_runs_once_finished(port, 300)
+        runs = newest_runs_once_finished(port, 600)
         assert len(runs) == 1 and runs[0]["status"] == "SUCCESS", log.read_text()[-5000:]
         tags = {t["key"]: t["value"] for t in runs[0]["tags"]}
         assert tags["dagster/sensor_name"] == "tiny_new_data" and tags["dagster/run_key"] == digest
