@@ -16,6 +16,7 @@ Trainer.train() alone, which is how the Trainer itself reports samples/s.
     .venv/bin/python benchmarks/recipe_vs_tuneline.py                       # the default TREC pipeline
     .venv/bin/python benchmarks/recipe_vs_tuneline.py --spec benchmarks/specs/banking77.yaml
     .venv/bin/python benchmarks/recipe_vs_tuneline.py --set training.epochs=3 --skip-recipe
+    .venv/bin/python benchmarks/recipe_vs_tuneline.py --seeds 13,14,15,16,17 --precision fp32   # mean and worst
     python benchmarks/recipe_vs_tuneline.py --device cuda     # on a GPU machine (the recipe stays fp32, as documented)
 
 MFU: model FLOPs per second of training over the machine's measured bf16 (or fp32) matmul peak, for both runs.
@@ -187,46 +188,73 @@ def main() -> None:
     parser.add_argument("--spec", default=str(ROOT / "pipelines" / "specs" / "trec_questions.yaml"))
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a spec value for tuneline's run, e.g. training.epochs=3 (may repeat)")
+    parser.add_argument("--seeds", default=None,
+                        help="comma-separated seeds: both runs once per seed (training.seed and the recipe's seed); "
+                             "default: the spec's training.seed")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=None,
+                        help="tuneline's training.precision (default: the spec's); the recipe stays fp32")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-recipe", action="store_true", help="run tuneline only (no ratios)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args()
 
-    spec, frame = spec_splits(args.spec, args.set)
+    overrides = list(args.set) + ([f"training.precision={args.precision}"] if args.precision else [])
+    spec, frame = spec_splits(args.spec, overrides)
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [spec.training.seed]
     counts = frame["split"].value_counts()
     print(f"{spec.name}: train {counts.get('train', 0)}, validation {counts.get('validation', 0)}, "
-          f"test {counts.get('test', 0)} rows; {args.threads} threads; {device_name(args.device)}", flush=True)
+          f"test {counts.get('test', 0)} rows; seeds {seeds}; {args.threads} threads; {device_name(args.device)}",
+          flush=True)
 
-    results = []
-    if not args.skip_recipe:
-        model_dir = resolve_base_model(spec.base_model, model_store()).local_path
-        results.append(run_recipe(frame, model_dir, spec.training.max_length, args.threads, spec.training.seed,
-                                  args.device))
-        print(f"  recipe done in {results[-1]['seconds']:.1f} s", file=sys.stderr, flush=True)
-    results.append(run_tuneline(frame, spec, args.threads, args.device))
+    model_dir = resolve_base_model(spec.base_model, model_store()).local_path
+    runs: list[tuple[int, list[dict[str, Any]]]] = []
+    for seed in seeds:
+        results = []
+        if not args.skip_recipe:
+            results.append(run_recipe(frame, model_dir, spec.training.max_length, args.threads, seed, args.device))
+            print(f"  seed {seed}: recipe done in {results[-1]['seconds']:.1f} s", file=sys.stderr, flush=True)
+        results.append(run_tuneline(frame, with_overrides(spec, [f"training.seed={seed}"]), args.threads,
+                                    args.device))
+        for r in results:
+            r["samples_per_second"] = r["rows"] * r["epochs"] / r["seconds"]
+            r["trainer_samples_per_second"] = r["rows"] * r["epochs"] / r["trainer_seconds"]
+        runs.append((seed, results))
 
-    print(f"\n{'run':58s} {'samples/s':>9s} {'wall s':>7s} {'Trainer samples/s':>17s} {'Trainer s':>9s} "
-          f"{'accuracy':>8s} {'macro-F1':>8s} {'MFU':>6s}")
-    for r in results:
-        r["samples_per_second"] = r["rows"] * r["epochs"] / r["seconds"]
-        r["trainer_samples_per_second"] = r["rows"] * r["epochs"] / r["trainer_seconds"]
-        print(f"{r['name']:58s} {r['samples_per_second']:9.1f} {r['seconds']:7.1f} "
-              f"{r['trainer_samples_per_second']:17.1f} {r['trainer_seconds']:9.1f} {r['accuracy']:8.4f} "
-              f"{r['macro_f1']:8.4f} {r['mfu']:6.1%}")
-    if len(results) == 2:
-        ref, ours = results
-        print(f"{'ratio tuneline / recipe':58s} {ours['samples_per_second'] / ref['samples_per_second']:8.2f}x "
-              f"{ours['seconds'] / ref['seconds']:6.2f}x "
-              f"{ours['trainer_samples_per_second'] / ref['trainer_samples_per_second']:16.2f}x "
-              f"{ours['trainer_seconds'] / ref['trainer_seconds']:8.2f}x {ours['accuracy'] - ref['accuracy']:+8.4f} "
-              f"{ours['macro_f1'] - ref['macro_f1']:+8.4f}")
-    tuned = results[-1]
+    print(f"\n{'seed':>4s} {'run':58s} {'samples/s':>9s} {'wall s':>7s} {'Trainer samples/s':>17s} "
+          f"{'Trainer s':>9s} {'accuracy':>8s} {'macro-F1':>8s} {'MFU':>6s}")
+    for seed, results in runs:
+        for r in results:
+            print(f"{seed:4d} {r['name']:58s} {r['samples_per_second']:9.1f} {r['seconds']:7.1f} "
+                  f"{r['trainer_samples_per_second']:17.1f} {r['trainer_seconds']:9.1f} {r['accuracy']:8.4f} "
+                  f"{r['macro_f1']:8.4f} {r['mfu']:6.1%}")
+        if len(results) == 2:
+            ref, ours = results
+            print(f"{seed:4d} {'ratio tuneline / recipe':58s} "
+                  f"{ours['samples_per_second'] / ref['samples_per_second']:8.2f}x "
+                  f"{ours['seconds'] / ref['seconds']:6.2f}x "
+                  f"{ours['trainer_samples_per_second'] / ref['trainer_samples_per_second']:16.2f}x "
+                  f"{ours['trainer_seconds'] / ref['trainer_seconds']:8.2f}x "
+                  f"{ours['accuracy'] - ref['accuracy']:+8.4f} {ours['macro_f1'] - ref['macro_f1']:+8.4f}")
+    if len(runs) > 1:
+        names = ["recipe", "tuneline"] if not args.skip_recipe else ["tuneline"]
+        for place, name in enumerate(names):
+            accuracy = [results[place]["accuracy"] for _, results in runs]
+            f1 = [results[place]["macro_f1"] for _, results in runs]
+            speed = [results[place]["samples_per_second"] for _, results in runs]
+            print(f"{name:9s} over {len(runs)} seeds: accuracy mean {np.mean(accuracy):.4f} worst {min(accuracy):.4f}; "
+                  f"macro-F1 mean {np.mean(f1):.4f} worst {min(f1):.4f}; samples/s mean {np.mean(speed):.1f}")
+        if not args.skip_recipe:
+            ratios = [results[1]["samples_per_second"] / results[0]["samples_per_second"] for _, results in runs]
+            inner = [results[1]["trainer_samples_per_second"] / results[0]["trainer_samples_per_second"]
+                     for _, results in runs]
+            print(f"ratio tuneline / recipe samples/s: whole call mean {np.mean(ratios):.2f}x (lowest "
+                  f"{min(ratios):.2f}x); Trainer.train() mean {np.mean(inner):.2f}x (lowest {min(inner):.2f}x)")
     peak = fastest_precision(args.device, args.threads)
     print("samples/s and wall s: the whole training call (loading, tokenizing, the linear-probe head, frozen blocks, "
           "validation); Trainer: Trainer.train() alone. Accuracy and macro-F1 differences are absolute. MFU: over "
           f"the measured {matmul_rate(peak) / 1e12:.2f} TFLOP/s {peak.precision} matmul peak for both (this machine's "
           f"faster precision; the recipe trains in fp32).")
-    if not np.isfinite(tuned["accuracy"]):
+    if not all(np.isfinite(results[-1]["accuracy"]) for _, results in runs):
         sys.exit(1)
 
 

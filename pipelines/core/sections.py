@@ -266,8 +266,12 @@ ModelLocation = Annotated[PackageModelConfig | LocalModelConfig | HubModelConfig
 class ProbeConfig(Frozen):
     """How the candidates that pass every constraint are ranked."""
 
-    sample_rows: int = Field(default=256, ge=8, description="Validation rows the probe scores each candidate on "
-                                                               "(classification: fitted on up to 4x as many train rows).")
+    sample_rows: int = Field(default=1024, ge=8, description="Validation rows the probe scores each candidate on "
+                                                                "(all of them when the split is smaller).")
+    train_rows: int = Field(default=10000, ge=8,
+                            description="Classification: train rows the probe's logistic regression is fitted on (all "
+                                        "of them when the split is smaller; their embeddings are reused by the "
+                                        "winner's linear-probe head and baseline).")
     time_budget_seconds: float = Field(
         default=180, gt=0, description="Total time for probing; candidates not reached in time are not ranked.")
     timed_steps: int = Field(default=3, ge=1, le=50,
@@ -367,6 +371,16 @@ class TrainingConfig(Frozen):
         default="auto", description="'auto': bf16 autocast where it is faster: a GPU that supports it, a CPU whose "
                                     "bf16 matrix products measure at least 1.25x its fp32 ones (AMX); else fp32.")
     group_by_length: bool = Field(default=True, description="Batch rows of similar length together.")
+    early_stopping_patience: int | None = Field(
+        default=None, ge=1, le=100,
+        description="Stop training once this many epochs in a row have not beaten the best validation score so far "
+                    "(the best epoch's weights are kept either way); null trains every epoch. Needs a validation "
+                    "split.")
+    average_last_epochs: int | None = Field(
+        default=None, ge=2, le=100,
+        description="Keep the mean of the weights at the end of the last N epochs (tail averaging, as in stochastic "
+                    "weight averaging) instead of the epoch with the best validation score; the mean is scored on "
+                    "validation and reported. null keeps the best epoch. Needs a validation split.")
     model_dropout: float | None = Field(
         default=0.0, ge=0, lt=1,
         description="Dropout inside the base model while training (its hidden and attention dropout: 0.1 in "

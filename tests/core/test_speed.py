@@ -185,7 +185,7 @@ def test_the_probe_takes_its_sample_from_a_split_already_embedded(tmp_path: Path
     from pipelines.core.tasks.classification import model as classification
 
     data = _spec(tiny_model_dir).model_dump(mode="json", exclude_none=True)  # type: ignore[attr-defined]
-    data["base_model"]["probe"]["sample_rows"] = 8  # samples of 32 train and 8 validation rows, not whole splits
+    data["base_model"]["probe"].update(sample_rows=8, train_rows=32)  # samples, not whole splits
     spec = PipelineSpec.model_validate(data)
     assert (trec_splits["split"] == "train").sum() > 32 and (trec_splits["split"] == "validation").sum() > 8
     base = resolve_base_model(spec.base_model, store(tmp_path))
@@ -562,7 +562,7 @@ def test_selection_probe_embeddings_are_cached(tmp_path: Path, tiny_model_dir: P
     compute = ComputeSettings("cpu", "fp32", 2, cache_dir=str(tmp_path / "cache"))
     first = rows(select_base_model(spec_for([tiny_model_dir]), trec_splits, store(tmp_path, tmp_path / "m"),
                                    compute))[tiny_model_dir.name]
-    assert len(list((tmp_path / "cache" / "embeddings").glob("*.npy"))) == 2  # the train and validation samples
+    assert len(list((tmp_path / "cache" / "embeddings").glob("*.npy"))) == 2  # the train and validation splits
 
     def no_loading(*args: object, **kwargs: object) -> None:
         raise AssertionError("the probe loaded the model although its embeddings are cached")
@@ -571,3 +571,83 @@ def test_selection_probe_embeddings_are_cached(tmp_path: Path, tiny_model_dir: P
     again = rows(select_base_model(spec_for([tiny_model_dir]), trec_splits, store(tmp_path, tmp_path / "m"),
                                    compute))[tiny_model_dir.name]
     assert again["probe_value"] == first["probe_value"] and again["verdict"] == "selected"
+
+
+def test_the_winners_probe_embeddings_are_the_ones_its_linear_probe_head_starts_from(
+        tmp_path: Path, tiny_model_dir: Path, trec_splits: pd.DataFrame) -> None:
+    """The probe embeds the whole train and validation splits (they are smaller than probe.train_rows and
+    probe.sample_rows) with the arguments of the linear-probe head: training the winner embeds nothing again."""
+    compute = ComputeSettings("cpu", "fp32", 2, cache_dir=str(tmp_path / "cache"))
+    spec = spec_for([tiny_model_dir])
+    winner = select_base_model(spec, trec_splits, store(tmp_path, tmp_path / "m"), compute)
+    cached = sorted((tmp_path / "cache" / "embeddings").glob("*.npy"))
+    assert len(cached) == 2
+    shapes = sorted(np.load(p).shape[0] for p in cached)
+    assert shapes == sorted(int((trec_splits["split"] == s).sum()) for s in ("train", "validation"))
+    said: list[str] = []
+    train_classifier(trec_splits[trec_splits["split"] != "test"], winner, spec, tmp_path / "ckpt", compute,
+                     progress=said.append)
+    assert any(m.startswith("linear probe: embedding") for m in said), said  # the LP-FT head of the spec's default
+    assert sorted((tmp_path / "cache" / "embeddings").glob("*.npy")) == cached, "the head embedded the splits again"
+
+
+def test_early_stopping_ends_training_once_validation_stops_improving(tmp_path: Path, tiny_model_dir: Path,
+                                                                      trec_splits: pd.DataFrame) -> None:
+    """With a learning rate too small to change anything, validation never beats the first epoch: patience 2
+    stops after epoch 3 of 8 and keeps epoch 1's weights; without patience every epoch runs."""
+    said: list[str] = []
+    spec = _spec(tiny_model_dir, epochs=8, batch_size=32, learning_rate=1e-12, early_stopping_patience=2)
+    base = resolve_base_model(spec.base_model, store(tmp_path))  # type: ignore[attr-defined]
+    record = train_classifier(trec_splits, base, spec, tmp_path / "ckpt", FP32, progress=said.append)  # type: ignore[arg-type]
+    epochs = [h["epoch"] for h in record.history if "eval_loss" in h]
+    assert epochs == [1.0, 2.0, 3.0], record.history
+    assert record.best_epoch == 1.0
+    assert any(m.startswith("early stop at epoch 3.00: validation macro_f1 has not beaten epoch 1") for m in said), said
+    plain = train_classifier(trec_splits, base, _spec(tiny_model_dir, epochs=4, batch_size=32, learning_rate=1e-12),  # type: ignore[arg-type]
+                             tmp_path / "plain", FP32, progress=said.append)
+    assert [h["epoch"] for h in plain.history if "eval_loss" in h] == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_tail_averaging_keeps_the_mean_of_the_last_epochs_weights() -> None:
+    """average_last: the callback keeps the trainable weights of the last N evaluated epochs (frozen ones are not
+    copied) and restore_average puts their mean into the model, whatever the best single epoch was; the state a
+    resumed run restores carries them."""
+    from types import SimpleNamespace
+
+    from pipelines.core.training.loop import best_epoch_callback
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2))
+    model[1].weight.requires_grad_(False)
+    frozen = model[1].weight.detach().clone()
+    callback = best_epoch_callback(model, lambda m: None, None, "accuracy", average_last=2)
+    seen = []
+    for epoch, score in ((1, 0.9), (2, 0.5), (3, 0.6)):  # epoch 1 is the best single epoch
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.fill_(float(epoch))
+        seen.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        callback.on_evaluate(SimpleNamespace(), SimpleNamespace(epoch=float(epoch), global_step=epoch, max_steps=3),
+                             SimpleNamespace(), metrics={"eval_accuracy": score})
+    resumed = best_epoch_callback(model, lambda m: None, None, "accuracy", average_last=2)
+    resumed.load_state_dict(callback.state_dict())
+    assert resumed.restore_average() == [2.0, 3.0]
+    assert torch.allclose(model[0].weight, torch.full_like(model[0].weight, 2.5))
+    assert torch.allclose(model[0].bias, torch.full_like(model[0].bias, 2.5))
+    assert torch.equal(model[1].weight, frozen)
+    assert callback.best_epoch == 1.0
+    callback.restore_best()
+    assert torch.equal(model[0].weight, seen[0]["0.weight"])
+
+
+def test_a_classifier_trained_with_tail_averaging_says_what_it_kept(tmp_path: Path, tiny_model_dir: Path,
+                                                                   trec_splits: pd.DataFrame) -> None:
+    """training.average_last_epochs through the real Trainer: the mean of the last epochs is scored on validation,
+    the run says so, and the checkpoint names the last averaged epoch."""
+    said: list[str] = []
+    spec = _spec(tiny_model_dir, epochs=3, batch_size=32, average_last_epochs=2)
+    base = resolve_base_model(spec.base_model, store(tmp_path))  # type: ignore[attr-defined]
+    record = train_classifier(trec_splits, base, spec, tmp_path / "ckpt", FP32, progress=said.append)  # type: ignore[arg-type]
+    assert any(m.startswith("kept the mean of the weights of epochs 2, 3 (validation macro_f1 ") for m in said), said
+    assert record.best_epoch == 3.0
+    assert len([h for h in record.history if "eval_loss" in h]) == 4  # three epochs, then the mean

@@ -61,9 +61,15 @@ def with_global_batch_order(trainer_class: type) -> type:
 
 # ------------------------------------------------------------------------------------------ callbacks
 def best_epoch_callback(model: torch.nn.Module, progress: ProgressFn, sink: MetricsSink | None, select_by: str,
-                        higher_is_better: bool = True) -> Any:
+                        higher_is_better: bool = True, patience: int | None = None,
+                        average_last: int | None = None) -> Any:
     """A TrainerCallback that reports progress and metrics and keeps the trainable weights of the best epoch
-    (by the validation metric `select_by`)."""
+    (by the validation metric `select_by`). With `patience`, training stops once that many evaluations in a row
+    have not beaten the best one (training.early_stopping_patience). With `average_last`, the trainable weights of
+    the last that many evaluated epochs are kept too, and run_trainer keeps their mean instead of the best epoch
+    (training.average_last_epochs: tail averaging, as stochastic weight averaging does)."""
+    from collections import deque
+
     from transformers import TrainerCallback
 
     class ProgressAndBestEpoch(TrainerCallback):
@@ -75,6 +81,10 @@ def best_epoch_callback(model: torch.nn.Module, progress: ProgressFn, sink: Metr
             self.best_state: dict[str, torch.Tensor] | None = None
             self.started = time.monotonic()
             self.last_shown = -1  # the last step a progress line was written for
+            self.since_best = 0  # evaluations since the best one
+            self.stopped_early_at: float | None = None
+            self.average_last = average_last
+            self.recent: deque[tuple[float, dict[str, torch.Tensor]]] = deque(maxlen=average_last or 1)
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             self.started = time.monotonic()
@@ -109,17 +119,33 @@ def best_epoch_callback(model: torch.nn.Module, progress: ProgressFn, sink: Metr
                               if k in ("eval_accuracy", "eval_macro_f1", "eval_loss", f"eval_{select_by}")
                               and isinstance(v, (int, float)))
             progress(f"epoch {state.epoch:.2f}: validation {shown}")
+            if average_last:
+                self.recent.append((float(state.epoch), {n: p.detach().clone() for n, p in model.named_parameters()
+                                                         if p.requires_grad}))
             if score > self.best_score:
                 self.best_score, self.best_epoch = score, float(state.epoch)
                 self.best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+                self.since_best = 0
+            else:
+                self.since_best += 1
+                if patience is not None and self.since_best >= patience and state.global_step < state.max_steps:
+                    self.stopped_early_at = float(state.epoch)
+                    control.should_training_stop = True
+                    progress(f"early stop at epoch {state.epoch:.2f}: validation {select_by} has not beaten epoch "
+                             f"{self.best_epoch:g}'s {self.best_value:.4f} for {self.since_best} evaluation"
+                             f"{'s' if self.since_best > 1 else ''} (training.early_stopping_patience {patience})")
 
         def state_dict(self) -> dict[str, Any]:
             """What a resumed run needs to keep choosing the best epoch as the uninterrupted run would."""
-            return {"best_score": self.best_score, "best_epoch": self.best_epoch, "best_state": self.best_state}
+            return {"best_score": self.best_score, "best_epoch": self.best_epoch, "best_state": self.best_state,
+                    "since_best": self.since_best, "recent": list(self.recent)}
 
         def load_state_dict(self, state: dict[str, Any]) -> None:
             self.best_score, self.best_epoch, self.best_state = (state["best_score"], state["best_epoch"],
                                                                  state["best_state"])
+            self.since_best = int(state.get("since_best", 0))
+            self.recent.clear()
+            self.recent.extend(state.get("recent", []))
 
         @property
         def best_value(self) -> float:
@@ -132,6 +158,17 @@ def best_epoch_callback(model: torch.nn.Module, progress: ProgressFn, sink: Metr
             with torch.no_grad():
                 for name, value in self.best_state.items():
                     params[name].copy_(value)
+
+        def restore_average(self) -> list[float]:
+            """Put the mean of the recent epochs' trainable weights into the model; the epochs averaged."""
+            if not self.average_last or len(self.recent) < 2:
+                return []
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                for name in self.recent[0][1]:
+                    params[name].copy_(torch.stack([w[name].float() for _, w in self.recent]).mean(0)
+                                       .to(params[name].dtype))
+            return [epoch for epoch, _ in self.recent]
 
     return ProgressAndBestEpoch()
 
@@ -183,13 +220,23 @@ def run_trainer(make_trainer: Callable[[Path], Any], callback: Any, progress: Pr
             raise CheckpointError(f"could not write a resumable checkpoint to {partial[-1]}: {write_failure(exc)}; "
                                   "nothing of it was kept. Free space there, point --data-dir at another disk, or "
                                   "set training.checkpoint_every: 0") from exc
-    callback.restore_best()
-    if callback.best_epoch is not None:
-        progress(f"kept the weights of epoch {callback.best_epoch:g} (best validation {select_by} "
+    averaged = callback.restore_average() if getattr(callback, "average_last", None) else []
+    kept = callback.best_epoch
+    if averaged:  # scored like an epoch, and kept in its place
+        metrics = trainer.evaluate()
+        value = float(metrics.get(f"eval_{select_by}", math.nan))
+        kept = averaged[-1]
+        progress(f"kept the mean of the weights of epochs {', '.join(f'{e:g}' for e in averaged)} (validation "
+                 f"{select_by} {value:.4f}; the best single epoch, {callback.best_epoch:g}, had "
                  f"{callback.best_value:.4f})")
+    else:
+        callback.restore_best()
+        if callback.best_epoch is not None:
+            progress(f"kept the weights of epoch {callback.best_epoch:g} (best validation {select_by} "
+                     f"{callback.best_value:.4f})")
     history = tuple({k: float(v) for k, v in entry.items() if isinstance(v, (int, float))}
                     for entry in trainer.state.log_history)
-    return TrainingOutcome(float(result.metrics.get("train_runtime", 0.0)), history, callback.best_epoch)
+    return TrainingOutcome(float(result.metrics.get("train_runtime", 0.0)), history, kept)
 
 
 def save_trained(out_dir: Path, write_files: Callable[[Path], None], manifest: dict[str, Any], spec_yaml: str,

@@ -148,7 +148,7 @@ class ClassificationStarter:
                            "allowed_licenses": ["apache-2.0", "mit", "bsd-3-clause"], "max_parameters": 1000000000,
                            "memory_budget_mb": 16000, "max_train_minutes": 60, "trust_remote_code": False,
                            "allow_pickle_weights": False,
-                           "probe": {"sample_rows": 256, "time_budget_seconds": 180, "timed_steps": 3}},
+                           "probe": {"sample_rows": 1024, "time_budget_seconds": 180, "timed_steps": 3}},
             "training": {"epochs": 4, "batch_size": 64, "learning_rate": 2.0e-3,
                          "weight_decay": 0.01, "warmup_fraction": 0.06, "max_length": max_length, "precision": "auto",
                          "group_by_length": True, "seed": 13,

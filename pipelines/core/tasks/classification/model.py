@@ -376,13 +376,17 @@ def mean_tokens(record: BaseModelRecord, spec: SpecView, splits: pd.DataFrame) -
 
 def probe_candidate(record: BaseModelRecord, spec: SpecView, splits: pd.DataFrame,
                     compute: ComputeSettings) -> ProbeResult:
-    """A logistic regression on frozen embeddings of a train sample, scored on a validation sample, with the
-    score on 1,000 bootstrap resamples of that sample (the same resamples for every candidate)."""
+    """A logistic regression on frozen embeddings of the train split (up to probe.train_rows), scored on the
+    validation split (up to probe.sample_rows), with the score on 1,000 bootstrap resamples of the validation rows
+    (the same resamples for every candidate).
+
+    Whole splits are embedded in split order, with the arguments the linear-probe head of training and the
+    linear-probe baseline use, so the winner's embeddings are computed once for all three (the embedding cache)."""
     from pipelines.core.tasks.classification.metrics import bootstrap_metric, classification_metrics
 
     probe, seed = spec.base_model.probe, spec.training.seed
     validation = sample_split(splits, "validation", probe.sample_rows, seed)
-    train = sample_split(splits, "train", 4 * probe.sample_rows, seed)
+    train = sample_split(splits, "train", probe.train_rows, seed)
     labels = sorted(set(splits["label"]))
     index = {label: i for i, label in enumerate(labels)}
     load, variant = frozen_reader(record, compute)
@@ -395,7 +399,7 @@ def probe_candidate(record: BaseModelRecord, spec: SpecView, splits: pd.DataFram
                                   variant=variant) if whole.index.is_unique and len(frame) else None
         if found is not None:
             return found[whole.index.get_indexer(frame.index)]
-        return frozen_embeddings(record, frame["text"].tolist(), spec.training.max_length, compute, batch_size=64,
+        return frozen_embeddings(record, frame["text"].tolist(), spec.training.max_length, compute,
                                  load=load, variant=variant)
 
     fitted = fit_linear_probe(embed(train), train["label"].map(index).to_numpy(), None, None, compute.device)

@@ -132,7 +132,8 @@ def train_classifier(splits: pd.DataFrame, base: BaseModelRecord, spec: SpecView
          "weight_decay": cfg.weight_decay},
     ])
     select_by = spec.evaluation.primary_metric  # the epoch kept is the best on validation by this metric
-    callback = best_epoch_callback(model, progress, sink, select_by)
+    callback = best_epoch_callback(model, progress, sink, select_by, patience=cfg.early_stopping_patience,
+                                  average_last=cfg.average_last_epochs)
 
     def make_trainer(scratch: Path) -> Any:
         args = build_training_arguments(cfg, scratch, compute, val_ds is not None, spec.evaluation.batch_size)

@@ -323,7 +323,8 @@ def train_embedding(data: pd.DataFrame, base: BaseModelRecord, spec: SpecView, o
              f"({', '.join(dataset.column_names)}), {trainable:,} trainable of {total:,} parameters; "
              f"precision={compute.precision}")
     evaluator = validation_evaluator(data, task, spec.evaluation.batch_size)
-    callback = best_epoch_callback(model, progress, sink, SELECT_BY)
+    callback = best_epoch_callback(model, progress, sink, SELECT_BY, patience=cfg.early_stopping_patience,
+                                  average_last=cfg.average_last_epochs)
     lengths = row_lengths(dataset) if keys and cfg.group_by_length else ()
     sampler = disjoint_batch_sampler(tuple(keys), lengths) if keys else "batch_sampler"
 

@@ -204,7 +204,9 @@ def train_causal_lm(rendered: pd.DataFrame, base: BaseModelRecord, spec: SpecVie
              f"and {len(validation)} validation examples" + dropout_note(cfg.model_dropout, own_dropout))
     train_ds = _dataset(train)
     val_ds = _dataset(validation) if len(validation) else None
-    callback = best_epoch_callback(model, progress, sink, "loss", higher_is_better=False)
+    callback = best_epoch_callback(model, progress, sink, "loss", higher_is_better=False,
+                                  patience=cfg.early_stopping_patience,
+                                  average_last=cfg.average_last_epochs)
 
     trainer_class = with_global_batch_order(SFTTrainer if compute.device == "cuda" else _sft_trainer_with_plain_loss())
 
