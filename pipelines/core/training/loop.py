@@ -82,7 +82,6 @@ def best_epoch_callback(model: torch.nn.Module, progress: ProgressFn, sink: Metr
             self.started = time.monotonic()
             self.last_shown = -1  # the last step a progress line was written for
             self.since_best = 0  # evaluations since the best one
-            self.stopped_early_at: float | None = None
             self.average_last = average_last
             self.recent: deque[tuple[float, dict[str, torch.Tensor]]] = deque(maxlen=average_last or 1)
 
@@ -129,7 +128,6 @@ def best_epoch_callback(model: torch.nn.Module, progress: ProgressFn, sink: Metr
             else:
                 self.since_best += 1
                 if patience is not None and self.since_best >= patience and state.global_step < state.max_steps:
-                    self.stopped_early_at = float(state.epoch)
                     control.should_training_stop = True
                     progress(f"early stop at epoch {state.epoch:.2f}: validation {select_by} has not beaten epoch "
                              f"{self.best_epoch:g}'s {self.best_value:.4f} for {self.since_best} evaluation"
@@ -220,7 +218,7 @@ def run_trainer(make_trainer: Callable[[Path], Any], callback: Any, progress: Pr
             raise CheckpointError(f"could not write a resumable checkpoint to {partial[-1]}: {write_failure(exc)}; "
                                   "nothing of it was kept. Free space there, point --data-dir at another disk, or "
                                   "set training.checkpoint_every: 0") from exc
-    averaged = callback.restore_average() if getattr(callback, "average_last", None) else []
+    averaged = callback.restore_average()  # [] unless training.average_last_epochs is set
     kept = callback.best_epoch
     if averaged:  # scored like an epoch, and kept in its place
         metrics = trainer.evaluate()
