@@ -97,15 +97,17 @@ def build_pipeline_assets(spec: PipelineSpec, project_root: Path) -> list[dg.Ass
                              tracking: TrackingResource, data: pd.DataFrame, base_model: BaseModelRecord,
                              **sweep: SweepRecord) -> dg.Output[CheckpointRecord]:
         tuned = with_settings(spec, sweep["sweep"].best_params) if sweep else spec
-        settings = compute.settings(spec.training.precision)
         with tracking.asset_run(context, spec.name) as run:
-            run.record(training_params(tuned, base_model, settings))
+            choice = compute.training_settings(task, tuned, data, base_model, progress=context.log.info)
+            context.log.info(choice.summary())
+            run.record(training_params(tuned, base_model, choice.settings, choice))
             record = compute.train(context, task, tuned, data, base_model,
                                    storage.run_folder("checkpoints", spec.name, context.run_id),
                                    scratch=storage.scratch_folder(spec.name), progress=context.log.info, sink=run,
-                                   exchange=storage.run_folder("launch", spec.name, context.run_id))
+                                   exchange=storage.run_folder("launch", spec.name, context.run_id),
+                                   settings=choice.settings)
             record = tracking.register_checkpoint(run, spec.name, record, context.run_id)
-            return run.output(record, checkpoint_log(tuned, record))
+            return run.output(record, checkpoint_log(tuned, record, choice))
 
     @dg.asset(**common, ins=ins(data=data_asset, finetuned_checkpoint="finetuned_checkpoint"),
               code_version=spec.section_hash("evaluation"), kinds=set(task.report_kinds) | {"mlflow"},
@@ -145,7 +147,8 @@ def sweep_asset(spec: PipelineSpec, data_asset: str) -> dg.AssetsDefinition:
     def sweep(context: dg.AssetExecutionContext, storage: StorageResource, compute: ComputeResource,
               tracking: TrackingResource, data: pd.DataFrame, base_model: BaseModelRecord) -> dg.Output[SweepRecord]:
         with tracking.asset_run(context, spec.name) as run:
-            record = run_sweep(spec, data, base_model, compute.settings(spec.training.precision),
+            settings = compute.training_settings(task_for(spec), spec, data, base_model, context.log.info).settings
+            record = run_sweep(spec, data, base_model, settings,
                                storage.run_folder("sweeps", spec.name, context.run_id), storage.sweep_storage(),
                                f"{spec.name}-{context.run_id}", tracking.child_runs_of(run), context.log.info)
             return run.output(record, sweep_log(record))

@@ -22,6 +22,7 @@ from pipelines.core.training.compute import ComputeSettings, MetricsSink, Progre
 if TYPE_CHECKING:
     import pandas as pd
 
+    from pipelines.core.autotune import ComputeChoice
     from pipelines.core.spec import PipelineSpec
     from pipelines.core.tasks import Task
 
@@ -146,15 +147,33 @@ class ComputeResource(dg.ConfigurableResource):
     def settings(self, precision: str) -> ComputeSettings:
         return resolve_compute(self.device, precision, self.num_threads, self.cache_dir)
 
+    def training_settings(self, task: Task, spec: PipelineSpec, data: pd.DataFrame, base: BaseModelRecord,
+                          progress: ProgressFn) -> ComputeChoice:
+        """The settings `spec` trains with: precision 'auto' and the thread count (num_threads None) chosen by
+        timing a few real training steps of `base` on this machine, kept in cache_dir per machine and model
+        (pipelines/core/autotune.py). A Kubernetes pod chooses on its own machine; torchrun processes share this
+        machine's cores, so only the precision is timed for them."""
+        from pipelines.core.autotune import ComputeChoice, tune_training_compute
+
+        launcher = spec.compute.launcher
+        if launcher == "k8s":
+            return ComputeChoice(self.settings(spec.training.precision), "estimate",
+                                 note="the pod chooses its precision on its own machine")
+        unresolved = resolve_compute(self.device, "fp32", self.num_threads, self.cache_dir)
+        return tune_training_compute(task, spec, data, base, unresolved, progress=progress,
+                                     threads=None if launcher == "local" else [self.num_threads],
+                                     fallback=lambda: self.settings(spec.training.precision))
+
     def train(self, context: dg.AssetExecutionContext, task: Task, spec: PipelineSpec, data: pd.DataFrame,
               base: BaseModelRecord, out_dir: Path, *, scratch: Path | None, exchange: Path, progress: ProgressFn,
-              sink: MetricsSink | None) -> CheckpointRecord:
+              sink: MetricsSink | None, settings: ComputeSettings | None = None) -> CheckpointRecord:
         """Train `spec` with its launcher: in this process (local), or through Dagster Pipes as torchrun processes
-        or a Kubernetes pod, which read `data` from a file in `exchange`."""
+        or a Kubernetes pod, which read `data` from a file in `exchange`. `settings`: as training_settings chose
+        them (None: resolved from the spec's precision)."""
         launch = spec.compute
+        settings = settings or self.settings(spec.training.precision)
         if launch.launcher == "local":
-            return task.train(data, base, spec, out_dir, self.settings(spec.training.precision), progress=progress,
-                              sink=sink, scratch=scratch)
+            return task.train(data, base, spec, out_dir, settings, progress=progress, sink=sink, scratch=scratch)
         exchange.mkdir(parents=True, exist_ok=True)
         data_file = exchange / "training_data.parquet"
         with atomic_path(data_file) as tmp:
@@ -165,7 +184,7 @@ class ComputeResource(dg.ConfigurableResource):
                "compute": {"device": "auto" if launch.launcher == "k8s" else self.device,
                            # resolved here for torchrun, so that every process uses the same one
                            "precision": spec.training.precision if launch.launcher == "k8s"
-                           else self.settings(spec.training.precision).precision,
+                           else settings.precision,
                            "num_threads": None if launch.launcher == "k8s" or self.num_threads is None
                            else max(1, self.num_threads // launch.processes),
                            "cache_dir": self.cache_dir}}

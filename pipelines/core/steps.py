@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipelines.core.autotune import ComputeChoice
 from pipelines.core.doctor import DoctorReport
 from pipelines.core.digests import frame_digest, value_digest
 from pipelines.core.errors import ModelSourceError
@@ -147,20 +148,25 @@ def base_model_log(record: BaseModelRecord) -> StepLog:
         texts=((json.dumps(list(record.selection), indent=2), "selection.json"),))
 
 
-def training_params(spec: PipelineSpec, base: BaseModelRecord, compute: ComputeSettings) -> StepLog:
-    """What is known before training starts: the hyperparameters, the base model and the resolved spec."""
+def training_params(spec: PipelineSpec, base: BaseModelRecord, compute: ComputeSettings,
+                    choice: ComputeChoice | None = None) -> StepLog:
+    """What is known before training starts: the hyperparameters, the base model, the resolved spec and how the
+    precision and thread count were chosen."""
+    chosen = {} if choice is None else {"threads": compute.num_threads or "all", "compute_chosen_by": choice.chosen_by}
     return StepLog(
         data_version="", message=f"training {base.name} ({spec.task.type})",
         params={**{f"training.{k}": v for k, v in spec.training.model_dump().items() if k != "lora"},
                 **{f"lora.{k}": v for k, v in spec.training.lora.model_dump().items()},
                 "precision": compute.precision, "device": compute.device, "trainer": task_for(spec).trainer_name,
                 "launcher": spec.compute.launcher, "processes": spec.compute.processes,
-                "base_model": base.name, "base_model_sha256": base.weights_sha256, "spec_hash": spec.spec_hash},
+                "base_model": base.name, "base_model_sha256": base.weights_sha256, "spec_hash": spec.spec_hash,
+                **chosen},
         texts=((spec.to_yaml(), "spec.yaml"),))
 
 
-def checkpoint_log(spec: PipelineSpec, record: CheckpointRecord) -> StepLog:
-    """What the finetuned_checkpoint asset records: the weights' digest, what made them, and how training went."""
+def checkpoint_log(spec: PipelineSpec, record: CheckpointRecord, choice: ComputeChoice | None = None) -> StepLog:
+    """What the finetuned_checkpoint asset records: the weights' digest, what made them, and how training went
+    (with `choice`: the precision and thread count and the timed steps that chose them)."""
     task = task_for(spec)
     curve = Path(record.path) / LOSS_CURVE
     return StepLog(
@@ -183,6 +189,10 @@ def checkpoint_log(spec: PipelineSpec, record: CheckpointRecord) -> StepLog:
             "tokens_per_second": round(record.tokens_per_second, 1),
             "mfu": round(record.mfu, 4),  # model FLOPs/s over the machine's measured matmul peak
             "precision": record.precision,
+            **({} if choice is None else {
+                "threads": choice.settings.num_threads or "all",
+                "compute_chosen_by": choice.chosen_by,
+                "compute_timed_steps": Markdown(choice.table() + (f"\n\n{choice.note}" if choice.note else ""))}),
             "validation_by_epoch": Markdown(task.history_table(record)),
             **({"loss_curve": Markdown(_png_markdown(curve, "training and validation loss"))} if curve.is_file()
                else {}),

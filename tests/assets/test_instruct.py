@@ -69,6 +69,24 @@ def test_instruction_pipeline_end_to_end_then_export(tmp_path: Path, tiny_chat_d
     assert checkpoint.data_sha256 == rendered["sha256"]
     files = {p.relative_to(checkpoint.path).as_posix() for p in Path(checkpoint.path).rglob("*") if p.is_file()}
     assert {"adapter/adapter_model.safetensors", "manifest.json", "tokenizer/tokenizer.json"} <= files
+    trained = meta("finetuned_checkpoint")  # fp32 and 2 threads asked for: nothing left to time
+    assert trained["compute_chosen_by"] == "asked" and trained["precision"] == "fp32" and trained["threads"] == 2
+
+    # precision 'auto' times real steps of the chat model on the rendered rows the checkpoint trained on
+    from pipelines.core.autotune import precision_options, tune_training_compute
+    from pipelines.core.spec import load_spec
+    from pipelines.core.sweep.space import with_settings
+    from pipelines.core.tasks import task_for
+    from pipelines.core.training.compute import ComputeSettings
+
+    auto = with_settings(load_spec(specs / "chat.yaml"), {"precision": "auto"})
+    said: list[str] = []
+    choice = tune_training_compute(task_for(auto), auto, result.asset_value(dg.AssetKey(["chat", "rendered_dataset"])),
+                                   checkpoint.base_model, ComputeSettings("cpu", "fp32", None), progress=said.append,
+                                   threads=[2, 1])
+    assert choice.chosen_by == "timed" and len(said) == 2 * len(precision_options("cpu", "auto"))
+    assert {(t["precision"], t["threads"]) for t in choice.timings} == {
+        (p, n) for p in precision_options("cpu", "auto") for n in (2, 1)}
 
     report: EvaluationReport = result.asset_value(dg.AssetKey(["chat", "evaluation_report"]))
     base = report.baselines["base_model"]

@@ -138,6 +138,7 @@ def test_two_materializations_track_register_and_gate(
     assert {"eval_loss", "eval_accuracy", "tokens_per_second", "peak_memory_mb", "mfu"} <= set(train_run.data.metrics)
     assert 0 < train_run.data.metrics["mfu"] < 1
     assert train_run.data.params["lora.r"] == "4"
+    assert train_run.data.params["compute_chosen_by"] == "asked" and train_run.data.params["threads"] == "2"
     artifacts = {a.path for a in client.list_artifacts(train_run.info.run_id, "checkpoint")}
     assert "checkpoint/head.safetensors" in artifacts
     eval_run = by_asset["tiny/evaluation_report"]
