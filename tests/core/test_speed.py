@@ -474,9 +474,12 @@ def test_auto_precision_takes_bf16_on_a_cpu_only_where_its_products_are_faster()
     speed. 'auto' follows the measured ratio of this machine's bf16 and fp32 matmul rates."""
     from pipelines.core.hardware import BF16_MIN_SPEEDUP, cpu_bf16_speedup, cpu_supports_bf16, resolve_compute
 
-    speedup = cpu_bf16_speedup(2)
-    assert speedup > 0
-    expected = "bf16" if cpu_supports_bf16() and speedup >= BF16_MIN_SPEEDUP else "fp32"
+    if cpu_supports_bf16():
+        speedup = cpu_bf16_speedup(2)
+        assert speedup > 0
+        expected = "bf16" if speedup >= BF16_MIN_SPEEDUP else "fp32"
+    else:  # emulated bf16 products (minutes to measure) are never taken
+        expected = "fp32"
     assert resolve_compute("cpu", "auto", 2).precision == expected
     assert resolve_compute("cpu", "bf16", 2).precision == "bf16"  # asked for: kept, however slow
     assert resolve_compute("cpu", "fp32", 2).precision == "fp32"
