@@ -12,14 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
-import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from pipelines.core.files import write_bytes_atomic
-from pipelines.core.hardware import cpu_supports_bf16, usable_cores
+from pipelines.core.hardware import cpu_supports_bf16, cpuinfo_lines, usable_cores
 from pipelines.core.training.compute import ComputeSettings, ProgressFn
 
 TIMED_STEPS = 3  # timed steps per setting, after one warm-up step; the median counts
@@ -36,7 +35,6 @@ class ComputeChoice:
     timings: tuple[dict[str, Any], ...] = ()  # {"precision", "threads", "seconds_per_step"} per setting timed
     note: str = ""
     cache_file: str | None = None
-    machine: dict[str, Any] = field(default_factory=dict)
 
     def table(self) -> str:
         """The timed settings as a Markdown table, the chosen one marked."""
@@ -68,7 +66,7 @@ def machine_fingerprint(device: str) -> dict[str, Any]:
     import torch
 
     cpu, flags = "", ""
-    for line in _cpuinfo_lines():
+    for line in cpuinfo_lines():
         name, _, value = line.partition(":")
         if name.strip() == "model name" and not cpu:
             cpu = value.strip()
@@ -81,15 +79,6 @@ def machine_fingerprint(device: str) -> dict[str, Any]:
         fingerprint["gpu"] = torch.cuda.get_device_name()
         fingerprint["gpu_capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
     return fingerprint
-
-
-def _cpuinfo_lines() -> list[str]:
-    if sys.platform != "linux":
-        return []
-    try:
-        return Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return []
 
 
 def precision_options(device: str, asked: str) -> list[str]:
@@ -144,7 +133,7 @@ def choose_compute(time_step: Callable[[ComputeSettings], float], base: ComputeS
             timings = json.loads(path.read_text(encoding="utf-8"))["timings"]
             best = choose(timings)
             return ComputeChoice(replace(base, precision=best["precision"], num_threads=best["threads"]), "cached",
-                                 tuple(timings), cache_file=str(path), machine=machine)
+                                 tuple(timings), cache_file=str(path))
         except (OSError, ValueError, KeyError, TypeError):
             pass  # unreadable: timed again and rewritten
     import torch
@@ -168,7 +157,7 @@ def choose_compute(time_step: Callable[[ComputeSettings], float], base: ComputeS
         except OSError:  # a cache that cannot be written costs the next run a few steps, never the result
             path = None
     return ComputeChoice(replace(base, precision=best["precision"], num_threads=best["threads"]), "timed",
-                         tuple(timings), cache_file=str(path) if path else None, machine=machine)
+                         tuple(timings), cache_file=str(path) if path else None)
 
 
 # training settings that do not change how long a step takes: changing them keeps the cached answer

@@ -12,14 +12,19 @@ from pipelines.core.training.compute import ComputeSettings
 from pipelines.core.training.cost import matmul_rate
 
 
+def cpuinfo_lines() -> list[str]:
+    """The lines of /proc/cpuinfo (none off Linux, or where it cannot be read)."""
+    if sys.platform != "linux":
+        return []
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
+
+
 def cpu_supports_bf16() -> bool:
     """True when the CPU has native bf16 instructions (AVX512-BF16 or AMX)."""
-    if sys.platform != "linux":
-        return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    flags = "\n".join(cpuinfo_lines())
     return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
 
 

@@ -81,8 +81,8 @@ def test_a_step_that_cannot_be_timed_falls_back_to_the_estimate_and_says_why(
     choice = tune_training_compute(task_for(spec), spec, no_train, base, ComputeSettings("cpu", "fp32", None),
                                    progress=said.append, fallback=lambda: ComputeSettings("cpu", "fp32", 2))
     assert choice.chosen_by == "estimate" and choice.settings.num_threads == 2
-    assert "timing training steps failed" in choice.note and choice.note in said
-    with pytest.raises(Exception):
+    assert "timing training steps failed (IndexError" in choice.note and choice.note in said
+    with pytest.raises(IndexError):  # the tokenizer's, on an empty batch
         tune_training_compute(task_for(spec), spec, no_train, base, ComputeSettings("cpu", "fp32", None))
 
 
