@@ -15,6 +15,7 @@ import pandas as pd
 from pipelines.core.evaluation import write_report
 from pipelines.core.records import BaseModelRecord, CheckpointRecord, EvaluationReport
 from pipelines.core.selection import select_base_model
+from pipelines.core.serving import example_texts
 from pipelines.core.spec import PipelineSpec
 from pipelines.core.sweep.record import SweepRecord
 from pipelines.core.sweep.run import run_sweep
@@ -106,7 +107,8 @@ def build_pipeline_assets(spec: PipelineSpec, project_root: Path) -> list[dg.Ass
                                    scratch=storage.scratch_folder(spec.name), progress=context.log.info, sink=run,
                                    exchange=storage.run_folder("launch", spec.name, context.run_id),
                                    settings=choice.settings)
-            record = tracking.register_checkpoint(run, spec.name, record, context.run_id)
+            record = tracking.register_checkpoint(run, spec.name, record, context.run_id, task.serving,
+                                                  example_texts(data))
             return run.output(record, checkpoint_log(tuned, record, choice))
 
     @dg.asset(**common, ins=ins(data=data_asset, finetuned_checkpoint="finetuned_checkpoint"),

@@ -366,7 +366,7 @@ def _tracking(args: argparse.Namespace) -> Any:
 def _registered_checkpoint(args: argparse.Namespace, tracking: Any, version: str | None = None) -> Any:
     """The champion (or `version`) of the pipeline's registered model, downloaded and loaded as a record."""
     from pipelines.core.errors import TunelineError
-    from pipelines.core.tasks import checkpoint_from_folder
+    from pipelines.core.serving import registered_record
 
     found = tracking.model_version(args.pipeline, version) if version else tracking.champion(args.pipeline)
     if found is None:
@@ -378,7 +378,7 @@ def _registered_checkpoint(args: argparse.Namespace, tracking: Any, version: str
                 f"evaluation report says why); pass --version {registered[-1]} to use the newest anyway")
         raise TunelineError(f"the model registry at {tracking.tracking_uri()} has no model for pipeline "
                             f"{args.pipeline!r}; run `tuneline run --pipeline {args.pipeline}` first")
-    return checkpoint_from_folder(found[1], model_version=found[0])
+    return registered_record(found[1], model_version=found[0])
 
 
 def _column_fields() -> list[str]:
@@ -419,20 +419,53 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Write the model as a folder plain transformers loads (a chat model: base and adapter merged)."""
+    """Write the model in a format other tools load (a classifier: ONNX; a chat model: base and adapter merged),
+    checked against the registered model before the folder appears."""
     from pipelines.core.errors import TunelineError
     from pipelines.core.tasks import task_for
 
     try:
         record = _registered_checkpoint(args, _tracking(args), args.version)
-        out = task_for(record).export(record, Path(args.output))
+        task = task_for(record)
+        if not task.export_formats:
+            raise TunelineError(f"{args.pipeline} is a {task.name} pipeline, which has no export format")
+        fmt = args.format or task.export_formats[0]
+        if fmt not in task.export_formats:
+            raise TunelineError(f"--format {fmt} does not fit {args.pipeline}, a {task.name} pipeline: use "
+                                f"{' or '.join(task.export_formats)}")
+        out = task.export(record, Path(args.output), fmt)
     except TunelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"exported {args.pipeline} v{record.model_version} (base {record.base_model.name} + adapter, merged) "
-          f"to {out}")
-    print("load it with: AutoModelForCausalLM.from_pretrained(path); AutoTokenizer.from_pretrained(path)")
+    print(f"exported {args.pipeline} v{record.model_version} as {fmt} to {out}")
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve a registered version (default: the champion) with `mlflow models serve` on this machine's Python."""
+    from pipelines.core.errors import TunelineError
+
+    tracking = _tracking(args)
+    try:
+        number, uri = tracking.served_version(args.pipeline, args.version)
+    except TunelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    mlflow = Path(sys.executable).with_name("mlflow")
+    argv = [str(mlflow), "models", "serve", "-m", uri, "--env-manager", "local", "--host", args.host,
+            "--port", str(args.port), "--workers", str(args.workers)]
+    # The registry tuneline uses (the embedded store or $TUNELINE_TRACKING_URI; MLflow reads the same credential
+    # variables), and this environment's bin folder first: MLflow starts uvicorn by name.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri(), "MLFLOW_REGISTRY_URI": tracking.tracking_uri(),
+           "PATH": f"{mlflow.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    url = f"http://{args.host}:{args.port}"
+    print(f"serving {args.pipeline} v{number}{'' if args.version else ' (champion)'} at {url}/invocations "
+          f"(health: {url}/ping); POST {{\"inputs\": [\"...\"]}} or {{\"dataframe_records\": [{{\"text\": \"...\"}}]}}",
+          file=sys.stderr, flush=True)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.execve(argv[0], argv, env)
+    return 0  # not reached
 
 
 def cmd_lineage(args: argparse.Namespace) -> int:
@@ -612,13 +645,28 @@ def main(argv: list[str] | None = None) -> int:
     predict.add_argument("texts", nargs="+", metavar="INPUT", help="one or more inputs, as the task reads them (a "
                                                                   "text to classify, an instruction to answer)")
     predict.set_defaults(func=cmd_predict)
-    export = sub.add_parser("export", help="merge a chat model's adapter into its base model and save it as "
-                                            "safetensors with its tokenizer and chat template")
+    export = sub.add_parser("export", help="write the champion (or --version) as a folder other tools load, checked "
+                                            "against the registered model: ONNX for a classifier, a merged "
+                                            "transformers folder for a chat model")
     export.add_argument("--pipeline", required=True)
     export.add_argument("--output", required=True, help="new folder to write (must not exist)")
     export.add_argument("--version", help="registry version to export (default: the champion)")
+    export.add_argument("--format", help="onnx (classifiers), merged (chat models: base and adapter in one "
+                                         "transformers folder), sentence-transformers (embedding models); default: "
+                                         "the first of these the pipeline's task has")
     export.add_argument("--data-dir", help="folder of generated data holding the embedded MLflow store")
     export.set_defaults(func=cmd_export)
+    serve = sub.add_parser("serve", help="serve the pipeline's champion (or --version) over HTTP with `mlflow models "
+                                          "serve`: POST /invocations, GET /ping")
+    serve.add_argument("--pipeline", required=True)
+    serve.add_argument("--version", help="registry version to serve (default: the champion)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=5001, help="port to listen on (default: 5001; the MLflow UI "
+                                                                 "takes 5000)")
+    serve.add_argument("--workers", type=_positive_int, default=1, help="server processes, each with its own copy "
+                                                                        "of the model (default: 1)")
+    serve.add_argument("--data-dir", help="folder of generated data holding the embedded MLflow store")
+    serve.set_defaults(func=cmd_serve)
     lineage = sub.add_parser("lineage", help="the chain from a model version back to its raw files, or the model "
                                               "versions a data file went into (--data)")
     lineage.add_argument("--pipeline", help="the pipeline (required without --data)")

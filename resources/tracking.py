@@ -19,7 +19,7 @@ import time
 import urllib.error
 import urllib.request
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -31,13 +31,15 @@ from pipelines.core.errors import StepInterrupted, TunelineError
 from pipelines.core.files import process_alive
 from pipelines.core.records import CheckpointRecord, EvaluationReport, FilePath, Markdown, StepLog
 from pipelines.core.steps import registry_tags
-from pipelines.core.tasks import checkpoint_from_folder
+from pipelines.core.serving import registered_record
+from pipelines.core.tasks.base import ServingSchema
 
 URI_ENV_VAR = "TUNELINE_TRACKING_URI"
 # A team server's credentials (MLflow's basic-auth app): the MLflow client reads these variables itself; tuneline
 # checks them once per client and never writes them anywhere.
 USER_ENV_VAR, PASSWORD_ENV_VAR = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
 CHAMPION = "champion"
+MODEL_ARTIFACT = "model"  # the run artifact folder a registered version is (an MLflow Model)
 
 
 class TrackingError(TunelineError):
@@ -480,6 +482,36 @@ class TrackingResource(dg.ConfigurableResource):
                                                        tracking_uri=self.tracking_uri())
         return str(version.version), Path(local)
 
+    def served_version(self, pipeline: str, number: str | None) -> tuple[str, str]:
+        """The version `mlflow models serve` should load (`number`, else the champion) and its models:/ URI; a
+        TrackingError that says what to do when there is none, or when it is a plain checkpoint folder registered
+        before versions were MLflow Models (`tuneline predict` still answers with those)."""
+        client = self.client()
+        version = None
+        if number is None:
+            version = self._champion_version(client, pipeline)
+            if version is None:
+                registered = [v["version"] for v in self.registered_versions(pipeline)]
+                raise TrackingError(
+                    f"pipeline {pipeline!r} has no {CHAMPION} in the model registry at {self.tracking_uri()}"
+                    + (f" (registered: {', '.join(registered)}; pass --version {registered[-1]} to serve the newest "
+                       "anyway)" if registered else f"; run `tuneline run --pipeline {pipeline}` first"))
+        else:
+            try:
+                version = client.get_model_version(pipeline, str(number))
+            except Exception as exc:
+                if self._is_missing(exc):
+                    raise TrackingError(f"the model registry at {self.tracking_uri()} has no version {number} of "
+                                        f"{pipeline!r}") from None
+                raise TrackingError(f"the model registry at {self.tracking_uri()} cannot be asked for version "
+                                    f"{number} of {pipeline!r}: {exc}") from exc
+        if not str(version.source).rstrip("/").endswith("/" + MODEL_ARTIFACT):
+            raise TrackingError(f"v{version.version} of {pipeline!r} was registered as a plain checkpoint folder, "
+                                "before registered versions were MLflow Models: `tuneline predict --version "
+                                f"{version.version}` answers with it; materialize the pipeline again to register a "
+                                "version MLflow can serve")
+        return str(version.version), f"models:/{pipeline}/{version.version}"
+
     def registered_versions(self, pipeline: str) -> list[dict[str, Any]]:
         """Every registered version of the pipeline's model as recorded: number, aliases, MLflow run, tags."""
         client = self.client()
@@ -505,17 +537,22 @@ class TrackingResource(dg.ConfigurableResource):
         client.set_model_version_tag(pipeline, version, "tuneline.promotion", reason)
 
     # ------------------------------------------------------------------------- the pipeline's registry steps
-    def register_checkpoint(self, run: AssetRun, pipeline: str, record: CheckpointRecord,
-                            dagster_run_id: str) -> CheckpointRecord:
-        """Register the checkpoint logged as the run's `checkpoint` artifacts; the record gains its version."""
-        run.log_artifact(record.path, "checkpoint")
-        version = self.register(run, pipeline, "checkpoint", registry_tags(record, dagster_run_id))
+    def register_checkpoint(self, run: AssetRun, pipeline: str, record: CheckpointRecord, dagster_run_id: str,
+                            serving: ServingSchema, examples: Sequence[str]) -> CheckpointRecord:
+        """Register the checkpoint as an MLflow Model (the run's `model` artifacts: the checkpoint, a copy of its base
+        model and the code that answers with it, resources/mlflow_model.py); the record gains its version."""
+        from resources.mlflow_model import save_mlflow_model
+
+        with tempfile.TemporaryDirectory(prefix="tuneline-model-") as scratch:
+            run.log_artifact(save_mlflow_model(record, serving, examples, Path(scratch) / MODEL_ARTIFACT),
+                             MODEL_ARTIFACT)
+        version = self.register(run, pipeline, MODEL_ARTIFACT, registry_tags(record, dagster_run_id))
         return dataclasses.replace(record, model_version=version)
 
     def champion_checkpoint(self, pipeline: str) -> CheckpointRecord | None:
         """The champion's checkpoint, downloaded and verified, or None when the pipeline has none yet."""
         found = self.champion(pipeline)
-        return checkpoint_from_folder(found[1], model_version=found[0]) if found else None
+        return registered_record(found[1], model_version=found[0]) if found else None
 
     @contextmanager
     def promotion_lock(self, pipeline: str) -> Iterator[None]:

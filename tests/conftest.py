@@ -68,6 +68,11 @@ def trec_lines() -> list[str]:
 @pytest.fixture
 def trec_slice_csv(tmp_path: Path, trec_lines: list[str]) -> Path:
     """About 400 distinct TREC questions with their coarse labels, as a CSV file."""
+    return write_trec_slice(tmp_path, trec_lines)
+
+
+def write_trec_slice(tmp_path: Path, trec_lines: list[str]) -> Path:
+    """About 400 distinct TREC questions with their coarse labels, as <tmp_path>/raw/questions.csv."""
     import pandas as pd
 
     seen: dict[str, str] = {}

@@ -139,8 +139,10 @@ def test_two_materializations_track_register_and_gate(
     assert 0 < train_run.data.metrics["mfu"] < 1
     assert train_run.data.params["lora.r"] == "4"
     assert train_run.data.params["compute_chosen_by"] == "asked" and train_run.data.params["threads"] == "2"
-    artifacts = {a.path for a in client.list_artifacts(train_run.info.run_id, "checkpoint")}
-    assert "checkpoint/head.safetensors" in artifacts
+    # The registered version is an MLflow Model: the checkpoint and a copy of its base model are its artifacts.
+    artifacts = {a.path for a in client.list_artifacts(train_run.info.run_id, "model/artifacts/checkpoint")}
+    assert "model/artifacts/checkpoint/head.safetensors" in artifacts
+    assert client.get_model_version("tiny", "2").source.endswith("/model")
     eval_run = by_asset["tiny/evaluation_report"]
     assert eval_run.data.metrics["accuracy"] == pytest.approx(report2.metrics["accuracy"])
     assert {a.path for a in client.list_artifacts(eval_run.info.run_id, "report")} == {

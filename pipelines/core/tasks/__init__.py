@@ -99,13 +99,15 @@ def starter_named(name: str) -> Starter:
     return _STARTERS[name]
 
 
-def checkpoint_from_folder(path: Path, model_version: str | None = None) -> CheckpointRecord:
-    """The record of a checkpoint folder (e.g. downloaded from the model registry), of any task."""
+def checkpoint_from_folder(path: Path, model_version: str | None = None,
+                           base_path: Path | None = None) -> CheckpointRecord:
+    """The record of a checkpoint folder (e.g. downloaded from the model registry), of any task; `base_path`: a
+    copy of its base model to read instead of the folder it was trained from."""
     from pipelines.core.training.checkpoints import record_from_folder
 
     legacy = {task.legacy_metadata_file: (task.name, task.weight_files)
               for task in map(task_named, _DECLARATIONS) if task.legacy_metadata_file}
-    return record_from_folder(path, model_version, legacy)
+    return record_from_folder(path, model_version, legacy, base_path)
 
 
 for _builtin in (_CLASSIFICATION, _INSTRUCTION, _EMBEDDING):

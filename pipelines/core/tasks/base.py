@@ -10,7 +10,7 @@ export. The asset graph, the CLI and selection call these methods and never comp
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -99,6 +99,22 @@ class ProbeResult:
     replicates: Any = None  # numpy array of scores, one per resample, or None
 
 
+@dataclass(frozen=True)
+class ServingSchema:
+    """What a served model of the task answers: every task reads rows with a `text` column (a classifier's text, a
+    chat model's instruction, a retrieval query); `outputs` are predict()'s columns with their MLflow types, in
+    order, and `prediction` / `score` name the answer and the number that scores it (None: the task has none),
+    which batch scoring writes beside each row."""
+
+    outputs: tuple[tuple[str, str], ...]
+    prediction: str
+    score: str | None
+    rows_per_input: str = "one"  # one | top_k (a retrieval model answers each query with its top k documents)
+
+
+Predictor = Callable[[list[str], int], list[dict[str, Any]]]  # (texts, max_new_tokens) -> predict()'s rows
+
+
 class Task(Protocol):
     """One task type (text classification, instruction tuning, ...). Implementations are stateless."""
 
@@ -118,6 +134,7 @@ class Task(Protocol):
     trainer_name: str  # what trains it, for the records
     example_columns: tuple[str, ...]  # columns a failed check's example rows show, in order
     metric_names: tuple[str, ...]  # the report's metrics, in the order the run summary prints them
+    serving: ServingSchema  # what predict() answers, as a served model and as scored rows
 
     def check_evaluation(self, evaluation: EvaluationConfig) -> None:
         """Raise ValueError, naming the field, when the evaluation section does not fit the task."""
@@ -201,17 +218,23 @@ class Task(Protocol):
         """Test metrics of the checkpoint, its baselines and the champion, with the promotion decision."""
         ...
 
+    def predictor(self, record: CheckpointRecord, compute: ComputeSettings) -> Predictor:
+        """The checkpoint loaded once, as a function from texts to predict()'s rows (what a server keeps)."""
+        ...
+
     def predict(self, record: CheckpointRecord, texts: list[str], compute: ComputeSettings,
                 max_new_tokens: int) -> list[dict[str, Any]]:
-        """One row per input text: the model's answer (label and probability, or a response)."""
+        """The model's answers to the texts (label and probability, a response, top documents): serving.outputs."""
         ...
 
     def prediction_line(self, row: Mapping[str, Any]) -> str:
         """One row of predict() as a line of text for the terminal."""
         ...
 
-    def export(self, record: CheckpointRecord, out_dir: Path) -> Path:
-        """A self-contained model folder that plain transformers loads."""
+    export_formats: tuple[str, ...]  # what `tuneline export --format` may ask for (the first is the default)
+
+    def export(self, record: CheckpointRecord, out_dir: Path, fmt: str) -> Path:
+        """A self-contained model folder in format `fmt` (one of export_formats), checked before it appears."""
         ...
 
 
@@ -244,6 +267,10 @@ class TaskBase:
 
     def doctor_settings(self, spec: SpecView) -> Any:
         return None
+
+    def predict(self, record: CheckpointRecord, texts: list[str], compute: ComputeSettings,
+                max_new_tokens: int) -> list[dict[str, Any]]:
+        return self.predictor(record, compute)(texts, max_new_tokens)  # type: ignore[attr-defined]
 
     def prediction_line(self, row: Mapping[str, Any]) -> str:
         return "\t".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.values())

@@ -87,10 +87,13 @@ def _task_data(meta: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def record_from_folder(path: Path, model_version: str | None = None,
-                       legacy: Mapping[str, tuple[str, tuple[str, ...]]] | None = None) -> CheckpointRecord:
-    """The record of a checkpoint folder copied from elsewhere (e.g. downloaded from the model registry)."""
+                       legacy: Mapping[str, tuple[str, tuple[str, ...]]] | None = None,
+                       base_path: Path | None = None) -> CheckpointRecord:
+    """The record of a checkpoint folder copied from elsewhere (e.g. downloaded from the model registry); with
+    `base_path`, its base model is read from that folder (a registered bundle's copy) instead of where it was."""
     meta = read_manifest(path, legacy)
-    base = BaseModelRecord.from_dict(meta["base_model"])
+    base = BaseModelRecord.from_dict({**meta["base_model"],
+                                      **({"local_path": str(base_path)} if base_path else {})})
     if not Path(base.local_path).is_dir():
         raise CheckpointError(f"checkpoint {path} needs its base model {base.name} at {base.local_path}, which is "
                               "not on this machine (materialize the pipeline's base_model asset first)")

@@ -23,7 +23,7 @@ from pipelines.core.quality import ERROR, QualityReport, QualitySuite, check_def
 from pipelines.core.records import BaseModelRecord, CheckpointRecord, EvaluationReport, Markdown, StepLog
 from pipelines.core.sections import SpecView
 from pipelines.core.splitting import sample_split
-from pipelines.core.tasks.base import PreparedData, ProbeResult, TaskBase
+from pipelines.core.tasks.base import PreparedData, Predictor, ProbeResult, ServingSchema, TaskBase
 from pipelines.core.training.checkpoints import checkpoint_manifest, save_checkpoint, verified_folder
 from pipelines.core.training.compute import ComputeSettings, MetricsSink, ProgressFn
 from tests.tasks.regression import NAME
@@ -94,6 +94,8 @@ class RegressionTask(TaskBase):
     predicts_tokens = False
     example_columns = EXAMPLE_COLUMNS
     metric_names = ("r2", "rmse", "mae")
+    serving = ServingSchema(outputs=(("text", "string"), ("value", "double")), prediction="value", score=None)
+    export_formats = ()  # nothing to export: a ridge head on frozen embeddings
     sweep_metrics = {"r2": "maximize"}
 
     def clean(self, raw: pd.DataFrame, spec: SpecView) -> tuple[pd.DataFrame, StepLog]:
@@ -216,13 +218,15 @@ class RegressionTask(TaskBase):
                             primary=spec.evaluation.primary_metric,
                             min_improvement=spec.promotion.min_improvement, out_dir=out_dir)
 
-    def predict(self, record: CheckpointRecord, texts: list[str], compute: ComputeSettings,
-                max_new_tokens: int) -> list[dict[str, Any]]:
-        values = self._predict(record, texts, 128)
-        return [{"text": t, "value": round(float(v), 4)} for t, v in zip(texts, values, strict=True)]
+    def predictor(self, record: CheckpointRecord, compute: ComputeSettings) -> Predictor:
+        def answer(texts: list[str], max_new_tokens: int) -> list[dict[str, Any]]:
+            values = self._predict(record, texts, 128)
+            return [{"text": t, "value": round(float(v), 4)} for t, v in zip(texts, values, strict=True)]
+
+        return answer
 
     def prediction_line(self, row: Mapping[str, Any]) -> str:
         return f"{row['value']:.4f}\t{row['text']}"
 
-    def export(self, record: CheckpointRecord, out_dir: Path) -> Path:
+    def export(self, record: CheckpointRecord, out_dir: Path, fmt: str) -> Path:
         raise CheckpointError(f"{NAME} checkpoints are a ridge head on frozen embeddings; nothing to merge")

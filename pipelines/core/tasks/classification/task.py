@@ -13,11 +13,10 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from pipelines.core.cleaning import cleaning_log
-from pipelines.core.errors import CheckpointError
 from pipelines.core.markdown import markdown_table
 from pipelines.core.quality import QualityReport, QualitySuite, validate_splits
 from pipelines.core.records import BaseModelRecord, CheckpointRecord, EvaluationReport, Markdown, StepLog
-from pipelines.core.tasks.base import PreparedData, ProbeResult, TaskBase
+from pipelines.core.tasks.base import PreparedData, Predictor, ProbeResult, ServingSchema, TaskBase
 from pipelines.core.tasks.classification import NAME, WEIGHT_FILES
 from pipelines.core.tasks.classification.config import ClassificationTaskConfig, DoctorConfig
 from pipelines.core.tasks.classification.data import (CLEANED_CHECKS, DESCRIPTIONS, EXAMPLE_COLUMNS, SPLITS_CHECKS,
@@ -53,6 +52,9 @@ class ClassificationTask(TaskBase):
     trainer_name = "transformers.Trainer"
     example_columns = EXAMPLE_COLUMNS
     metric_names = ("accuracy", "macro_precision", "macro_recall", "macro_f1", "weighted_f1")
+    serving = ServingSchema(outputs=(("label", "string"), ("probability", "double"), ("text", "string")),
+                            prediction="label", score="probability")
+    export_formats = ("onnx",)
     prompts_another_model = True  # an instruction-tuned model picks among the label names
     sweep_metrics = {"macro_f1": "maximize", "accuracy": "maximize", "weighted_f1": "maximize"}
 
@@ -146,19 +148,25 @@ class ClassificationTask(TaskBase):
 
         return evaluate_classifier(data, checkpoint, spec, out_dir, compute, champion, progress, prompt_model)
 
-    def predict(self, record: CheckpointRecord, texts: list[str], compute: ComputeSettings,
-                max_new_tokens: int) -> list[dict[str, Any]]:
+    def predictor(self, record: CheckpointRecord, compute: ComputeSettings) -> Predictor:
+        from pipelines.core.tasks.classification.export import max_length
         from pipelines.core.tasks.classification.train import load_classifier, predict_proba
 
         model, tokenizer = load_classifier(record)
-        probs = predict_proba(model, tokenizer, texts, 512, compute)
         labels = record.task_data["labels"]
-        return [{"label": labels[int(row.argmax())], "probability": round(float(row.max()), 4), "text": text}
-                for text, row in zip(texts, probs, strict=True)]
+
+        def answer(texts: list[str], max_new_tokens: int) -> list[dict[str, Any]]:
+            probs = predict_proba(model, tokenizer, texts, max_length(record), compute)
+            return [{"label": labels[int(row.argmax())], "probability": round(float(row.max()), 4), "text": text}
+                    for text, row in zip(texts, probs, strict=True)]
+
+        return answer
 
     def prediction_line(self, row: Mapping[str, Any]) -> str:
         return f"{row['label']}\t{row['probability']:.4f}\t{row['text']}"
 
-    def export(self, record: CheckpointRecord, out_dir: Path) -> Path:
-        raise CheckpointError(f"v{record.model_version} is a {NAME} model (a LoRA adapter with a classifier head); "
-                              "`tuneline export` merges the adapters of instruction-tuned chat models")
+    def export(self, record: CheckpointRecord, out_dir: Path, fmt: str) -> Path:
+        """ONNX (adapters merged, softmax included), checked against the checkpoint's predictions."""
+        from pipelines.core.tasks.classification.export import export_onnx
+
+        return export_onnx(record, out_dir)

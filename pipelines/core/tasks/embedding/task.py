@@ -18,7 +18,7 @@ from pipelines.core.errors import CheckpointError
 from pipelines.core.markdown import markdown_table
 from pipelines.core.quality import QualityReport, QualitySuite
 from pipelines.core.records import BaseModelRecord, CheckpointRecord, EvaluationReport, Markdown, StepLog
-from pipelines.core.tasks.base import PreparedData, ProbeResult, TaskBase
+from pipelines.core.tasks.base import PreparedData, Predictor, ProbeResult, ServingSchema, TaskBase
 from pipelines.core.tasks.embedding import NAME, WEIGHT_FILES
 from pipelines.core.tasks.embedding.config import EmbeddingTaskConfig
 from pipelines.core.tasks.embedding.retrieval import METRICS
@@ -70,6 +70,10 @@ class EmbeddingTask(TaskBase):
     trainer_name = "sentence_transformers.SentenceTransformerTrainer"
     example_columns = EXAMPLE_COLUMNS
     metric_names = METRICS
+    serving = ServingSchema(outputs=(("query", "string"), ("rank", "long"), ("score", "double"),
+                                     ("document_id", "string"), ("document", "string")),
+                            prediction="document_id", score="score", rows_per_input="top_k")
+    export_formats = ("sentence-transformers",)
 
     def side_sources(self, spec: SpecView) -> Mapping[str, LocalSourceConfig]:
         task: EmbeddingTaskConfig = spec.task
@@ -164,23 +168,28 @@ class EmbeddingTask(TaskBase):
 
         return evaluate_retrieval(data, checkpoint, spec, out_dir, compute, champion, progress)
 
-    def predict(self, record: CheckpointRecord, texts: list[str], compute: ComputeSettings,
-                max_new_tokens: int) -> list[dict[str, Any]]:
+    def predictor(self, record: CheckpointRecord, compute: ComputeSettings) -> Predictor:
         """The top task.top_k documents of the pipeline's corpus for each query, with their cosine similarity."""
         from pipelines.core.tasks.embedding.retrieval import rank_by_model
         from pipelines.core.tasks.embedding.train import load_finetuned
 
         corpus = _corpus_of(record)
         model = load_finetuned(record, compute)
-        hits = rank_by_model(model, texts, corpus["text"].tolist(), 64, k=int(record.task_data.get("top_k", 10)))
-        return [{"query": query, "rank": rank + 1, "score": round(float(hit["score"]), 4),
-                 "document_id": corpus["id"].iat[hit["corpus_id"]], "document": corpus["text"].iat[hit["corpus_id"]]}
-                for query, row in zip(texts, hits, strict=True) for rank, hit in enumerate(row)]
+        documents, k = corpus["text"].tolist(), int(record.task_data.get("top_k", 10))
+
+        def answer(texts: list[str], max_new_tokens: int) -> list[dict[str, Any]]:
+            hits = rank_by_model(model, texts, documents, 64, k=k)
+            return [{"query": query, "rank": rank + 1, "score": round(float(hit["score"]), 4),
+                     "document_id": corpus["id"].iat[hit["corpus_id"]],
+                     "document": corpus["text"].iat[hit["corpus_id"]]}
+                    for query, row in zip(texts, hits, strict=True) for rank, hit in enumerate(row)]
+
+        return answer
 
     def prediction_line(self, row: Mapping[str, Any]) -> str:
         return f"{row['query']}\t{row['rank']}\t{row['score']:.4f}\t{row['document']}"
 
-    def export(self, record: CheckpointRecord, out_dir: Path) -> Path:
+    def export(self, record: CheckpointRecord, out_dir: Path, fmt: str) -> Path:
         """The checkpoint's sentence-transformers folder, copied whole (`SentenceTransformer(path)` loads it)."""
         from pipelines.core.files import atomic_path
         from pipelines.core.training.checkpoints import verified_folder

@@ -17,7 +17,7 @@ from pipelines.core.cleaning import cleaning_log
 from pipelines.core.markdown import markdown_table
 from pipelines.core.quality import QualityReport, QualitySuite, validate_splits
 from pipelines.core.records import BaseModelRecord, CheckpointRecord, EvaluationReport, Markdown, StepLog
-from pipelines.core.tasks.base import PreparedData, ProbeResult, TaskBase
+from pipelines.core.tasks.base import PreparedData, Predictor, ProbeResult, ServingSchema, TaskBase
 from pipelines.core.tasks.instruction import NAME, WEIGHT_FILES
 from pipelines.core.tasks.instruction.config import InstructionTuningTaskConfig
 from pipelines.core.tasks.instruction.data import (CLEANED_CHECKS, DESCRIPTIONS, EXAMPLE_COLUMNS, GENERATION_METRICS,
@@ -60,6 +60,9 @@ class InstructionTuningTask(TaskBase):
     legacy_metadata_file = "causal_lm.json"  # what checkpoints of earlier releases hold instead of a manifest
     example_columns = EXAMPLE_COLUMNS
     metric_names = REPORT_METRICS
+    serving = ServingSchema(outputs=(("instruction", "string"), ("response", "string")), prediction="response",
+                            score=None)
+    export_formats = ("merged",)  # base and adapter merged into one transformers folder
 
     def clean(self, raw: pd.DataFrame, spec: SpecView) -> tuple[pd.DataFrame, StepLog]:
         from pipelines.core.tasks.instruction.chat import clean_conversations
@@ -153,23 +156,26 @@ class InstructionTuningTask(TaskBase):
 
         return evaluate_generation(data, checkpoint, spec, out_dir, compute, champion, progress, prompt_model)
 
-    def predict(self, record: CheckpointRecord, texts: list[str], compute: ComputeSettings,
-                max_new_tokens: int) -> list[dict[str, Any]]:
+    def predictor(self, record: CheckpointRecord, compute: ComputeSettings) -> Predictor:
         """Greedy answers, each instruction rendered with the model's chat template."""
         from pipelines.core.tasks.instruction.chat import render_prompt
         from pipelines.core.tasks.instruction.evaluate import generate
         from pipelines.core.tasks.instruction.train import load_finetuned_lm
 
         model, tokenizer = load_finetuned_lm(record)
-        prompts = [render_prompt(tokenizer, [{"role": "user", "content": t}, {"role": "assistant", "content": ""}])
-                   for t in texts]
-        answers = generate(model, tokenizer, prompts, max_new_tokens, 8, compute)
-        return [{"instruction": t, "response": a} for t, a in zip(texts, answers, strict=True)]
+
+        def answer(texts: list[str], max_new_tokens: int) -> list[dict[str, Any]]:
+            prompts = [render_prompt(tokenizer, [{"role": "user", "content": t}, {"role": "assistant", "content": ""}])
+                       for t in texts]
+            answers = generate(model, tokenizer, prompts, max_new_tokens, 8, compute)
+            return [{"instruction": t, "response": a} for t, a in zip(texts, answers, strict=True)]
+
+        return answer
 
     def prediction_line(self, row: Mapping[str, Any]) -> str:
         return f"{row['instruction']}\t{row['response']}"
 
-    def export(self, record: CheckpointRecord, out_dir: Path) -> Path:
+    def export(self, record: CheckpointRecord, out_dir: Path, fmt: str) -> Path:
         from pipelines.core.tasks.instruction.train import export_merged
 
         return export_merged(record, out_dir)
