@@ -9,6 +9,7 @@ texts, and renamed only when every label matches and every probability is within
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,10 @@ def export_onnx(record: CheckpointRecord, out_dir: Path) -> Path:
     labels = list(record.task_data["labels"])
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
-        with torch.no_grad():
+        # The TorchScript exporter: it needs no onnxscript and handles the encoder's dynamic batch and length
+        # axes as they are; torch 2.13 still ships it (with a deprecation warning, silenced here).
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
             torch.onnx.export(_Probabilities(model, names), tuple(sample[n] for n in names), str(tmp / "model.onnx"),
                               input_names=names, output_names=["probabilities"], opset_version=ONNX_OPSET,
                               dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in names},
