@@ -473,7 +473,8 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     ensure_dagster_home()
     from pipelines.core.digests import sha256_file
     from pipelines.definitions import SPECS_DIR, build_definitions
-    from pipelines.lineage import LineageError, data_chains, format_lineage, version_lineage
+    from pipelines.lineage import LineageError, data_chains, format_lineage, format_scorings, scorings, \
+        version_lineage
 
     tracking = _tracking(args)
     tasks = data_chains(build_definitions(specs_dir=Path(args.specs_dir) if args.specs_dir else SPECS_DIR))
@@ -487,7 +488,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
             print(f"error: --data {path}: no such file", file=sys.stderr)
             return 2
         sha = sha256_file(path)
-        matches = []
+        matches, scored_by = [], []
         for pipeline in [args.pipeline] if args.pipeline else sorted(tasks):
             for version in tracking.registered_versions(pipeline):
                 try:
@@ -499,16 +500,28 @@ def cmd_lineage(args: argparse.Namespace) -> int:
                 if files:
                     matches.append({"pipeline": pipeline, "version": item["version"], "aliases": item["aliases"],
                                     "dagster_run_id": item["dagster_run_id"], "recorded_as": files[0]["file"]})
+            for scoring in scorings(instance, pipeline):  # the other direction: which versions scored this file
+                for f in scoring["files"]:
+                    if f["sha256"] == sha:
+                        scored_by.append({"pipeline": pipeline, "version": scoring["model_version"],
+                                          "dagster_run_id": scoring["dagster_run_id"], "recorded_as": f["file"],
+                                          "output": f["output"], "rows": f["rows"], "scored": f["scored"]})
         if args.json:
-            print(json.dumps({"file": str(path), "sha256": sha, "model_versions": matches}))
-        elif matches:
+            print(json.dumps({"file": str(path), "sha256": sha, "model_versions": matches, "scored_by": scored_by}))
+            return 0
+        if matches:
             print(f"{path} (sha256 {sha}) went into:")
             for m in matches:
                 aliases = f" @{', @'.join(m['aliases'])}" if m["aliases"] else ""
                 print(f"  {m['pipeline']} v{m['version']}{aliases}  (recorded as {m['recorded_as']}, Dagster run "
                       f"{m['dagster_run_id']})")
-        else:
-            print(f"{path} (sha256 {sha}) is in the raw data of no registered model version")
+        if scored_by:
+            print(f"{path} (sha256 {sha}) was scored by:")
+            for m in scored_by:
+                print(f"  {m['pipeline']} v{m['version']}: {m['scored']} of {m['rows']} rows -> {m['output']}  "
+                      f"(recorded as {m['recorded_as']}, Dagster run {m['dagster_run_id']})")
+        if not matches and not scored_by:
+            print(f"{path} (sha256 {sha}) is in the raw data of no registered model version and was never scored")
         return 0
     if not args.pipeline:
         print("error: give --pipeline NAME (with --version N) or --data PATH", file=sys.stderr)
@@ -532,7 +545,14 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     except LineageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(item) if args.json else format_lineage(item))
+    scored = [x for x in scorings(instance, args.pipeline) if x["model_version"] == version["version"]]
+    if args.json:
+        print(json.dumps({**item, "scored": scored}))
+    else:
+        print(format_lineage(item))
+        if scored:
+            print(f"scored with v{version['version']}:")
+            print("\n".join(format_scorings(scored)))
     return 0
 
 

@@ -9,10 +9,11 @@ import dagster as dg
 from assets.broken import broken_spec_asset
 from assets.checks import build_quality_checks
 from assets.pipeline import build_pipeline_assets
+from assets.scoring import build_scoring_assets, scoring_checks, scoring_job
 from pipelines.core.spec import read_specs
 from pipelines.jobs import pipeline_job
 from pipelines.schedules import pipeline_schedule
-from pipelines.sensors import pipeline_sensor
+from pipelines.sensors import pipeline_sensor, scoring_sensor
 from resources.compute import ComputeResource
 from resources.models import ModelStoreResource
 from resources.storage import PipelineIOManager, StorageResource
@@ -52,11 +53,12 @@ def build_definitions(specs_dir: Path = SPECS_DIR, project_root: Path = PROJECT_
     schedules = [s for s in (pipeline_schedule(spec, project_root, code_versions[spec.name]) for spec in specs)
                  if s is not None]
     sensors = [s for s in (pipeline_sensor(spec, project_root, code_versions[spec.name]) for spec in specs)
-               if s is not None]
+               if s is not None] + [s for s in (scoring_sensor(spec, project_root) for spec in specs) if s is not None]
     return dg.Definitions(
-        assets=[a for spec in specs for a in assets[spec.name]] + [broken_spec_asset(e) for e in found.broken],
-        asset_checks=[c for spec in specs for c in build_quality_checks(spec)],
-        jobs=[pipeline_job(spec) for spec in specs],
+        assets=[a for spec in specs for a in assets[spec.name] + build_scoring_assets(spec, project_root)]
+        + [broken_spec_asset(e) for e in found.broken],
+        asset_checks=[c for spec in specs for c in build_quality_checks(spec) + scoring_checks(spec)],
+        jobs=[pipeline_job(spec) for spec in specs] + [j for j in map(scoring_job, specs) if j is not None],
         schedules=schedules,
         sensors=sensors,
         resources=resources if resources is not None else resources_for(data_dir, project_root=project_root),

@@ -11,6 +11,7 @@ from assets.pipeline import BASE_MODEL
 from pipelines.core.records import model_origin
 
 CHECKPOINT = "finetuned_checkpoint"
+SCORED = "scored_data"
 
 
 def data_chains(defs: dg.Definitions) -> dict[str, tuple[tuple[str, str], ...]]:
@@ -138,3 +139,21 @@ def format_lineage(item: dict[str, Any]) -> str:
     for f in item["raw_files"]:
         lines.append(indent + f"  {f['file']}  sha256 {f['sha256']}  {f['size']} bytes")
     return "\n".join(lines)
+
+
+def scorings(instance: dg.DagsterInstance, pipeline: str) -> list[dict[str, Any]]:
+    """Every recorded scored_data materialization of the pipeline, newest first: the model version that scored, the
+    Dagster run, and each file it scored (path, sha256, rows, output)."""
+    records = instance.fetch_materializations(dg.AssetKey([pipeline, SCORED]), limit=1000).records
+    found = []
+    for record in records:
+        meta = _meta(record)
+        found.append({"pipeline": pipeline, "model_version": meta.get("model_version"), "dagster_run_id": record.run_id,
+                      "event_storage_id": record.storage_id, "files": list(meta.get("scored_files") or [])})
+    return found
+
+
+def format_scorings(items: list[dict[str, Any]]) -> list[str]:
+    """One line per scored file: which version scored it, in which run, and where the scored rows are."""
+    return [f"  {f['file']} (sha256 {f['sha256'][:16]}..., {f['rows']} rows, {f['scored']} scored) -> {f['output']}  "
+            f"(Dagster run {item['dagster_run_id'][:8]})" for item in items for f in item["files"]]

@@ -9,10 +9,12 @@ from pathlib import Path
 import dagster as dg
 
 from pipelines.core.errors import SourceError
+from pipelines.core.scoring import sensor_fingerprint
 from pipelines.core.sources import fingerprint_sources
 from pipelines.core.tasks import task_for
 from pipelines.core.spec import PipelineSpec
 from pipelines.jobs import job_name
+from resources.tracking import TrackingResource
 
 SOURCE_TAG = "tuneline/source_sha256"
 
@@ -67,3 +69,31 @@ def pipeline_sensor(spec: PipelineSpec, project_root: Path,
                                cursor=fingerprint)
 
     return new_data
+
+
+def scoring_sensor(spec: PipelineSpec, project_root: Path) -> dg.SensorDefinition | None:
+    """Requests a scoring run when the files of scoring.incoming change or the champion moves to another version;
+    the run key is a digest of both."""
+    if spec.scoring is None or not spec.scoring.watch:
+        return None
+    cfg = spec.scoring
+
+    @dg.sensor(name=f"{spec.name}_scoring", job_name=f"{spec.name}_scoring_job", minimum_interval_seconds=30,
+               default_status=dg.DefaultSensorStatus.RUNNING,
+               description=f"Score the new files of {cfg.incoming} (and all of them again when the champion moves).")
+    def new_files_to_score(context: dg.SensorEvaluationContext,
+                           tracking: TrackingResource) -> dg.SensorResult | dg.SkipReason:
+        champion = tracking.champion_version(spec.name)
+        if champion is None:
+            return dg.SkipReason(f"{spec.name}: no champion in the model registry yet")
+        fingerprint = sensor_fingerprint(cfg, project_root, champion)
+        if fingerprint is None:
+            return dg.SkipReason(f"{spec.name}: no files to score in {cfg.incoming}")
+        if context.cursor == fingerprint:
+            return dg.SkipReason(f"{spec.name}: the files in {cfg.incoming} and the champion (v{champion}) are "
+                                 "unchanged since the last scoring run")
+        return dg.SensorResult(run_requests=[dg.RunRequest(run_key=fingerprint,
+                                                           tags={"tuneline/champion_version": champion})],
+                               cursor=fingerprint)
+
+    return new_files_to_score

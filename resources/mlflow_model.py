@@ -9,6 +9,7 @@ This module imports only mlflow and pipelines.core (no Dagster), so a serving pr
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -76,12 +77,20 @@ def save_mlflow_model(record: CheckpointRecord, serving: ServingSchema, examples
         # MLflow names an artifact's folder after its source's: both are staged under the names the loader reads.
         base = copy_base_model(record, Path(scratch) / BASE_MODEL)
         checkpoint = shutil.copytree(record.path, Path(scratch) / CHECKPOINT)
-        mlflow.pyfunc.save_model(
-            path=str(path), python_model=TunelineModel(),
-            artifacts={CHECKPOINT: str(checkpoint), BASE_MODEL: str(base)},
-            code_paths=_code_folders(Path(scratch)), signature=signature(serving),
-            input_example=pd.DataFrame({INPUT_COLUMN: list(examples)}) if examples else None,
-            pip_requirements=pinned_requirements(),
-            metadata={"tuneline.task": record.task, "tuneline.base_model": record.base_model.name,
-                      "tuneline.checkpoint_sha256": record.sha256, "tuneline.spec_hash": record.spec_hash})
+        # MLflow warns on every save that a pickled python_model runs code when loaded: the class is tuneline's
+        # own (code/ ships it), so the warning says nothing a user can act on.
+        quiet = logging.getLogger("mlflow.pyfunc")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            mlflow.pyfunc.save_model(
+                path=str(path), python_model=TunelineModel(),
+                artifacts={CHECKPOINT: str(checkpoint), BASE_MODEL: str(base)},
+                code_paths=_code_folders(Path(scratch)), signature=signature(serving),
+                input_example=pd.DataFrame({INPUT_COLUMN: list(examples)}) if examples else None,
+                pip_requirements=pinned_requirements(),
+                metadata={"tuneline.task": record.task, "tuneline.base_model": record.base_model.name,
+                          "tuneline.checkpoint_sha256": record.sha256, "tuneline.spec_hash": record.spec_hash})
+        finally:
+            quiet.setLevel(level)
     return path

@@ -449,6 +449,11 @@ class TrackingResource(dg.ConfigurableResource):
         version = self._champion_version(self.client(), pipeline)
         return None if version is None else self._download(pipeline, version)
 
+    def champion_version(self, pipeline: str) -> str | None:
+        """The number of the version under the alias `champion`, or None (nothing is downloaded)."""
+        version = self._champion_version(self.client(), pipeline)
+        return None if version is None else str(version.version)
+
     def _champion_version(self, client: Any, pipeline: str) -> Any:
         """The MLflow ModelVersion under the alias `champion`, or None; TrackingError when the registry
         cannot be asked (a registry outage must never look like a first model)."""

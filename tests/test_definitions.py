@@ -23,9 +23,16 @@ def asset_keys(definitions: dg.Definitions) -> set[str]:
 
 
 def test_default_definitions_list_both_pipelines() -> None:
-    assert asset_keys(defs) == ({f"trec_questions/{name}" for name in ASSETS}
+    assert asset_keys(defs) == ({f"trec_questions/{name}" for name in [*ASSETS, "incoming_data", "scored_data"]}
                                 | {f"chatterbot_instruct/{name}" for name in CHAT_ASSETS})
-    assert sorted(job.name for job in defs.jobs or []) == ["chatterbot_instruct_job", "trec_questions_job"]
+    assert sorted(job.name for job in defs.jobs or []) == ["chatterbot_instruct_job", "trec_questions_job",
+                                                           "trec_questions_scoring_job"]
+    # Training never scores: the scoring assets have their own job, started by their sensor.
+    training = defs.resolve_job_def("trec_questions_job").asset_layer.asset_graph.get_all_asset_keys()
+    assert {k.path[-1] for k in training} == set(ASSETS)
+    scoring = defs.resolve_job_def("trec_questions_scoring_job").asset_layer.asset_graph
+    assert {k.path[-1] for k in scoring.executable_asset_keys} == {"incoming_data", "scored_data"}
+    assert defs.resolve_sensor_def("trec_questions_scoring").default_status == dg.DefaultSensorStatus.RUNNING
     assert sorted(s.name for s in defs.schedules or []) == ["chatterbot_instruct_retraining",
                                                             "trec_questions_retraining"]
     schedule = defs.resolve_schedule_def("trec_questions_retraining")
@@ -56,7 +63,9 @@ def test_quality_checks_are_blocking_the_doctor_warns_and_all_are_part_of_the_jo
     expected = {f"trec_questions/{asset}:{name}" for asset, names in CHECKS.items() for name in names}
     chat = {f"chatterbot_instruct/{asset}:{name}" for asset, names in CHAT_CHECKS.items() for name in names}
     doctor = "trec_questions/splits:labels_look_right"  # the data doctor: classification only, never blocking
-    assert {k.to_user_string() for k in graph.asset_check_keys} == expected | chat | {doctor}
+    scoring = {"trec_questions/incoming_data:incoming_files_have_the_text_column",
+               "trec_questions/incoming_data:incoming_rows_are_scorable"}
+    assert {k.to_user_string() for k in graph.asset_check_keys} == expected | chat | {doctor} | scoring
     for key in graph.asset_check_keys:
         spec = graph.get_check_spec(key)
         assert spec.description and spec.blocking == (key.to_user_string() != doctor), key
@@ -108,10 +117,12 @@ def test_a_second_spec_file_adds_a_second_group_without_code(tmp_path: Path) -> 
     shutil.copy(SPECS_DIR / "trec_questions.yaml", specs / "trec_questions.yaml")
     shutil.copy(SPECS_DIR / "trec_questions.yaml", specs / "trec_again.yaml")
     both = build_definitions(specs_dir=specs, data_dir=tmp_path / "data")
-    assert asset_keys(both) == {f"{p}/{name}" for p in ("trec_questions", "trec_again") for name in ASSETS}
-    assert sorted(job.name for job in both.jobs or []) == ["trec_again_job", "trec_questions_job"]
+    scored = [*ASSETS, "incoming_data", "scored_data"]
+    assert asset_keys(both) == {f"{p}/{name}" for p in ("trec_questions", "trec_again") for name in scored}
+    assert sorted(job.name for job in both.jobs or []) == ["trec_again_job", "trec_again_scoring_job",
+                                                           "trec_questions_job", "trec_questions_scoring_job"]
     graph = both.resolve_asset_graph()
-    assert {graph.get(dg.AssetKey(["trec_again", n])).group_name for n in ASSETS} == {"trec_again"}
+    assert {graph.get(dg.AssetKey(["trec_again", n])).group_name for n in scored} == {"trec_again"}
 
 
 def test_workspace_loads_the_definitions_module(tmp_path: Path) -> None:

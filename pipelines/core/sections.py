@@ -676,6 +676,26 @@ class PromotionConfig(Frozen):
 
 
 # -------------------------------------------------------------------------------------------- schedule
+class ScoringConfig(Frozen):
+    """Batch scoring of new, unlabelled files with the registry's champion: the incoming_data asset (with blocking
+    checks) and scored_data, materialized by the pipeline's scoring job and its sensor, never by training runs."""
+
+    incoming: Name = Field(description="Folder where new files to score arrive (CSV, TSV, JSONL, JSON, Parquet), "
+                                       "relative to the project root; every file in it is scored.")
+    output: Name = Field(description="Folder the scored rows go to, relative to the project root: one Parquet file "
+                                     "per incoming file (<file name>.scored.parquet), each row with the prediction, "
+                                     "its score and the model version, written whole or not at all.")
+    text_column: Name = Field(default="text", description="Column of the incoming files holding the text to score.")
+    max_unscorable_fraction: float = Field(
+        default=0.05, ge=0, le=1,
+        description="Largest share of incoming rows that cannot be scored (no text, or a text that looks like an id) "
+                    "before the check incoming_rows_are_scorable blocks scoring. Such rows are always listed in the "
+                    "output with the reason, never dropped.")
+    batch_size: int = Field(default=256, ge=1, le=65536, description="Rows answered per model call.")
+    watch: bool = Field(default=True, description="A sensor materializes scored_data when files in `incoming` "
+                                                  "change or the champion alias moves to another version.")
+
+
 class ScheduleConfig(Frozen):
     """When the pipeline is materialized again."""
 

@@ -24,7 +24,7 @@ from pipelines.core.files import NotRegular, TooLarge, read_bounded, special_kin
 from pipelines.core.sections import *  # noqa: F403 (the shared sections are part of the spec's schema)
 from pipelines.core.sections import (BaseModelConfig, CleaningConfig, ComputeConfig, EvaluationConfig, Frozen,
                                      PromotionConfig, QualityConfig, ScheduleConfig, SourceConfig, SplitsConfig,
-                                     SweepConfig, TaskSection, TrainingConfig)
+                                     ScoringConfig, SweepConfig, TaskSection, TrainingConfig)
 from pipelines.core.tasks import DEFAULT_TASK, declaration, declarations, on_change, task_named
 from pipelines.core.yaml_limits import check_events
 
@@ -136,6 +136,7 @@ class PipelineSpec(Frozen):
     sweep: SweepConfig | None = None
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
     schedule: ScheduleConfig | None = None
+    scoring: ScoringConfig | None = None
     retrain_on_new_data: bool = Field(
         default=False, description="A sensor watches the source's files and starts the pipeline when their "
                                    "content changes (run key = content digest). Not for Hub sources.")
@@ -199,7 +200,8 @@ class PipelineSpec(Frozen):
 
     def section_hash(self, *sections: str) -> str:
         """A short, stable hash of some sections of the spec (used as Dagster code versions); with none named, of
-        every section that decides the result (all but `compute`, which says only where training runs, and the
+        every section that decides the result (all but `compute`, which says only where training runs, `scoring`, which
+        says what the champion answers afterwards, and the
         `unhashed` fields of the task and source sections, such as the data doctor's settings, which only look at the
         data, and the source's size limits)."""
         data = self.model_dump(mode="json")
@@ -208,7 +210,7 @@ class PipelineSpec(Frozen):
         for field in self.source.unhashed:  # the source's limits: they decide whether it is read, not what
             data["source"].pop(field, None)
         picked = ({s: data[s] for s in sections} if sections else
-                  {k: v for k, v in data.items() if k != "compute"})
+                  {k: v for k, v in data.items() if k not in ("compute", "scoring")})
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
