@@ -124,6 +124,8 @@ def test_instruction_pipeline_end_to_end_then_export(tmp_path: Path, tiny_chat_d
                                            add_generation_prompt=True, return_tensors="pt", return_dict=True)
     answer = model.generate(**inputs, max_new_tokens=6, do_sample=False)[0, inputs["input_ids"].shape[1]:]
     assert len(answer) >= 1 and isinstance(tokenizer.decode(answer), str)
+    check = json.loads((out / "tuneline-export.json").read_text())["check"]  # checked before it appeared
+    assert check["same_greedy_answers"] and len(check["prompts"]) == 5
     # A second export to the same folder is refused, and nothing is half-written.
     assert main(["export", "--pipeline", "chat", "--version", "1", "--output", str(out),
                  "--data-dir", str(data_dir)]) == 2

@@ -4,7 +4,8 @@ packed examples attend one at a time on a CPU. Loading a checkpoint back, and ex
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -248,15 +249,61 @@ def train_causal_lm(rendered: pd.DataFrame, base: BaseModelRecord, spec: SpecVie
 
 
 # --------------------------------------------------------------------------------------------- export
+# The fixed prompts an export must answer as the registered model does (greedy, CHECK_TOKENS new tokens each).
+CHECK_PROMPTS = ("What is the capital of France?", "Write one sentence about the sea.", "hi",
+                 "List three colours.", "Explain what a neural network is in simple words.")
+CHECK_TOKENS = 16
+TIE_MARGIN = 1e-3  # top-two logit gap under which float rounding may pick either token: a tie, not a difference
+
+
+def greedy_answers(model: Any, tokenizer: Any, prompts: Sequence[str] = CHECK_PROMPTS,
+                   tokens: int = CHECK_TOKENS) -> list[tuple[list[int], list[Any]]]:
+    """Greedy token ids for each prompt (rendered with the chat template), with the logits of every step."""
+    answers = []
+    for prompt in prompts:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
+                                 do_sample=False, output_scores=True, return_dict_in_generate=True,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        answers.append((out.sequences[0, ids.shape[1]:].tolist(), [s[0].float() for s in out.scores]))
+    return answers
+
+
+def answers_differ(expected: list[tuple[list[int], list[Any]]],
+                   got: list[tuple[list[int], list[Any]]]) -> str | None:
+    """Where an export answers differently from the registered model, in words; None when every answer is the same
+    token for token, or differs only after a step where the registered model's top two tokens tie."""
+    for n, ((want, scores), (have, _)) in enumerate(zip(expected, got, strict=True)):
+        for step, (a, b) in enumerate(zip(want, have, strict=False)):
+            if a != b:
+                top = torch.topk(scores[step], 2).values
+                if float(top[0] - top[1]) < TIE_MARGIN:
+                    break  # a tie: the rest of this answer may follow either token
+                return (f"prompt {n + 1} ({CHECK_PROMPTS[n]!r}): token {step + 1} is {b} where the registered model "
+                        f"answers {a}")
+        else:
+            if len(want) != len(have):
+                return f"prompt {n + 1} ({CHECK_PROMPTS[n]!r}): {len(have)} tokens where the registered model has " \
+                       f"{len(want)}"
+    return None
+
+
 def export_merged(record: CheckpointRecord, out_dir: Path) -> Path:
     """Base model + adapter merged into one safetensors model, with the tokenizer and its chat template.
 
     The folder loads with plain transformers `AutoModelForCausalLM.from_pretrained`; written to a temporary
-    sibling, then renamed, and never over an existing folder.
+    sibling, loaded back from there and checked to give the registered model's greedy answers to CHECK_PROMPTS,
+    then renamed; never over an existing folder.
     """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     if out_dir.exists():
         raise CheckpointError(f"{out_dir} exists already; choose a new folder for the export")
     model, tokenizer = load_finetuned_lm(record)
+    expected = greedy_answers(model, tokenizer)
     merged = model.merge_and_unload()
     with atomic_path(out_dir) as tmp:
         merged.save_pretrained(str(tmp))
@@ -268,6 +315,19 @@ def export_merged(record: CheckpointRecord, out_dir: Path) -> Path:
             f"# Fine-tuned {base.name}\n\nMerged by tuneline from checkpoint `{record.sha256}` "
             f"(model version {record.model_version or 'unregistered'}). Base weights sha256 "
             f"`{base.weights_sha256}`; training data digest `{record.data_sha256}`.\n", encoding="utf-8")
+        reloaded = AutoModelForCausalLM.from_pretrained(str(tmp)).eval()
+        reloaded_tokenizer = AutoTokenizer.from_pretrained(str(tmp))
+        if reloaded_tokenizer.pad_token is None:
+            reloaded_tokenizer.pad_token = reloaded_tokenizer.eos_token
+        problem = answers_differ(expected, greedy_answers(reloaded, reloaded_tokenizer))
+        if problem is not None:
+            raise CheckpointError(f"the merged export of v{record.model_version} does not answer as the registered "
+                                  f"model does: {problem}; nothing was written")
+        (tmp / "tuneline-export.json").write_text(json.dumps({
+            "format": "merged", "checkpoint_sha256": record.sha256, "model_version": record.model_version,
+            "base_model": base.name, "license": base.license,
+            "check": {"prompts": list(CHECK_PROMPTS), "new_tokens": CHECK_TOKENS, "same_greedy_answers": True}},
+            indent=2), encoding="utf-8")
     return out_dir
 
 
