@@ -19,7 +19,8 @@ def test_the_same_greedy_answers_pass() -> None:
 def test_a_different_token_where_the_model_is_sure_is_named() -> None:
     expected = [([3, 1], _scores([0.0, 1.0, 0.0, 5.0], [0.0, 4.0, 0.0, 1.0]))] * 2
     problem = answers_differ(expected, [([3, 1], []), ([3, 2], [])])
-    assert problem == "prompt 2 ('Write one sentence about the sea.'): token 2 is 2 where the registered model answers 1"
+    assert problem == ("prompt 2 ('Write one sentence about the sea.'): token 2 is 2 where the registered model "
+                       "answers 1")
 
 
 def test_a_different_token_after_a_tie_passes_and_a_shorter_answer_does_not() -> None:
