@@ -672,8 +672,9 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--output", required=True, help="new folder to write (must not exist)")
     export.add_argument("--version", help="registry version to export (default: the champion)")
     export.add_argument("--format", help="onnx (classifiers), merged (chat models: base and adapter in one "
-                                         "transformers folder), sentence-transformers (embedding models); default: "
-                                         "the first of these the pipeline's task has")
+                                         "transformers folder), gguf (that folder plus gguf/model.gguf for "
+                                         "llama.cpp), sentence-transformers (embedding models); default: the first "
+                                         "of these the pipeline's task has")
     export.add_argument("--data-dir", help="folder of generated data holding the embedded MLflow store")
     export.set_defaults(func=cmd_export)
     serve = sub.add_parser("serve", help="serve the pipeline's champion (or --version) over HTTP with `mlflow models "

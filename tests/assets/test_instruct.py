@@ -10,6 +10,7 @@ from typing import Any
 
 import dagster as dg
 import pytest
+import torch
 
 from pipelines.core.records import CheckpointRecord, EvaluationReport
 from pipelines.definitions import build_definitions, resources_for
@@ -126,6 +127,16 @@ def test_instruction_pipeline_end_to_end_then_export(tmp_path: Path, tiny_chat_d
     assert len(answer) >= 1 and isinstance(tokenizer.decode(answer), str)
     check = json.loads((out / "tuneline-export.json").read_text())["check"]  # checked before it appeared
     assert check["same_greedy_answers"] and len(check["prompts"]) == 5
+    # The same merged model as one GGUF file for llama.cpp, loaded back and checked the same way.
+    gguf_out = tmp_path / "gguf"
+    assert main(["export", "--pipeline", "chat", "--version", "1", "--format", "gguf", "--output", str(gguf_out),
+                 "--data-dir", str(data_dir)]) == 0
+    assert json.loads((gguf_out / "tuneline-export.json").read_text())["format"] == "gguf"
+    from_gguf = AutoModelForCausalLM.from_pretrained(str(gguf_out / "gguf"), gguf_file="model.gguf")
+    gguf_tokenizer = AutoTokenizer.from_pretrained(str(gguf_out / "gguf"), gguf_file="model.gguf")
+    assert gguf_tokenizer.chat_template == tokenizer.chat_template
+    with torch.no_grad():  # the GGUF file holds the merged weights (fp32), the query / key permutation undone
+        assert torch.equal(from_gguf(**inputs).logits, model(**inputs).logits)
     # A second export to the same folder is refused, and nothing is half-written.
     assert main(["export", "--pipeline", "chat", "--version", "1", "--output", str(out),
                  "--data-dir", str(data_dir)]) == 2

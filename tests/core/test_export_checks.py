@@ -28,3 +28,19 @@ def test_a_different_token_after_a_tie_passes_and_a_shorter_answer_does_not() ->
     assert answers_differ(tie, [([3, 2], [])]) is None
     problem = answers_differ(tie, [([3], [])])
     assert problem == "prompt 1 ('What is the capital of France?'): 1 tokens where the registered model has 2"
+
+
+def test_gguf_export_names_the_architectures_it_writes(tmp_path: object) -> None:
+    from pathlib import Path
+
+    import pytest
+    from transformers import BertConfig, BertModel
+
+    from pipelines.core.errors import CheckpointError
+    from pipelines.core.tasks.instruction.gguf_export import write_gguf
+
+    model = BertModel(BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=16))
+    with pytest.raises(CheckpointError, match="GGUF export writes Llama-architecture models .* this model is 'bert'"):
+        write_gguf(model, None, Path(str(tmp_path)) / "m.gguf", "bert")
+    assert not (Path(str(tmp_path)) / "m.gguf").exists()

@@ -62,7 +62,8 @@ class InstructionTuningTask(TaskBase):
     metric_names = REPORT_METRICS
     serving = ServingSchema(outputs=(("instruction", "string"), ("response", "string")), prediction="response",
                             score=None)
-    export_formats = ("merged",)  # base and adapter merged into one transformers folder
+    # merged: base and adapter in one transformers folder; gguf: that folder plus gguf/model.gguf (Llama models)
+    export_formats = ("merged", "gguf")
 
     def clean(self, raw: pd.DataFrame, spec: SpecView) -> tuple[pd.DataFrame, StepLog]:
         from pipelines.core.tasks.instruction.chat import clean_conversations
@@ -178,4 +179,4 @@ class InstructionTuningTask(TaskBase):
     def export(self, record: CheckpointRecord, out_dir: Path, fmt: str) -> Path:
         from pipelines.core.tasks.instruction.train import export_merged
 
-        return export_merged(record, out_dir)
+        return export_merged(record, out_dir, with_gguf=fmt == "gguf")

@@ -291,12 +291,13 @@ def answers_differ(expected: list[tuple[list[int], list[Any]]],
     return None
 
 
-def export_merged(record: CheckpointRecord, out_dir: Path) -> Path:
-    """Base model + adapter merged into one safetensors model, with the tokenizer and its chat template.
+def export_merged(record: CheckpointRecord, out_dir: Path, with_gguf: bool = False) -> Path:
+    """Base model + adapter merged into one safetensors model, with the tokenizer and its chat template; with
+    `with_gguf`, also as one GGUF file (gguf/model.gguf) for llama.cpp.
 
     The folder loads with plain transformers `AutoModelForCausalLM.from_pretrained`; written to a temporary
-    sibling, loaded back from there and checked to give the registered model's greedy answers to CHECK_PROMPTS,
-    then renamed; never over an existing folder.
+    sibling, loaded back from there (the GGUF file too, through transformers' `gguf_file=`) and checked to give the
+    registered model's greedy answers to CHECK_PROMPTS, then renamed; never over an existing folder.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -323,8 +324,23 @@ def export_merged(record: CheckpointRecord, out_dir: Path) -> Path:
         if problem is not None:
             raise CheckpointError(f"the merged export of v{record.model_version} does not answer as the registered "
                                   f"model does: {problem}; nothing was written")
+        if with_gguf:
+            from pipelines.core.tasks.instruction.gguf_export import GGUF_FILE, write_gguf
+
+            # In a folder of its own: beside the transformers files, loading with gguf_file= mixes the two.
+            (tmp / "gguf").mkdir()
+            write_gguf(merged, tokenizer, tmp / "gguf" / GGUF_FILE, f"{base.name} (fine-tuned, v{record.model_version})")
+            from_gguf = AutoModelForCausalLM.from_pretrained(str(tmp / "gguf"), gguf_file=GGUF_FILE).eval()
+            gguf_tokenizer = AutoTokenizer.from_pretrained(str(tmp / "gguf"), gguf_file=GGUF_FILE)
+            if gguf_tokenizer.pad_token is None:
+                gguf_tokenizer.pad_token = gguf_tokenizer.eos_token
+            problem = answers_differ(expected, greedy_answers(from_gguf, gguf_tokenizer))
+            if problem is not None:
+                raise CheckpointError(f"the GGUF export of v{record.model_version}, loaded back, does not answer as "
+                                      f"the registered model does: {problem}; nothing was written")
         (tmp / "tuneline-export.json").write_text(json.dumps({
-            "format": "merged", "checkpoint_sha256": record.sha256, "model_version": record.model_version,
+            "format": "gguf" if with_gguf else "merged", "checkpoint_sha256": record.sha256,
+            "model_version": record.model_version,
             "base_model": base.name, "license": base.license,
             "check": {"prompts": list(CHECK_PROMPTS), "new_tokens": CHECK_TOKENS, "same_greedy_answers": True}},
             indent=2), encoding="utf-8")
