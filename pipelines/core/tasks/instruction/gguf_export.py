@@ -49,8 +49,8 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, name: str) -> Path:
 
     cfg = model.config
     if cfg.model_type != "llama":
-        raise CheckpointError(f"GGUF export writes Llama-architecture models (SmolLM2, Llama, TinyLlama); this model is "
-                              f"{cfg.model_type!r}: export --format merged and convert it with llama.cpp")
+        raise CheckpointError(f"GGUF export writes Llama-architecture models (SmolLM2, Llama, TinyLlama); this model "
+                              f"is {cfg.model_type!r}: export --format merged and convert it with llama.cpp")
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     rope = getattr(cfg, "rope_parameters", None) or {}

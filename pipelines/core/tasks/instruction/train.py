@@ -329,7 +329,8 @@ def export_merged(record: CheckpointRecord, out_dir: Path, with_gguf: bool = Fal
 
             # In a folder of its own: beside the transformers files, loading with gguf_file= mixes the two.
             (tmp / "gguf").mkdir()
-            write_gguf(merged, tokenizer, tmp / "gguf" / GGUF_FILE, f"{base.name} (fine-tuned, v{record.model_version})")
+            write_gguf(merged, tokenizer, tmp / "gguf" / GGUF_FILE,
+                       f"{base.name} (fine-tuned, v{record.model_version})")
             from_gguf = AutoModelForCausalLM.from_pretrained(str(tmp / "gguf"), gguf_file=GGUF_FILE).eval()
             gguf_tokenizer = AutoTokenizer.from_pretrained(str(tmp / "gguf"), gguf_file=GGUF_FILE)
             if gguf_tokenizer.pad_token is None:
