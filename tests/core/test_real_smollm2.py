@@ -136,7 +136,9 @@ def test_trained_adapter_exports_as_one_model_that_answers(smollm2: BaseModelRec
     rendered = render_conversations(frame, tokenizer, max_length=128, overlength="drop").frame
     record = train_causal_lm(rendered, smollm2, spec, tmp_path / "checkpoint", ComputeSettings("cpu", "fp32"),
                              progress=lambda _: None)
-    out = export_merged(record, tmp_path / "exported")
+    out = export_merged(record, tmp_path / "exported", with_gguf=True)  # checked against the adapter's answers
+    assert json.loads((out / "tuneline-export.json").read_text())["format"] == "gguf"
+    assert (out / "gguf" / "model.gguf").stat().st_size > 500e6  # fp32: 135M parameters
     merged = AutoModelForCausalLM.from_pretrained(str(out))
     merged_tokenizer = AutoTokenizer.from_pretrained(str(out))
     assert merged_tokenizer.chat_template == tokenizer.chat_template
