@@ -238,13 +238,14 @@ def _pipeline_job(args: argparse.Namespace) -> tuple[Any, Any, Any] | int:
                              data_dir=Path(args.data_dir).resolve() if args.data_dir else DATA_DIR,
                              loggers={"console": terminal_logger})
     job_name = f"{args.pipeline}_job"
-    jobs = sorted(j.name for j in defs.jobs or [])
+    # The pipelines are the specs (each job carries its pipeline's name): a scoring job is not a pipeline.
+    known = sorted({str(j.tags["tuneline/pipeline"]) for j in defs.jobs or [] if "tuneline/pipeline" in (j.tags or {})})
     broken = _broken_spec(Path(args.specs_dir) if args.specs_dir else SPECS_DIR, args.pipeline)
     if broken is not None:
         print(f"error: {broken}", file=sys.stderr)
         return 2
-    if job_name not in jobs:
-        print(f"error: {_unknown_pipeline(args.pipeline, [j.removesuffix('_job') for j in jobs])}", file=sys.stderr)
+    if args.pipeline not in known:
+        print(f"error: {_unknown_pipeline(args.pipeline, known)}", file=sys.stderr)
         return 2
     instance = shared_instance()
     _fail_abandoned_runs(instance, job_name)

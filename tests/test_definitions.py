@@ -63,7 +63,7 @@ def test_quality_checks_are_blocking_the_doctor_warns_and_all_are_part_of_the_jo
     expected = {f"trec_questions/{asset}:{name}" for asset, names in CHECKS.items() for name in names}
     chat = {f"chatterbot_instruct/{asset}:{name}" for asset, names in CHAT_CHECKS.items() for name in names}
     doctor = "trec_questions/splits:labels_look_right"  # the data doctor: classification only, never blocking
-    scoring = {"trec_questions/incoming_data:incoming_files_have_the_text_column",
+    scoring = {"trec_questions/incoming_data:incoming_files_have_the_column",
                "trec_questions/incoming_data:incoming_rows_are_scorable"}
     assert {k.to_user_string() for k in graph.asset_check_keys} == expected | chat | {doctor} | scoring
     for key in graph.asset_check_keys:

@@ -427,6 +427,17 @@ def test_the_pipeline_runs_end_to_end_and_predict_and_export_use_its_model(
     assert [line[1] for line in lines] == ["1", "2", "3"]
     scores = [float(line[2]) for line in lines]
     assert scores == sorted(scores, reverse=True) and all(-1 <= s <= 1 for s in scores)
+    # The registered version is an MLflow Model: MLflow's own loader ranks the same documents.
+    import mlflow.pyfunc
+    from mlflow import MlflowClient
+
+    from resources.tracking import TrackingResource
+
+    uri = TrackingResource(data_dir=str(tmp_path / "data")).tracking_uri()
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    folder = client.download_artifacts(client.get_model_version("emb", "1").run_id, "model", str(tmp_path / "m"))
+    served = mlflow.pyfunc.load_model(folder).predict(pd.DataFrame({"text": ["how do I paint a river"]}))
+    assert served["rank"].tolist() == [1, 2, 3] and served["document"].tolist() == [line[3] for line in lines]
 
     exported = tmp_path / "exported"
     out = tuneline("export", "--pipeline", "emb", "--version", "1", *registry, "--output", str(exported), home=home)

@@ -27,7 +27,7 @@ NEW_QUESTIONS = ["How far is the Moon from the Earth ?", "Who wrote Hamlet ?", "
 
 
 def _scoring(root: Path, **overrides: Any) -> dict[str, Any]:
-    return {"incoming": str(root / "incoming"), "output": str(root / "scored"), "text_column": "question",
+    return {"incoming": str(root / "incoming"), "output": str(root / "scored"), "column": "question",
             **overrides}
 
 
@@ -72,7 +72,7 @@ def test_incoming_rows_say_why_they_cannot_be_scored(tmp_path: Path) -> None:
                   "ticket": [1, 2, 3, 4, 5]}).to_csv(incoming / "a.csv", index=False)
     (incoming / "b.jsonl").write_text('{"body": "no question column here"}\n', encoding="utf-8")
     (incoming / ".c.csv.tmp").write_text("question\nhalf-written\n", encoding="utf-8")  # hidden: not read
-    cfg = ScoringConfig(incoming=str(incoming), output=str(tmp_path / "out"), text_column="question",
+    cfg = ScoringConfig(incoming=str(incoming), output=str(tmp_path / "out"), column="question",
                         max_unscorable_fraction=0.2)
     rows, log = read_incoming(cfg, tmp_path, "tiny")
     assert rows["not_scored_because"].tolist() == [None, EMPTY, ID, ID, None, NO_COLUMN]
@@ -81,12 +81,12 @@ def test_incoming_rows_say_why_they_cannot_be_scored(tmp_path: Path) -> None:
     assert log.metadata["unscorable_rows"] == 4 and len(log.metadata["incoming_files"]) == 2
     report = validate_incoming(rows, cfg)
     outcome = {c.name: c for c in report.checks}
-    assert not outcome["incoming_files_have_the_text_column"].passed
+    assert not outcome["incoming_files_have_the_column"].passed
     assert not outcome["incoming_rows_are_scorable"].passed  # 4 of 6 > 20%
     (incoming / "b.jsonl").unlink()
     rows, _ = read_incoming(cfg, tmp_path, "tiny")
     outcome = {c.name: c for c in validate_incoming(rows, cfg).checks}
-    assert outcome["incoming_files_have_the_text_column"].passed and not outcome["incoming_rows_are_scorable"].passed
+    assert outcome["incoming_files_have_the_column"].passed and not outcome["incoming_rows_are_scorable"].passed
     relaxed = cfg.model_copy(update={"max_unscorable_fraction": 0.6})
     assert all(c.passed for c in validate_incoming(rows, relaxed).checks)
 

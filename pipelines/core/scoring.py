@@ -26,9 +26,9 @@ from pipelines.core.sources import READ_EXTENSIONS, read_file
 from pipelines.core.tasks.base import Predictor, ServingSchema
 from pipelines.core.training.compute import ProgressFn
 
-INCOMING_CHECKS = ("incoming_files_have_the_text_column", "incoming_rows_are_scorable")
+INCOMING_CHECKS = ("incoming_files_have_the_column", "incoming_rows_are_scorable")
 DESCRIPTIONS = {
-    "incoming_files_have_the_text_column": "Every incoming file has the spec's scoring.text_column.",
+    "incoming_files_have_the_column": "Every incoming file has the spec's scoring.column.",
     "incoming_rows_are_scorable": "At most scoring.max_unscorable_fraction of the incoming rows have no text or a "
                                   "text that looks like an id (those rows are listed in the output, never dropped).",
 }
@@ -62,14 +62,14 @@ def _why_not(text: Any, has_column: bool) -> str | None:
 
 
 def read_incoming(cfg: ScoringConfig, project_root: Path, pipeline: str) -> tuple[pd.DataFrame, StepLog]:
-    """Every incoming file's rows: their own columns, `text` (from scoring.text_column), the file (as given, relative
+    """Every incoming file's rows: their own columns, `text` (from scoring.column), the file (as given, relative
     to the project root where it lies inside it) and row, the file's sha256, and why a row cannot be scored."""
     frames, files = [], []
     for path in incoming_files(cfg, project_root):
         frame, sha = read_file(path, "auto")
         shown = str(path.relative_to(project_root)) if path.is_relative_to(project_root) else str(path)
-        has_column = cfg.text_column in frame.columns
-        texts = frame[cfg.text_column] if has_column else pd.Series([None] * len(frame), index=frame.index)
+        has_column = cfg.column in frame.columns
+        texts = frame[cfg.column] if has_column else pd.Series([None] * len(frame), index=frame.index)
         # object columns: pandas' string dtype would turn the None of "nothing wrong" into NaN
         frame = frame.assign(source_file=shown, source_sha256=sha,
                              text=pd.Series([t if isinstance(t, str) else None for t in texts], index=frame.index,
@@ -77,7 +77,7 @@ def read_incoming(cfg: ScoringConfig, project_root: Path, pipeline: str) -> tupl
                              not_scored_because=pd.Series([_why_not(t, has_column) for t in texts],
                                                           index=frame.index, dtype=object))
         frames.append(frame)
-        files.append({"file": shown, "sha256": sha, "rows": len(frame), "has_text_column": has_column})
+        files.append({"file": shown, "sha256": sha, "rows": len(frame), "has_column": has_column})
     columns = ["source_file", "source_row", "source_sha256", "text", "not_scored_because"]
     rows = (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({c: [] for c in columns}, dtype=object))
     unscorable = int(rows["not_scored_because"].notna().sum())
@@ -97,12 +97,12 @@ def validate_incoming(rows: pd.DataFrame, cfg: ScoringConfig) -> QualityReport:
     """The blocking checks of incoming_data."""
     import great_expectations.expectations as gxe
 
-    table = with_row_id(rows).assign(file_has_text_column=lambda t: t["not_scored_because"] != NO_COLUMN)
+    table = with_row_id(rows).assign(file_has_column=lambda t: t["not_scored_because"] != NO_COLUMN)
     checks = [
-        check_def("incoming_files_have_the_text_column", DESCRIPTIONS["incoming_files_have_the_text_column"],
-                  f"add the column {cfg.text_column!r} to the files shown, or set scoring.text_column to the column "
+        check_def("incoming_files_have_the_column", DESCRIPTIONS["incoming_files_have_the_column"],
+                  f"add the column {cfg.column!r} to the files shown, or set scoring.column to the column "
                   "that holds the text",
-                  (gxe.ExpectColumnValuesToBeInSet(column="file_has_text_column", value_set=[True]), "rows", ERROR)),
+                  (gxe.ExpectColumnValuesToBeInSet(column="file_has_column", value_set=[True]), "rows", ERROR)),
         check_def("incoming_rows_are_scorable", DESCRIPTIONS["incoming_rows_are_scorable"],
                   "fix the rows shown at their source (an empty cell, an id instead of a text), or raise "
                   "scoring.max_unscorable_fraction",

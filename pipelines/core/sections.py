@@ -685,7 +685,7 @@ class ScoringConfig(Frozen):
     output: Name = Field(description="Folder the scored rows go to, relative to the project root: one Parquet file "
                                      "per incoming file (<file name>.scored.parquet), each row with the prediction, "
                                      "its score and the model version, written whole or not at all.")
-    text_column: Name = Field(default="text", description="Column of the incoming files holding the text to score.")
+    column: Name = Field(default="text", description="Column of the incoming files holding the text to score.")
     max_unscorable_fraction: float = Field(
         default=0.05, ge=0, le=1,
         description="Largest share of incoming rows that cannot be scored (no text, or a text that looks like an id) "

@@ -37,8 +37,8 @@ def chat_spec(data: Path, model_dir: Path) -> dict[str, Any]:
 
 
 def test_instruction_pipeline_end_to_end_then_export(tmp_path: Path, tiny_chat_dir: Path,
-                                                     write_spec: Callable[..., Path],
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+                                                     write_spec: Callable[..., Path], monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.delenv("TUNELINE_TRACKING_URI", raising=False)
     data = write_pairs_jsonl(tmp_path / "raw" / "pairs.jsonl", tiny_chat_pairs())
     specs = write_spec("chat", chat_spec(data, tiny_chat_dir))
@@ -111,6 +111,24 @@ def test_instruction_pipeline_end_to_end_then_export(tmp_path: Path, tiny_chat_d
 
     # Export the registered version: a plain transformers folder that answers a question.
     from pipelines.cli import main
+
+    # The registered version is an MLflow Model: MLflow's own loader answers as `tuneline predict` does.
+    import mlflow.pyfunc
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    from resources.tracking import TrackingResource
+
+    question = "What colour is the car number 3?"
+    capsys.readouterr()
+    assert main(["predict", "--pipeline", "chat", "--version", "1", "--json", "--max-new-tokens", "8",
+                 "--data-dir", str(data_dir), question]) == 0
+    expected = [{k: v for k, v in row.items() if k != "model"} for row in json.loads(capsys.readouterr().out)]
+    uri = TrackingResource(data_dir=str(data_dir)).tracking_uri()
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    folder = client.download_artifacts(client.get_model_version("chat", "1").run_id, "model", str(tmp_path / "m"))
+    served = mlflow.pyfunc.load_model(folder).predict(pd.DataFrame({"text": [question]}), params={"max_new_tokens": 8})
+    assert served.to_dict("records") == expected
 
     out = tmp_path / "export"
     assert main(["export", "--pipeline", "chat", "--version", "1", "--output", str(out),
