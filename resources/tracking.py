@@ -468,15 +468,18 @@ class TrackingResource(dg.ConfigurableResource):
     def model_version(self, pipeline: str, number: str) -> tuple[str, Path]:
         """A registered version of the pipeline's model and a local copy of its files."""
         client = self.client()
+        return self._download(pipeline, self._version(client, pipeline, number))
+
+    def _version(self, client: Any, pipeline: str, number: str) -> Any:
+        """The MLflow ModelVersion `number` of the pipeline's model; a TrackingError naming it when there is none."""
         try:
-            version = client.get_model_version(pipeline, str(number))
+            return client.get_model_version(pipeline, str(number))
         except Exception as exc:
             if self._is_missing(exc):
                 raise TrackingError(f"the model registry at {self.tracking_uri()} has no version {number} of "
                                     f"{pipeline!r}") from None
             raise TrackingError(f"the model registry at {self.tracking_uri()} cannot be asked for version "
                                 f"{number} of {pipeline!r}: {exc}") from exc
-        return self._download(pipeline, version)
 
     def _download(self, pipeline: str, version: Any) -> tuple[str, Path]:
         target = Path(tempfile.mkdtemp(prefix=f"tuneline-{pipeline}-v{version.version}-"))
@@ -502,14 +505,7 @@ class TrackingResource(dg.ConfigurableResource):
                     + (f" (registered: {', '.join(registered)}; pass --version {registered[-1]} to serve the newest "
                        "anyway)" if registered else f"; run `tuneline run --pipeline {pipeline}` first"))
         else:
-            try:
-                version = client.get_model_version(pipeline, str(number))
-            except Exception as exc:
-                if self._is_missing(exc):
-                    raise TrackingError(f"the model registry at {self.tracking_uri()} has no version {number} of "
-                                        f"{pipeline!r}") from None
-                raise TrackingError(f"the model registry at {self.tracking_uri()} cannot be asked for version "
-                                    f"{number} of {pipeline!r}: {exc}") from exc
+            version = self._version(client, pipeline, number)
         if not str(version.source).rstrip("/").endswith("/" + MODEL_ARTIFACT):
             raise TrackingError(f"v{version.version} of {pipeline!r} was registered as a plain checkpoint folder, "
                                 "before registered versions were MLflow Models: `tuneline predict --version "
