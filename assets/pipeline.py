@@ -16,6 +16,7 @@ from pipelines.core.evaluation import write_report
 from pipelines.core.records import BaseModelRecord, CheckpointRecord, EvaluationReport
 from pipelines.core.selection import select_base_model
 from pipelines.core.serving import example_texts
+from pipelines.core.starting import start_from_champion
 from pipelines.core.spec import PipelineSpec
 from pipelines.core.sweep.record import SweepRecord
 from pipelines.core.sweep.run import run_sweep
@@ -28,6 +29,7 @@ from resources.models import ModelStoreResource
 from resources.storage import StorageResource
 from resources.tracking import TrackingResource
 
+CHECKPOINT = "finetuned_checkpoint"  # what a pipeline that starts from another's champion depends on
 BASE_MODEL = "base_model"  # the one asset of the graph that is a model, not data (lineage walks around it)
 # A step retried after a tracking-server outage (the tracking resource lets nothing else be retried: bad data,
 # bad specs and bugs fail at once); waits of about 2 s, then 4 s.
@@ -78,15 +80,24 @@ def build_pipeline_assets(spec: PipelineSpec, project_root: Path) -> list[dg.Ass
         with tracking.asset_run(context, spec.name) as run:
             return run.output(*split_dataset(cleaned_dataset, spec))
 
+    start = spec.task.starts_from()  # another pipeline whose champion this one starts from: a dependency on it
+    upstream = [dg.AssetKey([start, CHECKPOINT])] if start else []
+
     @dg.asset(**common, ins=ins(splits="splits"), code_version=spec.section_hash("base_model", "task", "training"),
-              kinds={"huggingface", "transformers"})
+              kinds={"huggingface", "transformers"}, deps=upstream)
     def base_model(context: dg.AssetExecutionContext, models: ModelStoreResource, compute: ComputeResource,
                    tracking: TrackingResource, splits: pd.DataFrame) -> dg.Output[BaseModelRecord]:
         """The pre-trained model chosen among the spec's candidates (licence, size, memory, time, task and
-        LoRA checks, then a probe on the validation split), pinned: path, weights sha256, licence, pooling."""
+        LoRA checks, then a probe on the validation split), or the champion of the pipeline task.start_from names
+        (its adapter merged into its base), pinned: path, weights sha256, licence, pooling."""
         with tracking.asset_run(context, spec.name) as run:
-            record = select_base_model(spec, splits, models, compute.settings(spec.training.precision),
-                                       progress=context.log.info)
+            if start:
+                record = start_from_champion(spec, tracking.champion_checkpoint(start),
+                                             tracking.champion_entry(start), Path(models.cache_dir),
+                                             progress=context.log.info)
+            else:
+                record = select_base_model(spec, splits, models, compute.settings(spec.training.precision),
+                                           progress=context.log.info)
             return run.output(record, base_model_log(record))
 
     swept = {"sweep": "sweep"} if spec.sweep is not None else {}  # the sweep's best settings train the checkpoint
@@ -167,9 +178,12 @@ def prepared_asset(spec: PipelineSpec, task: Task) -> dg.AssetsDefinition:
     @dg.asset(name=task.prepared.name, key_prefix=[spec.name], group_name=spec.name, ins=key,
               code_version=spec.section_hash(*task.prepared.spec_sections), kinds={"huggingface"},
               description=task.prepared.description)
-    def prepared(context: dg.AssetExecutionContext, tracking: TrackingResource, splits: pd.DataFrame,
+    def prepared(context: dg.AssetExecutionContext, tracking: TrackingResource, storage: StorageResource,
+                 compute: ComputeResource, splits: pd.DataFrame,
                  base_model: BaseModelRecord) -> dg.Output[pd.DataFrame]:
         with tracking.asset_run(context, spec.name) as run:
-            return run.output(*task.prepare(splits, base_model, spec))
+            return run.output(*task.prepare(splits, base_model, spec, compute.settings(spec.training.precision),
+                                            cache_dir=storage.asset_folder(spec.name) / "cache",
+                                            progress=context.log.info))
 
     return prepared

@@ -474,7 +474,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     ensure_dagster_home()
     from pipelines.core.digests import sha256_file
     from pipelines.definitions import SPECS_DIR, build_definitions
-    from pipelines.lineage import LineageError, data_chains, format_lineage, format_scorings, scorings, \
+    from pipelines.lineage import LineageError, data_chains, format_lineage, format_scorings, raw_files, scorings, \
         version_lineage
 
     tracking = _tracking(args)
@@ -483,6 +483,15 @@ def cmd_lineage(args: argparse.Namespace) -> int:
         print(f"error: {_unknown_pipeline(args.pipeline, list(tasks))}", file=sys.stderr)
         return 2
     instance = shared_instance()
+
+    def upstream(pipeline: str, number: str) -> dict[str, Any]:
+        """The lineage of the version a model started from (through the registry and the event log)."""
+        found = [v for v in tracking.registered_versions(pipeline) if v["version"] == number]
+        if not found or pipeline not in tasks:
+            raise LineageError(f"started from {pipeline} v{number}, which the model registry (or the specs) no "
+                               "longer has")
+        return version_lineage(instance, pipeline, found[0], tasks[pipeline], upstream)
+
     if args.data:
         path = Path(args.data)
         if not path.is_file():
@@ -493,11 +502,11 @@ def cmd_lineage(args: argparse.Namespace) -> int:
         for pipeline in [args.pipeline] if args.pipeline else sorted(tasks):
             for version in tracking.registered_versions(pipeline):
                 try:
-                    item = version_lineage(instance, pipeline, version, tasks[pipeline])
+                    item = version_lineage(instance, pipeline, version, tasks[pipeline], upstream)
                 except LineageError as exc:
                     print(f"warning: {pipeline} v{version['version']}: {exc}", file=sys.stderr)
                     continue
-                files = [f for f in item["raw_files"] if f["sha256"] == sha]
+                files = [f for f in raw_files(item) if f["sha256"] == sha]
                 if files:
                     matches.append({"pipeline": pipeline, "version": item["version"], "aliases": item["aliases"],
                                     "dagster_run_id": item["dagster_run_id"], "recorded_as": files[0]["file"]})
@@ -542,7 +551,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     else:
         version = next((v for v in versions if "champion" in v["aliases"]), versions[-1])
     try:
-        item = version_lineage(instance, args.pipeline, version, tasks[args.pipeline])
+        item = version_lineage(instance, args.pipeline, version, tasks[args.pipeline], upstream)
     except LineageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@ the files as they are now: which bytes produced a model version, and which versi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import dagster as dg
@@ -90,7 +91,7 @@ def _base_model(instance: dg.DagsterInstance, pipeline: str, checkpoint: Any, re
             "weights_sha256": meta.get("weights_sha256"), "license": meta.get("license") or None,
             "weight_format": meta.get("weight_format"), "gguf_file": meta.get("gguf_file"),
             "parameter_count": meta.get("parameter_count"), "dagster_run_id": record.run_id,
-            "event_storage_id": record.storage_id}
+            "event_storage_id": record.storage_id, "started_from": meta.get("started_from")}
     if registered_sha and base["weights_sha256"] != registered_sha:
         raise LineageError(f"the registry says the model was fine-tuned from weights {registered_sha}, but the "
                            f"{BASE_MODEL} its training read recorded {base['weights_sha256']}")
@@ -98,8 +99,11 @@ def _base_model(instance: dg.DagsterInstance, pipeline: str, checkpoint: Any, re
 
 
 def version_lineage(instance: dg.DagsterInstance, pipeline: str, version: dict[str, Any],
-                    chain: tuple[tuple[str, str], ...]) -> dict[str, Any]:
-    """Registry version -> MLflow run -> Dagster run -> checkpoint -> (rendered ->) splits -> cleaned -> raw files."""
+                    chain: tuple[tuple[str, str], ...],
+                    started_lineage: Callable[[str, str], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Registry version -> MLflow run -> Dagster run -> checkpoint -> (rendered ->) splits -> cleaned -> raw files;
+    for a model that started from another pipeline's champion, `started_lineage(pipeline, version)` answers the same for
+    that version (under `started_from`)."""
     run_id = version["tags"].get("dagster.run_id")
     if not run_id:
         raise LineageError(f"{pipeline} v{version['version']} has no dagster.run_id tag in the model registry")
@@ -111,7 +115,11 @@ def version_lineage(instance: dg.DagsterInstance, pipeline: str, version: dict[s
         steps.append(_step(record, upstream))
     raw = _meta(record)
     files = raw.get("source_files") or []
-    return {"pipeline": pipeline, "version": version["version"], "aliases": version["aliases"],
+    started = base.get("started_from")
+    if started and started_lineage is not None:
+        started = started_lineage(str(started["pipeline"]), str(started["version"]))
+    return {"started_from": started or None, "pipeline": pipeline, "version": version["version"],
+            "aliases": version["aliases"],
             "mlflow_run_id": version["mlflow_run_id"], "mlflow_run_url": version["mlflow_run_url"],
             "dagster_run_id": run_id, "checkpoint_sha256": version["tags"].get("tuneline.checkpoint_sha256"),
             "data_sha256": version["tags"].get("tuneline.data_sha256"), "base_model": base, "chain": steps,
@@ -130,6 +138,13 @@ def format_lineage(item: dict[str, Any]) -> str:
         lines.append(f"  fine-tuned from base model {base['name']} ({where}): weights sha256 "
                      f"{base['weights_sha256']}, licence {base['license'] or 'unknown'} (Dagster run "
                      f"{base['dagster_run_id'][:8]})")
+    started = item.get("started_from")
+    if started and "chain" in started:  # the model it started from, down to that model's raw bytes
+        lines.append("  started from the champion it was trained from:")
+        lines += ["    " + line for line in format_lineage(started).splitlines()]
+    elif started:
+        lines.append(f"  started from {started.get('pipeline')} v{started.get('version')} (checkpoint "
+                     f"{started.get('checkpoint_sha256')}; its lineage was not asked for)")
     for depth, step in enumerate(item["chain"], start=2):
         detail = f"sha256 {step['sha256']}" if step["sha256"] else f"data version {step['data_version']}"
         rows = f", {step['rows']} rows" if step["rows"] is not None else ""
@@ -139,6 +154,12 @@ def format_lineage(item: dict[str, Any]) -> str:
     for f in item["raw_files"]:
         lines.append(indent + f"  {f['file']}  sha256 {f['sha256']}  {f['size']} bytes")
     return "\n".join(lines)
+
+
+def raw_files(item: dict[str, Any]) -> list[dict[str, Any]]:
+    """The raw files a version's lineage reaches: its own, and those of the models it started from."""
+    started = item.get("started_from")
+    return list(item["raw_files"]) + (raw_files(started) if started and "raw_files" in started else [])
 
 
 def scorings(instance: dg.DagsterInstance, pipeline: str) -> list[dict[str, Any]]:

@@ -449,6 +449,12 @@ class TrackingResource(dg.ConfigurableResource):
         version = self._champion_version(self.client(), pipeline)
         return None if version is None else self._download(pipeline, version)
 
+    def champion_entry(self, pipeline: str) -> dict[str, Any] | None:
+        """The champion's registry entry as registered_versions lists it (number, MLflow run, tags), or None."""
+        number = self.champion_version(pipeline)
+        return next((v for v in self.registered_versions(pipeline) if v["version"] == number), None) \
+            if number is not None else None
+
     def champion_version(self, pipeline: str) -> str | None:
         """The number of the version under the alias `champion`, or None (nothing is downloaded)."""
         version = self._champion_version(self.client(), pipeline)

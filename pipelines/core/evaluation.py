@@ -15,6 +15,10 @@ from pipelines.core.markdown import format_cell, markdown_table
 from pipelines.core.records import CheckpointRecord, EvaluationReport, Promotion, ReportTable
 
 
+# Baselines that need no training besides prompting: the base model as it is, the model a pipeline started from.
+UNTRAINED = ("base_model", "starting_model")
+
+
 def decide_promotion(candidate: dict[str, float], champion: dict[str, float] | None,
                      baselines: dict[str, dict[str, float]], primary: str, min_improvement: float,
                      candidate_version: str | None, champion_version: str | None) -> Promotion:
@@ -86,7 +90,7 @@ def fine_tuning_verdict(metrics: dict[str, float], baselines: dict[str, dict[str
     """One sentence: whether fine-tuning beat the best baseline that needs no training (prompting, or the base
     model as it is) by more than promotion.min_improvement, and what the training cost."""
     untrained = {name: m[primary] for name, m in baselines.items()
-                 if (name.startswith("prompt_") or name == "base_model") and primary in m and m[primary] == m[primary]}
+                 if (name.startswith("prompt_") or name in UNTRAINED) and primary in m and m[primary] == m[primary]}
     if not untrained:
         return ""
     name = max(untrained, key=lambda n: untrained[n])

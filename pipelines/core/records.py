@@ -42,6 +42,9 @@ class BaseModelRecord:
     trust_remote_code: bool = False
     lora_targets: tuple[str, ...] = ()  # the spec's LoRA target modules this model has (empty: all of the spec's)
     selection: tuple[dict[str, Any], ...] = ()  # every candidate with its figures, verdict and reason
+    # A model made from another pipeline's registered champion (its base with its adapter merged in): pipeline,
+    # version, checkpoint_sha256, data_sha256, mlflow_run_id, dagster_run_id and the base it was trained on.
+    started_from: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -34,6 +34,18 @@ class TaskSection(Frozen):
     # Fields that do not decide the trained model (e.g. the data doctor's settings): left out of the spec hash.
     unhashed: ClassVar[tuple[str, ...]] = ()
 
+    @classmethod
+    def starts_from_another_pipeline(cls, section: Mapping[str, Any]) -> bool:
+        """Whether this section, as written (before validation), names another pipeline to start from: then the
+        spec has no base_model section."""
+        return False
+
+    def starts_from(self) -> str | None:
+        """The pipeline whose registered champion this one starts from instead of choosing a base model (its
+        base_model asset then depends on that pipeline's checkpoint), or None: it chooses among base_model's
+        candidates."""
+        return None
+
 
 # --------------------------------------------------------------------------------------------- source
 def _one_line(value: str) -> str:
@@ -740,7 +752,7 @@ class SpecView(Protocol):
     @property
     def quality(self) -> QualityConfig: ...
     @property
-    def base_model(self) -> BaseModelConfig: ...
+    def base_model(self) -> BaseModelConfig | None: ...  # None: the task starts from another pipeline's champion
     @property
     def training(self) -> TrainingConfig: ...
     @property

@@ -129,7 +129,9 @@ class PipelineSpec(Frozen):
     cleaning: CleaningConfig = Field(default_factory=CleaningConfig)
     splits: SplitsConfig = Field(default_factory=SplitsConfig)
     quality: QualityConfig = Field(default_factory=QualityConfig)
-    base_model: BaseModelConfig
+    base_model: BaseModelConfig | None = Field(
+        description="The models to choose from (required, unless task.start_from names another pipeline's "
+                    "champion: then that champion is the model and the section is left out)")
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
@@ -152,6 +154,9 @@ class PipelineSpec(Frozen):
                 warnings.warn(f"{old} has moved to {new}: write it there (the old place is read for one more "
                               "release)", SpecDeprecationWarning, stacklevel=2)
             kind = _task_tag(data.get("task") or {})
+            if kind in declarations() and "base_model" not in data and isinstance(data.get("task"), dict) \
+                    and declaration(kind).config_class.starts_from_another_pipeline(data["task"]):
+                data = {**data, "base_model": None}  # the model comes from another pipeline (task.start_from)
             evaluation = data.get("evaluation")
             if kind in declarations() and (evaluation is None or isinstance(evaluation, dict)):
                 data = {**data, "evaluation": {**task_named(kind).evaluation_defaults, **(evaluation or {})}}
@@ -159,6 +164,19 @@ class PipelineSpec(Frozen):
             if kind in declarations() and (training is None or isinstance(training, dict)):
                 data = {**data, "training": {**task_named(kind).training_defaults, **(training or {})}}
         return data
+
+    @model_validator(mode="after")
+    def _one_starting_model(self) -> PipelineSpec:
+        start = self.task.starts_from()
+        if start is None and self.base_model is None:
+            raise ValueError("base_model: empty; list the candidate models (base_model.model or "
+                             "base_model.candidates)")
+        if start is not None and self.base_model is not None:
+            raise ValueError(f"base_model: this pipeline starts from the champion of pipeline {start!r} "
+                             "(task.start_from), which is its model; remove the base_model section")
+        if start == self.name:
+            raise ValueError(f"task.start_from: a pipeline cannot start from its own champion ({start!r})")
+        return self
 
     @model_validator(mode="after")
     def _evaluation_fits_task(self) -> PipelineSpec:
@@ -489,9 +507,11 @@ def read_specs(folder: Path) -> SpecFolder:
     returned among `broken`, so that every valid pipeline still loads."""
     specs: list[PipelineSpec] = []
     broken: list[SpecError] = []
+    paths: dict[int, Path] = {}
     for path in sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")]):
         try:
             specs.append(load_spec(path))
+            paths[id(specs[-1])] = path
         except SpecError as exc:
             broken.append(exc)
     names = [s.name for s in specs]
@@ -499,7 +519,31 @@ def read_specs(folder: Path) -> SpecFolder:
         files = [str(folder / f"{name}{suffix}") for suffix in (".yaml", ".yml")]
         broken.append(SpecError(files[1], [f"{files[0]} defines pipeline {name!r} too: keep one of the two files"]))
         specs = [s for s in specs if s.name != name]
+    while unstarted := _unknown_starts(specs):  # a pipeline that starts from a missing (or broken) one cannot run
+        for spec, problem in unstarted:
+            broken.append(SpecError(str(paths[id(spec)]), [problem]))
+        specs = [s for s in specs if all(s is not u for u, _ in unstarted)]
     return SpecFolder(tuple(specs), tuple(broken))
+
+
+def _unknown_starts(specs: list[PipelineSpec]) -> list[tuple[PipelineSpec, str]]:
+    """Specs whose task.start_from names a pipeline that is not among `specs`, or that starts a circle."""
+    by_name = {s.name: s for s in specs}
+    found = []
+    for spec in specs:
+        start, seen = spec.task.starts_from(), [spec.name]
+        if start is not None and start not in by_name:
+            found.append((spec, f"task.start_from: no valid pipeline named {start!r} in this folder (pipelines: "
+                                f"{', '.join(sorted(by_name)) or 'none'})"))
+            continue
+        while start is not None and start in by_name:
+            if start in seen:
+                found.append((spec, "task.start_from: the pipelines start from each other in a circle ("
+                                    + " -> ".join([*seen, start]) + ")"))
+                break
+            seen.append(start)
+            start = by_name[start].task.starts_from()
+    return found
 
 
 def load_specs(folder: Path) -> list[PipelineSpec]:

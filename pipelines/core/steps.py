@@ -141,8 +141,9 @@ def base_model_log(record: BaseModelRecord) -> StepLog:
             "lora_targets": list(record.lora_targets),
             "pooling": f"{record.pooling} (from {record.pooling_declared_by})",
             **({"gguf_file": FilePath(record.gguf_file)} if record.gguf_file else {}),
+            **({"started_from": dict(record.started_from)} if record.started_from else {}),
         },
-        params={f"base_model.{k}": v for k, v in record.to_dict().items() if k != "selection"},
+        params={f"base_model.{k}": v for k, v in record.to_dict().items() if k not in ("selection", "started_from")},
         metrics={f"probe_{row['name'].replace('/', '_')}": row["probe_score"] for row in record.selection
                  if row.get("probe_score") is not None},
         texts=((json.dumps(list(record.selection), indent=2), "selection.json"),))

@@ -18,6 +18,7 @@ from pipelines.core.tasks.base import (CandidateRejected, PreparedData, ProbeRes
 from pipelines.core.tasks.classification import TASK as _CLASSIFICATION
 from pipelines.core.tasks.embedding import TASK as _EMBEDDING
 from pipelines.core.tasks.instruction import TASK as _INSTRUCTION
+from pipelines.core.tasks.preference import TASK as _PREFERENCE
 
 if TYPE_CHECKING:
     from pipelines.core.records import CheckpointRecord
@@ -110,7 +111,7 @@ def checkpoint_from_folder(path: Path, model_version: str | None = None,
     return record_from_folder(path, model_version, legacy, base_path)
 
 
-for _builtin in (_CLASSIFICATION, _INSTRUCTION, _EMBEDDING):
+for _builtin in (_CLASSIFICATION, _INSTRUCTION, _EMBEDDING, _PREFERENCE):
     register(_builtin)
 DEFAULT_TASK = _CLASSIFICATION.name  # a spec whose task section names no type
 

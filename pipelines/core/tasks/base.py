@@ -154,8 +154,10 @@ class Task(Protocol):
         """The blocking checks on cleaned_dataset, splits and the prepared data."""
         ...
 
-    def prepare(self, splits: pd.DataFrame, base: BaseModelRecord, spec: SpecView) -> tuple[pd.DataFrame, StepLog]:
-        """The prepared data (only for a task whose `prepared` is set)."""
+    def prepare(self, splits: pd.DataFrame, base: BaseModelRecord, spec: SpecView, compute: ComputeSettings,
+                cache_dir: Path | None = None, progress: ProgressFn = print) -> tuple[pd.DataFrame, StepLog]:
+        """The prepared data (only for a task whose `prepared` is set). `cache_dir`: a folder of the pipeline's
+        that outlives runs, for what is costly to make again (the answers a model generated)."""
         ...
 
     def pooling(self, spec: SpecView) -> str:

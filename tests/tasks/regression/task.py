@@ -143,7 +143,8 @@ class RegressionTask(TaskBase):
                                         "every_class_in_train_and_test", "validation_and_test_are_not_empty"),
                              DESCRIPTIONS, splits_suite))
 
-    def prepare(self, splits: pd.DataFrame, base: BaseModelRecord, spec: SpecView) -> tuple[pd.DataFrame, StepLog]:
+    def prepare(self, splits: pd.DataFrame, base: BaseModelRecord, spec: SpecView, compute: ComputeSettings,
+                cache_dir: Path | None = None, progress: ProgressFn = print) -> tuple[pd.DataFrame, StepLog]:
         raise NotImplementedError("text regression trains on the splits directly")
 
     def model_support(self, config: dict[str, Any]) -> str | None:

@@ -81,7 +81,8 @@ class ClassificationTask(TaskBase):
                              inputs=("raw_data",)),
                 QualitySuite("splits", SPLITS_CHECKS, DESCRIPTIONS, splits_suite))
 
-    def prepare(self, splits: pd.DataFrame, base: BaseModelRecord, spec: SpecView) -> tuple[pd.DataFrame, StepLog]:
+    def prepare(self, splits: pd.DataFrame, base: BaseModelRecord, spec: SpecView, compute: ComputeSettings,
+                cache_dir: Path | None = None, progress: ProgressFn = print) -> tuple[pd.DataFrame, StepLog]:
         raise NotImplementedError("text classification trains on the splits directly; it has no prepared data")
 
     def pooling(self, spec: SpecView) -> str:

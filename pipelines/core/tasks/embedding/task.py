@@ -112,7 +112,8 @@ class EmbeddingTask(TaskBase):
                              inputs=("raw_data",)),
                 QualitySuite("splits", SPLITS_CHECKS, DESCRIPTIONS, splits_suite))
 
-    def prepare(self, splits: pd.DataFrame, base: BaseModelRecord, spec: SpecView) -> tuple[pd.DataFrame, StepLog]:
+    def prepare(self, splits: pd.DataFrame, base: BaseModelRecord, spec: SpecView, compute: ComputeSettings,
+                cache_dir: Path | None = None, progress: ProgressFn = print) -> tuple[pd.DataFrame, StepLog]:
         from pipelines.core.tasks.embedding.train import training_pairs
 
         return training_pairs(splits, base, spec, ComputeSettings())

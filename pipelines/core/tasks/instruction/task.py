@@ -95,7 +95,8 @@ class InstructionTuningTask(TaskBase):
                 QualitySuite("splits", SPLITS_CHECKS, DESCRIPTIONS, splits_suite),
                 QualitySuite("rendered_dataset", RENDERED_CHECKS, DESCRIPTIONS, rendered_suite, inputs=("splits",)))
 
-    def prepare(self, splits: pd.DataFrame, base: BaseModelRecord, spec: SpecView) -> tuple[pd.DataFrame, StepLog]:
+    def prepare(self, splits: pd.DataFrame, base: BaseModelRecord, spec: SpecView, compute: ComputeSettings,
+                cache_dir: Path | None = None, progress: ProgressFn = print) -> tuple[pd.DataFrame, StepLog]:
         from transformers import AutoTokenizer
 
         from pipelines.core.tasks.instruction.chat import render_conversations
