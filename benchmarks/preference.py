@@ -17,6 +17,7 @@ pairs) and checks greedy answers by their final number; the generation time is p
 
     .venv/bin/python benchmarks/preference.py banking77 --per-intent 8 --test-per-intent 10
     .venv/bin/python benchmarks/preference.py gsm8k --train 300 --test 100
+    .venv/bin/python benchmarks/preference.py steps --steps 4 --rounds 2   # answer_positions_only, timed
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -138,9 +140,71 @@ def pairs_metadata(pipeline: str) -> dict[str, object]:
     return {k: v.value for k, v in event.asset_materialization.metadata.items()} if event else {}
 
 
+def time_steps(steps: int, rounds: int, seed: int) -> None:
+    """DPO training steps of SmolLM2-135M-Instruct on banking77 pairs (batch 8, fp32), TRL's log-probability head
+    scoring every position against only the answer tokens (answer_positions_only), alternated in one process."""
+    import statistics
+
+    import torch
+    from peft import get_peft_model
+    from transformers import set_seed
+    from trl import DPOTrainer
+
+    from pipelines.core.selection import resolve_base_model
+    from pipelines.core.spec import load_spec
+    from pipelines.core.tasks.instruction.train import load_causal_lm
+    from pipelines.core.tasks.preference.pairs import render_answer, render_prompt_text
+    from pipelines.core.tasks.preference.train import (_without_reference_adapter, answer_positions_only,
+                                                       build_preference_config, paired_dataset)
+    from pipelines.core.training.arguments import build_lora_config
+    from pipelines.core.training.compute import ComputeSettings
+    from resources.model_store import ModelStore
+
+    if not (OUT / "pairs" / "train.jsonl").is_file():
+        build_files(8, 10, seed)
+    spec = load_spec(ROOT / "benchmarks" / "specs" / "gsm8k_preference.yaml")  # SmolLM2 from the catalog
+    base = resolve_base_model(spec.base_model, ModelStore(str(ROOT), str(ROOT / "data" / "models")))
+    spec = load_spec(ROOT / "benchmarks" / "specs" / "banking77_preference.yaml")
+    rows = pd.read_json(OUT / "pairs" / "train.jsonl", lines=True).head(steps * spec.training.batch_size)
+    _, tokenizer = load_causal_lm(base.local_path)
+    messages = [json.dumps([{"role": "user", "content": p}]) for p in rows["prompt"]]
+    prompts = [render_prompt_text(tokenizer, m) for m in messages]
+    frame = pd.DataFrame({"prompt_rendered": prompts,
+                          "chosen_rendered": [render_answer(tokenizer, m, t, a) for m, t, a in
+                                              zip(messages, prompts, rows["chosen"], strict=True)],
+                          "rejected_rendered": [render_answer(tokenizer, m, t, a) for m, t, a in
+                                                zip(messages, prompts, rows["rejected"], strict=True)]})
+    compute = ComputeSettings("cpu", "fp32", 2)
+    times: dict[bool, list[float]] = {False: [], True: []}
+    losses: dict[bool, float] = {}
+    for _ in range(rounds):
+        for compact in (False, True):
+            set_seed(seed)
+            model, _ = load_causal_lm(base.local_path)
+            model = get_peft_model(model, build_lora_config(spec.training.lora, base, "CAUSAL_LM", model))
+            with tempfile.TemporaryDirectory() as folder:
+                args = build_preference_config(spec, Path(folder), compute, False)
+                args.max_steps, args.logging_steps, args.disable_tqdm = steps, 1, True
+                trainer = DPOTrainer(model=model, args=args, train_dataset=paired_dataset(frame),
+                                     processing_class=tokenizer)
+                _without_reference_adapter(trainer.model)
+                with answer_positions_only(compact):
+                    result = trainer.train()
+            times[compact].append(result.metrics["train_runtime"] / steps)
+            losses[compact] = next(h["loss"] for h in trainer.state.log_history if "loss" in h)
+            del trainer, model
+            torch.set_num_threads(2)
+    every, answers = statistics.median(times[False]), statistics.median(times[True])
+    print(f"DPO step, batch {spec.training.batch_size} pairs, {steps} steps x {rounds} rounds (median s/step): every "
+          f"position {every:.2f} s, answer positions only {answers:.2f} s: {every / answers:.2f}x; first-step loss "
+          f"{losses[False]:.6f} vs {losses[True]:.6f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dataset", choices=["banking77", "gsm8k"])
+    parser.add_argument("dataset", choices=["banking77", "gsm8k", "steps"])
+    parser.add_argument("--steps", type=int, default=4, help="steps: DPO steps per timed run")
+    parser.add_argument("--rounds", type=int, default=2, help="steps: runs of each kind, alternated")
     parser.add_argument("--per-intent", type=int, default=8, help="banking77: train requests per intent")
     parser.add_argument("--test-per-intent", type=int, default=0,
                         help="banking77: official test requests per intent (0: all 3,080)")
@@ -148,13 +212,19 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=100, help="gsm8k: test questions")
     parser.add_argument("--seed", type=int, default=13)
     parser.add_argument("--data-dir", help="generated data (default: data/benchmarks/<dataset>_preference_run)")
+    parser.add_argument("--reuse-start", action="store_true",
+                        help="banking77: keep the starting pipeline's champion of an earlier run with the same files")
     args = parser.parse_args()
+    if args.dataset == "steps":
+        time_steps(args.steps, args.rounds, args.seed)
+        return
     data_dir = Path(args.data_dir or ROOT / "data" / "benchmarks" / f"{args.dataset}_preference_run")
     if args.dataset == "banking77":
         counts = build_files(args.per_intent, args.test_per_intent, args.seed)
         print(f"files: {counts['train']} train and {counts['test']} test requests under {OUT.relative_to(ROOT)}")
-        sft, sft_seconds = run("banking77_intent_sft", data_dir)
-        print(f"banking77_intent_sft: exact_match {sft['exact_match']:.4f} ({sft_seconds:.0f} s end to end)")
+        if not args.reuse_start:
+            sft, sft_seconds = run("banking77_intent_sft", data_dir)
+            print(f"banking77_intent_sft: exact_match {sft['exact_match']:.4f} ({sft_seconds:.0f} s end to end)")
         print_report("banking77_preference", *run("banking77_preference", data_dir))
         return
     counts = build_gsm8k(args.train, args.test, args.seed)

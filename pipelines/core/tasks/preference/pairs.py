@@ -167,10 +167,11 @@ def pairs_log(pipeline: str, result: PairsResult, spec: SpecView) -> StepLog:
     dropped = {w: sum(result.dropped[w].values()) for w in PAIR_DROP_REASONS}
     return StepLog(
         data_version=digest[:32],
-        message=f"{len(frame)} of {result.rows_in} pairs rendered with the {result.template} chat template; "
-                f"{result.from_model} rejected answers are the starting model's ({result.generated} generated now, "
-                f"the rest cached); dropped {dropped['generated_equals_chosen']} where it answered as chosen and "
-                f"{dropped['over_max_length']} over {spec.training.max_length} tokens",
+        message=f"{len(frame)} of {result.rows_in} pairs usable, rendered with the {result.template} chat template"
+                + (f"; {result.from_model} rejected answers are the starting model's ({result.generated} generated "
+                   f"now in {result.generation_seconds:.0f} s, the rest cached), {dropped['generated_equals_chosen']} "
+                   "left out where it answered as chosen" if result.from_model or result.generated else "")
+                + f"; {dropped['over_max_length']} left out over {spec.training.max_length} tokens",
         metadata={
             "dagster/row_count": len(result.frame),
             "usable_pairs": len(frame),
