@@ -349,3 +349,19 @@ def test_a_folder_of_tsv_files_is_read_whole(tmp_path: Path) -> None:
     spec = load_spec(tmp_path / "exports.yaml")
     frame, record = read_source(spec.source, tmp_path)
     assert len(frame) == 60 and sorted(name for name, _ in record.files) == ["part0.tsv", "part1.tsv"]
+
+
+def test_chosen_and_rejected_columns_become_preference_tuning(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    rows = [{"prompt": r["instruction"], "chosen": r["response"], "rejected": f"I do not know ({i})."}
+            for i, r in enumerate(chatterbot_rows(60))]
+    data = write_jsonl(tmp_path / "prefs.jsonl", rows)
+    assert init(data, "--specs-dir", tmp_path / "specs") == 0
+    spec = load_spec(tmp_path / "specs" / "prefs.yaml")
+    assert spec.task.type == "preference" and spec.task.method == "dpo"
+    assert (spec.task.prompt_column, spec.task.chosen_column, spec.task.rejected_column) == \
+        ("prompt", "chosen", "rejected")
+    assert spec.evaluation.baselines == ("starting_model", "sft_on_chosen")
+    assert [c.id for c in spec.base_model.candidates] == ["SmolLM2-135M-Instruct"]
+    text = (tmp_path / "specs" / "prefs.yaml").read_text()
+    assert top_level_keys_without_comment(text) == [] and "champion_of" in text  # the comment says how
