@@ -73,7 +73,7 @@ class PreferenceStarter:
                          "lora": {"r": 16, "alpha": 32, "dropout": 0.0,
                                   "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                      "down_proj"]}},
-            "evaluation": {"baselines": ["starting_model", "sft_on_chosen"], "primary_metric": "likelihood_accuracy",
+            "evaluation": {"baselines": ["starting_model", "sft_on_chosen"], "primary_metric": "exact_match",
                            "batch_size": 16},
             "promotion": {"min_improvement": 0.005},
             "schedule": {"cron": "0 4 * * 1", "timezone": "UTC", "enabled": False},
