@@ -17,7 +17,8 @@ from pipelines.core.cleaning import cleaning_log
 from pipelines.core.markdown import markdown_table
 from pipelines.core.quality import QualityReport, QualitySuite, validate_splits
 from pipelines.core.records import BaseModelRecord, CheckpointRecord, EvaluationReport, Markdown, StepLog
-from pipelines.core.tasks.base import PreparedData, Predictor, ProbeResult, ServingSchema, TaskBase
+from pipelines.core.tasks.base import PreparedData, Predictor, ProbeResult, TaskBase
+from pipelines.core.tasks.instruction.task import InstructionTuningTask
 from pipelines.core.tasks.preference import NAME, WEIGHT_FILES
 from pipelines.core.tasks.preference.config import PreferenceTaskConfig
 from pipelines.core.tasks.preference.data import (CLEANED_CHECKS, DESCRIPTIONS, EXAMPLE_COLUMNS, PAIRS_CHECKS,
@@ -27,6 +28,10 @@ from pipelines.core.training.compute import ComputeSettings, MetricsSink, Progre
 
 if TYPE_CHECKING:
     from pipelines.core.sections import SpecView
+
+# A preference checkpoint is a chat model's LoRA adapter laid out as instruction tuning's: that task loads, answers
+# with and exports it (and says which models can be tuned), so the code is not written twice.
+_CHAT = InstructionTuningTask()
 
 
 class PreferenceTask(TaskBase):
@@ -67,9 +72,8 @@ class PreferenceTask(TaskBase):
     legacy_metadata_file = ""
     example_columns = EXAMPLE_COLUMNS
     metric_names = REPORT_METRICS
-    serving = ServingSchema(outputs=(("instruction", "string"), ("response", "string")), prediction="response",
-                            score=None)
-    export_formats = ("merged", "gguf")
+    serving = InstructionTuningTask.serving
+    export_formats = InstructionTuningTask.export_formats
 
     def clean(self, raw: pd.DataFrame, spec: SpecView) -> tuple[pd.DataFrame, StepLog]:
         result = clean_pairs(select_pairs(raw, spec.task), spec)
@@ -106,14 +110,8 @@ class PreferenceTask(TaskBase):
         return result.frame, pairs_log(spec.name, result, spec)
 
     def model_support(self, config: dict[str, Any]) -> str | None:
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-        architectures = [str(a) for a in config.get("architectures") or []]
-        if config.get("model_type") not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or not any(
-                a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
-            return (f"cannot do {NAME}: {architectures or config.get('model_type')} is not a causal language model "
-                    "(no AutoModelForCausalLM head in its weights)")
-        return None
+        """The same models as instruction tuning: causal language models."""
+        return _CHAT.model_support(config)
 
     def mean_tokens(self, record: BaseModelRecord, spec: SpecView, splits: pd.DataFrame) -> float:
         """Tokens a pair costs per step: the prompt twice and both answers (characters / 3.5, a sample)."""
@@ -160,28 +158,14 @@ class PreferenceTask(TaskBase):
         return evaluate_preference(data, checkpoint, spec, out_dir, compute, champion, progress)
 
     def predictor(self, record: CheckpointRecord, compute: ComputeSettings) -> Predictor:
-        """Greedy answers, each instruction rendered with the model's chat template (as instruction tuning)."""
-        from pipelines.core.tasks.instruction.chat import render_prompt
-        from pipelines.core.tasks.instruction.evaluate import generate
-        from pipelines.core.tasks.instruction.train import load_finetuned_lm
-
-        model, tokenizer = load_finetuned_lm(record)
-
-        def answer(texts: list[str], max_new_tokens: int) -> list[dict[str, Any]]:
-            prompts = [render_prompt(tokenizer, [{"role": "user", "content": t}, {"role": "assistant", "content": ""}])
-                       for t in texts]
-            answers = generate(model, tokenizer, prompts, max_new_tokens, 8, compute)
-            return [{"instruction": t, "response": a} for t, a in zip(texts, answers, strict=True)]
-
-        return answer
+        """Greedy answers in the model's chat template, as instruction tuning answers (the same checkpoint layout)."""
+        return _CHAT.predictor(record, compute)
 
     def prediction_line(self, row: Mapping[str, Any]) -> str:
-        return f"{row['instruction']}\t{row['response']}"
+        return _CHAT.prediction_line(row)
 
     def export(self, record: CheckpointRecord, out_dir: Path, fmt: str) -> Path:
-        from pipelines.core.tasks.instruction.train import export_merged
-
-        return export_merged(record, out_dir, with_gguf=fmt == "gguf")
+        return _CHAT.export(record, out_dir, fmt)
 
 
 def _conversation(prompt_messages: str, answer: str) -> str:
